@@ -1,0 +1,58 @@
+# apex — set-up, demo and tests. `make demo` and `make test` each do all their own set-up.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_VERSION ?= 2.13.0
+# Where a CPU-only machine gets a CPU build of torch when no local wheel is configured.
+TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
+DEMO ?= runs/demo
+
+.PHONY: install demo test test-all bench clean
+
+install: $(VENV)/.installed
+
+# torch goes in first, chosen for this machine: the CUDA build where nvidia-smi sees a GPU
+# (PyPI's default Linux wheel), else a CPU build (a local/configured wheel, else the CPU
+# index). `pip install -e .` then finds its torch requirement satisfied and pulls no other.
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	@if $(BIN)/python -c "import torch, sys; sys.exit(0 if torch.__version__.split('+')[0] == '$(TORCH_VERSION)' else 1)" 2>/dev/null; then \
+		echo "torch $(TORCH_VERSION) already installed"; \
+	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
+		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
+	else \
+		$(BIN)/python -m pip install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
+		|| $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+	fi
+	$(BIN)/python -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: install
+	rm -rf $(DEMO)
+	$(BIN)/apex train --preset tiny --out $(DEMO)/runs/apex --eval-every 10
+	$(BIN)/apex train --preset tiny --out $(DEMO)/runs/static --balance static --eval-every 10
+	$(BIN)/apex sample --preset tiny --lora $(DEMO)/runs/apex --prompt "a red apple on a wooden table" --num-images 4 --out $(DEMO)/samples
+	$(BIN)/apex score $(DEMO)/samples --objectives brightness,colorfulness,contrast --out $(DEMO)/scores
+	$(BIN)/apex pareto $(DEMO)/runs --out $(DEMO)/pareto
+	@echo
+	@echo "demo outputs under $(DEMO)/:"
+	@echo "  runs/apex, runs/static   config.yaml, metrics.jsonl, checkpoints/, eval/ (two tiny training runs)"
+	@echo "  samples/                 PNGs + metadata.jsonl from the apex run's LoRA"
+	@echo "  scores/                  scores.jsonl, scores.csv"
+	@echo "  pareto/                  report.md, pareto.json, plots"
+
+test: install
+	$(BIN)/python -m pytest -q
+
+# also the long multi-process CPU tests
+test-all: install
+	$(BIN)/python -m pytest -q -m "not cuda and not paddle and not real_weights"
+
+bench: install
+	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_balance.py --seeds 5
+	$(BIN)/python benchmarks/bench_score.py
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache

@@ -1,0 +1,84 @@
+"""Compare the balancing strategies on the synthetic testbed (pure torch, CPU, about a minute).
+
+    python benchmarks/bench_balance.py --seeds 5
+
+For each strategy and seed, trains the Gaussian policy of ``apexcli.balance.testbed`` (default
+task: a loud high-variance reward, a quiet low-variance one and a sparse binary one, partly
+conflicting) and reports, averaged over seeds:
+
+  gains        per objective, (J_k(final) - J_k(start)) / (J_k(best for k) - J_k(start))
+               (0 = no change, 1 = as good as training on k alone, < 0 = regressed)
+  hypervolume  moocore.hypervolume of the checkpoints (every eval_every steps) in that
+               normalized, maximized space, reference point = the initial policy (the origin)
+  hv_final     the same for the final checkpoint alone
+
+Every strategy runs with its library defaults (BalanceConfig()) and the same seeds, task and
+optimizer. The last line is one JSON object keyed by strategy name (``--apex-ablation`` adds
+keys such as ``apex[terms=pn]``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+
+import torch
+
+from apexcli.balance import BALANCERS
+from apexcli.balance.testbed import Evaluator, TrainSettings, default_task, hypervolume, train_policy
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seeds", type=int, default=5, help="seeds per strategy (0..seeds-1)")
+    parser.add_argument("--steps", type=int, default=TrainSettings.steps, help="policy updates per run")
+    parser.add_argument("--strategies", default=",".join(BALANCERS), help="comma-separated strategies to compare")
+    parser.add_argument("--apex-ablation", action="store_true", help="also run apex with each P³ term subset, dsan=false and probe_every=0")
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+
+    task = default_task()
+    settings = TrainSettings(steps=args.steps)
+    evaluator = Evaluator(task, settings.eval_samples)
+    names = task.names
+    print(f"task: {', '.join(names)}; start J = {[round(x, 4) for x in evaluator.start.tolist()]}, best J = {[round(x, 4) for x in evaluator.best.tolist()]}")
+    print(f"settings: {settings}; seeds 0..{args.seeds - 1}; every strategy at its BalanceConfig defaults\n")
+    header = f"{'strategy':20s} {'hypervolume':>16s} {'hv_final':>9s} " + " ".join(f"{'gain/' + n:>14s}" for n in names) + f" {'s/run':>6s}"
+    print(header)
+    summary: dict[str, dict] = {}
+    runs: list[tuple[str, str, dict]] = [(s.strip(), s.strip(), {}) for s in args.strategies.split(",") if s.strip()]
+    if args.apex_ablation:
+        for terms in ("", "lp", "cp", "pn", "lp,cp", "lp,pn", "cp,pn"):
+            runs.append((f"apex[terms={terms}]", "apex", {"terms": terms}))
+        runs.append(("apex[dsan=false]", "apex", {"dsan": False}))
+        runs.append(("apex[probe_every=0]", "apex", {"probe_every": 0}))
+    for label, strategy, options in runs:
+        t0 = time.perf_counter()
+        hv, hv_final, gains = [], [], []
+        for seed in range(args.seeds):
+            result = train_policy(task, strategy, seed, settings, evaluator=evaluator, **options)
+            hv.append(hypervolume(result.points))
+            hv_final.append(hypervolume(result.points[-1:]))
+            gains.append(result.gains)
+        per_run = (time.perf_counter() - t0) / args.seeds
+        g = torch.stack(gains)
+        mean_gains = {n: float(g[:, i].mean()) for i, n in enumerate(names)}
+        summary[label] = {
+            "hypervolume": statistics.fmean(hv),
+            "hypervolume_std": statistics.pstdev(hv),
+            "hypervolume_final": statistics.fmean(hv_final),
+            "gains": mean_gains,
+            "all_improved_frac": float((g > 0).all(1).double().mean()),
+        }
+        cells = " ".join(f"{mean_gains[n]:>14.3f}" for n in names)
+        print(f"{label:20s} {statistics.fmean(hv):>8.4f} ± {statistics.pstdev(hv):<6.4f} {statistics.fmean(hv_final):>9.4f} {cells} {per_run:>6.2f}")
+    if "apex" in summary and "static" in summary:
+        ratio = summary["apex"]["hypervolume"] - summary["static"]["hypervolume"]
+        print(f"\napex - static hypervolume: {ratio:+.4f}")
+    print(json.dumps(summary))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,3 @@
+from apexcli.cli import main
+
+main()

@@ -1,0 +1,179 @@
+"""Typed configuration of the balancer (``balance.*`` in a run config).
+
+Plain types and nested dataclasses only, so the run config loader can build it from YAML and
+apply dotted overrides such as ``balance.apex.tau=0.5``. ``validate`` names the dotted key of
+the first bad value.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from apexcli.errors import ApexError
+
+STRATEGIES = ("static", "gdpo", "apex", "dwa", "mgda", "random")
+APEX_TERMS = ("lp", "cp", "pn")
+
+
+@dataclass
+class ApexConfig:
+    """APEX = DSAN normalization + P³ priorities (docs/method.md, DESIGN §4)."""
+
+    b_lp: float = 1.0
+    """Coefficient of the learning-potential term LP_k (share of k's spread inside groups)."""
+    b_cp: float = 1.0
+    """Coefficient of the conflict-penalty term CP_k (mean negative cosine to the other objectives)."""
+    b_pn: float = 1.0
+    """Coefficient of the progress-need term PN_k (1 for the most lagging objective, 0 for the leader)."""
+    tau: float = 1.0
+    """Softmax temperature of the priorities: w = K softmax(s / tau). Larger = closer to the user weights."""
+    floor: float = 0.1
+    """Fraction of the uniform weight mixed in, so every weight stays >= floor (weights sum to K)."""
+    smoothing: float = 0.9
+    """EMA factor on the weights across steps: w_t = smoothing w_{t-1} + (1 - smoothing) w_target."""
+    warmup: int = 10
+    """Steps that use the user weights unchanged while the statistics (scales, progress) accumulate."""
+    rho: float = 0.1
+    """DSAN floor: the group std in stage 1 is replaced by max(std_g,k, rho S_k), S_k the running batch std."""
+    ema_decay: float = 0.9
+    """Decay of the running batch std S_k and of the running mean reward used for progress."""
+    targets: list[float] | None = None
+    """Optional per-objective target rewards: progress becomes the fraction of the way from the start to T_k."""
+    terms: str = "lp,cp,pn"
+    """Comma-separated subset of lp,cp,pn to use (ablation); an empty string keeps only the user weights."""
+    dsan: bool = True
+    """Stage-1 DSAN floor on; false falls back to gdpo's per-group z-scores (std + eps)."""
+
+
+@dataclass
+class DwaConfig:
+    """Dynamic Weight Average adapted to rewards (progress ratios instead of loss ratios)."""
+
+    temperature: float = 1.0
+    """Softmax temperature T: w = K softmax(log u - progress / T)."""
+    ema_decay: float = 0.9
+    """Decay of the running mean reward whose step-to-step change measures progress."""
+
+
+@dataclass
+class MgdaConfig:
+    """Multiple-gradient descent: min-norm convex combination of the probe's per-objective gradients."""
+
+    iterations: int = 250
+    """Frank–Wolfe iterations for K > 2 (K <= 2 is solved exactly)."""
+    normalize: bool = False
+    """Use unit gradients (the cosine matrix) instead of the raw Gram matrix."""
+
+
+@dataclass
+class RandomConfig:
+    """Random weights: a fresh Dirichlet draw each step (a baseline for 'any adaptivity helps')."""
+
+    seed: int = 0
+    """Seed of the weight draws; draw t is a pure function of (seed, t), so resume is exact."""
+    alpha: float = 1.0
+    """Dirichlet concentration (1 = uniform over the simplex; large = close to the user weights)."""
+
+
+@dataclass
+class BalanceConfig:
+    """How K rewards become one GRPO advantage per sample."""
+
+    strategy: str = "apex"
+    """One of static, gdpo, apex, dwa, mgda, random."""
+    weights: list[float] | None = None
+    """User priorities, one per objective (rescaled to sum to K); null = uniform."""
+    std_scope: str = "group"
+    """static only: divide by the std of the group ("group") or of the whole batch ("global"); the mean is always the group's."""
+    eps: float = 1e-6
+    """Added to standard deviations (gdpo, static) and used as the tolerance of flat batches."""
+    probe_every: int = 10
+    """Gradient probe period in steps for apex (exact conflict term) and mgda; 0 = never (apex then uses the proxy)."""
+    probe_samples: int = 4
+    """Samples of the sub-batch the gradient probe backpropagates through (one sampled timestep)."""
+    apex: ApexConfig = field(default_factory=ApexConfig)
+    """APEX options (balance.apex.*)."""
+    dwa: DwaConfig = field(default_factory=DwaConfig)
+    """DWA options (balance.dwa.*)."""
+    mgda: MgdaConfig = field(default_factory=MgdaConfig)
+    """MGDA options (balance.mgda.*)."""
+    random: RandomConfig = field(default_factory=RandomConfig)
+    """Random-weights options (balance.random.*)."""
+
+    def validate(self, n_objectives: int | None = None, prefix: str = "balance") -> None:
+        """Raise ApexError naming the dotted key of the first bad value."""
+        validate_balance_config(self, n_objectives, prefix)
+
+
+def parse_terms(terms: str, key: str = "balance.apex.terms") -> frozenset[str]:
+    """'lp,cp,pn' -> {'lp','cp','pn'}; an unknown term raises ApexError."""
+    parts = [t.strip().lower() for t in str(terms).split(",") if t.strip()]
+    unknown = [t for t in parts if t not in APEX_TERMS]
+    if unknown:
+        raise ApexError(f"{key} has unknown term '{unknown[0]}'; use a comma-separated subset of lp,cp,pn")
+    return frozenset(parts)
+
+
+def _finite(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+
+def _check(ok: bool, key: str, message: str) -> None:
+    if not ok:
+        raise ApexError(f"{key} {message}")
+
+
+def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None, prefix: str = "balance") -> None:
+    """Semantic checks of a BalanceConfig; ``n_objectives`` enables the per-objective length checks."""
+    p = prefix
+    _check(
+        cfg.strategy in STRATEGIES,
+        f"{p}.strategy",
+        f"must be one of {', '.join(STRATEGIES)}, got '{cfg.strategy}'",
+    )
+    if cfg.weights is not None:
+        w = list(cfg.weights)
+        if n_objectives is not None:
+            _check(
+                len(w) == n_objectives,
+                f"{p}.weights",
+                f"has {len(w)} values but there are {n_objectives} objectives; give one weight per objective",
+            )
+        _check(all(_finite(x) and x >= 0 for x in w), f"{p}.weights", f"must be finite and >= 0, got {w}")
+        _check(sum(w) > 0, f"{p}.weights", f"must not all be 0, got {w}")
+        if cfg.strategy == "apex":
+            _check(all(x > 0 for x in w), f"{p}.weights", f"must be > 0 for apex (they enter as log-priors), got {w}")
+    _check(cfg.std_scope in ("group", "global"), f"{p}.std_scope", f"must be group or global, got '{cfg.std_scope}'")
+    _check(_finite(cfg.eps) and cfg.eps > 0, f"{p}.eps", f"must be > 0, got {cfg.eps}")
+    _check(isinstance(cfg.probe_every, int) and cfg.probe_every >= 0, f"{p}.probe_every", f"must be an integer >= 0, got {cfg.probe_every}")
+    _check(isinstance(cfg.probe_samples, int) and cfg.probe_samples >= 1, f"{p}.probe_samples", f"must be an integer >= 1, got {cfg.probe_samples}")
+
+    a, q = cfg.apex, f"{p}.apex"
+    for name in ("b_lp", "b_cp", "b_pn"):
+        v = getattr(a, name)
+        _check(_finite(v) and v >= 0, f"{q}.{name}", f"must be >= 0, got {v}")
+    _check(_finite(a.tau) and a.tau > 0, f"{q}.tau", f"must be > 0, got {a.tau}")
+    _check(_finite(a.floor) and 0 <= a.floor <= 1, f"{q}.floor", f"must be in [0, 1], got {a.floor}")
+    _check(_finite(a.smoothing) and 0 <= a.smoothing < 1, f"{q}.smoothing", f"must be in [0, 1), got {a.smoothing}")
+    _check(isinstance(a.warmup, int) and a.warmup >= 0, f"{q}.warmup", f"must be an integer >= 0, got {a.warmup}")
+    _check(_finite(a.rho) and a.rho >= 0, f"{q}.rho", f"must be >= 0, got {a.rho}")
+    _check(_finite(a.ema_decay) and 0 <= a.ema_decay < 1, f"{q}.ema_decay", f"must be in [0, 1), got {a.ema_decay}")
+    if a.targets is not None:
+        if n_objectives is not None:
+            _check(
+                len(a.targets) == n_objectives,
+                f"{q}.targets",
+                f"has {len(a.targets)} values but there are {n_objectives} objectives; give one target per objective",
+            )
+        _check(all(_finite(t) for t in a.targets), f"{q}.targets", f"must be finite numbers, got {a.targets}")
+    parse_terms(a.terms, f"{q}.terms")
+
+    d = cfg.dwa
+    _check(_finite(d.temperature) and d.temperature > 0, f"{p}.dwa.temperature", f"must be > 0, got {d.temperature}")
+    _check(_finite(d.ema_decay) and 0 <= d.ema_decay < 1, f"{p}.dwa.ema_decay", f"must be in [0, 1), got {d.ema_decay}")
+    m = cfg.mgda
+    _check(isinstance(m.iterations, int) and m.iterations >= 1, f"{p}.mgda.iterations", f"must be an integer >= 1, got {m.iterations}")
+    r = cfg.random
+    _check(isinstance(r.seed, int) and r.seed >= 0, f"{p}.random.seed", f"must be an integer >= 0, got {r.seed}")
+    _check(_finite(r.alpha) and r.alpha > 0, f"{p}.random.alpha", f"must be > 0, got {r.alpha}")

@@ -1,0 +1,52 @@
+"""Gradient probe: the Gram matrix of the per-objective policy gradients on the LoRA parameters.
+
+Used by apex (exact conflict term) and mgda (min-norm weights). The trainer wraps a loss on a
+small sub-batch at one sampled timestep as ``loss_for_advantages(adv) -> scalar``; the probe
+calls it once per objective with that objective's normalized advantages (K backward passes).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from apexcli.balance.priorities import gram_to_cosine
+
+__all__ = ["gradient_gram", "gram_to_cosine"]
+
+
+def gradient_gram(
+    loss_for_advantages: Callable[[torch.Tensor], torch.Tensor],
+    per_objective_advantages: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """Gram[k, j] = <g_k, g_j>, g_k = d loss_for_advantages(A[:, k]) / d params, flattened.
+
+    Args:
+        loss_for_advantages: maps advantages [n] to a scalar loss; may reuse one forward graph
+            across calls (the graph is retained until the last objective).
+        per_objective_advantages: [n, K] (e.g. ``info["per_objective"]`` of the sub-batch).
+        params: the trainable tensors (LoRA); a parameter the loss does not reach has gradient 0.
+        reduce: optional map applied to the stacked flattened gradients [K, P] before the Gram,
+            e.g. a cross-rank mean, so every rank gets the Gram of the global gradients.
+
+    Returns:
+        [K, K] float64 on CPU, symmetric positive semi-definite.
+    """
+    params = [p for p in params]
+    if not params:
+        raise ValueError("gradient_gram needs at least one parameter tensor")
+    adv = per_objective_advantages
+    k = adv.shape[1]
+    flat: list[torch.Tensor] = []
+    for j in range(k):
+        loss = loss_for_advantages(adv[:, j])
+        grads = torch.autograd.grad(loss, params, retain_graph=j < k - 1, allow_unused=True)
+        flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)]))
+    stacked = torch.stack(flat)  # [K, P]
+    if reduce is not None:
+        stacked = reduce(stacked)
+    stacked = stacked.to(torch.float64)
+    return (stacked @ stacked.T).cpu()

@@ -1,0 +1,45 @@
+"""static: weighted sum of raw rewards, then one GRPO normalization (APEX's foil)."""
+
+from __future__ import annotations
+
+import torch
+
+from apexcli.balance.base import Balancer, Batch, Outcome
+from apexcli.balance.normalize import fill_masked_with_group_mean, group_statistics
+
+
+class StaticBalancer(Balancer):
+    """Linear scalarization (the reference's ``multi_score``).
+
+        R_i = sum_k w_k r[i,k]
+        A_i = (R_i - mean_g(i)(R)) / (std_g(i)(R) + eps)        std_scope = "group"
+        A_i = (R_i - mean_g(i)(R)) / (std_batch(R) + eps)       std_scope = "global"
+
+    A group with a constant R gets A = 0. The effective weight of k is proportional to
+    w_k std_k: the widest reward hijacks the signal. A masked (non-finite) r[i,k] is replaced by
+    k's mean over the valid rewards of its group (else of the batch, else 0), so it is neither
+    rewarded nor punished on k and cannot poison R.
+    """
+
+    name = "static"
+
+    def _balance(self, batch: Batch) -> Outcome:
+        eps = self.cfg.eps
+        w = self.user_weights
+        filled = fill_masked_with_group_mean(batch.values, batch.mask, batch.stats)
+        total = (filled * w).sum(1, keepdim=True)
+        all_valid = torch.ones_like(total, dtype=torch.bool)
+        rs = group_statistics(total, all_valid, batch.stats.group_index)
+        gi = rs.group_index
+        if self.cfg.std_scope == "global":
+            centred_all = total - total.mean()
+            denom = centred_all.pow(2).mean().sqrt().expand(rs.n_groups, 1) + eps
+        else:
+            denom = rs.std + eps
+        keep = ~rs.flat[gi]  # [N, 1]
+        per_sample_denom = denom[gi]
+        adv = torch.where(keep, (total - rs.mean[gi]) / per_sample_denom, torch.zeros_like(total)).squeeze(1)
+        # Contribution of k: w_k (r_k - group mean of filled r_k) / the same denominator; they sum to A.
+        fs = group_statistics(filled, torch.ones_like(batch.mask), gi)
+        contrib = torch.where(keep, w * (filled - fs.mean[gi]) / per_sample_denom, torch.zeros_like(filled))
+        return Outcome(adv, w.clone(), self.gdpo_z(batch), contrib)

@@ -1,0 +1,42 @@
+"""``apex pareto``: parse options, call ``apexcli.eval.report.run_pareto``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from apexcli.eval.report import run_pareto
+
+
+def pareto(
+    runs: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Run folders (config.yaml + metrics.jsonl, made by apex train) or folders "
+            "that contain runs; searched recursively."
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", help="Folder for pareto.json, report.md and the PNG plots."),
+    ] = Path("pareto"),
+    all_steps: Annotated[
+        bool,
+        typer.Option(
+            "--all-steps",
+            help="Use every eval step of each run as a point (default: only its final eval).",
+        ),
+    ] = False,
+    normalize: Annotated[
+        str,
+        typer.Option(
+            "--normalize",
+            help="Per-objective normalisation before the hypervolume: 'spread' = gain over "
+            "the base model / observed range of the objective (default); 'none' = raw gain.",
+        ),
+    ] = "spread",
+) -> None:
+    """Non-dominated set, hypervolumes, plots and a report over training runs."""
+    run_pareto(runs, out, all_steps=all_steps, normalisation=normalize)

@@ -1,0 +1,35 @@
+"""``apex sample``: parse options, call ``apexcli.sample.sample_images``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def sample(
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
+    prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
+    out: Annotated[Path, typer.Option(help="Output folder for PNGs and metadata.jsonl.")] = Path("samples"),
+    lora: Annotated[Optional[str], typer.Option(help="LoRA: a checkpoint dir, a run dir (its latest checkpoint) or a .safetensors file.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset giving the base model and sampling defaults (tiny, sd35m, ...).")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config giving the base model (e.g. a run's config.yaml).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Hub id or local directory of the SD3 pipeline (overrides the preset).")] = None,
+    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
+    seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
+    steps: Annotated[Optional[int], typer.Option(help="ODE steps (default: the preset's eval.num_steps).")] = None,
+    guidance: Annotated[Optional[float], typer.Option(help="CFG scale (default: the preset's eval.guidance_scale).")] = None,
+    size: Annotated[Optional[int], typer.Option(help="Square image size in pixels (default: model.resolution).")] = None,
+    batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+) -> None:
+    """Generate images (PNG + metadata.jsonl, the format `apex score` reads)."""
+    from apexcli.sample import sample_from_options
+
+    written = sample_from_options(
+        prompts=list(prompt or []), prompts_file=prompts, out=out, lora=lora, preset=preset, config_file=config,
+        model=model, num_images=num_images, seed=seed, steps=steps, guidance=guidance, size=size,
+        batch_size=batch_size, device=device,
+    )
+    typer.echo(f"{len(written)} images and metadata.jsonl written to {out}")

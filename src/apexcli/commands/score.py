@@ -1,0 +1,35 @@
+"""`apex score PATH...`: score image files on any rewards (parses options, calls score_paths)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from apexcli.images import DEFAULT_MAX_PIXELS
+from apexcli.rewards.config import RewardsConfig, apply_overrides
+from apexcli.scoring import score_paths
+
+
+def score(
+    paths: Annotated[list[str], typer.Argument(help="Image folders, files or globs (quote globs: 'imgs/*.png').")],
+    objectives: Annotated[str, typer.Option("--objectives", "-O", help="Comma-separated rewards: pick, aes, deqa, ocr, brightness, colorfulness, compressibility, contrast; NAME@http://host:port scores NAME on a reward server.")] = "pick,aes,ocr",
+    out: Annotated[str, typer.Option("--out", "-o", help="Folder for scores.jsonl and scores.csv.")] = ".",
+    prompt: Annotated[Optional[str], typer.Option("--prompt", help="One prompt for every image.")] = None,
+    prompts: Annotated[Optional[str], typer.Option("--prompts", help="A .jsonl or .csv file with 'file' and 'prompt' per image (default: metadata.jsonl beside the images).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16.")] = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size", help="Images decoded and scored per step.")] = 32,
+    strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any input is bad.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow DeQA-Score's own model code to run (rewards.deqa.trust_remote_code).")] = False,
+    max_pixels: Annotated[int, typer.Option("--max-pixels", help="Refuse images with more pixels than this (decompression-bomb guard).")] = DEFAULT_MAX_PIXELS,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Reward option KEY=VALUE, repeatable, e.g. --set rewards.pick.source=/models/PickScore_v1")] = None,
+    no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
+) -> None:
+    """Score images on rewards; bad files are listed, good ones scored."""
+    config = apply_overrides(RewardsConfig(), list(overrides or []))
+    if trust_remote_code:
+        config.deqa.trust_remote_code = True
+    score_paths(paths, objectives=objectives, out_dir=out, prompt=prompt, prompts_file=prompts, device=device,
+                dtype=dtype, config=config, batch_size=batch_size, strict=strict, max_pixels=max_pixels,
+                progress=not no_progress)

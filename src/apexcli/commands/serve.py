@@ -1,0 +1,27 @@
+"""`apex serve`: host rewards over HTTP (parses options, calls serve_rewards)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from apexcli.rewards.config import RewardsConfig, apply_overrides
+from apexcli.rewards.server import serve_rewards
+
+
+def serve(
+    objectives: Annotated[str, typer.Option("--objectives", "-O", help="Comma-separated rewards to host, e.g. deqa or pick,aes.")],
+    port: Annotated[int, typer.Option(help="TCP port.")] = 18086,
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback by default (the server has no authentication).")] = "127.0.0.1",
+    device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16.")] = "auto",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow DeQA-Score's own model code to run.")] = False,
+    overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Reward option KEY=VALUE, repeatable, e.g. --set rewards.deqa.source=/models/deqa")] = None,
+) -> None:
+    """Serve rewards to `train` and `score` (use them as NAME@http://HOST:PORT)."""
+    config = apply_overrides(RewardsConfig(), list(overrides or []))
+    if trust_remote_code:
+        config.deqa.trust_remote_code = True
+    serve_rewards([o for o in objectives.split(",") if o.strip()], host=host, port=port, device=device,
+                  dtype=dtype, config=config, log=typer.echo)

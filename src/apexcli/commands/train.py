@@ -1,0 +1,58 @@
+"""``apex train``: parse options, call ``apexcli.train.run_training``."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def train(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, dotted, e.g. train.lr=1e-4 balance.apex.tau=0.5.", show_default=False)] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset to start from: tiny, sd35m, sd35m-1gpu, sd35l.")] = None,
+    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file, applied over the preset.")] = None,
+    objectives: Annotated[Optional[str], typer.Option(help="Comma-separated rewards to optimise, e.g. pick,deqa,aes,ocr (name@URL for a reward server).")] = None,
+    balance: Annotated[Optional[str], typer.Option(help="Balancing strategy: apex, gdpo, static, dwa, mgda, random.")] = None,
+    weights: Annotated[Optional[str], typer.Option(help="Comma-separated user weights, one per objective (balance.weights).")] = None,
+    steps: Annotated[Optional[int], typer.Option(help="Training iterations (train.steps).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Run directory (config, metrics.jsonl, checkpoints, eval).")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="'auto' (newest checkpoint of --out, or start fresh) or a checkpoint/run path.")] = None,
+    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate at step 0, every N steps and at the end (eval.every); 0 = off.")] = None,
+    seed: Annotated[Optional[int], typer.Option(help="Seed of prompts, noise and LoRA init.")] = None,
+    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N (model.device).")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Hub id or local directory of the SD3 pipeline (model.pretrained).")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE (repeatable; same as a positional override).")] = None,
+) -> None:
+    """Train a LoRA with GRPO on several rewards at once (APEX balancing by default)."""
+    from apexcli.train import run_training
+
+    options: dict = {}
+    if objectives is not None:
+        options["objectives"] = [o.strip() for o in objectives.split(",") if o.strip()]
+    if balance is not None:
+        options.setdefault("balance", {})["strategy"] = balance
+    if weights is not None:
+        options.setdefault("balance", {})["weights"] = [float(w) for w in weights.split(",")]
+    if steps is not None:
+        options.setdefault("train", {})["steps"] = steps
+    if out is not None:
+        options["out"] = str(out)
+    if eval_every is not None:
+        options.setdefault("eval", {})["every"] = eval_every
+    if seed is not None:
+        options["seed"] = seed
+    if device is not None:
+        options.setdefault("model", {})["device"] = device
+    if model is not None:
+        options.setdefault("model", {})["pretrained"] = model
+    run = run_training(
+        preset=preset,
+        config_file=config,
+        options=options,
+        overrides=list(overrides or []) + list(set_ or []),
+        resume=resume,
+        argv=["apex", *sys.argv[1:]],
+    )
+    typer.echo(f"run written to {run} (metrics.jsonl, checkpoints/, eval/)")

@@ -1,0 +1,111 @@
+"""Held-out evaluation: fixed prompts, fixed noise, the deterministic ODE sampler.
+
+Every evaluation of every run that shares ``eval.seed``, the prompt set and the base model
+starts from the same noise, so the step-0 evaluation (LoRA B = 0: the base model) is the
+same point for all of them: the reference of ``apex pareto``.
+
+Writes ``eval/step-XXXXXX/grid.png`` and ``scores.jsonl``; returns the ``kind: eval`` metrics row.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from apexcli.config import Config
+from apexcli.flow.rollout import decode_latents, rollout
+from apexcli.models.text_cache import encode_prompts
+from apexcli.prompts import load_prompts
+from apexcli.rewards import RewardSuite
+from apexcli.runs import RunDir, atomic_write_text
+from apexcli.train.sampler import mix_seed
+
+
+def image_grid(images: torch.Tensor, columns: int = 8) -> Image.Image:
+    """``[N, 3, H, W]`` in [0, 1] -> one PIL image, ``columns`` per row."""
+    n, _, h, w = images.shape
+    columns = max(1, min(columns, n))
+    rows = math.ceil(n / columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+    for i in range(n):
+        grid.paste(Image.fromarray(pixels[i]), ((i % columns) * w, (i // columns) * h))
+    return grid
+
+
+class Evaluator:
+    def __init__(self, cfg: Config, pipe, cache, train_objectives: list[str], *, device: torch.device, accelerator=None):
+        self.cfg = cfg
+        self.device = device
+        self.accelerator = accelerator
+        self.objectives_requested = cfg.eval.objectives or list(train_objectives)
+        self.prompts = load_prompts(cfg.prompts.eval)[: cfg.eval.num_prompts]
+        seq = cfg.model.max_sequence_length
+        self.cond = encode_prompts(pipe, self.prompts, max_sequence_length=seq, device="cpu", cache=cache)
+        self.uncond = encode_prompts(pipe, [cfg.sampling.negative_prompt], max_sequence_length=seq, device=device, cache=cache)
+        latent = cfg.model.resolution // pipe.vae_scale_factor
+        shape = (pipe.transformer.config.in_channels, latent, latent)
+        # one generator per prompt: the noise of prompt i never depends on batch size or count
+        self.noise = torch.stack(
+            [torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(cfg.eval.seed, i))) for i in range(len(self.prompts))]
+        )
+        self._suite = None
+
+    @property
+    def suite(self) -> RewardSuite:
+        if self._suite is None:
+            self._suite = RewardSuite(self.objectives_requested, device=self.device, config=self.cfg.rewards)
+        return self._suite
+
+    @torch.no_grad()
+    def run(self, transformer, vae, scheduler, vae_scale_factor: int, step: int, run: RunDir | None) -> dict | None:
+        """Evaluate on the main process; other processes return None."""
+        if self.accelerator is not None and not self.accelerator.is_main_process:
+            return None
+        e, res = self.cfg.eval, self.cfg.model.resolution
+        was_training = transformer.training
+        transformer.eval()
+        images, rewards = [], []
+        for start in range(0, len(self.prompts), e.batch_size):
+            stop = min(start + e.batch_size, len(self.prompts))
+            traj = rollout(
+                transformer, scheduler, self.cond.index(slice(start, stop)).to(self.device),
+                num_steps=e.num_steps, height=res, width=res, vae_scale_factor=vae_scale_factor,
+                guidance_scale=e.guidance_scale, uncond=self.uncond, sampler="ode",
+                initial_noise=self.noise[start:stop].to(self.device),
+            )
+            batch = decode_latents(vae, traj.final)
+            r, _ = self.suite(batch, self.prompts[start:stop])
+            images.append(batch.cpu())
+            rewards.append(r)
+        transformer.train(was_training)
+        images_t, r_all = torch.cat(images), torch.cat(rewards)
+        row: dict = {"step": step, "kind": "eval"}
+        for k, name in enumerate(self.suite.objectives):
+            col = r_all[:, k]
+            finite = col[torch.isfinite(col)]
+            row[f"eval/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
+            row[f"eval/{name}/std"] = float(finite.std(unbiased=False)) if finite.numel() else float("nan")
+        if run is not None:
+            self.write(run.eval_dir(step), images_t, r_all)
+        return row
+
+    def write(self, directory: Path, images: torch.Tensor, rewards: torch.Tensor) -> None:
+        directory.mkdir(parents=True, exist_ok=True)
+        image_grid(images).save(directory / "grid.png")
+        lines = []
+        for i, prompt in enumerate(self.prompts):
+            row = {"index": i, "prompt": prompt, "seed": mix_seed(self.cfg.eval.seed, i)}
+            for k, name in enumerate(self.suite.objectives):
+                v = float(rewards[i, k])
+                row[name] = v if math.isfinite(v) else None
+            lines.append(json.dumps(row) + "\n")
+        atomic_write_text(directory / "scores.jsonl", "".join(lines))
+
+    def close(self) -> None:
+        if self._suite is not None:
+            self._suite.close()

@@ -1,0 +1,319 @@
+"""``apex pareto``: runs -> front, hypervolumes, pareto.json, plots, report.md, terminal table.
+
+``run_pareto`` is the one core function the CLI calls. The math lives in ``pareto.py``
+(dominance, normalisation, hypervolume: read its docstring for the exact formulas), the
+reading in ``collect.py``, the figures in ``plots.py``; this module joins them and writes.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from apexcli.errors import ApexError
+from apexcli.eval import plots
+from apexcli.eval.collect import PointTable, build_points, collect_runs
+from apexcli.eval.pareto import (
+    NORMALISATIONS,
+    Normalisation,
+    fit_normalisation,
+    hypervolume,
+    nondominated_mask,
+)
+from apexcli.runs import atomic_write_text
+
+JSON_FILE = "pareto.json"
+REPORT_FILE = "report.md"
+SCATTER_FILE = "scatter_matrix.png"
+RADAR_FILE = "radar.png"  # 3+ objectives
+GAINS_FILE = "gains.png"  # 1-2 objectives, where a radar chart degenerates to a line
+EVAL_CURVES_FILE = "eval_curves.png"
+WEIGHTS_FILE = "balance_weights.png"
+
+
+@dataclass
+class ParetoResult:
+    """Everything ``apex pareto`` computed (also written to pareto.json)."""
+
+    table: PointTable  # the compared points (raw), runs, base point, skips, warnings
+    normalisation: Normalisation
+    normalised: np.ndarray  # [N, K] normalised points
+    on_front: np.ndarray  # [N] bool: point is non-dominated among all points
+    run_hypervolume: list[float]  # per run: HV of its own points (1 point, or its steps)
+    front_hypervolume: float  # HV of all points (= of the front)
+    plots: list[plots.PlotFile]  # PNGs written
+    json_path: Path
+    report_path: Path
+
+
+def run_pareto(
+    paths: Sequence[Path],
+    out: Path,
+    *,
+    all_steps: bool = False,
+    normalisation: str = "spread",
+    console: Console | None = None,
+) -> ParetoResult:
+    """Compare the runs under ``paths`` and write pareto.json, PNG plots and report.md to ``out``.
+
+    Points: each run's final eval (its last eval step > 0), or every eval step > 0 when
+    ``all_steps``. Reference: the base model (step-0 eval). Normalisation: see
+    ``apexcli.eval.pareto`` (``"spread"``: gain over the base / observed range per objective;
+    ``"none"``: raw gain). A run's hypervolume is that of its own point(s); the front's is that
+    of all points. Unusable runs are skipped with a reason; no run at all is an ApexError.
+    """
+    console = console or Console()
+    if normalisation not in NORMALISATIONS:
+        raise ApexError(
+            f"unknown normalisation {normalisation!r}: use one of {', '.join(NORMALISATIONS)}"
+        )
+    table = build_points(collect_runs(paths), all_steps=all_steps)
+    norm = fit_normalisation(table.values, table.base, normalisation)
+    normalised = norm.apply(table.values)
+    on_front = nondominated_mask(normalised)
+    origin = np.zeros(len(table.objectives))
+    run_hv = [
+        hypervolume(normalised[table.run_index == r], origin) for r in range(len(table.runs))
+    ]
+    front_hv = hypervolume(normalised[on_front], origin)
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    result = ParetoResult(
+        table=table,
+        normalisation=norm,
+        normalised=normalised,
+        on_front=on_front,
+        run_hypervolume=run_hv,
+        front_hypervolume=front_hv,
+        plots=[],
+        json_path=out / JSON_FILE,
+        report_path=out / REPORT_FILE,
+    )
+    result.plots = _write_plots(result, out)
+    atomic_write_text(result.json_path, json.dumps(_to_json(result, all_steps), indent=2) + "\n")
+    atomic_write_text(result.report_path, _report_markdown(result, all_steps))
+    _print_terminal(result, console)
+    return result
+
+
+# -- pareto.json ---------------------------------------------------------------------------
+
+
+def _to_json(result: ParetoResult, all_steps: bool) -> dict:
+    t, norm = result.table, result.normalisation
+    runs = []
+    for r, run in enumerate(t.runs):
+        idx = np.flatnonzero(t.run_index == r)
+        runs.append(
+            {
+                "name": run.name,
+                "path": str(run.path),
+                "strategy": run.strategy,
+                "weights": run.weights,
+                "hypervolume": result.run_hypervolume[r],
+                "on_front": bool(result.on_front[idx].any()),
+                "points": [
+                    {
+                        "step": int(t.steps[i]),
+                        "values": _named(t.objectives, t.values[i]),
+                        "normalised": _named(t.objectives, result.normalised[i]),
+                        "on_front": bool(result.on_front[i]),
+                    }
+                    for i in idx
+                ],
+            }
+        )
+    front = np.flatnonzero(result.on_front)
+    return {
+        "objectives": t.objectives,
+        "points": "every eval step > 0" if all_steps else "final eval of each run",
+        "maximise": True,
+        "reference": {
+            "values": _named(t.objectives, t.base),
+            "normalised": _named(t.objectives, norm.apply(t.base)[0]),
+            "source": t.base_source,
+        },
+        "normalisation": {
+            "method": norm.method,
+            "formula": norm.describe(),
+            "base": _named(t.objectives, norm.base),
+            "scale": _named(t.objectives, norm.scale),
+        },
+        "front": {
+            "hypervolume": result.front_hypervolume,
+            "members": [{"run": t.runs[t.run_index[i]].name, "step": int(t.steps[i])} for i in front],
+        },
+        "runs": runs,
+        "skipped": [{"path": str(s.path), "reason": s.reason} for s in t.skipped],
+        "warnings": t.warnings,
+        "plots": [p.path.name for p in result.plots],
+    }
+
+
+def _named(objectives: Sequence[str], values: np.ndarray) -> dict[str, float]:
+    return {k: float(v) for k, v in zip(objectives, values)}
+
+
+# -- plots ---------------------------------------------------------------------------------
+
+
+def _write_plots(result: ParetoResult, out: Path) -> list[plots.PlotFile]:
+    t = result.table
+    colors = plots.run_colors(len(t.runs))
+    series = []
+    for r, run in enumerate(t.runs):
+        idx = np.flatnonzero(t.run_index == r)
+        series.append(
+            plots.RunSeries(
+                name=run.name,
+                color=colors[r],
+                values=t.values[idx],
+                normalised=result.normalised[idx],
+                on_front=result.on_front[idx],
+            )
+        )
+    k = len(t.objectives)
+    written = []
+    if k >= 2:  # one objective has no pairs to scatter; the gains chart shows it
+        written.append(plots.scatter_matrix(out / SCATTER_FILE, t.objectives, series, t.base))
+    if k >= 3:
+        written.append(plots.radar(out / RADAR_FILE, t.objectives, series))
+    else:
+        written.append(plots.gain_bars(out / GAINS_FILE, t.objectives, series))
+    eval_lines = []
+    for run, color in zip(t.runs, colors):
+        data = {}
+        for k in t.objectives:
+            pts = [(e.step, e.means[k]) for e in run.evals if k in e.means]
+            data[k] = ([s for s, _ in pts], [v for _, v in pts])
+        eval_lines.append((run.name, color, data))
+    written.append(
+        plots.curves(out / EVAL_CURVES_FILE, t.objectives, eval_lines, "eval mean",
+                     "Eval means over training steps (step 0 = base model)")
+    )
+    weight_lines = [
+        (run.name, color, {k: ([s for s, _ in c], [w for _, w in c]) for k, c in run.weight_curves.items()})
+        for run, color in zip(t.runs, colors)
+        if run.weight_curves
+    ]
+    if weight_lines:
+        names = []
+        for _, _, data in weight_lines:
+            names += [k for k in data if k not in names]
+        written.append(
+            plots.curves(out / WEIGHTS_FILE, names, weight_lines, "weight w_k",
+                         "Balance weights over training steps")
+        )
+    return written
+
+
+# -- report.md and the terminal table --------------------------------------------------------
+
+
+def _rows(result: ParetoResult) -> list[dict]:
+    """One summary row per run: its last point, its hypervolume, its front steps."""
+    t = result.table
+    rows = []
+    for r, run in enumerate(t.runs):
+        idx = np.flatnonzero(t.run_index == r)
+        last = idx[-1]
+        front_steps = [int(t.steps[i]) for i in idx if result.on_front[i]]
+        rows.append(
+            {
+                "run": run.name,
+                "strategy": run.strategy or "?",
+                "weights": "-" if run.weights is None else ",".join(f"{w:.3g}" for w in run.weights),
+                "step": str(int(t.steps[last])),
+                "values": [_fmt(v) for v in t.values[last]],
+                "gains": [_fmt(v) for v in result.normalised[last]],
+                "hv": _fmt(result.run_hypervolume[r]),
+                "front": ("yes" if len(idx) == 1 else "steps " + ",".join(map(str, front_steps)))
+                if front_steps
+                else "no",
+            }
+        )
+    return rows
+
+
+def _report_markdown(result: ParetoResult, all_steps: bool) -> str:
+    t, norm = result.table, result.normalisation
+    ks = t.objectives
+    lines = [
+        "# apex pareto report",
+        "",
+        f"- Runs compared: {len(t.runs)} (skipped: {len(t.skipped)}), on objectives: "
+        f"{', '.join(ks)} (all maximised).",
+        f"- Points: {'every eval step > 0 of each run' if all_steps else 'the final eval of each run'}.",
+        f"- Reference point (base model): {_fmt_named(ks, t.base)}; {t.base_source}.",
+        f"- Normalisation `{norm.method}`: {norm.describe()}.",
+        f"- Scale s_k: {_fmt_named(ks, norm.scale)}.",
+        "- Hypervolume: volume of the normalised region dominated by the points and dominating "
+        "the reference (the origin); a run's HV uses its own point(s), the front's uses all.",
+        "",
+        f"**Front hypervolume: {_fmt(result.front_hypervolume)}**",
+        "",
+    ]
+    header = ["run", "strategy", "weights", "step"] + ks + [f"gain {k}" for k in ks] + ["HV", "front"]
+    lines.append("| " + " | ".join(header) + " |")
+    lines.append("|" + "---|" * len(header))
+    for row in _rows(result):
+        cells = [row["run"], row["strategy"], row["weights"], row["step"], *row["values"],
+                 *row["gains"], row["hv"], row["front"]]
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    lines.append("")
+    captions = {
+        plots_name: caption
+        for plots_name, caption in [
+            (SCATTER_FILE, "Pairwise eval means; ringed points are on the Pareto front, the star is the base model"),
+            (RADAR_FILE, "Normalised gain of each run over the base model"),
+            (GAINS_FILE, "Normalised gain of each run over the base model"),
+            (EVAL_CURVES_FILE, "Eval means over training steps"),
+            (WEIGHTS_FILE, "Balance weights over training steps"),
+        ]
+    }
+    for p in result.plots:
+        lines += [f"## {captions[p.path.name]}", "", f"![{captions[p.path.name]}]({p.path.name})", ""]
+    if t.skipped:
+        lines += ["## Skipped runs", ""] + [f"- `{s.path}`: {s.reason}" for s in t.skipped] + [""]
+    if t.warnings:
+        lines += ["## Warnings", ""] + [f"- {w}" for w in t.warnings] + [""]
+    return "\n".join(lines)
+
+
+def _print_terminal(result: ParetoResult, console: Console) -> None:
+    t = result.table
+    for s in t.skipped:
+        console.print(f"[yellow]skipped[/] {escape(f'{s.path}: {s.reason}')}", highlight=False)
+    for w in t.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    table = Table(title=f"Pareto comparison ({result.normalisation.method} normalisation)")
+    for col in ["run", "strategy", "weights", "step", *t.objectives, "HV", "front"]:
+        text = col in ("run", "strategy", "front")
+        table.add_column(col, justify="left" if text else "right", overflow="fold",
+                         min_width=12 if col == "run" else None)
+    for row in _rows(result):
+        table.add_row(escape(row["run"]), escape(row["strategy"]), row["weights"], row["step"],
+                      *row["values"], row["hv"], row["front"])
+    console.print(table)
+    console.print(f"front hypervolume: {_fmt(result.front_hypervolume)}")
+    console.print(
+        escape(f"wrote {result.json_path}, {result.report_path} and {len(result.plots)} plots"),
+        highlight=False,
+    )
+
+
+def _fmt(value: float) -> str:
+    return "nan" if not math.isfinite(value) else f"{value:.4g}"
+
+
+def _fmt_named(objectives: Sequence[str], values: np.ndarray) -> str:
+    return ", ".join(f"{k}={_fmt(float(v))}" for k, v in zip(objectives, values))

@@ -1,0 +1,419 @@
+"""Rollouts with trajectory capture, and the training-side log-prob recompute, for SD3 models.
+
+Glue between the step math in ``flow.sde`` and diffusers' ``SD3Transformer2DModel`` /
+``FlowMatchEulerDiscreteScheduler``. Mirrors the conventions of diffusers **0.39**'s
+``StableDiffusion3Pipeline.__call__``:
+
+- sigmas from ``scheduler.set_timesteps(num_steps)`` -> ``scheduler.sigmas`` ([T+1], ends in 0;
+  with ``use_dynamic_shifting`` the same ``mu`` the pipeline computes from the latent size);
+- the transformer is called with ``timestep = 1000 * sigma`` (the scheduler's
+  ``timesteps = sigmas * num_train_timesteps``), ``encoder_hidden_states``,
+  ``pooled_projections``, ``return_dict=False``, and predicts the velocity ``eps - x0``;
+- CFG batches ``[uncond, cond]`` in one forward and combines ``v_u + g * (v_c - v_u)``;
+- decoding undoes ``(z - shift_factor) * scaling_factor`` before ``vae.decode``.
+
+Deviations, on purpose:
+
+- ``scheduler.step`` is never called: the step (SDE, CPS or Euler ODE) and its log-prob are
+  ours (``flow.sde``), so sampling and training share the exact numerics;
+- the latent chain is kept in float32 whatever the transformer's dtype (only the transformer
+  input is cast), and the CFG combination runs in float32;
+- no skip-layer guidance, IP-adapter or ``joint_attention_kwargs``; images stay a float
+  tensor on the device (no PIL).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+import torch
+
+from apexcli.errors import ApexError
+from apexcli.flow.sde import STEP_FUNCTIONS, StepOutput, ode_step
+
+SAMPLERS = ("sde", "cps", "ode")
+TIMESTEP_SCALE = 1000.0
+"""SD3 transformers take ``timestep = 1000 * sigma``."""
+
+
+# --------------------------------------------------------------------------- prompt embeddings
+
+
+@dataclass
+class PromptEmbeds:
+    """Text conditioning of SD3, one row per sample."""
+
+    prompt_embeds: torch.Tensor
+    """``[B, L, D]`` joint CLIP-L/CLIP-G/T5 token embeddings (``encoder_hidden_states``)."""
+    pooled: torch.Tensor
+    """``[B, P]`` pooled CLIP-L + CLIP-G embeddings (``pooled_projections``)."""
+
+    def __len__(self) -> int:
+        return self.prompt_embeds.shape[0]
+
+    def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
+        return PromptEmbeds(
+            self.prompt_embeds.to(device=device, dtype=dtype), self.pooled.to(device=device, dtype=dtype)
+        )
+
+    def index(self, idx: int | slice | torch.Tensor | Sequence[int]) -> PromptEmbeds:
+        """Rows ``idx`` (an int keeps the batch dim)."""
+        if isinstance(idx, int):
+            idx = slice(idx, idx + 1)
+        elif not isinstance(idx, (slice, torch.Tensor)):
+            idx = torch.as_tensor(list(idx), dtype=torch.long)
+        if isinstance(idx, torch.Tensor):
+            idx = idx.to(self.prompt_embeds.device)
+        return PromptEmbeds(self.prompt_embeds[idx], self.pooled[idx])
+
+    __getitem__ = index
+
+    @staticmethod
+    def cat(items: Sequence[PromptEmbeds]) -> PromptEmbeds:
+        return PromptEmbeds(torch.cat([e.prompt_embeds for e in items]), torch.cat([e.pooled for e in items]))
+
+    def repeat_interleave(self, n: int) -> PromptEmbeds:
+        """Each row ``n`` times in a row: prompts -> groups of ``n`` samples."""
+        return PromptEmbeds(self.prompt_embeds.repeat_interleave(n, dim=0), self.pooled.repeat_interleave(n, dim=0))
+
+    def expand(self, n: int) -> PromptEmbeds:
+        """A batch of ``n`` from a batch of 1 (a view, e.g. the empty-prompt embedding) or of ``n``."""
+        if len(self) == n:
+            return self
+        if len(self) != 1:
+            raise ValueError(f"cannot expand {len(self)} prompt embeddings to a batch of {n}")
+        return PromptEmbeds(
+            self.prompt_embeds.expand(n, *self.prompt_embeds.shape[1:]), self.pooled.expand(n, *self.pooled.shape[1:])
+        )
+
+
+# --------------------------------------------------------------------------- velocity
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying diffusers model behind DDP/FSDP (``.module``) or torch.compile (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+            continue
+        return model
+
+
+def _model_dtype(model: torch.nn.Module) -> torch.dtype:
+    base = _unwrap(model)
+    dtype = getattr(base, "dtype", None)
+    return dtype if isinstance(dtype, torch.dtype) else next(base.parameters()).dtype
+
+
+def _timesteps(sigma: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
+    """``[batch]`` float32 ``1000 * sigma``; float32 first so scalar and per-sample sigmas agree bitwise."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1)
+    return (s * TIMESTEP_SCALE).expand(batch)
+
+
+def predict_velocity(
+    transformer: torch.nn.Module,
+    x: torch.Tensor,
+    sigma: float | torch.Tensor,
+    cond: PromptEmbeds,
+    *,
+    guidance_scale: float = 1.0,
+    uncond: PromptEmbeds | None = None,
+) -> torch.Tensor:
+    """Float32 velocity ``v = eps - x0`` at ``x`` (noise level ``sigma``: scalar or ``[B]``).
+
+    ``guidance_scale > 1``: classifier-free guidance ``v = v_u + g * (v_c - v_u)`` from ONE
+    forward over the batch ``[uncond, cond]`` (``uncond`` may have batch 1, it is broadcast).
+    ``guidance_scale <= 1``: one conditional forward, no unconditional pass.
+    """
+    batch = x.shape[0]
+    dtype = _model_dtype(transformer)
+    cond = cond.expand(batch)
+    t = _timesteps(sigma, batch, x.device)
+    if guidance_scale > 1.0:
+        if uncond is None:
+            raise ValueError("guidance_scale > 1 needs the unconditional (empty-prompt) embeddings")
+        uncond = uncond.expand(batch)
+        hidden = torch.cat([x, x])
+        text = torch.cat([uncond.prompt_embeds, cond.prompt_embeds])
+        pooled = torch.cat([uncond.pooled, cond.pooled])
+        t = torch.cat([t, t])
+    else:
+        hidden, text, pooled = x, cond.prompt_embeds, cond.pooled
+    out = transformer(
+        hidden_states=hidden.to(dtype),
+        timestep=t,
+        encoder_hidden_states=text.to(device=x.device, dtype=dtype),
+        pooled_projections=pooled.to(device=x.device, dtype=dtype),
+        return_dict=False,
+    )[0].float()
+    if guidance_scale > 1.0:
+        v_uncond, v_cond = out.chunk(2)
+        return v_uncond + guidance_scale * (v_cond - v_uncond)
+    return out
+
+
+# --------------------------------------------------------------------------- trajectories
+
+
+@dataclass
+class Trajectory:
+    """Everything a rollout keeps for the policy update."""
+
+    latents: torch.Tensor
+    """``[B, T+1, C, h, w]`` float32; ``latents[:, 0]`` the initial noise, ``latents[:, T]`` the final latent."""
+    log_probs: torch.Tensor
+    """``[B, T]`` float32 log-prob of each transition (0 for steps run deterministically)."""
+    sigmas: torch.Tensor
+    """``[T+1]`` CPU float32 noise levels, ``sigmas[T] == 0``."""
+    sde_mask: torch.Tensor
+    """``[T]`` CPU bool: which steps were stochastic (the only ones with a log-prob to train)."""
+    sampler: str
+    """``sde``, ``cps`` or ``ode``: the step used for the stochastic steps."""
+    noise_level: float
+    """The noise level ``a`` of the stochastic steps."""
+    sigma_max: float
+    """First scheduler sigma below 1 (stands in for the SDE's ``1 - s`` denominator at ``s == 1``)."""
+
+    @property
+    def final(self) -> torch.Tensor:
+        """``[B, C, h, w]`` the denoised latent (decode it with ``decode_latents``)."""
+        return self.latents[:, -1]
+
+    @property
+    def num_steps(self) -> int:
+        return self.log_probs.shape[1]
+
+    def __len__(self) -> int:
+        return self.latents.shape[0]
+
+    def transition(self, t: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+        """``(x_t, x_{t+1}, sigma_t, sigma_{t+1})`` of step ``t`` for every sample."""
+        return self.latents[:, t], self.latents[:, t + 1], float(self.sigmas[t]), float(self.sigmas[t + 1])
+
+    def index(self, idx: slice | torch.Tensor | Sequence[int]) -> Trajectory:
+        """The samples ``idx`` (sigmas and mask are shared)."""
+        if not isinstance(idx, (slice, torch.Tensor)):
+            idx = torch.as_tensor(list(idx), dtype=torch.long)
+        if isinstance(idx, torch.Tensor):
+            idx = idx.to(self.latents.device)
+        return replace(self, latents=self.latents[idx], log_probs=self.log_probs[idx])
+
+    __getitem__ = index
+
+
+def first_sigma_below_one(sigmas: torch.Tensor) -> float:
+    """``sigma_max`` of ``flow.sde``: the first scheduler sigma strictly below 1."""
+    below = sigmas[sigmas < 1.0]
+    return float(below[0])
+
+
+def initial_noise(
+    n: int,
+    shape: Sequence[int],
+    *,
+    generator: torch.Generator | None = None,
+    group_ids: Sequence[int] | torch.Tensor | None = None,
+    share_within_group: bool = False,
+    seed: int | None = None,
+    device: torch.device | str,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """``[n, *shape]`` standard-normal starting latents.
+
+    ``share_within_group``: every sample with the same ``group_ids`` entry starts from the same
+    noise (GRPO groups then differ only by the SDE noise); groups are drawn in order of first
+    appearance from ``generator``. With ``seed`` instead, group ``g``'s noise comes from its
+    own generator seeded with ``(seed, g)``, so a group split across ranks gets the same noise
+    on every rank.
+    """
+    shape = tuple(shape)
+    gen_device = generator.device if generator is not None else torch.device("cpu")
+    if not share_within_group:
+        return torch.randn((n, *shape), generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
+    if group_ids is None:
+        raise ValueError("share_within_group needs group_ids")
+    ids = [int(g) for g in (group_ids.tolist() if isinstance(group_ids, torch.Tensor) else group_ids)]
+    if len(ids) != n:
+        raise ValueError(f"got {len(ids)} group ids for {n} samples")
+    unique = list(dict.fromkeys(ids))
+    if seed is None:
+        per_group = torch.randn((len(unique), *shape), generator=generator, device=gen_device, dtype=torch.float32)
+    else:
+        per_group = torch.stack(
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + g), dtype=torch.float32)
+                for g in unique
+            ]
+        )
+    slot = {g: i for i, g in enumerate(unique)}
+    picks = torch.tensor([slot[g] for g in ids], dtype=torch.long, device=per_group.device)
+    return per_group[picks].to(device, dtype)
+
+
+def _scheduler_sigmas(scheduler, num_steps: int, latent_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
+    """``[T+1]`` CPU float32 sigmas, set up as ``StableDiffusion3Pipeline`` does."""
+    kwargs = {}
+    if scheduler.config.get("use_dynamic_shifting", False):
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+
+        seq_len = (latent_hw[0] // patch_size) * (latent_hw[1] // patch_size)
+        kwargs["mu"] = calculate_shift(
+            seq_len,
+            scheduler.config.get("base_image_seq_len", 256),
+            scheduler.config.get("max_image_seq_len", 4096),
+            scheduler.config.get("base_shift", 0.5),
+            scheduler.config.get("max_shift", 1.16),
+        )
+    scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
+    return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+
+
+def _stochastic_mask(
+    sigmas: torch.Tensor, sampler: str, noise_level: float, sde_steps: Sequence[int] | None
+) -> torch.Tensor:
+    """``[T]`` bool: steps that draw noise. CPS onto ``s' = 0`` has zero std, so it is deterministic."""
+    num_steps = sigmas.numel() - 1
+    mask = torch.zeros(num_steps, dtype=torch.bool)
+    if sampler == "ode" or noise_level == 0:
+        return mask
+    if sde_steps is None:
+        mask[:] = True
+    else:
+        for i in sde_steps:
+            if not 0 <= int(i) < num_steps:
+                raise ValueError(f"sde_steps index {i} outside 0..{num_steps - 1}")
+            mask[int(i)] = True
+    if sampler == "cps":
+        mask &= sigmas[1:] > 0
+    return mask
+
+
+@torch.no_grad()
+def rollout(
+    transformer: torch.nn.Module,
+    scheduler,
+    cond: PromptEmbeds,
+    *,
+    num_steps: int,
+    height: int,
+    width: int,
+    vae_scale_factor: int,
+    guidance_scale: float = 1.0,
+    uncond: PromptEmbeds | None = None,
+    sampler: str = "sde",
+    noise_level: float = 0.7,
+    sde_steps: Sequence[int] | None = None,
+    initial_noise: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> Trajectory:
+    """Sample ``len(cond)`` latents with ``num_steps`` steps and keep the whole trajectory.
+
+    Image size ``height x width`` pixels; the latent is ``in_channels x height/f x width/f`` with
+    ``f = vae_scale_factor`` (``pipe.vae_scale_factor``: 8 for SD3, 2 for the tiny pipeline).
+    ``sampler`` picks the stochastic step (``sde``, ``cps``; ``ode`` = deterministic Euler
+    everywhere); ``sde_steps`` lists the step indices that are stochastic (None: all), the rest
+    run the ODE step (the "fast"/MixGRPO window). ``initial_noise`` ``[B, C, h, w]`` overrides
+    the starting latent (see ``initial_noise()`` for group-shared noise); otherwise it is drawn
+    from ``generator``, which also drives the step noise.
+    """
+    if sampler not in SAMPLERS:
+        raise ApexError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
+    config = _unwrap(transformer).config
+    patch = int(config.patch_size)
+    multiple = vae_scale_factor * patch
+    if height % multiple or width % multiple:
+        raise ApexError(f"image size {height}x{width} must be a multiple of {multiple} (VAE factor x patch size)")
+    latent_hw = (height // vae_scale_factor, width // vae_scale_factor)
+    batch = len(cond)
+    device = cond.prompt_embeds.device
+
+    sigmas = _scheduler_sigmas(scheduler, num_steps, latent_hw, patch)
+    sigma_max = first_sigma_below_one(sigmas)
+    mask = _stochastic_mask(sigmas, sampler, noise_level, sde_steps)
+
+    shape = (batch, int(config.in_channels), *latent_hw)
+    if initial_noise is None:
+        gen_device = generator.device if generator is not None else device
+        x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+    else:
+        if tuple(initial_noise.shape) != shape:
+            raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected {shape}")
+        x = initial_noise.to(device=device, dtype=torch.float32)
+
+    latents = torch.empty((batch, num_steps + 1, *shape[1:]), dtype=torch.float32, device=device)
+    log_probs = torch.zeros((batch, num_steps), dtype=torch.float32, device=device)
+    latents[:, 0] = x
+    step_fn = STEP_FUNCTIONS.get(sampler)
+    for i in range(num_steps):
+        s, s_next = sigmas[i], sigmas[i + 1]
+        v = predict_velocity(transformer, x, s, cond, guidance_scale=guidance_scale, uncond=uncond)
+        if mask[i]:
+            out = step_fn(v, x, s, s_next, noise_level=noise_level, sigma_max=sigma_max, generator=generator)
+            x = out.prev_sample
+            log_probs[:, i] = out.log_prob
+        else:
+            x = ode_step(v, x, s, s_next)
+        latents[:, i + 1] = x
+    return Trajectory(
+        latents=latents,
+        log_probs=log_probs,
+        sigmas=sigmas,
+        sde_mask=mask,
+        sampler=sampler,
+        noise_level=float(noise_level),
+        sigma_max=sigma_max,
+    )
+
+
+def step_log_prob(
+    transformer: torch.nn.Module,
+    x: torch.Tensor,
+    x_next: torch.Tensor,
+    sigma: float | torch.Tensor,
+    sigma_next: float | torch.Tensor,
+    cond: PromptEmbeds,
+    *,
+    guidance_scale: float = 1.0,
+    uncond: PromptEmbeds | None = None,
+    sampler: str = "sde",
+    noise_level: float = 0.7,
+    sigma_max: float | None = None,
+) -> StepOutput:
+    """Training-side recompute (with grad) of the log-prob of the stored transition ``x -> x_next``.
+
+    Same velocity and step math as ``rollout``, so on-policy ``exp(logp - logp_old) == 1``.
+    ``sigma``/``sigma_next`` scalar or ``[B]`` (per-sample timesteps); pass the trajectory's
+    ``sampler``, ``noise_level`` and ``sigma_max``. ``StepOutput.mean`` / ``.std`` feed
+    ``gaussian_kl`` against the same call made with the LoRA disabled.
+    """
+    if sampler not in STEP_FUNCTIONS:
+        raise ValueError(f"sampler '{sampler}' has no log-prob; use one of {', '.join(STEP_FUNCTIONS)}")
+    v = predict_velocity(transformer, x, sigma, cond, guidance_scale=guidance_scale, uncond=uncond)
+    return STEP_FUNCTIONS[sampler](
+        v, x, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max, prev_sample=x_next
+    )
+
+
+@torch.no_grad()
+def decode_latents(vae: torch.nn.Module, latents: torch.Tensor, *, batch_size: int | None = None) -> torch.Tensor:
+    """Float32 images ``[B, 3, H, W]`` in [0, 1] on the latents' device.
+
+    ``image = (vae.decode(z / scaling_factor + shift_factor) / 2 + 0.5).clamp(0, 1)``;
+    ``batch_size`` decodes in chunks to bound memory.
+    """
+    shift = vae.config.shift_factor or 0.0
+    scale = vae.config.scaling_factor
+    dtype = _model_dtype(vae)
+    chunks = [latents] if batch_size is None else latents.split(batch_size)
+    images = []
+    for z in chunks:
+        z = (z.float() / scale + shift).to(dtype)
+        images.append(vae.decode(z, return_dict=False)[0].float())
+    return (torch.cat(images) / 2 + 0.5).clamp(0, 1)

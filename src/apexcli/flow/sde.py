@@ -1,0 +1,206 @@
+"""One denoising step of a rectified-flow model, with the log-probability of the step taken.
+
+Pure tensor math: no diffusers, no model. The rollout (``flow.rollout``) and the training-side
+recompute call the same functions, so the two agree bit for bit on the same inputs.
+
+Conventions (DESIGN.md §3). Rectified flow ``x_s = (1-s)·x0 + s·eps``, velocity
+``v = eps - x0``, noise level ``s = sigma`` in [0, 1]. A step goes from ``s`` to ``s'`` with
+``dt = s' - s < 0``. ``sigma`` / ``sigma_next`` may be python floats, 0-d tensors or ``[B]``
+tensors (one timestep per sample, as the trainer draws them); they broadcast over the
+latent dims.
+
+Numerics. All step math runs in float32 whatever the dtype of ``x`` / ``velocity``; the new
+sample is cast back to ``x.dtype`` *before* its log-prob is evaluated, so the log-prob is
+that of the sample actually stored, and a recompute from the stored sample reproduces it.
+A step whose std is exactly 0 (``noise_level = 0``, or CPS landing on ``s' = 0``) is a
+deterministic map: it returns ``prev_sample = mean`` and reports ``log_prob = 0``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+Sigma = float | torch.Tensor
+
+_LOG_SQRT_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+@dataclass
+class StepOutput:
+    """The result of one step ``x_s -> x_s'``."""
+
+    prev_sample: torch.Tensor
+    """The new latent ``x_s'`` (dtype of the input ``x``)."""
+    log_prob: torch.Tensor
+    """``[B]`` float32: mean over the non-batch dims of log N(prev_sample; mean, std^2)."""
+    mean: torch.Tensor
+    """Float32 mean of the step's Gaussian, shape of ``x`` (the quantity the KL compares)."""
+    std: torch.Tensor
+    """Float32 std of the step's Gaussian, shape ``[B, 1, ..., 1]`` (same for every dim)."""
+
+
+def _column(sigma: Sigma, x: torch.Tensor) -> torch.Tensor:
+    """``sigma`` as a float32 tensor of shape [B or 1, 1, ..., 1] on ``x``'s device."""
+    s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device)
+    if s.ndim == 0:
+        s = s.reshape(1)
+    if s.ndim != 1 or s.shape[0] not in (1, x.shape[0]):
+        raise ValueError(f"sigma must be a scalar or have shape [{x.shape[0]}], got {tuple(s.shape)}")
+    return s.reshape(-1, *([1] * (x.ndim - 1)))
+
+
+def _draw_noise(x: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+    """Standard normal noise shaped like ``x`` in float32, drawn on the generator's device."""
+    device = generator.device if generator is not None else x.device
+    return torch.randn(x.shape, generator=generator, device=device, dtype=torch.float32).to(x.device)
+
+
+def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``[B]`` mean over non-batch dims of ``-(x-mean)^2/(2 std^2) - log std - log sqrt(2 pi)``.
+
+    Evaluated in float32. Samples whose ``std`` is 0 (a deterministic step) get 0.
+    """
+    sample, mean = sample.float(), mean.float()
+    std = std.float().expand(sample.shape[0], *([1] * (sample.ndim - 1)))
+    deterministic = std == 0
+    safe_std = torch.where(deterministic, torch.ones_like(std), std)
+    elem = -((sample - mean) ** 2) / (2 * safe_std**2) - torch.log(safe_std) - _LOG_SQRT_2PI
+    log_prob = elem.mean(dim=tuple(range(1, sample.ndim)))
+    return torch.where(deterministic.reshape(-1), torch.zeros_like(log_prob), log_prob)
+
+
+def _finish(
+    mean: torch.Tensor,
+    std: torch.Tensor,
+    x: torch.Tensor,
+    prev_sample: torch.Tensor | None,
+    generator: torch.Generator | None,
+) -> StepOutput:
+    """Sample (unless ``prev_sample`` is given) and score the sample under N(mean, std^2)."""
+    std = std.expand(x.shape[0], *std.shape[1:])
+    if prev_sample is None:
+        noisy = mean + std * _draw_noise(x, generator)
+        # Zero-std steps are exactly the mean (avoids 0 * inf surprises and keeps them exact).
+        prev_sample = torch.where(std == 0, mean, noisy).to(x.dtype)
+    log_prob = gaussian_log_prob(prev_sample, mean, std)
+    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+
+
+def sde_std_scale(sigma: Sigma, x: torch.Tensor, noise_level: float, sigma_max: float | None) -> torch.Tensor:
+    """``sig_t = a·sqrt(s / (1 - s))`` as a [B or 1, 1, ...] float32 column.
+
+    At ``s == 1`` the ratio is infinite; as Flow-GRPO does, only the *denominator* is replaced:
+    ``sig_t = a·sqrt(1 / (1 - sigma_max))`` with ``sigma_max`` the first scheduler sigma below 1.
+    """
+    s = _column(sigma, x)
+    if sigma_max is None:
+        if bool((s >= 1.0).any()):
+            raise ValueError("a step from sigma == 1 needs sigma_max, the first scheduler sigma below 1")
+        denom = 1.0 - s
+    else:
+        if not 0.0 < float(sigma_max) < 1.0:
+            raise ValueError(f"sigma_max must lie in (0, 1), got {sigma_max}")
+        denom = torch.where(s >= 1.0, torch.full_like(s, 1.0 - float(sigma_max)), 1.0 - s)
+    return noise_level * torch.sqrt(s / denom)
+
+
+def sde_step_with_logprob(
+    velocity: torch.Tensor,
+    x: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    *,
+    noise_level: float = 0.7,
+    sigma_max: float | None = None,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """Flow-GRPO's SDE step (its marginals match the probability-flow ODE)::
+
+        sig_t = a * sqrt(s / (1 - s))            (denominator 1 - sigma_max when s == 1)
+        mean  = x + [ v + sig_t^2 / (2 s) * (x + (1 - s) v) ] * dt
+        std   = sig_t * sqrt(-dt)
+        x'    = mean + std * noise               (noise ~ N(0, I); skipped if prev_sample given)
+        logp  = mean over dims of log N(x'; mean, std^2)
+
+    ``a = noise_level``. Pass ``prev_sample`` to score a stored transition (training recompute);
+    no noise is drawn then. ``generator`` seeds the noise.
+    """
+    s, s_next = _column(sigma, x), _column(sigma_next, x)
+    dt = s_next - s
+    xf, v = x.float(), velocity.float()
+    sig_t = sde_std_scale(sigma, x, noise_level, sigma_max)
+    mean = xf + (v + sig_t**2 / (2 * s) * (xf + (1 - s) * v)) * dt
+    std = sig_t * torch.sqrt(-dt)
+    return _finish(mean, std, x, prev_sample, generator)
+
+
+def cps_step_with_logprob(
+    velocity: torch.Tensor,
+    x: torch.Tensor,
+    sigma: Sigma,
+    sigma_next: Sigma,
+    *,
+    noise_level: float = 0.7,
+    sigma_max: float | None = None,
+    prev_sample: torch.Tensor | None = None,
+    generator: torch.Generator | None = None,
+) -> StepOutput:
+    """Coefficient-preserving sampling (CPS) step::
+
+        x0hat = x - s * v                    (predicted clean latent)
+        x1hat = x + (1 - s) * v              (predicted noise)
+        std   = s' * sin(a * pi / 2)
+        mean  = (1 - s') * x0hat + sqrt(s'^2 - std^2) * x1hat
+        x'    = mean + std * noise
+        logp  = mean over dims of log N(x'; mean, std^2)   (the full Gaussian log-density)
+
+    What is computed: the *exact* Gaussian log-density, like the SDE step. Flow-GRPO's CPS code
+    instead keeps only ``-(x' - mean)^2``: since ``std`` does not depend on the model, the
+    dropped ``-log std - log sqrt(2 pi)`` cancel in the ratio ``exp(logp_new - logp_old)``, but
+    the dropped ``1/(2 std^2)`` factor does not — that convention rescales the log-ratio by
+    ``2 std^2``, so clip ranges tuned for it do not transfer to this one. ``sigma_max`` is
+    accepted for a uniform signature and unused. At ``s' = 0`` the std is 0 and the step is
+    the deterministic ``x0hat`` (log-prob reported as 0).
+    """
+    del sigma_max  # CPS has no singularity at s == 1
+    s, s_next = _column(sigma, x), _column(sigma_next, x)
+    xf, v = x.float(), velocity.float()
+    x0_hat = xf - s * v
+    x1_hat = xf + (1 - s) * v
+    std = s_next * math.sin(noise_level * math.pi / 2)
+    # clamp: s'^2 - std^2 = s'^2 cos^2(a pi/2) >= 0 mathematically; rounding can dip below 0.
+    mean = (1 - s_next) * x0_hat + torch.sqrt((s_next**2 - std**2).clamp_min(0)) * x1_hat
+    return _finish(mean, std, x, prev_sample, generator)
+
+
+def ode_step(velocity: torch.Tensor, x: torch.Tensor, sigma: Sigma, sigma_next: Sigma) -> torch.Tensor:
+    """Euler step of the probability-flow ODE: ``x' = x + v * (s' - s)`` (for evaluation).
+
+    Computed in float32, returned in ``x.dtype``.
+    """
+    dt = _column(sigma_next, x) - _column(sigma, x)
+    return (x.float() + velocity.float() * dt).to(x.dtype)
+
+
+def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``[B]`` KL(N(mean, std^2) || N(mean_ref, std^2)) per dim, averaged over non-batch dims::
+
+        KL = mean over dims of (mean - mean_ref)^2 / (2 std^2)
+
+    This is exact for two Gaussians sharing the std. DESIGN.md writes ``sig_t^2`` in the
+    denominator; the step distributions' std is ``std = sig_t·sqrt(-dt)`` (SDE) or
+    ``s'·sin(a pi/2)`` (CPS), so the exact KL of the policy's and the reference's step
+    distributions uses ``std`` — pass ``StepOutput.std``. ``std`` must be > 0 (train only
+    stochastic steps). Evaluated in float32.
+    """
+    diff = mean.float() - mean_ref.float()
+    std = std.float()
+    return (diff**2 / (2 * std**2)).mean(dim=tuple(range(1, diff.ndim)))
+
+
+STEP_FUNCTIONS = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob}
+"""Stochastic samplers by name (``ode`` is deterministic and has no log-prob)."""

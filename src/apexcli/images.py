@@ -1,0 +1,92 @@
+"""Robust image loading: any file a user may point `apex score` at becomes RGB or a clear reason.
+
+Handles zero-byte, truncated, corrupt and non-image files (reported, never raised past the
+caller), decompression bombs (pixel count checked from the header before decoding), EXIF
+rotation, and every PIL mode: CMYK / YCbCr / LAB / palette / 1-bit convert to RGB, alpha is
+composited over white, 16-bit and 32-bit integer greys are scaled to 8 bits (PIL's own
+convert would clip them to white), float images are read as [0,1] when they fit.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import warnings
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
+DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; larger images are refused before decoding
+
+
+class ImageLoadError(Exception):
+    """The file is not a usable image; str(exc) is the reason shown to the user."""
+
+
+def _to_8bit_grey(im: Image.Image) -> Image.Image:
+    arr = np.asarray(im).astype(np.float64)
+    if im.mode == "F":
+        scale = 255.0 if arr.size and np.nanmax(arr) <= 1.0 else 1.0
+    elif im.mode.startswith("I;16") or (arr.size and arr.max() > 255):
+        scale = 255.0 / 65535.0
+    else:
+        scale = 1.0
+    out = np.clip(np.nan_to_num(arr * scale), 0, 255).round().astype(np.uint8)
+    return Image.fromarray(out, mode="L")
+
+
+def to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode -> 8-bit RGB; transparency is composited over white."""
+    if im.mode == "RGB":
+        return im
+    has_alpha = im.mode in ("RGBA", "LA", "PA", "RGBa", "La") or (im.mode == "P" and "transparency" in im.info)
+    if has_alpha:
+        rgba = im.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    if im.mode.startswith("I") or im.mode == "F":
+        return _to_8bit_grey(im).convert("RGB")
+    return im.convert("RGB")
+
+
+def open_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode a file path or bytes into an upright RGB image, or raise ImageLoadError(reason)."""
+    if isinstance(source, (bytes, bytearray)):
+        if not source:
+            raise ImageLoadError("empty data (0 bytes)")
+        fp: object = io.BytesIO(source)
+    else:
+        if not os.path.isfile(source):
+            raise ImageLoadError("not a file")
+        if os.path.getsize(source) == 0:
+            raise ImageLoadError("empty file (0 bytes)")
+        fp = source
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            im = Image.open(fp)  # reads the header only
+        except UnidentifiedImageError:
+            raise ImageLoadError("not an image (unrecognised format)") from None
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning):
+            raise ImageLoadError("too large (decompression-bomb guard)") from None
+        except (OSError, SyntaxError, ValueError) as exc:
+            raise ImageLoadError(f"unreadable header ({exc})") from None
+        w, h = im.size
+        if w * h > max_pixels:
+            raise ImageLoadError(f"too large: {w}x{h} = {w * h} pixels > limit {max_pixels} (decompression-bomb guard)")
+        if w == 0 or h == 0:
+            raise ImageLoadError(f"empty image ({w}x{h})")
+        try:
+            im.load()
+        except (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombWarning) as exc:
+            raise ImageLoadError(f"truncated or corrupt ({' '.join(str(exc).split())[:80]})") from None
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block must not lose the pixels: keep the stored orientation
+        pass
+    return to_rgb(im)
+
+
+def is_image_name(path: str) -> bool:
+    return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS

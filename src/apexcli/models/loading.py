@@ -1,0 +1,58 @@
+"""Load the SD3 pipeline from a hub id, a local directory, or build the tiny one in code."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+
+from apexcli.config import ModelConfig
+from apexcli.errors import ApexError
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ApexError(f"model.device is '{name}' but no CUDA GPU is visible; use model.device=cpu (or auto)")
+    return device
+
+
+def _looks_like_path(name: str) -> bool:
+    return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
+
+
+def load_pipeline(cfg: ModelConfig, dtype: torch.dtype | None = None) -> StableDiffusion3Pipeline:
+    """The pipeline on CPU in the configured dtype; the caller moves modules where they belong."""
+    dtype = dtype or DTYPES[cfg.dtype]
+    if cfg.pretrained == "tiny":
+        from apexcli.models.tiny import build_tiny_pipeline
+
+        return build_tiny_pipeline(seed=cfg.tiny_seed, dtype=dtype)
+    source = cfg.pretrained
+    if _looks_like_path(source):
+        path = Path(source).expanduser()
+        if not (path / "model_index.json").is_file():
+            raise ApexError(
+                f"model.pretrained '{source}' is not a diffusers pipeline directory (no model_index.json); "
+                "point it at a folder made by save_pretrained or `huggingface-cli download <id> --local-dir DIR`"
+            )
+        source = str(path)
+    try:
+        return StableDiffusion3Pipeline.from_pretrained(
+            source,
+            torch_dtype=dtype,
+            revision=cfg.revision,
+            variant=cfg.variant,
+            local_files_only=cfg.local_files_only,
+        )
+    except (OSError, ValueError, EnvironmentError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ApexError(
+            f"could not load model '{cfg.pretrained}' ({first[:160]}); without hub access download it elsewhere with "
+            f"`huggingface-cli download {cfg.pretrained} --local-dir DIR` and pass model.pretrained=DIR"
+        ) from None

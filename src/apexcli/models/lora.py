@@ -1,0 +1,78 @@
+"""LoRA on the SD3 transformer through peft, saved and loaded in diffusers' format.
+
+Saved files are what ``StableDiffusion3Pipeline.load_lora_weights(dir)`` reads:
+``pytorch_lora_weights.safetensors`` with keys ``transformer.<module>.lora_A.weight``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from diffusers import StableDiffusion3Pipeline
+from diffusers.utils import convert_unet_state_dict_to_peft
+from peft import LoraConfig
+from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
+
+from apexcli.errors import ApexError
+from apexcli.runs import LORA_FILE, RunDir
+
+ADAPTER = "default"
+
+
+def attach_lora(transformer, *, rank: int, alpha: int, dropout: float, target_modules: list[str], seed: int) -> list[torch.nn.Parameter]:
+    """Add a LoRA adapter (B = 0, so the policy starts equal to the base model) and return its
+    trainable parameters, kept in float32 whatever the base dtype."""
+    transformer.requires_grad_(False)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=target_modules)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        transformer.add_adapter(config, adapter_name=ADAPTER)
+    params = [p for p in transformer.parameters() if p.requires_grad]
+    if not params:
+        raise ApexError(f"lora.target_modules {target_modules} matched no module of the transformer")
+    for p in params:
+        p.data = p.data.float()
+    return params
+
+
+def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
+    """Adapter weights keyed as peft names them (no 'transformer.' prefix)."""
+    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER).items()}
+
+
+def save_lora(transformer, directory: Path) -> Path:
+    StableDiffusion3Pipeline.save_lora_weights(
+        save_directory=str(directory),
+        transformer_lora_layers=lora_state_dict(transformer),
+        safe_serialization=True,
+    )
+    return Path(directory) / LORA_FILE
+
+
+def load_lora_into_adapter(transformer, directory: Path) -> None:
+    """Load saved weights into the already-attached trainable adapter (used by resume)."""
+    state = StableDiffusion3Pipeline.lora_state_dict(str(directory))
+    if isinstance(state, tuple):  # some diffusers versions return (state, alphas)
+        state = state[0]
+    state = {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}
+    state = convert_unet_state_dict_to_peft(state)
+    result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER)
+    unexpected = getattr(result, "unexpected_keys", None)
+    if unexpected:
+        raise ApexError(f"LoRA in '{directory}' does not fit this model (unexpected keys, e.g. {unexpected[0]}); check lora.rank/target_modules")
+
+
+def resolve_lora_path(path: str | Path) -> Path:
+    """A checkpoint dir, a LoRA .safetensors file's dir, or a run dir (its latest checkpoint)."""
+    p = Path(path)
+    if p.is_file() and p.suffix == ".safetensors":
+        return p.parent
+    if (p / LORA_FILE).is_file():
+        return p
+    if p.is_dir():
+        latest = RunDir(p).latest_checkpoint()
+        if latest is not None:
+            return latest
+        raise ApexError(f"--lora '{p}' holds no {LORA_FILE} and no checkpoints/step-*/ with one")
+    raise ApexError(f"--lora '{p}' does not exist; give a checkpoint dir, a run dir or a .safetensors file")

@@ -1,0 +1,135 @@
+"""Typed configuration of the rewards: one nested dataclass per model reward.
+
+The global config nests `RewardsConfig` under `rewards.`, so every field can be overridden
+with a dotted key, e.g. `rewards.pick.source=/local/dir` or `rewards.ocr.backend=paddleocr`.
+Only plain types (str, int, float, bool) and nested dataclasses are used.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+from apexcli.errors import ApexError
+
+
+@dataclass
+class PickConfig:
+    """PickScore_v1: a CLIP-H fine-tuned on human preferences (score = 100·cos ≈ 21–24)."""
+
+    source: str = "yuvalkirstain/PickScore_v1"  # hub id or local dir of the CLIPModel weights
+    processor_source: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id or dir: image processor + tokenizer
+    batch_size: int = 32  # images per forward pass
+    dtype: str = ""  # "" = the suite's dtype; else float32 / float16 / bfloat16
+    url: str = ""  # reward-server URL; when set, pick is scored remotely (same as `pick@URL`)
+
+
+@dataclass
+class AesConfig:
+    """LAION improved aesthetic predictor: MLP on L2-normalised CLIP ViT-L/14 image embeddings (≈ 5–6.5)."""
+
+    clip_source: str = "openai/clip-vit-large-patch14"  # hub id or local dir of the CLIP (vision tower used)
+    # The MLP file `sac+logos+ava1-l14-linearMSE.pth` is published by
+    # github.com/christophschuhmann/improved-aesthetic-predictor; a hub mirror is
+    # camenduru/improved-aesthetic-predictor. Give a hub repo id, a local dir, or a local file
+    # (.pth loaded with torch.load(weights_only=True), or .safetensors).
+    head_source: str = "camenduru/improved-aesthetic-predictor"
+    head_filename: str = "sac+logos+ava1-l14-linearMSE.pth"  # file inside head_source when it is a repo or dir
+    batch_size: int = 32  # images per forward pass
+    dtype: str = ""  # "" = the suite's dtype
+    url: str = ""  # reward-server URL for remote scoring
+
+
+@dataclass
+class DeqaConfig:
+    """DeQA-Score: a VLM (mPLUG-Owl2 remote code) whose `score(images)` gives 1–5."""
+
+    source: str = "zhiyuanyou/DeQA-Score-Mix3"  # hub id or local dir
+    trust_remote_code: bool = False  # must be set explicitly: the model runs Python code from `source`
+    attn_implementation: str = "eager"  # passed to from_pretrained ("" = library default)
+    batch_size: int = 8  # images per score() call
+    dtype: str = ""  # "" = the suite's dtype
+    url: str = ""  # reward-server URL (run DeQA in its own environment: `apex serve --objectives deqa`)
+
+
+@dataclass
+class OcrConfig:
+    """Text rendering accuracy: 1 − min(Levenshtein, len)/len against the prompt's first quoted text."""
+
+    backend: str = "rapidocr"  # rapidocr (ONNX, ships its models, offline) or paddleocr (2.x or 3.x)
+    workers: int = 2  # OCR threads, each with its own engine, run beside the model rewards
+    threads_per_worker: int = 1  # onnxruntime intra-op threads per engine (rapidocr)
+    lang: str = "en"  # paddleocr language
+    use_gpu: bool = False  # run the OCR engine on the GPU (rapidocr: onnxruntime CUDA EP; paddleocr 2.x: use_gpu)
+    url: str = ""  # reward-server URL for remote scoring
+
+
+@dataclass
+class ToyConfig:
+    """Weight-free metrics for the CPU demo and tests."""
+
+    jpeg_quality: int = 95  # JPEG quality used by `compressibility`
+
+
+@dataclass
+class RemoteConfig:
+    """HTTP client settings for rewards served by `apex serve`."""
+
+    timeout_s: float = 300.0  # per request
+    retries: int = 2  # extra attempts on connection errors and 5xx answers
+    backoff_s: float = 1.0  # wait before retry n is backoff_s · 2^(n-1)
+
+
+@dataclass
+class RewardsConfig:
+    """All reward settings (nested under `rewards.` in the global config)."""
+
+    pick: PickConfig = field(default_factory=PickConfig)
+    aes: AesConfig = field(default_factory=AesConfig)
+    deqa: DeqaConfig = field(default_factory=DeqaConfig)
+    ocr: OcrConfig = field(default_factory=OcrConfig)
+    toy: ToyConfig = field(default_factory=ToyConfig)
+    remote: RemoteConfig = field(default_factory=RemoteConfig)
+
+
+def _parse_value(text: str, kind: Any, key: str) -> Any:
+    if kind in (bool, "bool"):
+        low = text.strip().lower()
+        if low in ("1", "true", "yes", "on"):
+            return True
+        if low in ("0", "false", "no", "off"):
+            return False
+        raise ApexError(f"{key}: expected true/false, got {text!r}")
+    for typ, name in ((int, "int"), (float, "float")):
+        if kind in (typ, name):
+            try:
+                return typ(text)
+            except ValueError:
+                raise ApexError(f"{key}: expected {name}, got {text!r}") from None
+    return text
+
+
+def apply_overrides(cfg: RewardsConfig, items: list[str]) -> RewardsConfig:
+    """Apply `KEY=VALUE` overrides (`rewards.pick.source=/dir` or `pick.source=/dir`) in place."""
+    for item in items:
+        if "=" not in item:
+            raise ApexError(f"override {item!r} is not KEY=VALUE (e.g. rewards.pick.source=/dir)")
+        key, value = item.split("=", 1)
+        parts = key.strip().split(".")
+        if parts and parts[0] == "rewards":
+            parts = parts[1:]
+        node: Any = cfg
+        for i, part in enumerate(parts):
+            names = [f.name for f in dataclasses.fields(node)]
+            if part not in names:
+                where = "rewards." + ".".join(parts[:i]) if i else "rewards"
+                raise ApexError(f"unknown option {key!r}; {where} has: {', '.join(names)}")
+            if i == len(parts) - 1:
+                fld = next(f for f in dataclasses.fields(node) if f.name == part)
+                if dataclasses.is_dataclass(getattr(node, part)):
+                    raise ApexError(f"{key!r} is a section; set one of its fields")
+                setattr(node, part, _parse_value(value, fld.type, key))
+            else:
+                node = getattr(node, part)
+    return cfg

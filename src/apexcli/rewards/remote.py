@@ -1,0 +1,112 @@
+"""A reward scored by a reward server (`apex serve`), used as `name@http://host:port`.
+
+Wire format (JSON over HTTP):
+    GET  /health -> {"status": "ok", "objectives": ["deqa", ...]}
+    POST /score  {"objectives": ["deqa"], "prompts": [...], "images": [base64 PNG, ...]}
+              -> {"objectives": [...], "scores": [[float|null]*K]*N, "info": {name: {...}}}
+null means NaN. Images travel as 8-bit PNG (lossless for 8-bit inputs). Connection errors,
+timeouts and 5xx answers are retried with exponential back-off; a server that stays down is
+an ApexError, never silent zeros.
+"""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import math
+import time
+import urllib.error
+import urllib.request
+from typing import Any
+
+import torch
+from PIL import Image
+
+from apexcli.errors import ApexError
+from apexcli.rewards.base import ImageBatch, Reward
+from apexcli.rewards.config import RemoteConfig
+from apexcli.rewards.registry import REGISTRY
+
+
+def encode_png(image: Image.Image) -> str:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def nan_to_none(values: list[float]) -> list[float | None]:
+    return [None if (v is None or math.isnan(v)) else float(v) for v in values]
+
+
+def none_to_nan(values: list[Any]) -> list[float]:
+    return [math.nan if v is None else float(v) for v in values]
+
+
+class ServerDown(Exception):
+    """Transport-level failure worth a retry."""
+
+
+def request_json(url: str, payload: dict | None, config: RemoteConfig, what: str) -> dict:
+    """GET (payload None) or POST JSON with retries; returns the decoded answer or raises ApexError."""
+    data = None if payload is None else json.dumps(payload).encode("utf-8")
+    attempts = 1 + max(0, int(config.retries))
+    last = ""
+    for attempt in range(attempts):
+        if attempt:
+            time.sleep(config.backoff_s * 2 ** (attempt - 1))
+        req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
+                                     headers={"Content-Type": "application/json"})
+        try:
+            with urllib.request.urlopen(req, timeout=config.timeout_s) as resp:
+                return json.loads(resp.read().decode("utf-8"))
+        except urllib.error.HTTPError as exc:
+            body = exc.read().decode("utf-8", "replace")
+            try:
+                message = json.loads(body).get("error", body)
+            except ValueError:
+                message = body
+            message = " ".join(str(message).split())[:200]
+            if exc.code < 500:  # the request itself is wrong: retrying cannot help
+                raise ApexError(f"reward server {url} refused {what}: HTTP {exc.code}: {message}") from None
+            last = f"HTTP {exc.code}: {message}"
+        except (urllib.error.URLError, ConnectionError, TimeoutError, OSError) as exc:
+            last = " ".join(str(getattr(exc, "reason", exc)).split())[:120] or type(exc).__name__
+        except ValueError:
+            last = "answer is not JSON"
+    raise ApexError(f"reward server {url} failed for {what} after {attempts} attempt(s) ({last}); "
+                    f"is `apex serve --objectives {what} --port PORT` running there?")
+
+
+class RemoteReward(Reward):
+    """`name` scored by the server at `url` (checked at construction)."""
+
+    cpu_bound = True  # waiting on the network: run beside the device rewards
+    uses_pil = True
+
+    def __init__(self, name: str, url: str, config: RemoteConfig | None = None, batch_size: int = 32):
+        self.name = name  # type: ignore[misc]
+        self.needs_prompt = REGISTRY[name].needs_prompt  # type: ignore[misc]
+        self.url = url.rstrip("/")
+        if not self.url.startswith(("http://", "https://")):
+            raise ApexError(f"reward URL {url!r} for {name} must start with http:// (e.g. {name}@http://127.0.0.1:18086)")
+        self.config = config or RemoteConfig()
+        self.batch_size = batch_size
+        health = request_json(self.url + "/health", None, self.config, name)
+        served = health.get("objectives", [])
+        if name not in served:
+            raise ApexError(f"reward server {self.url} serves {', '.join(served) or 'nothing'}, not {name}; "
+                            f"start one with `apex serve --objectives {name}`")
+
+    def score(self, batch: ImageBatch, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
+        payload = {"objectives": [self.name], "prompts": list(prompts),
+                   "images": [encode_png(im) for im in batch.pil()]}
+        answer = request_json(self.url + "/score", payload, self.config, self.name)
+        try:
+            column = answer["objectives"].index(self.name)
+            values = none_to_nan([row[column] for row in answer["scores"]])
+        except (KeyError, ValueError, IndexError, TypeError):
+            raise ApexError(f"reward server {self.url} sent a malformed answer for {self.name}") from None
+        if len(values) != len(batch):
+            raise ApexError(f"reward server {self.url} returned {len(values)} scores for {len(batch)} images")
+        return torch.tensor(values, dtype=torch.float32), answer.get("info", {}).get(self.name, {})

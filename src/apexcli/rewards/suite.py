@@ -1,0 +1,116 @@
+"""RewardSuite: every requested reward, loaded once, scored together into R [N, K].
+
+Device rewards (CLIP models) run in the calling thread, each in chunks of its own batch
+size, with tensor pre-processing on the device. CPU-bound rewards (OCR, JPEG size, remote
+rewards) run at the same time in a worker pool. `submit` runs the whole thing in a
+background thread so the trainer can sample batch i+1 while batch i is being scored.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import Future, ThreadPoolExecutor
+from typing import Any, Sequence
+
+import torch
+from PIL import Image
+
+from apexcli.errors import ApexError
+from apexcli.rewards.base import ImageBatch, Reward
+from apexcli.rewards.config import RewardsConfig
+from apexcli.rewards.registry import REGISTRY, build_reward, canonical_name, split_remote
+
+
+class RewardSuite:
+    """Score images on K objectives.
+
+        suite = RewardSuite(["pick", "ocr", "deqa@http://127.0.0.1:18086"], device="cuda")
+        R, info = suite(images, prompts)     # R: float32 [N, K] on CPU, NaN = not applicable
+        fut = suite.submit(images, prompts)  # Future -> (R, info)
+        suite.close()
+
+    `objectives` are names or aliases (pickscore -> pick, aesthetic -> aes); `name@URL`, or a
+    `url` in the reward's config section, scores that reward on a reward server.
+    `info[name]` holds that reward's per-image extras (e.g. OCR text), lists of length N.
+    """
+
+    def __init__(self, objectives: Sequence[str], *, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, config: RewardsConfig | None = None):
+        if isinstance(objectives, str):
+            objectives = [o for o in objectives.split(",") if o.strip()]
+        if not objectives:
+            raise ApexError(f"no objectives given; valid: {', '.join(sorted(REGISTRY))}")
+        self.config = config or RewardsConfig()
+        self.device = torch.device(device)
+        self.dtype = dtype
+        self.objectives: list[str] = []
+        self.urls: dict[str, str] = {}
+        for objective in objectives:
+            name, url = split_remote(objective)
+            key = canonical_name(name)
+            if key in self.objectives:
+                raise ApexError(f"objective {key!r} is listed twice in {', '.join(objectives)}")
+            self.objectives.append(key)
+            self.urls[key] = url or getattr(getattr(self.config, REGISTRY[key].section), "url", "")
+        self.rewards: dict[str, Reward] = {}
+        try:
+            for key in self.objectives:
+                self.rewards[key] = self._build(key)
+        except BaseException:
+            self.close()
+            raise
+        n_cpu = sum(1 for r in self.rewards.values() if r.cpu_bound)
+        self._pool = ThreadPoolExecutor(max_workers=max(1, n_cpu), thread_name_prefix="apex-reward")
+        self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apex-suite")
+
+    def _build(self, key: str) -> Reward:
+        if self.urls[key]:
+            from apexcli.rewards.remote import RemoteReward
+
+            return RemoteReward(key, self.urls[key], self.config.remote)
+        return build_reward(key, self.config, self.device, self.dtype)
+
+    @property
+    def needs_prompts(self) -> list[str]:
+        """Objectives that read the prompt."""
+        return [k for k in self.objectives if REGISTRY[k].needs_prompt]
+
+    def __call__(self, images: torch.Tensor | Sequence[Image.Image] | ImageBatch,
+                 prompts: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+        batch = images if isinstance(images, ImageBatch) else ImageBatch(images)
+        n = len(batch)
+        prompts = [""] * n if prompts is None else list(prompts)
+        if len(prompts) != n:
+            raise ApexError(f"got {n} images but {len(prompts)} prompts")
+        if n == 0:
+            return torch.zeros(0, len(self.objectives)), {k: {} for k in self.objectives}
+        if any(r.uses_pil for r in self.rewards.values()):
+            batch.pil()  # convert once, shared by every PIL reader
+        pending = {k: self._pool.submit(r, batch, prompts) for k, r in self.rewards.items() if r.cpu_bound}
+        results: dict[str, tuple[torch.Tensor, dict]] = {}
+        for key, reward in self.rewards.items():
+            if not reward.cpu_bound:
+                results[key] = reward(batch, prompts)
+        for key, fut in pending.items():
+            results[key] = fut.result()
+        R = torch.stack([results[k][0].float().cpu().reshape(n) for k in self.objectives], dim=1)
+        return R, {k: results[k][1] for k in self.objectives}
+
+    def submit(self, images: torch.Tensor | Sequence[Image.Image],
+               prompts: Sequence[str] | None = None) -> Future:
+        """Score in the background; the Future resolves to (R, info). Do not modify `images` meanwhile."""
+        batch = ImageBatch(images)
+        return self._background.submit(self.__call__, batch, list(prompts) if prompts is not None else None)
+
+    def close(self) -> None:
+        """Stop the worker threads and release every reward."""
+        for pool in (getattr(self, "_background", None), getattr(self, "_pool", None)):
+            if pool is not None:
+                pool.shutdown(wait=True)
+        for reward in self.rewards.values():
+            reward.close()
+
+    def __enter__(self) -> RewardSuite:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()

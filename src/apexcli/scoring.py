@@ -1,0 +1,276 @@
+"""`apex score PATH...`: every requested reward on a set of image files.
+
+Inputs: folders (their image files, not recursive), files and globs. Prompts, first match wins:
+`--prompt TEXT` for every image; `--prompts FILE` (.jsonl lines or .csv rows with `file` and
+`prompt`; `file` relative to FILE's folder, or a bare file name); `metadata.jsonl` next to the
+images (the `apex sample` format: one JSON object per line with at least `file`, relative to
+that folder, and `prompt`).
+
+Outputs under `out_dir`, each written to a temp file and renamed (never half-written):
+- scores.jsonl: one object per input file: {"file", "prompt", <objective>: float|null, ...,
+  "error": reason|null, "info": {objective: {...}}}
+- scores.csv: file, prompt, one column per objective, error.
+Bad inputs are listed with their reason (in both files and on stderr); the run fails only
+when no image could be scored, or with `strict` when any input was bad.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import io
+import json
+import math
+import os
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from apexcli.errors import ApexError
+from apexcli.images import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, open_image
+from apexcli.rewards.config import RewardsConfig
+from apexcli.rewards.registry import REGISTRY, canonical_name
+
+# Files that live next to images and are not meant to be scored: skipped without a complaint.
+SIDECAR_EXTENSIONS = frozenset({".jsonl", ".json", ".csv", ".txt", ".yaml", ".yml", ".md", ".log"})
+
+
+@dataclass
+class ScoreReport:
+    """What `score_paths` did."""
+
+    objectives: list[str]  # canonical names, column order
+    rows: list[dict[str, Any]]  # one per input file, as written to scores.jsonl
+    issues: list[tuple[str, str]]  # (file, reason) for every bad input
+    summary: dict[str, dict[str, float]]  # objective -> n, mean, std, min, max over finite scores
+    files: list[str] = field(default_factory=list)  # the output files written
+
+    @property
+    def n_scored(self) -> int:
+        return sum(1 for r in self.rows if any(_finite(r.get(o)) for o in self.objectives))
+
+
+def _finite(v: Any) -> bool:
+    return isinstance(v, (int, float)) and math.isfinite(v)
+
+
+def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
+    """Folders, files and globs -> (candidate files in order, without duplicates; skipped files with reason)."""
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for raw in paths:
+        matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
+        if not matches or not all(os.path.exists(m) for m in matches):
+            raise ApexError(f"{raw!r} matches no file or folder")
+        for path in matches:
+            if os.path.isdir(path):
+                for name in sorted(os.listdir(path)):
+                    full = os.path.join(path, name)
+                    ext = os.path.splitext(name)[1].lower()
+                    if name.startswith(".") or not os.path.isfile(full) or ext in SIDECAR_EXTENSIONS:
+                        continue
+                    if is_image_name(name):
+                        files.append(full)
+                    else:
+                        skipped.append((full, f"not an image file (extension {ext or 'none'})"))
+            else:
+                files.append(path)
+    seen: set[str] = set()
+    unique = []
+    for f in files:
+        key = os.path.abspath(f)
+        if key not in seen:
+            seen.add(key)
+            unique.append(f)
+    return unique, skipped
+
+
+def _read_mapping(path: str) -> dict[str, str]:
+    """A .jsonl or .csv file of {file, prompt} -> {absolute path or bare name: prompt}."""
+    base = os.path.dirname(os.path.abspath(path))
+    entries: list[tuple[str, str]] = []
+    try:
+        with open(path, encoding="utf-8", newline="") as fh:
+            if path.lower().endswith(".csv"):
+                reader = csv.DictReader(fh)
+                if not reader.fieldnames or not {"file", "prompt"} <= set(reader.fieldnames):
+                    raise ApexError(f"{path}: the CSV header must have 'file' and 'prompt' columns")
+                entries = [(row["file"], row["prompt"]) for row in reader]
+            else:
+                for n, line in enumerate(fh, 1):
+                    if not line.strip():
+                        continue
+                    try:
+                        obj = json.loads(line)
+                        entries.append((str(obj["file"]), str(obj["prompt"])))
+                    except (ValueError, KeyError, TypeError):
+                        raise ApexError(f"{path}:{n}: expected a JSON object with 'file' and 'prompt'") from None
+    except OSError as exc:
+        raise ApexError(f"cannot read prompts file {path} ({exc.strerror})") from None
+    mapping: dict[str, str] = {}
+    for file, prompt in entries:
+        mapping[os.path.abspath(os.path.join(base, file))] = prompt
+        mapping.setdefault(os.path.basename(file), prompt)
+    return mapping
+
+
+class PromptLookup:
+    """Finds the prompt of an image: --prompt, then --prompts FILE, then metadata.jsonl beside it."""
+
+    def __init__(self, prompt: str | None, prompts_file: str | None):
+        self.prompt = prompt
+        self.mapping = _read_mapping(prompts_file) if prompts_file else None
+        self._folders: dict[str, dict[str, str]] = {}
+
+    def __call__(self, path: str) -> str | None:
+        if self.prompt is not None:
+            return self.prompt
+        full = os.path.abspath(path)
+        if self.mapping is not None:
+            return self.mapping.get(full, self.mapping.get(os.path.basename(path)))
+        folder = os.path.dirname(full)
+        if folder not in self._folders:
+            meta = os.path.join(folder, "metadata.jsonl")
+            self._folders[folder] = _read_mapping(meta) if os.path.isfile(meta) else {}
+        return self._folders[folder].get(full)
+
+
+def summarize(rows: list[dict[str, Any]], objectives: list[str]) -> dict[str, dict[str, float]]:
+    """n, mean, population std, min, max of the finite scores of each objective."""
+    out = {}
+    for name in objectives:
+        vals = [r[name] for r in rows if _finite(r.get(name))]
+        n = len(vals)
+        mean = sum(vals) / n if n else math.nan
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / n) if n else math.nan
+        out[name] = {"n": n, "mean": mean, "std": std,
+                     "min": min(vals) if n else math.nan, "max": max(vals) if n else math.nan}
+    return out
+
+
+def write_atomic(path: str, text: str) -> None:
+    """Write via a temp file in the same folder, then os.replace (readers never see half a file)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
+            fh.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def write_outputs(out_dir: str, rows: list[dict[str, Any]], objectives: list[str]) -> list[str]:
+    os.makedirs(out_dir, exist_ok=True)
+    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    writer.writerow(["file", "prompt", *objectives, "error"])
+    for r in rows:
+        writer.writerow([r["file"], r["prompt"] or "",
+                         *("" if r.get(o) is None else repr(float(r[o])) for o in objectives), r["error"] or ""])
+    paths = [os.path.join(out_dir, "scores.jsonl"), os.path.join(out_dir, "scores.csv")]
+    write_atomic(paths[0], jsonl)
+    write_atomic(paths[1], buf.getvalue())
+    return paths
+
+
+def summary_table(summary: dict[str, dict[str, float]], n_files: int, n_bad: int) -> Table:
+    table = Table(title=f"apex score: {n_files} files, {n_bad} with problems")
+    for col in ("objective", "n", "mean", "std", "min", "max"):
+        table.add_column(col, justify="left" if col == "objective" else "right")
+    for name, s in summary.items():
+        table.add_row(name, str(s["n"]), *(f"{s[k]:.4f}" for k in ("mean", "std", "min", "max")))
+    return table
+
+
+def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str = ".",
+                prompt: str | None = None, prompts_file: str | None = None,
+                device: str = "auto", dtype: str = "auto", config: RewardsConfig | None = None,
+                batch_size: int = 32, strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                progress: bool = True, console: Console | None = None,
+                err_console: Console | None = None) -> ScoreReport:
+    """Score image files on `objectives`; write scores.jsonl/csv under `out_dir`; return the report."""
+    from apexcli.rewards.runtime import resolve_device_dtype
+    from apexcli.rewards.suite import RewardSuite
+
+    console = console or Console()
+    err_console = err_console or Console(stderr=True)
+    if isinstance(objectives, str):
+        objectives = [o for o in objectives.split(",") if o.strip()]
+    names = [canonical_name(o) for o in objectives]  # fail on a typo before loading anything
+    prompt_needing = [n for n in names if REGISTRY[n].needs_prompt]
+    files, skipped = expand_paths(paths)
+    lookup = PromptLookup(prompt, prompts_file)
+    dev, dt = resolve_device_dtype(device, dtype)
+
+    rows: list[dict[str, Any]] = []
+    issues: list[tuple[str, str]] = []
+
+    def report(path: str, reason: str) -> None:
+        issues.append((path, reason))
+        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=True)
+
+    for path, reason in skipped:
+        report(path, reason)
+        rows.append({"file": path, "prompt": None, **{n: None for n in names}, "error": reason})
+
+    with RewardSuite(objectives, device=dev, dtype=dt, config=config) as suite, \
+            ThreadPoolExecutor(max_workers=4, thread_name_prefix="apex-decode") as decoder, \
+            Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+                     console=err_console, transient=True, disable=not progress) as bar:
+        task = bar.add_task("score", total=len(files))
+        for start in range(0, len(files), max(1, batch_size)):
+            chunk = files[start:start + max(1, batch_size)]
+
+            def load(path: str) -> tuple[str, Any]:
+                try:
+                    return path, open_image(path, max_pixels)
+                except ImageLoadError as exc:
+                    return path, str(exc)
+
+            good, good_prompts = [], []
+            for path, result in decoder.map(load, chunk):
+                if isinstance(result, str):
+                    report(path, result)
+                    rows.append({"file": path, "prompt": None, **{n: None for n in names}, "error": result})
+                else:
+                    good.append((path, result))
+                    good_prompts.append(lookup(path))
+            if good:
+                R, info = suite([im for _, im in good], [p or "" for p in good_prompts])
+                for i, ((path, _), p) in enumerate(zip(good, good_prompts)):
+                    row: dict[str, Any] = {"file": path, "prompt": p}
+                    for k, name in enumerate(suite.objectives):
+                        v = float(R[i, k])
+                        row[name] = None if (math.isnan(v) or (p is None and name in prompt_needing)) else v
+                    row["error"] = None
+                    if p is None and prompt_needing:
+                        row["error"] = (f"no prompt (needed by {', '.join(prompt_needing)}); "
+                                        "give --prompt, --prompts FILE or a metadata.jsonl beside the images")
+                        report(path, row["error"])
+                    extras = {name: {key: vals[i] for key, vals in info[name].items() if len(vals) == len(good)}
+                              for name in suite.objectives if info.get(name)}
+                    if extras:
+                        row["info"] = extras
+                    rows.append(row)
+            bar.advance(task, len(chunk))
+
+    summary = summarize(rows, names)
+    report_obj = ScoreReport(names, rows, issues, summary)
+    report_obj.files = write_outputs(out_dir, rows, names)
+    console.print(summary_table(summary, len(rows), len(issues)))
+    console.print(f"wrote {report_obj.files[0]} and {report_obj.files[1]}", highlight=False)
+    if report_obj.n_scored == 0:
+        raise ApexError(f"no image could be scored ({len(rows)} inputs, {len(issues)} with problems; "
+                        f"reasons in {report_obj.files[0]})")
+    if strict and issues:
+        raise ApexError(f"{len(issues)} input(s) had problems (--strict); first: {issues[0][0]}: {issues[0][1]}")
+    return report_obj

@@ -1,0 +1,58 @@
+"""The GRPO policy loss (PPO-clip on per-step log-probs) with a KL penalty to the base model.
+
+    ratio = exp(logp_theta - logp_old)
+    loss  = mean_i max(-A_i * ratio_i, -A_i * clip(ratio_i, 1 - eps, 1 + eps)) + beta * mean_i KL_i
+
+The log-probs are means over latent dims (flow.sde), so sensible clip ranges are tiny (1e-4).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class PolicyLossOutput:
+    loss: torch.Tensor
+    """Scalar to backpropagate."""
+    policy_loss: torch.Tensor
+    """The PPO-clip term (detached)."""
+    kl: torch.Tensor
+    """Mean KL to the reference (detached; 0 when beta == 0)."""
+    ratio_mean: torch.Tensor
+    """Mean importance ratio (detached): 1 on-policy."""
+    clip_frac: torch.Tensor
+    """Fraction of samples whose ratio left [1 - eps, 1 + eps] (detached)."""
+
+
+def clip_advantages(advantages: torch.Tensor, limit: float) -> torch.Tensor:
+    return advantages.clamp(-limit, limit) if limit > 0 else advantages
+
+
+def grpo_policy_loss(
+    log_prob: torch.Tensor,
+    old_log_prob: torch.Tensor,
+    advantages: torch.Tensor,
+    *,
+    clip_range: float,
+    kl: torch.Tensor | None = None,
+    kl_beta: float = 0.0,
+) -> PolicyLossOutput:
+    """All tensors ``[B]``; ``advantages`` already clipped. ``kl`` per sample or None."""
+    ratio = torch.exp(log_prob - old_log_prob)
+    unclipped = -advantages * ratio
+    clipped = -advantages * ratio.clamp(1.0 - clip_range, 1.0 + clip_range)
+    policy_loss = torch.maximum(unclipped, clipped).mean()
+    kl_mean = kl.mean() if kl is not None else torch.zeros((), device=log_prob.device)
+    loss = policy_loss + kl_beta * kl_mean if kl is not None and kl_beta > 0 else policy_loss
+    with torch.no_grad():
+        clip_frac = ((ratio - 1.0).abs() > clip_range).float().mean()
+    return PolicyLossOutput(
+        loss=loss,
+        policy_loss=policy_loss.detach(),
+        kl=kl_mean.detach(),
+        ratio_mean=ratio.detach().mean(),
+        clip_frac=clip_frac,
+    )

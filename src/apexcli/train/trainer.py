@@ -1,0 +1,477 @@
+"""The training loop: rollouts -> rewards -> balancer -> GRPO update, on accelerate.
+
+One iteration (DESIGN.md §1):
+
+1. ``plan_step`` picks the prompts and cuts the samples into per-process shards;
+2. each process rolls out its shard in micro-batches (SDE steps keep latents and log-probs);
+   every micro-batch is decoded and handed to the RewardSuite in the background, so scoring
+   batch i overlaps sampling batch i+1;
+3. rewards R [n, K] are gathered from all processes, and every process runs the (deterministic)
+   balancer on the same global R, so advantages and balancer state agree everywhere;
+4. PPO-clip updates on the trained steps (+ KL to the LoRA-disabled base), accumulated over
+   micro-batches and steps, one optimizer step per ``gradient_accumulation`` micro-batches.
+
+All randomness is derived from (seed, step, sample index), so a resumed run continues exactly as
+an uninterrupted one, and the samples do not depend on how many processes share the work.
+"""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+import yaml
+from accelerate import Accelerator
+from accelerate.utils import set_seed
+
+from apexcli.balance import build_balancer_from_config
+from apexcli.balance.probe import gradient_gram
+from apexcli.config import Config, config_to_dict, trained_steps
+from apexcli.errors import ApexError
+from apexcli.flow.rollout import PromptEmbeds, decode_latents, initial_noise, rollout, step_log_prob
+from apexcli.flow.sde import gaussian_kl
+from apexcli.models.loading import DTYPES, load_pipeline, resolve_device
+from apexcli.models.lora import attach_lora, load_lora_into_adapter, save_lora
+from apexcli.models.text_cache import TextEmbeddingCache, encode_prompts, encoder_fingerprint, free_text_encoders
+from apexcli.prompts import load_prompts
+from apexcli.rewards import RewardSuite
+from apexcli.runs import RunDir
+from apexcli.train.checkpoint import TrainingState, find_resume_checkpoint, load_training_state, save_checkpoint
+from apexcli.train.ema import LoraEMA
+from apexcli.train.loss import clip_advantages, grpo_policy_loss
+from apexcli.train.progress import TrainProgress
+from apexcli.train.sampler import mix_seed, plan_step
+
+
+def _unwrap(model):
+    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
+        model = getattr(model, "module", None) or model._orig_mod
+    return model
+
+
+class Trainer:
+    """``setup()`` -> ``train()`` -> ``close()``; ``save_checkpoint(step)`` at any time."""
+
+    def __init__(self, cfg: Config, *, resume: str | None = None, argv: list[str] | None = None):
+        self.cfg = cfg
+        self.resume = resume
+        self.argv = argv or sys.argv
+        self.run = RunDir(Path(cfg.out))
+        self.step = 0
+
+    # ------------------------------------------------------------------ setup
+    def setup(self) -> None:
+        cfg = self.cfg
+        cpu = resolve_device(cfg.model.device).type == "cpu"
+        trackers = None if cfg.logging.tracker == "none" else cfg.logging.tracker
+        self.accelerator = Accelerator(cpu=cpu, log_with=trackers, project_dir=str(self.run.path))
+        acc = self.accelerator
+        self.device = acc.device
+        set_seed(cfg.seed)
+        self.dtype = DTYPES[cfg.model.dtype]
+        if self.device.type == "cpu" and self.dtype != torch.float32:
+            raise ApexError(f"model.dtype={cfg.model.dtype} on CPU is slow and imprecise; use model.dtype=float32 for CPU runs")
+
+        # Rewards first: an unknown objective fails before any model is loaded.
+        self.suite = RewardSuite(cfg.objectives, device=self.device, config=cfg.rewards)
+        self.objectives = self.suite.objectives
+        # one worker: micro-batches are scored in order while the next one is sampled
+        self._score_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apex-score")
+        self.balancer = build_balancer_from_config(cfg.balance, self.objectives)
+        self.prompts = load_prompts(cfg.prompts.train)
+
+        pipe = load_pipeline(cfg.model)
+        self.vae_scale_factor = pipe.vae_scale_factor
+        self.scheduler = pipe.scheduler
+        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+            if encoder is not None:
+                encoder.to(self.device)
+        cache = TextEmbeddingCache(cfg.model.text_cache_dir, encoder_fingerprint(pipe))
+        seq = cfg.model.max_sequence_length
+        self.embeds = encode_prompts(pipe, self.prompts, max_sequence_length=seq, device="cpu", cache=cache)
+        self.uncond = encode_prompts(pipe, [cfg.sampling.negative_prompt], max_sequence_length=seq, device=self.device, cache=cache)
+        self.evaluator = None
+        if cfg.eval.every > 0:
+            from apexcli.eval.evaluator import Evaluator
+
+            self.evaluator = Evaluator(cfg, pipe, cache, self.objectives, device=self.device, accelerator=acc)
+        if cfg.model.free_text_encoders:
+            free_text_encoders(pipe)
+        self.text_cache = cache
+        self.pipe = pipe
+
+        self.vae = pipe.vae.to(self.device)
+        self.vae.requires_grad_(False)
+        transformer = pipe.transformer.to(self.device)
+        self.lora_params = attach_lora(
+            transformer,
+            rank=cfg.lora.rank,
+            alpha=cfg.lora.alpha,
+            dropout=cfg.lora.dropout,
+            target_modules=cfg.lora.target_modules,
+            seed=cfg.seed,
+        )
+        if cfg.model.gradient_checkpointing:
+            transformer.enable_gradient_checkpointing()
+        t = cfg.train
+        optimizer = torch.optim.AdamW(
+            self.lora_params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps
+        )
+        warmup = max(t.warmup_steps, 0)
+        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
+        self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
+        if cfg.model.compile:
+            self.transformer = torch.compile(self.transformer)
+        self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
+
+        self.steps_trained = trained_steps(cfg)
+        checkpoint = find_resume_checkpoint(self.run, self.resume)
+        if checkpoint is not None:
+            self._restore(checkpoint)
+        if acc.is_main_process:
+            self.run.create()
+            self.run.write_config(config_to_dict(cfg))
+            self.run.append_command(self.argv)
+            if checkpoint is not None:
+                self.run.truncate_metrics_after(self.step)
+            elif self.run.metrics_path.exists():
+                self.run.metrics_path.unlink()  # a fresh run in an old folder starts a fresh log
+        if trackers:
+            acc.init_trackers(cfg.name or self.run.path.name, config=_flat(config_to_dict(cfg)))
+        acc.wait_for_everyone()
+
+    def _restore(self, checkpoint: Path) -> None:
+        state = load_training_state(checkpoint, map_location=self.device)
+        load_lora_into_adapter(_unwrap(self.transformer), checkpoint)
+        self.optimizer.load_state_dict(state.optimizer)
+        self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        self.balancer.load_state_dict(state.balancer)
+        if self.ema is not None and state.ema is not None:
+            self.ema.load_state_dict(state.ema)
+        torch.set_rng_state(state.rng["torch"])
+        self.step = state.step
+        if self.accelerator.is_main_process:
+            print(f"resumed from {checkpoint} at step {self.step}", file=sys.stderr)
+
+    # ------------------------------------------------------------------ one iteration
+    def _sample(self, plan) -> tuple[list, list[torch.Tensor], torch.Tensor, dict]:
+        """Roll out this process's shard; rewards of each micro-batch scored in the background."""
+        cfg, s = self.cfg, self.cfg.sampling
+        rb = cfg.train.rollout_batch_size
+        res = cfg.model.resolution
+        trajectories, futures, timings = [], [], {"sample": 0.0}
+        for start in range(plan.shard.start, plan.shard.stop, rb):
+            idx = list(range(start, min(start + rb, plan.shard.stop)))
+            cond = self.embeds.index([plan.prompt_ids[i] for i in idx]).to(self.device)
+            generator = torch.Generator(self.device).manual_seed(mix_seed(cfg.seed, self.step, start))
+            noise = None
+            if s.share_group_noise:
+                latent = res // self.vae_scale_factor
+                noise = initial_noise(
+                    len(idx),
+                    (_unwrap(self.transformer).config.in_channels, latent, latent),
+                    group_ids=plan.group_ids[idx],
+                    share_within_group=True,
+                    seed=mix_seed(cfg.seed, self.step),
+                    device=self.device,
+                )
+            t0 = time.perf_counter()
+            traj = rollout(
+                self.transformer,
+                self.scheduler,
+                cond,
+                num_steps=s.num_steps,
+                height=res,
+                width=res,
+                vae_scale_factor=self.vae_scale_factor,
+                guidance_scale=s.guidance_scale,
+                uncond=self.uncond,
+                sampler=s.sampler,
+                noise_level=s.noise_level,
+                sde_steps=self.steps_trained,
+                initial_noise=noise,
+                generator=generator,
+            )
+            images = decode_latents(self.vae, traj.final)
+            timings["sample"] += time.perf_counter() - t0
+            prompts = [self.prompts[plan.prompt_ids[i]] for i in idx]
+            futures.append(self._score_pool.submit(_timed, self.suite, images, prompts))
+            trajectories.append(traj)
+        t_wait = time.perf_counter()
+        results = [f.result() for f in futures]
+        timings["score_wait"] = time.perf_counter() - t_wait  # scoring not hidden behind sampling
+        timings["score"] = sum(seconds for _, seconds in results)
+        rewards = torch.cat([r for r, _ in results]).float()
+        return trajectories, rewards, timings
+
+    def _probe(self, trajectories, per_objective_local: torch.Tensor, cond_ids: list[int]) -> None:
+        """Per-objective policy gradients on a small sub-batch at one sampled step -> Gram [K, K]."""
+        cfg = self.cfg
+        n = min(cfg.balance.probe_samples, per_objective_local.shape[0])
+        traj = trajectories[0].index(slice(0, n)) if len(trajectories[0]) >= n else _cat_traj(trajectories).index(slice(0, n))
+        gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.step, 7))
+        t = self.steps_trained[int(torch.randint(len(self.steps_trained), (1,), generator=gen))]
+        x, x_next, sigma, sigma_next = traj.transition(t)
+        model = _unwrap(self.transformer)
+        cond = self.embeds.index(cond_ids[:n]).to(self.device)
+        out = step_log_prob(
+            model, x, x_next, sigma, sigma_next, cond,
+            guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
+            sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+        )
+        ratio = torch.exp(out.log_prob - traj.log_probs[:, t])
+
+        def loss_for_advantages(adv: torch.Tensor) -> torch.Tensor:
+            return -(adv.to(ratio.device) * ratio).mean()
+
+        gram = gradient_gram(loss_for_advantages, per_objective_local[:n].to(self.device), self.lora_params)
+        gram = self.accelerator.reduce(gram.to(self.device), reduction="mean")
+        self.balancer.set_gradient_gram(gram.cpu())
+
+    def _update(self, trajectories, advantages: torch.Tensor, cond_ids: list[int]) -> dict:
+        cfg, t = self.cfg, self.cfg.train
+        acc = self.accelerator
+        traj = _cat_traj(trajectories)
+        n = len(traj)
+        adv = clip_advantages(advantages.to(self.device), t.adv_clip)
+        cond_all = self.embeds.index(cond_ids).to(self.device)
+        window = torch.tensor(self.steps_trained)
+        n_train_t = max(1, int(math.ceil(len(window) * t.timestep_fraction)))
+        micro = t.train_batch_size
+        n_micro = n // micro
+        per_update = t.gradient_accumulation or n_micro
+        model_for_ref = _unwrap(self.transformer)
+        stats = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": [], "grad_norm": []}
+        first_ratio = None
+        self.transformer.train()
+        for epoch in range(t.inner_epochs):
+            gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.step, 11, epoch, acc.process_index))
+            order = torch.randperm(n, generator=gen)
+            # per sample, a random order of the window's steps; the first n_train_t are trained
+            step_order = torch.stack([window[torch.randperm(len(window), generator=gen)] for _ in range(n)])
+            for m in range(n_micro):
+                rows = order[m * micro : (m + 1) * micro]
+                last_micro_of_update = (m + 1) % per_update == 0 or m == n_micro - 1
+                units = min(per_update, n_micro - (m // per_update) * per_update) * n_train_t
+                for j in range(n_train_t):
+                    ts = step_order[rows, j]
+                    rows_dev = rows.to(traj.latents.device)
+                    x = traj.latents[rows_dev, ts.to(traj.latents.device)]
+                    x_next = traj.latents[rows_dev, (ts + 1).to(traj.latents.device)]
+                    sigma = traj.sigmas[ts].to(self.device)
+                    sigma_next = traj.sigmas[ts + 1].to(self.device)
+                    old_logp = traj.log_probs[rows_dev, ts.to(traj.latents.device)]
+                    cond = cond_all.index(rows)
+                    sync = last_micro_of_update and j == n_train_t - 1
+                    with nullcontext() if sync else acc.no_sync(self.transformer):
+                        out = step_log_prob(
+                            self.transformer, x, x_next, sigma, sigma_next, cond,
+                            guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
+                            sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+                        )
+                        kl = None
+                        if t.kl_beta > 0:
+                            with torch.no_grad():
+                                model_for_ref.disable_adapters()
+                                try:
+                                    ref = step_log_prob(
+                                        model_for_ref, x, x_next, sigma, sigma_next, cond,
+                                        guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
+                                        sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+                                    )
+                                finally:
+                                    model_for_ref.enable_adapters()
+                            kl = gaussian_kl(out.mean, ref.mean, out.std)
+                        result = grpo_policy_loss(
+                            out.log_prob, old_logp, adv[rows.to(adv.device)], clip_range=t.clip_range, kl=kl, kl_beta=t.kl_beta
+                        )
+                        acc.backward(result.loss / units)
+                    if first_ratio is None:
+                        first_ratio = float(result.ratio_mean)
+                    for key in ("kl", "ratio_mean", "clip_frac"):
+                        stats[key].append(float(getattr(result, key)))
+                    stats["loss"].append(float(result.loss.detach()))
+                if last_micro_of_update:
+                    if t.max_grad_norm > 0:
+                        norm = acc.clip_grad_norm_(self.lora_params, t.max_grad_norm)
+                    else:
+                        norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.lora_params if p.grad is not None]))
+                    stats["grad_norm"].append(float(norm))
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                    if self.ema is not None:
+                        self.ema.update()
+        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        out["ratio_first"] = first_ratio
+        out["lr"] = self.lr_scheduler.get_last_lr()[0]
+        return out
+
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        acc = self.accelerator
+        t_start = time.perf_counter()
+        plan = plan_step(
+            step=self.step,
+            seed=cfg.seed,
+            num_prompts=len(self.prompts),
+            prompts_per_step=cfg.train.prompts_per_step,
+            group_size=cfg.train.group_size,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+        )
+        self.transformer.eval()
+        trajectories, rewards_local, timings = self._sample(plan)
+        rewards = acc.gather(rewards_local.to(self.device)).cpu()  # [N, K] in global sample order
+        advantages, info = self.balancer(rewards, plan.group_ids)
+        local_ids = [plan.prompt_ids[i] for i in range(plan.shard.start, plan.shard.stop)]
+        row: dict = {"step": self.step, "kind": "train"}
+        probe_seconds = 0.0
+        if self.balancer.wants_probe(self.step):
+            t0 = time.perf_counter()
+            self._probe(trajectories, info["per_objective"][plan.shard], local_ids)
+            probe_seconds = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        update = self._update(trajectories, advantages[plan.shard], local_ids)
+        train_seconds = time.perf_counter() - t0
+
+        for k, name in enumerate(self.objectives):
+            col = rewards[:, k]
+            finite = col[torch.isfinite(col)]
+            row[f"reward/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
+            row[f"reward/{name}/std"] = float(finite.std(unbiased=False)) if finite.numel() else float("nan")
+        row.update(info["metrics"])
+        row["advantage/abs_mean"] = float(advantages.abs().mean())
+        row.update(update)
+        row["time/sample"] = timings["sample"]
+        row["time/score"] = timings["score"]
+        row["time/score_wait"] = timings["score_wait"]
+        row["time/probe"] = probe_seconds
+        row["time/train"] = train_seconds
+        row["time/step"] = time.perf_counter() - t_start
+        return row
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        main = acc.is_main_process
+        progress = TrainProgress(total=cfg.train.steps, start=self.step, enabled=main and cfg.logging.progress, objectives=self.objectives)
+        with progress:
+            if self.evaluator is not None and self.step == 0:
+                progress.phase("eval", self.step)
+                self._evaluate()
+            while self.step < cfg.train.steps:
+                self.step += 1
+                progress.phase("rollout", self.step)
+                row = self.train_step()
+                if main:
+                    self.run.append_metrics(row)
+                if acc.log_with:
+                    acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}, step=self.step)
+                progress.advance(self.step, row)
+                last = self.step == cfg.train.steps
+                every = cfg.train.checkpoint_every
+                if last or (every and self.step % every == 0):
+                    progress.phase("checkpoint", self.step)
+                    self.save_checkpoint()
+                if self.evaluator is not None and (last or self.step % cfg.eval.every == 0):
+                    progress.phase("eval", self.step)
+                    self._evaluate()
+        return self.run.path
+
+    def _evaluate(self) -> None:
+        ctx = self.ema.swapped_in() if (self.ema is not None and self.cfg.eval.use_ema) else nullcontext()
+        with ctx:
+            row = self.evaluator.run(_unwrap(self.transformer), self.vae, self.scheduler, self.vae_scale_factor, self.step, self.run)
+        if self.accelerator.is_main_process and row is not None:
+            self.run.append_metrics(row)
+        self.accelerator.wait_for_everyone()
+
+    def save_checkpoint(self) -> Path | None:
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        path = None
+        if acc.is_main_process:
+            model = _unwrap(self.transformer)
+            ema_saver = None
+            if self.ema is not None:
+
+                def ema_saver(directory):
+                    with self.ema.swapped_in():
+                        save_lora(model, directory)
+
+            state = TrainingState(
+                step=self.step,
+                optimizer=self.optimizer.state_dict(),
+                lr_scheduler=self.lr_scheduler.state_dict(),
+                balancer=self.balancer.state_dict(),
+                ema=self.ema.state_dict() if self.ema is not None else None,
+                rng={"torch": torch.get_rng_state()},
+            )
+            path = save_checkpoint(
+                self.run,
+                self.step,
+                save_lora=lambda d: save_lora(model, d),
+                save_ema_lora=ema_saver,
+                state=state,
+                config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+                keep=self.cfg.train.keep_checkpoints,
+            )
+        acc.wait_for_everyone()
+        return path
+
+    def close(self) -> None:
+        pool = getattr(self, "_score_pool", None)
+        if pool is not None:
+            pool.shutdown(wait=True)
+        suite = getattr(self, "suite", None)
+        if suite is not None:
+            suite.close()
+        acc = getattr(self, "accelerator", None)
+        if acc is not None and acc.log_with:
+            acc.end_training()
+
+
+def _timed(suite, images, prompts) -> tuple[torch.Tensor, float]:
+    t0 = time.perf_counter()
+    rewards, _info = suite(images, prompts)
+    return rewards, time.perf_counter() - t0
+
+
+def _cat_traj(trajectories):
+    if len(trajectories) == 1:
+        return trajectories[0]
+    from dataclasses import replace
+
+    first = trajectories[0]
+    return replace(
+        first,
+        latents=torch.cat([t.latents for t in trajectories]),
+        log_probs=torch.cat([t.log_probs for t in trajectories]),
+    )
+
+
+def _flat(d: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in d.items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict):
+            out.update(_flat(v, key + "."))
+        else:
+            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
+    return out
+
+
+def train(cfg: Config, *, resume: str | None = None, argv: list[str] | None = None) -> Path:
+    """Run training as configured; returns the run directory."""
+    trainer = Trainer(cfg, resume=resume, argv=argv)
+    try:
+        trainer.setup()
+        return trainer.train()
+    finally:
+        trainer.close()

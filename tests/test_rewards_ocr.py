@@ -1,0 +1,68 @@
+"""OCR reward: the formula by hand, and RapidOCR reading rendered text for real."""
+
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from apexcli.errors import ApexError
+from apexcli.rewards import OcrConfig
+from apexcli.rewards.ocr import OcrReward, normalize_text, ocr_reward, ocr_target, to_bgr
+from reward_models import text_image
+
+
+def test_target_is_first_quoted_text_lowercased_without_spaces():
+    assert ocr_target('a sign that says "HELLO World" and "other"') == "helloworld"
+    assert ocr_target("a “Curly Quote” poster") == "curlyquote"
+    assert ocr_target("no quotes here") is None
+    assert ocr_target('empty "" quotes') is None
+    assert normalize_text(" A b\tC\n") == "abc"
+
+
+def test_reward_by_hand():
+    assert ocr_reward("HELLO WORLD", "helloworld") == 1.0
+    assert ocr_reward("HELL0 WORLD", "helloworld") == pytest.approx(1 - 1 / 10)  # one substitution
+    assert ocr_reward("HELLO", "helloworld") == pytest.approx(1 - 5 / 10)  # five deletions
+    assert ocr_reward("", "abc") == 0.0
+    assert ocr_reward("a very long unrelated text", "ab") == 0.0  # distance capped at len(target)
+    assert ocr_reward("the big Hello World sign 2024", "helloworld") == 1.0  # substring rule
+    assert math.isnan(ocr_reward("anything", None))
+
+
+def test_preprocessing_converts_every_mode_to_rgb_then_bgr():
+    cmyk = Image.new("CMYK", (4, 2), (0, 255, 255, 0))  # pure red in CMYK
+    bgr = to_bgr(cmyk)
+    assert bgr.shape == (2, 4, 3) and bgr.dtype == np.uint8
+    assert tuple(bgr[0, 0]) == (0, 0, 255)
+
+
+@pytest.fixture(scope="module")
+def rapidocr():
+    reward = OcrReward(OcrConfig(backend="rapidocr", workers=2))
+    yield reward
+    reward.close()
+
+
+def test_rapidocr_reads_hello_world_exactly(rapidocr):
+    img = text_image("HELLO WORLD")
+    prompts = ['a sign that says "HELLO WORLD"', 'a sign that says "HELLO WORLDS"', 'a sign "hello"', "no quote"]
+    scores, info = rapidocr([img, img, img.convert("CMYK"), img], prompts)
+    assert normalize_text(info["text"][0]) == "helloworld"
+    assert scores[0].item() == 1.0
+    assert scores[1].item() == pytest.approx(1 - 1 / 11)  # 'helloworld' vs 'helloworlds': one insertion
+    assert scores[2].item() == 1.0  # CMYK input read the same; 'hello' is contained
+    assert math.isnan(scores[3].item()) and info["text"][3] == ""  # no quote: not even read
+
+
+def test_unknown_backend_is_refused():
+    with pytest.raises(ApexError, match="valid: rapidocr, paddleocr"):
+        OcrReward(OcrConfig(backend="tesseract"))
+
+
+@pytest.mark.paddle
+@pytest.mark.parametrize("backend", ["paddleocr"])
+def test_paddleocr_reads_hello_world(backend):
+    reward = OcrReward(OcrConfig(backend=backend, workers=1))
+    scores, _ = reward([text_image("HELLO WORLD")], ['"HELLO WORLD"'])
+    assert scores[0].item() == 1.0

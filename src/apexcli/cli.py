@@ -13,6 +13,7 @@ import warnings
 
 import typer
 
+from apexcli.commands.eval import evaluate
 from apexcli.commands.pareto import pareto
 from apexcli.commands.sample import sample
 from apexcli.commands.score import score
@@ -34,6 +35,7 @@ COMMANDS = {
     "sample": sample,
     "score": score,
     "serve": serve,
+    "eval": evaluate,
     "pareto": pareto,
     "sweep": sweep,
 }

@@ -60,8 +60,8 @@ class DwaConfig:
 class MgdaConfig:
     """Multiple-gradient descent: min-norm convex combination of the probe's per-objective gradients."""
 
-    iterations: int = 250
-    """Frank–Wolfe iterations for K > 2 (K <= 2 is solved exactly)."""
+    iterations: int = 500
+    """Projected-gradient iterations of the min-norm solve for K > 2 (K <= 2 is solved exactly)."""
     normalize: bool = False
     """Use unit gradients (the cosine matrix) instead of the raw Gram matrix."""
 

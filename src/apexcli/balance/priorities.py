@@ -26,7 +26,8 @@ def learning_potential(stats: GroupStats, scale: torch.Tensor) -> torch.Tensor:
 
 def cosine_matrix(vectors: torch.Tensor) -> torch.Tensor:
     """Column cosines of ``vectors`` [N, K] -> [K, K]; rows/columns of all-zero columns are 0 (diagonal 1 otherwise)."""
-    gram = vectors.T @ vectors
+    # elementwise, not a matmul: a tiny float64 GEMM can stall for milliseconds on threaded BLAS
+    gram = (vectors.unsqueeze(2) * vectors.unsqueeze(1)).sum(0)
     return gram_to_cosine(gram)
 
 

@@ -109,3 +109,41 @@ class Evaluator:
     def close(self) -> None:
         if self._suite is not None:
             self._suite.close()
+
+
+def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: bool = False) -> dict:
+    """``apex eval RUN``: re-run the run's evaluation on one of its checkpoints (default: the
+    newest; ``base`` = the base model). Writes ``eval/step-XXXXXX/``; ``log`` also appends the
+    eval row to metrics.jsonl. Returns the row."""
+    from apexcli.config import config_from_dict, validate
+    from apexcli.errors import ApexError
+    from apexcli.models.loading import load_pipeline, resolve_device
+    from apexcli.models.lora import resolve_lora_path
+    from apexcli.models.text_cache import TextEmbeddingCache, encoder_fingerprint
+    from apexcli.runs import parse_step_dirname
+
+    run = RunDir(Path(run_path))
+    if not run.config_path.is_file():
+        raise ApexError(f"'{run_path}' is not a run directory (no config.yaml); give the --out folder of apex train")
+    cfg = config_from_dict(run.read_config())
+    validate(cfg)
+    device = resolve_device(cfg.model.device)
+    pipe = load_pipeline(cfg.model)
+    step = 0
+    if checkpoint != "base":
+        ckpt = resolve_lora_path(checkpoint or run.path)
+        if ckpt == run.path and checkpoint is None:
+            raise ApexError(f"run '{run_path}' has no checkpoint yet; pass --checkpoint base to evaluate the base model")
+        step = parse_step_dirname(ckpt.name) or parse_step_dirname(ckpt.parent.name) or 0
+        lora_dir = ckpt / "ema" if cfg.eval.use_ema and (ckpt / "ema").is_dir() else ckpt
+        pipe.load_lora_weights(str(lora_dir))
+    pipe.to(device)
+    cache = TextEmbeddingCache(cfg.model.text_cache_dir, encoder_fingerprint(pipe))
+    evaluator = Evaluator(cfg, pipe, cache, cfg.objectives, device=device)
+    try:
+        row = evaluator.run(pipe.transformer, pipe.vae, pipe.scheduler, pipe.vae_scale_factor, step, run)
+    finally:
+        evaluator.close()
+    if log:
+        run.append_metrics(row)
+    return row

@@ -1,0 +1,23 @@
+"""``apex eval``: parse options, call ``apexcli.eval.evaluator.evaluate_checkpoint``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+
+def evaluate(
+    run: Annotated[Path, typer.Argument(help="Run directory made by apex train.")],
+    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint dir (default: the run's newest), or 'base' for the base model.")] = None,
+    log: Annotated[bool, typer.Option(help="Also append the eval row to the run's metrics.jsonl.")] = False,
+) -> None:
+    """Re-run a run's held-out evaluation on one of its checkpoints."""
+    from apexcli.eval.evaluator import evaluate_checkpoint
+
+    row = evaluate_checkpoint(run, checkpoint, log=log)
+    for key, value in row.items():
+        if key.startswith("eval/"):
+            typer.echo(f"{key:<32} {value:.6g}")
+    typer.echo(f"wrote {run}/eval/step-{row['step']:06d}/ (grid.png, scores.jsonl)")

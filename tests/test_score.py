@@ -1,0 +1,175 @@
+"""`apex score`: a folder seeded with every kind of bad file; prompts from each source; outputs."""
+
+import csv
+import io
+import json
+import os
+import random
+import struct
+import zlib
+
+import numpy as np
+import pytest
+import typer
+from PIL import Image
+from rich.console import Console
+from typer.testing import CliRunner
+
+from apexcli.commands.score import score as score_command
+from apexcli.errors import ApexError
+from apexcli.images import open_image
+from apexcli.scoring import score_paths
+from reward_models import text_image
+
+
+def huge_png_header(width=100_000, height=100_000) -> bytes:
+    """A valid PNG header declaring a huge image: a decompression bomb is refused before decoding."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+
+
+def png_bytes(img):
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def exif_rotated_jpeg(path):
+    img = Image.new("RGB", (40, 20), (200, 10, 10))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # orientation: rotate 90° clockwise to display
+    img.save(path, format="JPEG", exif=exif.tobytes())
+
+
+BAD = {
+    "zero.png": "empty file",
+    "truncated.png": "truncated",
+    "corrupt.jpg": "not an image",
+    "text.png": "not an image",
+    "notes.xyz": "not an image file",
+    "huge.png": "too large",
+    "nometa.png": "no prompt",
+}
+
+
+@pytest.fixture()
+def mixed(tmp_path):
+    d = tmp_path / "mixed"
+    d.mkdir()
+    text_image("HELLO WORLD").save(d / "good.png")
+    Image.new("RGB", (32, 24), (51, 102, 153)).save(d / "solid.jpg", quality=100)
+    Image.new("CMYK", (32, 32), (0, 0, 0, 0)).save(d / "cmyk.jpg", quality=100)  # CMYK white
+    Image.fromarray(np.full((16, 16), 32896, dtype=np.uint16)).save(d / "gray16.png")  # 16-bit mid grey
+    Image.new("RGBA", (16, 16), (0, 0, 0, 0)).save(d / "alpha.png")  # fully transparent black -> white
+    pal = Image.new("P", (16, 16), 0)
+    pal.putpalette([0, 0, 0, 255, 255, 255] + [0] * 762)
+    pal.save(d / "palette.png", transparency=0)  # transparent index 0 -> white
+    exif_rotated_jpeg(d / "exif.jpg")
+    (d / "zero.png").write_bytes(b"")
+    full = png_bytes(Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)))
+    (d / "truncated.png").write_bytes(full[: len(full) // 2])
+    (d / "corrupt.jpg").write_bytes(bytes(random.Random(0).randrange(256) for _ in range(300)))
+    (d / "text.png").write_text("this is not a png")
+    (d / "notes.xyz").write_text("notes")
+    (d / "huge.png").write_bytes(huge_png_header())
+    Image.new("RGB", (8, 8), "white").save(d / "nometa.png")
+    names = ["good.png", "solid.jpg", "cmyk.jpg", "gray16.png", "alpha.png", "palette.png", "exif.jpg",
+             "zero.png", "truncated.png", "corrupt.jpg", "text.png", "huge.png"]
+    with open(d / "metadata.jsonl", "w") as fh:
+        for name in names:
+            prompt = 'a sign that says "HELLO WORLD"' if name == "good.png" else f"a picture {name}"
+            fh.write(json.dumps({"file": name, "prompt": prompt}) + "\n")
+    return d
+
+
+def quiet():
+    out = io.StringIO()
+    return out, Console(file=out, width=200)
+
+
+def test_folder_with_every_kind_of_bad_file(mixed, tmp_path):
+    err_text, err = quiet()
+    _, con = quiet()
+    out = tmp_path / "scores"
+    report = score_paths([str(mixed)], objectives="brightness,ocr", out_dir=str(out), device="cpu",
+                         progress=False, console=con, err_console=err)
+    rows = {os.path.basename(r["file"]): r for r in report.rows}
+    assert len(rows) == 14
+    for name, reason in BAD.items():
+        assert reason in rows[name]["error"], (name, rows[name]["error"])
+        assert name in err_text.getvalue()
+    assert {os.path.basename(f) for f, _ in report.issues} == set(BAD)
+    # every good image scored, by hand
+    assert rows["good.png"]["ocr"] == 1.0
+    assert rows["solid.jpg"]["brightness"] == pytest.approx((0.299 * 51 + 0.587 * 102 + 0.114 * 153) / 255, abs=3e-3)
+    assert rows["cmyk.jpg"]["brightness"] == pytest.approx(1.0, abs=3e-3)  # converted through PIL, not read raw
+    assert rows["gray16.png"]["brightness"] == pytest.approx(128 / 255, abs=1e-6)  # 16 bits scaled, not clipped
+    assert rows["alpha.png"]["brightness"] == pytest.approx(1.0)
+    assert rows["palette.png"]["brightness"] == pytest.approx(1.0)
+    assert rows["exif.jpg"]["error"] is None and rows["exif.jpg"]["brightness"] > 0
+    assert rows["solid.jpg"]["ocr"] is None  # no quoted text: NaN -> null, not an error
+    assert rows["nometa.png"]["brightness"] == pytest.approx(1.0) and rows["nometa.png"]["ocr"] is None
+    # outputs: jsonl and csv with the same rows, written atomically
+    lines = (out / "scores.jsonl").read_text().splitlines()
+    assert len(lines) == 14 and all(json.loads(ln)["file"] for ln in lines)
+    with open(out / "scores.csv") as fh:
+        table = list(csv.DictReader(fh))
+    assert list(table[0]) == ["file", "prompt", "brightness", "ocr", "error"]
+    assert len(table) == 14
+    assert sorted(os.listdir(out)) == ["scores.csv", "scores.jsonl"]  # no temp files left
+    assert report.summary["brightness"]["n"] == 8 and report.summary["ocr"]["n"] == 1
+
+
+def test_strict_and_nothing_scorable(mixed, tmp_path):
+    _, con = quiet()
+    with pytest.raises(ApexError, match="--strict"):
+        score_paths([str(mixed)], objectives="brightness", out_dir=str(tmp_path / "s"), device="cpu",
+                    strict=True, progress=False, console=con, err_console=con)
+    assert (tmp_path / "s" / "scores.jsonl").exists()  # written before failing
+    with pytest.raises(ApexError, match="no image could be scored"):
+        score_paths([str(mixed / "zero.png"), str(mixed / "text.png")], objectives="contrast",
+                    out_dir=str(tmp_path / "t"), device="cpu", progress=False, console=con, err_console=con)
+
+
+def test_prompt_sources(mixed, tmp_path):
+    _, con = quiet()
+    one = score_paths([str(mixed / "good.png"), str(mixed / "nometa.png")], objectives="ocr",
+                      prompt='x "HELLO"', out_dir=str(tmp_path / "a"), device="cpu", progress=False,
+                      console=con, err_console=con)
+    assert [r["prompt"] for r in one.rows] == ['x "HELLO"'] * 2 and one.issues == []
+    assert one.rows[0]["ocr"] == 1.0
+    mapping = tmp_path / "prompts.csv"
+    mapping.write_text('file,prompt\nmixed/good.png,"a ""HELLO WORLDS"" sign"\n')
+    two = score_paths([str(mixed / "good.png")], objectives="ocr", prompts_file=str(mapping),
+                      out_dir=str(tmp_path / "b"), device="cpu", progress=False, console=con, err_console=con)
+    assert two.rows[0]["ocr"] == pytest.approx(1 - 1 / 11)
+    glob_report = score_paths([str(mixed / "*.jpg")], objectives="brightness", out_dir=str(tmp_path / "c"),
+                              device="cpu", progress=False, console=con, err_console=con)
+    assert sorted(os.path.basename(r["file"]) for r in glob_report.rows) == ["cmyk.jpg", "corrupt.jpg", "exif.jpg", "solid.jpg"]
+    with pytest.raises(ApexError, match="matches no file"):
+        score_paths([str(mixed / "nothing-*.png")], objectives="brightness", device="cpu", progress=False,
+                    console=con, err_console=con)
+
+
+def test_open_image_normalises_orientation_and_modes(mixed):
+    assert open_image(str(mixed / "exif.jpg")).size == (20, 40)  # EXIF rotation applied
+    for name in ("cmyk.jpg", "gray16.png", "alpha.png", "palette.png"):
+        assert open_image(str(mixed / name)).mode == "RGB"
+
+
+def test_command_parses_and_calls_the_core(mixed, tmp_path):
+    app = typer.Typer()
+    app.command()(score_command)
+    app.command("noop")(lambda: None)  # two commands: typer keeps the command name in argv
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    result = runner.invoke(app, ["score", str(mixed / "good.png"), "--objectives", "ocr,contrast", "--prompt",
+                                 'a sign that says "HELLO WORLD"', "--out", str(out), "--device", "cpu",
+                                 "--no-progress", "--set", "rewards.ocr.workers=1"])
+    assert result.exit_code == 0, result.output
+    row = json.loads((out / "scores.jsonl").read_text())
+    assert row["ocr"] == 1.0 and row["contrast"] > 0
+    bad = runner.invoke(app, ["score", str(mixed), "--objectives", "nosuch", "--device", "cpu"])
+    assert isinstance(bad.exception, ApexError) and "valid: aes" in str(bad.exception)

@@ -9,7 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel, CLIPVisionModelWithProjection
+from transformers import AutoTokenizer, CLIPImageProcessor, CLIPModel
 
 from apexcli.errors import ApexError
 from apexcli.rewards import AesConfig, PickConfig

@@ -6,10 +6,7 @@ print as one line on stderr with exit code 2, never a traceback.
 
 from __future__ import annotations
 
-import logging
-import os
 import sys
-import warnings
 
 import typer
 
@@ -21,6 +18,7 @@ from apexcli.commands.serve import serve
 from apexcli.commands.sweep import sweep
 from apexcli.commands.train import train
 from apexcli.errors import ApexError
+from apexcli.quiet import quiet_libraries
 
 app = typer.Typer(
     name="apex",
@@ -44,25 +42,8 @@ for _name, _fn in COMMANDS.items():
     app.command(_name)(_fn)
 
 
-def _quiet_libraries() -> None:
-    """Library chatter (deprecations, 'keep in float32' notes) hides apex's own output."""
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    warnings.filterwarnings("ignore")
-    for name in ("diffusers", "transformers", "accelerate", "peft", "huggingface_hub"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        from diffusers.utils import logging as dlog
-        from transformers.utils import logging as tlog
-
-        dlog.set_verbosity_error()
-        dlog.disable_progress_bar()
-        tlog.set_verbosity_error()
-    except ImportError:
-        pass
-
-
 def main(argv: list[str] | None = None) -> None:
-    _quiet_libraries()
+    quiet_libraries()
     try:
         app(args=argv, prog_name="apex")  # standalone: usage errors print and exit 2
     except ApexError as exc:

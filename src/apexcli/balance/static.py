@@ -18,7 +18,8 @@ class StaticBalancer(Balancer):
     A group with a constant R gets A = 0. The effective weight of k is proportional to
     w_k std_k: the widest reward hijacks the signal. A masked (non-finite) r[i,k] is replaced by
     k's mean over the valid rewards of its group (else of the batch, else 0), so it is neither
-    rewarded nor punished on k and cannot poison R.
+    rewarded nor punished on k and cannot poison R. ``info["per_objective"]`` holds the gdpo
+    group z-scores, as for every strategy.
     """
 
     name = "static"

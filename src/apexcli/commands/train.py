@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import sys
+import shlex
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -28,13 +28,15 @@ def train(
     """Train a LoRA with GRPO on several rewards at once (APEX balancing by default)."""
     from apexcli.train import run_training
 
+    parsed = dict(locals())
+
     options: dict = {}
     if objectives is not None:
         options["objectives"] = [o.strip() for o in objectives.split(",") if o.strip()]
     if balance is not None:
         options.setdefault("balance", {})["strategy"] = balance
     if weights is not None:
-        options.setdefault("balance", {})["weights"] = [float(w) for w in weights.split(",")]
+        options.setdefault("balance", {})["weights"] = [w.strip() for w in weights.split(",")]  # typed by the schema
     if steps is not None:
         options.setdefault("train", {})["steps"] = steps
     if out is not None:
@@ -53,6 +55,18 @@ def train(
         options=options,
         overrides=list(overrides or []) + list(set_ or []),
         resume=resume,
-        argv=["apex", *sys.argv[1:]],
+        argv=_command_line(parsed),
     )
     typer.echo(f"run written to {run} (metrics.jsonl, checkpoints/, eval/)")
+
+
+def _command_line(parsed: dict) -> list[str]:
+    """The command as parsed (not ``sys.argv``, which is another program's when ``apexcli.cli.main``
+    is called in-process): ``apex train --opt VALUE ... KEY=VALUE ...``, each part shell-quoted."""
+    argv = ["apex", "train"]
+    for name in ("preset", "config", "objectives", "balance", "weights", "steps", "out", "resume", "eval_every", "seed", "device", "model"):
+        value = parsed.get(name)
+        if value is not None:
+            argv += ["--" + name.replace("_", "-"), shlex.quote(str(value))]
+    argv += [shlex.quote(o) for o in list(parsed.get("overrides") or []) + list(parsed.get("set_") or [])]
+    return argv

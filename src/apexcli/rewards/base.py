@@ -57,7 +57,7 @@ class ImageBatch:
         if isinstance(images, torch.Tensor):
             if images.ndim != 4 or images.shape[1] != 3:
                 raise ApexError(f"images must be a float tensor [N,3,H,W] in [0,1]; got shape {tuple(images.shape)}")
-            self._tensor = images.detach()
+            self._tensor = images.detach().clamp(0.0, 1.0)  # decoders overshoot [0,1] slightly
         else:
             pil = list(images)
             for im in pil:

@@ -32,7 +32,8 @@ def dtype_kwargs(dtype: Any) -> dict[str, Any]:
 
 def _short(exc: BaseException) -> str:
     text = " ".join(str(exc).split()).split(". ")[0]  # first sentence: hub errors run on for lines
-    return (type(exc).__name__ + (": " + text if text else ""))[:100]
+    text = type(exc).__name__ + (": " + text if text else "")
+    return text if len(text) <= 100 else text[:100].rsplit(" ", 1)[0] + " …"
 
 
 def load_pretrained(loader: Callable[..., Any], source: str, *, what: str, option: str, **kwargs: Any) -> Any:

@@ -61,6 +61,7 @@ class RewardSuite:
         n_cpu = sum(1 for r in self.rewards.values() if r.cpu_bound)
         self._pool = ThreadPoolExecutor(max_workers=max(1, n_cpu), thread_name_prefix="apex-reward")
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apex-suite")
+        self._side_stream: torch.cuda.Stream | None = None  # created on the first CUDA submit
 
     def _build(self, key: str) -> Reward:
         if self.urls[key]:
@@ -97,9 +98,28 @@ class RewardSuite:
 
     def submit(self, images: torch.Tensor | Sequence[Image.Image],
                prompts: Sequence[str] | None = None) -> Future:
-        """Score in the background; the Future resolves to (R, info). Do not modify `images` meanwhile."""
+        """Score in the background; the Future resolves to (R, info). Do not modify `images` meanwhile.
+
+        CUDA inputs are scored on a side stream that first waits for the work queued so far on
+        the caller's stream (so the images are complete), letting sampling continue meanwhile.
+        """
         batch = ImageBatch(images)
-        return self._background.submit(self.__call__, batch, list(prompts) if prompts is not None else None)
+        ready = None
+        if isinstance(images, torch.Tensor) and images.is_cuda:
+            ready = torch.cuda.Event()
+            ready.record(torch.cuda.current_stream(images.device))
+        prompts = list(prompts) if prompts is not None else None
+        return self._background.submit(self._score_in_background, batch, prompts, ready)
+
+    def _score_in_background(self, batch: ImageBatch, prompts: list[str] | None,
+                             ready: torch.cuda.Event | None) -> tuple[torch.Tensor, dict[str, Any]]:
+        if ready is None:
+            return self(batch, prompts)
+        if self._side_stream is None:
+            self._side_stream = torch.cuda.Stream(device=self.device if self.device.type == "cuda" else None)
+        with torch.cuda.stream(self._side_stream):  # the current stream is per thread
+            self._side_stream.wait_event(ready)
+            return self(batch, prompts)
 
     def close(self) -> None:
         """Stop the worker threads and release every reward."""

@@ -17,7 +17,9 @@ def run_training(
 ) -> Path:
     """Resolve the config from its layers and train; returns the run directory."""
     from apexcli.config import resolve_config
+    from apexcli.quiet import quiet_libraries
     from apexcli.train.trainer import train
 
+    quiet_libraries()
     cfg = resolve_config(preset=preset, config_file=config_file, options=options, overrides=overrides)
     return train(cfg, resume=resume, argv=argv or sys.argv)

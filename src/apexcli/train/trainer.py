@@ -229,9 +229,11 @@ class Trainer:
         def loss_for_advantages(adv: torch.Tensor) -> torch.Tensor:
             return -(adv.to(ratio.device) * ratio).mean()
 
-        gram = gradient_gram(loss_for_advantages, per_objective_local[:n].to(self.device), self.lora_params)
-        gram = self.accelerator.reduce(gram.to(self.device), reduction="mean")
-        self.balancer.set_gradient_gram(gram.cpu())
+        # the cross-rank mean of the per-objective gradients, so every rank gets the Gram of the
+        # global gradients (a mean of per-rank Grams would not be)
+        reduce = (lambda g: self.accelerator.reduce(g, reduction="mean")) if self.accelerator.num_processes > 1 else None
+        gram = gradient_gram(loss_for_advantages, per_objective_local[:n].to(self.device), self.lora_params, reduce=reduce)
+        self.balancer.set_gradient_gram(gram)
 
     def _update(self, trajectories, advantages: torch.Tensor, cond_ids: list[int]) -> dict:
         cfg, t = self.cfg, self.cfg.train
@@ -332,7 +334,7 @@ class Trainer:
         local_ids = [plan.prompt_ids[i] for i in range(plan.shard.start, plan.shard.stop)]
         row: dict = {"step": self.step, "kind": "train"}
         probe_seconds = 0.0
-        if self.balancer.wants_probe(self.step):
+        if self.balancer.wants_probe(self.step - 1):  # 0-based iteration: probe at the first one
             t0 = time.perf_counter()
             self._probe(trajectories, info["per_objective"][plan.shard], local_ids)
             probe_seconds = time.perf_counter() - t0

@@ -31,6 +31,10 @@ TINY_OVERRIDES = [
     "logging.progress=false",
 ]
 
+# The models here are tiny: one intra-op thread is as fast alone and several times faster when
+# the two CI cores are shared (spinning OpenMP workers of small ops fight for them).
+torch.set_num_threads(1)
+
 APEX_BIN = Path(sys.executable).parent / "apex"
 """The console script of the venv running the tests (subprocess checks of stderr/exit codes)."""
 
@@ -63,7 +67,7 @@ def run_cli(argv: list[str]) -> CliResult:
 
 def run_apex_subprocess(argv: list[str], *, env: dict | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """The installed ``apex`` script in a fresh process (to see exactly what a user sees)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
+    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
     return subprocess.run([str(APEX_BIN), *argv], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 

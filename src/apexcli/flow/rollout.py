@@ -248,7 +248,7 @@ def initial_noise(
     else:
         per_group = torch.stack(
             [
-                torch.randn(shape, generator=torch.Generator().manual_seed(seed * 1_000_003 + g), dtype=torch.float32)
+                torch.randn(shape, generator=torch.Generator().manual_seed((seed * 1_000_003 + g) % 2**63), dtype=torch.float32)
                 for g in unique
             ]
         )

@@ -27,7 +27,12 @@ def attach_lora(transformer, *, rank: int, alpha: int, dropout: float, target_mo
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=target_modules)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        transformer.add_adapter(config, adapter_name=ADAPTER)
+        try:
+            transformer.add_adapter(config, adapter_name=ADAPTER)
+        except ValueError as exc:  # peft's NoMatchingPeftModuleError when no target matches
+            if "not found" not in str(exc):
+                raise
+            raise ApexError(f"lora.target_modules {target_modules} matched no module of the transformer") from None
     params = [p for p in transformer.parameters() if p.requires_grad]
     if not params:
         raise ApexError(f"lora.target_modules {target_modules} matched no module of the transformer")
@@ -42,10 +47,14 @@ def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
 
 
 def save_lora(transformer, directory: Path) -> Path:
+    """Write ``pytorch_lora_weights.safetensors``. The adapter config (rank, alpha, targets) goes
+    into the file's metadata: without it ``load_lora_weights`` assumes alpha = rank and applies
+    the LoRA with the wrong scale (alpha / rank) whenever alpha != rank."""
     StableDiffusion3Pipeline.save_lora_weights(
         save_directory=str(directory),
         transformer_lora_layers=lora_state_dict(transformer),
         safe_serialization=True,
+        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),
     )
     return Path(directory) / LORA_FILE
 
@@ -57,10 +66,19 @@ def load_lora_into_adapter(transformer, directory: Path) -> None:
         state = state[0]
     state = {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}
     state = convert_unet_state_dict_to_peft(state)
-    result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER)
+    hint = "check that lora.rank/target_modules match the run that saved it"
+    try:
+        result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER)
+    except RuntimeError as exc:  # shape mismatch: another rank
+        first = next((line.strip() for line in str(exc).splitlines() if "mismatch" in line), str(exc).splitlines()[0])
+        raise ApexError(f"LoRA in '{directory}' does not fit this model ({first[:160]}); {hint}") from None
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ApexError(f"LoRA in '{directory}' does not fit this model (unexpected keys, e.g. {unexpected[0]}); check lora.rank/target_modules")
+        raise ApexError(f"LoRA in '{directory}' does not fit this model (unexpected keys, e.g. {unexpected[0]}); {hint}")
+    # missing_keys lists every base weight too; only adapter weights left untouched matter
+    missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k]
+    if missing:
+        raise ApexError(f"LoRA in '{directory}' does not fit this model (missing keys, e.g. {missing[0]}); {hint}")
 
 
 def resolve_lora_path(path: str | Path) -> Path:

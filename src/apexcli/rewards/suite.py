@@ -67,7 +67,8 @@ class RewardSuite:
         if self.urls[key]:
             from apexcli.rewards.remote import RemoteReward
 
-            return RemoteReward(key, self.urls[key], self.config.remote)
+            section = getattr(self.config, REGISTRY[key].section)
+            return RemoteReward(key, self.urls[key], self.config.remote, getattr(section, "batch_size", 32))
         return build_reward(key, self.config, self.device, self.dtype)
 
     @property

@@ -72,6 +72,7 @@ class Trainer:
         self.accelerator = Accelerator(cpu=cpu, log_with=trackers, project_dir=str(self.run.path))
         acc = self.accelerator
         self.device = acc.device
+        _check_shards(cfg, acc.num_processes)
         set_seed(cfg.seed)
         self.dtype = DTYPES[cfg.model.dtype]
         if self.device.type == "cpu" and self.dtype != torch.float32:
@@ -310,6 +311,12 @@ class Trainer:
                     if self.ema is not None:
                         self.ema.update()
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        if acc.num_processes > 1:
+            # every process trains as many micro-batches (equal shards), so the mean of the
+            # per-process means is the mean over the global batch; grad_norm is already global
+            keys = [k for k in ("loss", "kl", "ratio_mean", "clip_frac") if k in out]
+            local = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
+            out.update(zip(keys, acc.reduce(local, reduction="mean").tolist()))
         out["ratio_first"] = first_ratio
         out["lr"] = self.lr_scheduler.get_last_lr()[0]
         return out
@@ -437,6 +444,24 @@ class Trainer:
         acc = getattr(self, "accelerator", None)
         if acc is not None and acc.log_with:
             acc.end_training()
+
+
+def _check_shards(cfg: Config, world_size: int) -> None:
+    """Each process trains on total / world_size samples in micro-batches of train_batch_size;
+    a remainder would silently go untrained (and a shard smaller than one micro-batch would
+    train nothing at all), so it is an error before any model is loaded."""
+    t = cfg.train
+    total = t.prompts_per_step * t.group_size
+    if total % world_size:
+        raise ApexError(
+            f"train.prompts_per_step x train.group_size ({total}) must be divisible by the number of processes ({world_size})"
+        )
+    shard = total // world_size
+    if shard % t.train_batch_size:
+        raise ApexError(
+            f"config key 'train.train_batch_size' ({t.train_batch_size}) must divide the samples per process "
+            f"({total} / {world_size} processes = {shard})"
+        )
 
 
 def _timed(suite, images, prompts) -> tuple[torch.Tensor, float]:

@@ -1,0 +1,81 @@
+"""Resume: 4 steps straight == 2 steps + ``--resume auto`` + 2 steps, bit for bit on CPU."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from apexcli.errors import ApexError
+from apexcli.runs import LORA_FILE, RunDir
+from apexcli.train.checkpoint import find_resume_checkpoint
+from conftest import load_lora_file, read_metrics, train_tiny
+
+OBJECTIVES = ("--objectives", "brightness,colorfulness")
+
+
+def _without_times(row: dict) -> dict:
+    return {k: v for k, v in row.items() if not k.startswith("time/")}
+
+
+@pytest.fixture(scope="module")
+def straight_and_resumed(tmp_path_factory):
+    root = tmp_path_factory.mktemp("resume")
+    straight = train_tiny(root / "straight", 4, *OBJECTIVES, "train.checkpoint_every=2")
+    resumed = train_tiny(root / "resumed", 2, *OBJECTIVES, "train.checkpoint_every=2")
+    ckpts = resumed / "checkpoints"
+    # what a crash leaves behind, and what resume must not pick:
+    # a save interrupted before its rename (a hidden temp dir) ...
+    (ckpts / ".step-000003.x1y2.tmp" / "state").mkdir(parents=True)
+    (ckpts / ".step-000003.x1y2.tmp" / LORA_FILE).write_bytes(b"half a file")
+    # ... a step dir without its LoRA file ...
+    (ckpts / "step-000003" / "state").mkdir(parents=True)
+    # ... and metrics logged after the last checkpoint
+    with open(resumed / "metrics.jsonl", "a") as f:
+        f.write(json.dumps({"step": 3, "kind": "train", "loss": 123.0}) + "\n")
+    train_tiny(resumed, 4, *OBJECTIVES, "train.checkpoint_every=2", resume="auto")
+    return straight, resumed
+
+
+def test_resumed_lora_is_identical(straight_and_resumed):
+    straight, resumed = straight_and_resumed
+    a = load_lora_file(straight / "checkpoints" / "step-000004")
+    b = load_lora_file(resumed / "checkpoints" / "step-000004")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+    # and training did move them between the two checkpoints
+    mid = load_lora_file(straight / "checkpoints" / "step-000002")
+    assert any(not torch.equal(a[k], mid[k]) for k in a)
+
+
+def test_resumed_metrics_are_identical(straight_and_resumed):
+    straight, resumed = straight_and_resumed
+    rows_a, rows_b = read_metrics(straight), read_metrics(resumed)
+    assert [r["step"] for r in rows_b] == [1, 2, 3, 4]  # the orphan step-3 row was dropped
+    assert [_without_times(r) for r in rows_a] == [_without_times(r) for r in rows_b]
+
+
+def test_resume_records_both_commands(straight_and_resumed):
+    _, resumed = straight_and_resumed
+    lines = (resumed / "command.txt").read_text().splitlines()
+    assert len(lines) == 2 and "--resume auto" in lines[1] and "--resume" not in lines[0]
+
+
+def test_find_resume_checkpoint(tmp_path):
+    run = RunDir(tmp_path / "run")
+    assert find_resume_checkpoint(run, None) is None
+    assert find_resume_checkpoint(run, "auto") is None  # nothing yet: a fresh start
+    for step in (2, 4):
+        d = run.checkpoint_dir(step)
+        (d / "state").mkdir(parents=True)
+        (d / LORA_FILE).write_bytes(b"x")
+        (d / "state" / "trainer.pt").write_bytes(b"x")
+    (run.checkpoint_dir(6) / "state").mkdir(parents=True)  # incomplete
+    (run.checkpoints_dir / ".step-000008.abc.tmp").mkdir()  # interrupted save
+    assert find_resume_checkpoint(run, "auto") == run.checkpoint_dir(4)
+    assert find_resume_checkpoint(run, str(run.checkpoint_dir(2))) == run.checkpoint_dir(2)
+    assert find_resume_checkpoint(run, str(run.path)) == run.checkpoint_dir(4)
+    with pytest.raises(ApexError, match="--resume"):
+        find_resume_checkpoint(run, str(tmp_path / "elsewhere"))

@@ -41,7 +41,6 @@ import statistics
 import sys
 import threading
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import torch
@@ -167,6 +166,7 @@ class Bench:
     latent_hw: int
     window: list[int]
     results: dict = field(default_factory=dict)
+    embeds: dict = field(default_factory=dict)
     t_start: float = field(default_factory=time.perf_counter)
 
     def left(self) -> float:
@@ -281,15 +281,19 @@ def build_rewards(b: Bench):
 
 
 def text_embeds(b: Bench, n: int, seed: int = 0):
-    """Random stand-ins for cached prompt embeddings (float32 on the device, as the trainer keeps them)."""
+    """Random stand-ins for cached prompt embeddings (float32 on the device, as the trainer keeps
+    them); made once per (n, seed) so no timed region pays for them."""
     from apexcli.flow.rollout import PromptEmbeds
 
-    g = torch.Generator().manual_seed(seed)
-    c = b.transformer_config
-    return PromptEmbeds(
-        torch.randn(n, b.text_tokens, c["joint_attention_dim"], generator=g),
-        torch.randn(n, c["pooled_projection_dim"], generator=g),
-    ).to(b.device)
+    key = (n, seed)
+    if key not in b.embeds:
+        g = torch.Generator().manual_seed(seed)
+        c = b.transformer_config
+        b.embeds[key] = PromptEmbeds(
+            torch.randn(n, b.text_tokens, c["joint_attention_dim"], generator=g),
+            torch.randn(n, c["pooled_projection_dim"], generator=g),
+        ).to(b.device)
+    return b.embeds[key]
 
 
 def do_rollout(b: Bench, n: int, guidance: float, seed: int = 0, transformer=None):
@@ -620,7 +624,7 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = [p for p in wanted if p not in PARTS]
     if unknown:
         raise SystemExit(f"unknown part(s) {unknown}; valid: {', '.join(PARTS)}")
-    order = [p for p in PARTS if p in wanted or any(p in NEEDS[w] for w in wanted)]
+    order = [p for p in PARTS if p in wanted or any(p in NEEDS.get(w, []) for w in wanted)]
 
     b = build_bench(args)
     build_models(b)
@@ -631,6 +635,8 @@ def main(argv: list[str] | None = None) -> dict:
         t0 = time.perf_counter()
         b.results[part] = PARTS[part](b)
         b.results[part]["part_s"] = time.perf_counter() - t0
+        # a line per finished part, so a run stopped by its timeout still leaves its numbers
+        print(f"[bench_gpu] {part}: {json.dumps(b.results[part])}", flush=True)
     report = {
         "bench": "bench_gpu",
         "smoke": args.smoke,

@@ -97,3 +97,16 @@ def test_sample_errors_are_one_line(tmp_path):
     assert "checkpoints" in line
     line = _one_line_error(["sample", "--preset", "tiny", "--out", str(tmp_path / "s")])
     assert "--prompt" in line
+    for flag in ("--batch-size", "--steps", "--size", "--num-images"):
+        line = _one_line_error(["sample", "--preset", "tiny", "--prompt", "a", flag, "0", "--out", str(tmp_path / "s")])
+        assert flag in line and "got 0" in line
+
+
+@pytest.mark.parametrize("tracker", ["tensorboard", "wandb"])
+def test_missing_tracker_package_is_an_error_not_silence(tracker, tmp_path):
+    import importlib.util
+
+    if importlib.util.find_spec(tracker) is not None:
+        pytest.skip(f"{tracker} is installed")
+    line = _one_line_error(["train", "--preset", "tiny", f"logging.tracker={tracker}", "--out", str(tmp_path / "run")])
+    assert f"logging.tracker={tracker}" in line and "pip install" in line

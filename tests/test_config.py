@@ -113,6 +113,8 @@ def test_bad_type_names_the_key():
     assert "'model.gradient_checkpointing'" in _error(preset="tiny", overrides=["model.gradient_checkpointing=maybe"])
     assert "'train'" in _error(preset="tiny", overrides=["train=3"])
     assert "'objectives[1]'" in _error(preset="tiny", overrides=["objectives=[brightness, [x]]"])
+    # NaN would pass every range check (comparisons with NaN are false)
+    assert "'train.adv_clip'" in _error(preset="tiny", overrides=["train.adv_clip=.nan"])
 
 
 def test_batch_divisibility_error_names_the_key():

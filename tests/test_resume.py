@@ -19,11 +19,22 @@ def _without_times(row: dict) -> dict:
     return {k: v for k, v in row.items() if not k.startswith("time/")}
 
 
-@pytest.fixture(scope="module")
-def straight_and_resumed(tmp_path_factory):
+# Besides the plain tiny run: every piece of state a resume must restore at once (EMA, Adam
+# moments under accumulation, LR warm-up, the apex balancer with a gradient probe each step,
+# per-epoch timestep subsets) and the other sampling paths (CPS, CFG, shared group noise).
+EVERYTHING = (
+    "train.ema_decay=0.9", "train.gradient_accumulation=1", "train.timestep_fraction=0.5", "train.inner_epochs=2",
+    "train.warmup_steps=3", "balance.probe_every=1", "balance.apex.warmup=0", "sampling.share_group_noise=true",
+    "sampling.sampler=cps", "sampling.guidance_scale=2.0",
+)
+
+
+@pytest.fixture(scope="module", params=[(), EVERYTHING], ids=["plain", "everything"])
+def straight_and_resumed(request, tmp_path_factory):
     root = tmp_path_factory.mktemp("resume")
-    straight = train_tiny(root / "straight", 4, *OBJECTIVES, "train.checkpoint_every=2")
-    resumed = train_tiny(root / "resumed", 2, *OBJECTIVES, "train.checkpoint_every=2")
+    extra = (*OBJECTIVES, "train.checkpoint_every=2", *request.param)
+    straight = train_tiny(root / "straight", 4, *extra)
+    resumed = train_tiny(root / "resumed", 2, *extra)
     ckpts = resumed / "checkpoints"
     # what a crash leaves behind, and what resume must not pick:
     # a save interrupted before its rename (a hidden temp dir) ...
@@ -34,31 +45,35 @@ def straight_and_resumed(tmp_path_factory):
     # ... and metrics logged after the last checkpoint
     with open(resumed / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "kind": "train", "loss": 123.0}) + "\n")
-    train_tiny(resumed, 4, *OBJECTIVES, "train.checkpoint_every=2", resume="auto")
-    return straight, resumed
+    train_tiny(resumed, 4, *extra, resume="auto")
+    return straight, resumed, request.param
 
 
 def test_resumed_lora_is_identical(straight_and_resumed):
-    straight, resumed = straight_and_resumed
+    straight, resumed, extra = straight_and_resumed
+    with_ema = "train.ema_decay=0.9" in extra
+    assert (straight / "checkpoints" / "step-000004" / "ema" / LORA_FILE).exists() == with_ema
+    for sub in ("", "ema") if with_ema else ("",):
+        a = load_lora_file(straight / "checkpoints" / "step-000004" / sub)
+        b = load_lora_file(resumed / "checkpoints" / "step-000004" / sub)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (sub, k)
     a = load_lora_file(straight / "checkpoints" / "step-000004")
-    b = load_lora_file(resumed / "checkpoints" / "step-000004")
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k], b[k]), k
     # and training did move them between the two checkpoints
     mid = load_lora_file(straight / "checkpoints" / "step-000002")
     assert any(not torch.equal(a[k], mid[k]) for k in a)
 
 
 def test_resumed_metrics_are_identical(straight_and_resumed):
-    straight, resumed = straight_and_resumed
+    straight, resumed, _ = straight_and_resumed
     rows_a, rows_b = read_metrics(straight), read_metrics(resumed)
     assert [r["step"] for r in rows_b] == [1, 2, 3, 4]  # the orphan step-3 row was dropped
     assert [_without_times(r) for r in rows_a] == [_without_times(r) for r in rows_b]
 
 
 def test_resume_records_both_commands(straight_and_resumed):
-    _, resumed = straight_and_resumed
+    _, resumed, _ = straight_and_resumed
     lines = (resumed / "command.txt").read_text().splitlines()
     assert len(lines) == 2 and "--resume auto" in lines[1] and "--resume" not in lines[0]
 

@@ -6,7 +6,9 @@ import json
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
+from safetensors.torch import load_file, save_file
 
 from conftest import run_cli
 
@@ -68,3 +70,17 @@ def test_prompt_files(tmp_path):
     assert len({r["file"] for r in rows}) == 3
     rows = _sample(tmp_path / "jsonl", "--prompts", str(tmp_path / "p.jsonl"))
     assert [r["prompt"] for r in rows] == ["a bird"]
+
+
+def test_lora_file_is_loaded_even_beside_other_files(lora_samples, tiny_run, tmp_path):
+    """--lora FILE.safetensors loads that file, not whichever .safetensors diffusers guesses."""
+    out, rows = lora_samples
+    trained = tiny_run / "checkpoints" / "step-000003" / "pytorch_lora_weights.safetensors"
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    (folder / "mine.safetensors").write_bytes(trained.read_bytes())
+    zeros = {k: torch.zeros_like(v) for k, v in load_file(str(trained)).items()}
+    save_file(zeros, str(folder / "aaa_zero.safetensors"))  # a decoy that sorts first
+    again = _sample(tmp_path / "s", "--lora", str(folder / "mine.safetensors"), "--prompt", "a red apple")
+    assert again[0]["lora"] == str(folder / "mine.safetensors")
+    assert np.array_equal(_pixels(tmp_path / "s", again[0]), _pixels(out, rows[0]))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
@@ -10,8 +11,9 @@ from apexcli.flow.sde import gaussian_kl
 from apexcli.models.lora import attach_lora, load_lora_into_adapter
 from apexcli.models.tiny import build_tiny_pipeline
 from apexcli.train.sampler import plan_step
-from apexcli.train.trainer import Trainer, _unwrap
-from conftest import TINY_OVERRIDES, load_lora_file, read_metrics
+from apexcli.errors import ApexError
+from apexcli.train.trainer import Trainer, _check_shards, _unwrap
+from conftest import TINY_OVERRIDES, load_lora_file, read_metrics, train_tiny
 
 OBJECTIVES = ["brightness", "colorfulness"]
 ROW_KEYS = ["step", "loss", "kl", "ratio_mean", "clip_frac", "lr", "grad_norm", "time/sample", "time/score", "time/train"]
@@ -134,3 +136,19 @@ def test_saved_lora_loads_into_the_diffusers_pipeline(tiny_run):
     with torch.no_grad():
         policy = transformer(**inputs)[0]
     torch.testing.assert_close(loaded, policy, rtol=1e-5, atol=1e-6)
+
+
+def test_every_process_gets_whole_micro_batches():
+    """4 samples on 2 processes leave 2 each: a train batch of 4 would silently train nothing."""
+    cfg = resolve_config(preset="tiny", overrides=TINY_OVERRIDES + ["train.train_batch_size=4"])
+    _check_shards(cfg, 1)  # one process: 4 samples, one micro-batch
+    with pytest.raises(ApexError, match=r"'train.train_batch_size' \(4\) must divide the samples per process \(4 / 2 processes = 2\)"):
+        _check_shards(cfg, 2)
+    with pytest.raises(ApexError, match="number of processes"):
+        _check_shards(cfg, 3)
+
+
+def test_logged_lr_is_the_one_applied_during_warmup(tmp_path):
+    """Linear warm-up over 4 optimizer steps, one optimizer step per iteration: lr = 3e-3 x n / 4."""
+    run = train_tiny(tmp_path / "run", 2, "train.warmup_steps=4", "train.checkpoint_every=0")
+    assert [r["lr"] for r in read_metrics(run)] == pytest.approx([3e-3 * 1 / 4, 3e-3 * 2 / 4])

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -248,14 +249,18 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return int(value)
         raise ApexError(f"config key '{key}' must be an integer, got {value!r}")
     if tp is float:
+        number = None
         if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if isinstance(value, str):
+            number = float(value)
+        elif isinstance(value, str):
             try:
-                return float(value)  # YAML 1.1 reads "1e-4" as a string
+                number = float(value)  # YAML 1.1 reads "1e-4" as a string
             except ValueError:
                 pass
-        raise ApexError(f"config key '{key}' must be a number, got {value!r}")
+        # NaN passes every range check (all comparisons are false) and poisons training silently
+        if number is None or math.isnan(number):
+            raise ApexError(f"config key '{key}' must be a number, got {value!r}")
+        return number
     if tp is str:
         if isinstance(value, (str, int, float)) and not isinstance(value, bool):
             return str(value)

@@ -20,7 +20,7 @@ from apexcli.flow.rollout import decode_latents, rollout
 from apexcli.models.loading import load_pipeline, resolve_device
 from apexcli.models.lora import resolve_lora_path
 from apexcli.models.text_cache import encode_prompts
-from apexcli.runs import atomic_write_text
+from apexcli.runs import LORA_FILE, atomic_write_text
 
 
 @dataclass
@@ -61,14 +61,20 @@ def sample_images(req: SampleRequest) -> list[Path]:
     """Write the images and ``metadata.jsonl`` (file, prompt, seed, steps, guidance, lora)."""
     if not req.prompts:
         raise ApexError("no prompts: pass --prompt TEXT or --prompts FILE")
-    if req.num_images < 1:
-        raise ApexError(f"--num-images must be >= 1, got {req.num_images}")
+    for flag, value in (("--num-images", req.num_images), ("--batch-size", req.batch_size), ("--steps", req.steps), ("--size", min(req.height, req.width))):
+        if value < 1:
+            raise ApexError(f"{flag} must be >= 1, got {value}")
     device = resolve_device(req.model.device)
     pipe = load_pipeline(req.model)
     lora_dir = None
     if req.lora:
         lora_dir = resolve_lora_path(req.lora)
-        pipe.load_lora_weights(str(lora_dir))
+        # name the file: given only a folder, diffusers guesses among its .safetensors files
+        given = Path(req.lora)
+        weight_file = given if given.is_file() else lora_dir / LORA_FILE
+        pipe.load_lora_weights(str(weight_file.parent), weight_name=weight_file.name)
+        if given.is_file():
+            lora_dir = given  # metadata names the exact file
     pipe.to(device)
     jobs = [(p, req.seed + i) for p in req.prompts for i in range(req.num_images)]
     seq = req.model.max_sequence_length
@@ -120,8 +126,10 @@ def sample_from_options(
     return sample_images(
         SampleRequest(
             model=cfg.model, prompts=all_prompts, out=out, lora=lora, num_images=num_images, seed=seed,
-            steps=steps or cfg.eval.num_steps, guidance_scale=cfg.eval.guidance_scale if guidance is None else guidance,
-            height=size or cfg.model.resolution, width=size or cfg.model.resolution, batch_size=batch_size,
+            steps=cfg.eval.num_steps if steps is None else steps,
+            guidance_scale=cfg.eval.guidance_scale if guidance is None else guidance,
+            height=cfg.model.resolution if size is None else size, width=cfg.model.resolution if size is None else size,
+            batch_size=batch_size,
             negative_prompt=cfg.sampling.negative_prompt,
         )
     )

@@ -41,18 +41,20 @@ def attach_lora(transformer, *, rank: int, alpha: int, dropout: float, target_mo
     return params
 
 
-def lora_state_dict(transformer) -> dict[str, torch.Tensor]:
-    """Adapter weights keyed as peft names them (no 'transformer.' prefix)."""
-    return {k: v.detach().clone().contiguous() for k, v in get_peft_model_state_dict(transformer, adapter_name=ADAPTER).items()}
+def lora_state_dict(transformer, full_state_dict: dict | None = None) -> dict[str, torch.Tensor]:
+    """Adapter weights keyed as peft names them (no 'transformer.' prefix). Under FSDP pass the
+    gathered ``accelerator.get_state_dict(model)``: the module's own tensors are shards."""
+    state = get_peft_model_state_dict(transformer, state_dict=full_state_dict, adapter_name=ADAPTER)
+    return {k: v.detach().to("cpu").clone().contiguous() for k, v in state.items()}
 
 
-def save_lora(transformer, directory: Path) -> Path:
+def save_lora(transformer, directory: Path, full_state_dict: dict | None = None) -> Path:
     """Write ``pytorch_lora_weights.safetensors``. The adapter config (rank, alpha, targets) goes
     into the file's metadata: without it ``load_lora_weights`` assumes alpha = rank and applies
     the LoRA with the wrong scale (alpha / rank) whenever alpha != rank."""
     StableDiffusion3Pipeline.save_lora_weights(
         save_directory=str(directory),
-        transformer_lora_layers=lora_state_dict(transformer),
+        transformer_lora_layers=lora_state_dict(transformer, full_state_dict),
         safe_serialization=True,
         transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),
     )

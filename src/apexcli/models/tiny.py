@@ -114,7 +114,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> St
             norm_num_groups=8,
             sample_size=TINY_RESOLUTION,
             shift_factor=0.0609,
-            scaling_factor=1.5035,
+            scaling_factor=1.5305,  # as SD3
             use_quant_conv=False,
             use_post_quant_conv=False,
         )

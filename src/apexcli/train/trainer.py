@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import set_seed
+from accelerate.utils import DistributedType, set_seed
 
 from apexcli.balance import build_balancer_from_config
 from apexcli.balance.probe import gradient_gram
@@ -69,6 +69,7 @@ class Trainer:
         cfg = self.cfg
         cpu = resolve_device(cfg.model.device).type == "cpu"
         trackers = None if cfg.logging.tracker == "none" else cfg.logging.tracker
+        _check_tracker_installed(trackers)
         self.accelerator = Accelerator(cpu=cpu, log_with=trackers, project_dir=str(self.run.path))
         acc = self.accelerator
         self.device = acc.device
@@ -154,7 +155,7 @@ class Trainer:
         self.balancer.load_state_dict(state.balancer)
         if self.ema is not None and state.ema is not None:
             self.ema.load_state_dict(state.ema)
-        torch.set_rng_state(state.rng["torch"])
+        torch.set_rng_state(state.rng["torch"].cpu())  # loaded onto self.device; the CPU generator needs a CPU ByteTensor
         self.step = state.step
         if self.accelerator.is_main_process:
             print(f"resumed from {checkpoint} at step {self.step}", file=sys.stderr)
@@ -251,6 +252,7 @@ class Trainer:
         model_for_ref = _unwrap(self.transformer)
         stats = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": [], "grad_norm": []}
         first_ratio = None
+        lr_applied = self.lr_scheduler.get_last_lr()[0]
         self.transformer.train()
         for epoch in range(t.inner_epochs):
             gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.step, 11, epoch, acc.process_index))
@@ -305,6 +307,7 @@ class Trainer:
                     else:
                         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.lora_params if p.grad is not None]))
                     stats["grad_norm"].append(float(norm))
+                    lr_applied = self.lr_scheduler.get_last_lr()[0]  # the lr this optimizer step uses
                     self.optimizer.step()
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
@@ -318,7 +321,7 @@ class Trainer:
             local = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
             out.update(zip(keys, acc.reduce(local, reduction="mean").tolist()))
         out["ratio_first"] = first_ratio
-        out["lr"] = self.lr_scheduler.get_last_lr()[0]
+        out["lr"] = lr_applied  # of the iteration's last optimizer step (not the next one's)
         return out
 
     def train_step(self) -> dict:
@@ -405,12 +408,22 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
+        model = _unwrap(self.transformer)
+        # FSDP shards the parameters: gather a full state dict (a collective: every rank calls it)
+        fsdp = acc.distributed_type == DistributedType.FSDP
+        full_state = acc.get_state_dict(self.transformer) if fsdp else None
+        ema_state = None
+        if fsdp and self.ema is not None:
+            with self.ema.swapped_in():
+                ema_state = acc.get_state_dict(self.transformer)
         if acc.is_main_process:
-            model = _unwrap(self.transformer)
             ema_saver = None
             if self.ema is not None:
 
                 def ema_saver(directory):
+                    if fsdp:
+                        save_lora(model, directory, ema_state)
+                        return
                     with self.ema.swapped_in():
                         save_lora(model, directory)
 
@@ -425,7 +438,7 @@ class Trainer:
             path = save_checkpoint(
                 self.run,
                 self.step,
-                save_lora=lambda d: save_lora(model, d),
+                save_lora=lambda d: save_lora(model, d, full_state),
                 save_ema_lora=ema_saver,
                 state=state,
                 config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
@@ -444,6 +457,15 @@ class Trainer:
         acc = getattr(self, "accelerator", None)
         if acc is not None and acc.log_with:
             acc.end_training()
+
+
+def _check_tracker_installed(tracker: str | None) -> None:
+    """accelerate drops a tracker whose package is missing with only a log warning (silenced
+    by the CLI), so a run asked to log to tensorboard or wandb would log nowhere."""
+    import importlib.util
+
+    if tracker and importlib.util.find_spec(tracker) is None:
+        raise ApexError(f"logging.tracker={tracker} needs the '{tracker}' package: pip install {tracker} (or apexcli[tracking])")
 
 
 def _check_shards(cfg: Config, world_size: int) -> None:

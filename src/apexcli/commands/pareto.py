@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from apexcli.eval.report import run_pareto
 
 
 def pareto(
@@ -39,4 +38,6 @@ def pareto(
     ] = "spread",
 ) -> None:
     """Non-dominated set, hypervolumes, plots and a report over training runs."""
+    from apexcli.eval.report import run_pareto
+
     run_pareto(runs, out, all_steps=all_steps, normalisation=normalize)

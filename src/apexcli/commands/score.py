@@ -8,7 +8,6 @@ import typer
 
 from apexcli.images import DEFAULT_MAX_PIXELS
 from apexcli.rewards.config import RewardsConfig, apply_overrides
-from apexcli.scoring import score_paths
 
 
 def score(
@@ -27,6 +26,8 @@ def score(
     no_progress: Annotated[bool, typer.Option("--no-progress", help="Hide the progress bar.")] = False,
 ) -> None:
     """Score images on rewards; bad files are listed, good ones scored."""
+    from apexcli.scoring import score_paths
+
     config = apply_overrides(RewardsConfig(), list(overrides or []))
     if trust_remote_code:
         config.deqa.trust_remote_code = True

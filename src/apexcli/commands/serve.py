@@ -7,7 +7,6 @@ from typing import Annotated, Optional
 import typer
 
 from apexcli.rewards.config import RewardsConfig, apply_overrides
-from apexcli.rewards.server import serve_rewards
 
 
 def serve(
@@ -20,6 +19,8 @@ def serve(
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Reward option KEY=VALUE, repeatable, e.g. --set rewards.deqa.source=/models/deqa")] = None,
 ) -> None:
     """Serve rewards to `train` and `score` (use them as NAME@http://HOST:PORT)."""
+    from apexcli.rewards.server import serve_rewards
+
     config = apply_overrides(RewardsConfig(), list(overrides or []))
     if trust_remote_code:
         config.deqa.trust_remote_code = True

@@ -7,7 +7,6 @@ from typing import Annotated
 
 import typer
 
-from apexcli.sweep import run_sweep
 
 
 def sweep(
@@ -53,6 +52,8 @@ def sweep(
     ] = False,
 ) -> None:
     """Static-weight runs over a simplex grid: the fixed-weight frontier to compare APEX with."""
+    from apexcli.sweep import run_sweep
+
     run_sweep(
         objectives.split(","),
         points,

@@ -120,7 +120,7 @@ def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: b
     from apexcli.models.loading import load_pipeline, resolve_device
     from apexcli.models.lora import resolve_lora_path
     from apexcli.models.text_cache import TextEmbeddingCache, encoder_fingerprint
-    from apexcli.runs import parse_step_dirname
+    from apexcli.runs import LORA_FILE, parse_step_dirname
 
     run = RunDir(Path(run_path))
     if not run.config_path.is_file():
@@ -136,7 +136,8 @@ def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: b
             raise ApexError(f"run '{run_path}' has no checkpoint yet; pass --checkpoint base to evaluate the base model")
         step = parse_step_dirname(ckpt.name) or parse_step_dirname(ckpt.parent.name) or 0
         lora_dir = ckpt / "ema" if cfg.eval.use_ema and (ckpt / "ema").is_dir() else ckpt
-        pipe.load_lora_weights(str(lora_dir))
+        # name the file: given only a folder, diffusers guesses among its .safetensors files
+        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
     pipe.to(device)
     cache = TextEmbeddingCache(cfg.model.text_cache_dir, encoder_fingerprint(pipe))
     evaluator = Evaluator(cfg, pipe, cache, cfg.objectives, device=device)

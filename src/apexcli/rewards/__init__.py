@@ -1,21 +1,24 @@
-"""Rewards: a registry of scorers (pick, aes, deqa, ocr, toy metrics) and the fused RewardSuite."""
+"""Rewards: a registry of scorers (pick, aes, deqa, ocr, toy metrics) and the fused RewardSuite.
 
-from apexcli.rewards.base import ImageBatch, Reward
-from apexcli.rewards.config import (
-    AesConfig,
-    DeqaConfig,
-    OcrConfig,
-    PickConfig,
-    RemoteConfig,
-    RewardsConfig,
-    ToyConfig,
-    apply_overrides,
-)
-from apexcli.rewards.registry import REGISTRY, REWARD_NAMES, build_reward, canonical_name, needs_prompt
-from apexcli.rewards.suite import RewardSuite
+Names resolve lazily so that reading the reward options (``apexcli.rewards.config``, used by
+the CLI's option parsing) does not import torch and the model code.
+"""
 
-__all__ = [
-    "AesConfig", "DeqaConfig", "ImageBatch", "OcrConfig", "PickConfig", "REGISTRY", "REWARD_NAMES",
-    "RemoteConfig", "Reward", "RewardSuite", "RewardsConfig", "ToyConfig", "apply_overrides",
-    "build_reward", "canonical_name", "needs_prompt",
-]
+from importlib import import_module
+
+_WHERE = {
+    "ImageBatch": "base", "Reward": "base",
+    "AesConfig": "config", "DeqaConfig": "config", "OcrConfig": "config", "PickConfig": "config",
+    "RemoteConfig": "config", "RewardsConfig": "config", "ToyConfig": "config", "apply_overrides": "config",
+    "REGISTRY": "registry", "REWARD_NAMES": "registry", "build_reward": "registry",
+    "canonical_name": "registry", "needs_prompt": "registry",
+    "RewardSuite": "suite",
+}
+
+__all__ = sorted(_WHERE)
+
+
+def __getattr__(name: str):
+    if name not in _WHERE:
+        raise AttributeError(f"module 'apexcli.rewards' has no attribute {name!r}")
+    return getattr(import_module(f"apexcli.rewards.{_WHERE[name]}"), name)

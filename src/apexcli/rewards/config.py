@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
-from typing import Any
 
-from apexcli.errors import ApexError
+from apexcli.schema import deep_merge, from_dict, parse_override
 
 
 @dataclass
@@ -93,43 +92,11 @@ class RewardsConfig:
     remote: RemoteConfig = field(default_factory=RemoteConfig)
 
 
-def _parse_value(text: str, kind: Any, key: str) -> Any:
-    if kind in (bool, "bool"):
-        low = text.strip().lower()
-        if low in ("1", "true", "yes", "on"):
-            return True
-        if low in ("0", "false", "no", "off"):
-            return False
-        raise ApexError(f"{key}: expected true/false, got {text!r}")
-    for typ, name in ((int, "int"), (float, "float")):
-        if kind in (typ, name):
-            try:
-                return typ(text)
-            except ValueError:
-                raise ApexError(f"{key}: expected {name}, got {text!r}") from None
-    return text
-
-
 def apply_overrides(cfg: RewardsConfig, items: list[str]) -> RewardsConfig:
-    """Apply `KEY=VALUE` overrides (`rewards.pick.source=/dir` or `pick.source=/dir`) in place."""
+    """``cfg`` with ``KEY=VALUE`` overrides applied (``rewards.pick.source=/dir`` or
+    ``pick.source=/dir``), typed and checked like the run config's overrides."""
+    data = dataclasses.asdict(cfg)
     for item in items:
-        if "=" not in item:
-            raise ApexError(f"override {item!r} is not KEY=VALUE (e.g. rewards.pick.source=/dir)")
-        key, value = item.split("=", 1)
-        parts = key.strip().split(".")
-        if parts and parts[0] == "rewards":
-            parts = parts[1:]
-        node: Any = cfg
-        for i, part in enumerate(parts):
-            names = [f.name for f in dataclasses.fields(node)]
-            if part not in names:
-                where = "rewards." + ".".join(parts[:i]) if i else "rewards"
-                raise ApexError(f"unknown option {key!r}; {where} has: {', '.join(names)}")
-            if i == len(parts) - 1:
-                fld = next(f for f in dataclasses.fields(node) if f.name == part)
-                if dataclasses.is_dataclass(getattr(node, part)):
-                    raise ApexError(f"{key!r} is a section; set one of its fields")
-                setattr(node, part, _parse_value(value, fld.type, key))
-            else:
-                node = getattr(node, part)
-    return cfg
+        tree = parse_override(item if item.startswith("rewards.") else f"rewards.{item}")
+        data = deep_merge(data, tree["rewards"])
+    return from_dict(RewardsConfig, data, "rewards.")

@@ -18,6 +18,7 @@ an uninterrupted one, and the samples do not depend on how many processes share 
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -33,7 +34,7 @@ from apexcli.balance import build_balancer_from_config
 from apexcli.balance.probe import gradient_gram
 from apexcli.config import Config, config_to_dict, trained_steps
 from apexcli.errors import ApexError
-from apexcli.flow.rollout import PromptEmbeds, decode_latents, initial_noise, rollout, step_log_prob
+from apexcli.flow.rollout import decode_latents, initial_noise, rollout, step_log_prob
 from apexcli.flow.sde import gaussian_kl
 from apexcli.models.loading import DTYPES, load_pipeline, resolve_device
 from apexcli.models.lora import attach_lora, load_lora_into_adapter, save_lora
@@ -67,7 +68,10 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self) -> None:
         cfg = self.cfg
-        cpu = resolve_device(cfg.model.device).type == "cpu"
+        device = resolve_device(cfg.model.device)
+        cpu = device.type == "cpu"
+        if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+            torch.cuda.set_device(device)  # single process on cuda:N; launchers set it per rank
         trackers = None if cfg.logging.tracker == "none" else cfg.logging.tracker
         _check_tracker_installed(trackers)
         self.accelerator = Accelerator(cpu=cpu, log_with=trackers, project_dir=str(self.run.path))
@@ -394,6 +398,7 @@ class Trainer:
                 if self.evaluator is not None and (last or self.step % cfg.eval.every == 0):
                     progress.phase("eval", self.step)
                     self._evaluate()
+            progress.phase("done", self.step)
         return self.run.path
 
     def _evaluate(self) -> None:

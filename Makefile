@@ -12,8 +12,8 @@ DEMO ?= runs/demo
 install: $(VENV)/.installed
 
 # torch goes in first, chosen for this machine: the CUDA build where nvidia-smi sees a GPU
-# (PyPI's default Linux wheel), else a CPU build (a local/configured wheel, else the CPU
-# index). `pip install -e .` then finds its torch requirement satisfied and pulls no other.
+# (PyPI's default Linux wheel), else a CPU build: a local wheel from pip's configured
+# find-links (its dependencies then from the index), else the CPU index. `pip install -e .` then finds its torch requirement satisfied and pulls no other.
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -22,8 +22,11 @@ $(VENV)/.installed: pyproject.toml
 	elif command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then \
 		$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
 	else \
-		$(BIN)/python -m pip install -q --no-index "torch==$(TORCH_VERSION)" 2>/dev/null \
-		|| $(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+		if $(BIN)/python -m pip install -q --no-index --no-deps "torch==$(TORCH_VERSION)" 2>/dev/null; then \
+			$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)"; \
+		else \
+			$(BIN)/python -m pip install -q "torch==$(TORCH_VERSION)" --index-url $(TORCH_CPU_INDEX) --extra-index-url https://pypi.org/simple; \
+		fi; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@

@@ -23,6 +23,12 @@ forwards), a wrapper around ``accelerator.backward`` (the transformer's backward
 graph on top is a few element-wise ops), and a wrapper around ``vae.decode``. The probe's
 per-objective ``autograd.grad`` passes are not wrapped: they count as outside-model time. The share
 outside model forward/backward and VAE decode is ``1 - model / step`` (target: under 15%).
+
+Text encoding: the trainer embeds every prompt once at setup (``models.text_cache``) and frees
+the encoders, so no iteration encodes text. To show what that removes, the script also times
+encoding one iteration's prompts with the three text encoders (what an uncached loop pays every
+step) against looking the same prompts up in the warm cache.
+
 The last line is one JSON object with every number.
 """
 
@@ -120,6 +126,30 @@ def instrument(trainer: Trainer, clock: Clock) -> None:
     trainer.balancer = TimedBalancer(trainer.balancer, clock)
 
 
+def time_text_encoding(cfg, prompts: list[str], repeats: int) -> dict[str, float]:
+    """Seconds to embed one iteration's prompts (+ the empty prompt): fresh vs from a warm cache."""
+    from apexcli.models.loading import load_pipeline
+    from apexcli.models.text_cache import TextEmbeddingCache, encode_prompts, encoder_fingerprint
+
+    pipe = load_pipeline(cfg.model)
+    seq = cfg.model.max_sequence_length
+    cache = TextEmbeddingCache(None, encoder_fingerprint(pipe))
+    batches = [[prompts[(i * cfg.train.prompts_per_step + j) % len(prompts)] for j in range(cfg.train.prompts_per_step)] + [""]
+               for i in range(repeats)]
+    encode_prompts(pipe, batches[0], max_sequence_length=seq, device="cpu")  # warm-up
+    t0 = time.perf_counter()
+    for batch in batches:
+        encode_prompts(pipe, batch, max_sequence_length=seq, device="cpu")
+    uncached = (time.perf_counter() - t0) / repeats
+    for batch in batches:
+        encode_prompts(pipe, batch, max_sequence_length=seq, device="cpu", cache=cache)
+    t0 = time.perf_counter()
+    for batch in batches:
+        encode_prompts(pipe, batch, max_sequence_length=seq, device="cpu", cache=cache)
+    cached = (time.perf_counter() - t0) / repeats
+    return {"uncached_s": uncached, "cached_s": cached}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("overrides", nargs="*", help="config overrides KEY=VALUE on top of the preset")
@@ -155,6 +185,8 @@ def main() -> None:
                     per_step.append((total, dict(clock.seconds), row))
         finally:
             trainer.close()
+
+    text = time_text_encoding(cfg, trainer.prompts, repeats=max(args.steps, 3))
 
     def mean(values) -> float:
         return statistics.fmean(values) if values else 0.0
@@ -198,6 +230,11 @@ def main() -> None:
     print(f"outside model fwd/bwd + VAE decode: {outside:.1%} of the iteration (target < 15%)")
     print(f"scoring thread time (overlapped with sampling): {mean([r['time/score'] for _, _, r in per_step]):.4f} s/iter")
     print(
+        f"text encoding of one iteration's prompts: {text['uncached_s']:.4f} s uncached "
+        f"({text['uncached_s'] / step:.1%} of an iteration) vs {text['cached_s']:.6f} s from the cache "
+        f"({text['uncached_s'] / max(text['cached_s'], 1e-9):.0f}x); the trainer encodes once at setup"
+    )
+    print(
         json.dumps(
             {
                 "preset": args.preset,
@@ -212,6 +249,8 @@ def main() -> None:
                 "score_thread_s": mean([r["time/score"] for _, _, r in per_step]),
                 "model_s_by_phase": model_in,
                 "outside_model_share": outside,
+                "text_encode_uncached_s": text["uncached_s"],
+                "text_encode_cached_s": text["cached_s"],
             }
         )
     )

@@ -114,3 +114,14 @@ def test_none_normalisation_is_the_raw_gain():
     assert norm.apply(np.array([[10.0, 0.3]]))[0] == pytest.approx([2.0, 0.2])
     with pytest.raises(ValueError):
         fit_normalisation(np.ones((1, 2)), np.zeros(2), "zscore")
+
+
+def test_base_std_normalisation_by_hand():
+    points = np.array([[3.0, 0.5], [1.0, 0.9]])
+    base = np.array([1.0, 0.4])
+    norm = fit_normalisation(points, base, "base_std", base_std=np.array([2.0, 0.1]))
+    assert np.allclose(norm.apply(points), [[1.0, 1.0], [0.0, 5.0]])
+    assert "std" in norm.describe()
+    for bad in (None, np.array([2.0, 0.0]), np.array([2.0, np.nan]), np.array([1.0])):
+        with pytest.raises(ValueError):
+            fit_normalisation(points, base, "base_std", base_std=bad)

@@ -62,7 +62,7 @@ def quiet():
 
 
 def test_final_points_front_and_hypervolumes(three_runs, tmp_path):
-    res = run_pareto([three_runs], tmp_path / "out", console=quiet())
+    res = run_pareto([three_runs], tmp_path / "out", normalisation="spread", console=quiet())
     names = [r.name for r in res.table.runs]
     assert names == ["apex", "bad", "static"]  # find_runs order: sorted paths
     hv = dict(zip(names, res.run_hypervolume))
@@ -90,7 +90,7 @@ def test_final_points_front_and_hypervolumes(three_runs, tmp_path):
 
 
 def test_all_steps_uses_every_trained_eval(three_runs, tmp_path):
-    res = run_pareto([three_runs], tmp_path / "out", all_steps=True, console=quiet())
+    res = run_pareto([three_runs], tmp_path / "out", all_steps=True, normalisation="spread", console=quiet())
     assert res.table.steps.tolist() == [2, 4, 2, 4, 2, 4]
     hv = dict(zip([r.name for r in res.table.runs], res.run_hypervolume))
     # spread over all steps: brightness 0.8-0.4 = 0.4, contrast 0.6-0.3 = 0.3
@@ -103,7 +103,7 @@ def test_all_steps_uses_every_trained_eval(three_runs, tmp_path):
 
 def test_plots_written_with_expected_size_and_linked(three_runs, tmp_path):
     out = tmp_path / "out"
-    res = run_pareto([three_runs], out, console=quiet())
+    res = run_pareto([three_runs], out, normalisation="spread", console=quiet())
     names = sorted(p.path.name for p in res.plots)
     assert names == ["balance_weights.png", "eval_curves.png", "gains.png", "scatter_matrix.png"]
     dpi = plots.DPI
@@ -246,7 +246,7 @@ def test_cli_command(three_runs, tmp_path):
     app.command("noop")(lambda: None)  # two commands so typer keeps the subcommand name
     runner = CliRunner()
     out = tmp_path / "cli-out"
-    result = runner.invoke(app, ["pareto", str(three_runs), "--out", str(out), "--all-steps"])
+    result = runner.invoke(app, ["pareto", str(three_runs), "--out", str(out), "--all-steps", "--normalize", "spread"])
     assert result.exit_code == 0, result.output
     assert "front hypervolume: 0.35" in result.output
     data = json.loads((out / "pareto.json").read_text())
@@ -269,9 +269,22 @@ def test_a_single_common_objective(tmp_path):
     root = tmp_path / "runs"
     make_run(root, "a", {0: (1.0,), 5: (3.0,)}, objectives=("ocr",))
     make_run(root, "b", {0: (1.0,), 5: (2.0,)}, objectives=("ocr",))
-    res = run_pareto([root], tmp_path / "out", console=quiet())
+    res = run_pareto([root], tmp_path / "out", normalisation="spread", console=quiet())
     assert res.on_front.tolist() == [True, False]
     # spread 3 - 1 = 2: gains 1 and 0.5; in 1-D the hypervolume is the best gain
     assert res.run_hypervolume == pytest.approx([1.0, 0.5])
     assert res.front_hypervolume == pytest.approx(1.0)
     assert sorted(p.path.name for p in res.plots) == ["eval_curves.png", "gains.png"]
+
+
+def test_auto_normalisation_uses_the_base_models_eval_std(three_runs, tmp_path):
+    """Every step-0 eval carries eval/{k}/std = 0.01, so auto picks base_std: y = (x - base) / 0.01."""
+    res = run_pareto([three_runs], tmp_path / "out", console=quiet())
+    assert res.normalisation.method == "base_std"
+    assert np.allclose(res.normalisation.scale, 0.01)
+    expected = (res.table.values - res.table.base) / 0.01
+    assert np.allclose(res.normalised, expected)
+    data = json.loads((tmp_path / "out" / "pareto.json").read_text())
+    assert data["normalisation"]["method"] == "base_std"
+    with pytest.raises(ApexError, match="base_std"):
+        run_pareto([three_runs], tmp_path / "o2", normalisation="zscore", console=quiet())

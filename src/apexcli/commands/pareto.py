@@ -32,10 +32,12 @@ def pareto(
         str,
         typer.Option(
             "--normalize",
-            help="Per-objective normalisation before the hypervolume: 'spread' = gain over "
-            "the base model / observed range of the objective (default); 'none' = raw gain.",
+            help="Per-objective normalisation before the hypervolume: 'base_std' = gain over "
+            "the base model in units of its std over the eval prompts; 'spread' = gain / observed "
+            "range of the objective; 'none' = raw gain; 'auto' (default) = base_std when the "
+            "step-0 evals carry stds, else spread.",
         ),
-    ] = "spread",
+    ] = "auto",
 ) -> None:
     """Non-dominated set, hypervolumes, plots and a report over training runs."""
     from apexcli.eval.report import run_pareto

@@ -78,6 +78,7 @@ class PointTable:
     values: np.ndarray  # [N, K] float: eval means
     base: np.ndarray  # [K] float: the base model's point (hypervolume reference)
     base_source: str  # one line: where ``base`` comes from
+    base_std: np.ndarray | None  # [K] mean step-0 eval std per objective, None if any is missing
     skipped: list[SkippedRun]  # collection skips plus runs with no usable point
     warnings: list[str]
 
@@ -239,6 +240,7 @@ def build_points(collection: Collection, all_steps: bool = False) -> PointTable:
 
     points = np.asarray(values, dtype=float)
     base, base_source = _base_point(kept, objectives, points, warnings)
+    base_std = _base_std(kept, objectives)
     return PointTable(
         objectives=objectives,
         runs=kept,
@@ -247,6 +249,7 @@ def build_points(collection: Collection, all_steps: bool = False) -> PointTable:
         values=points,
         base=base,
         base_source=base_source,
+        base_std=base_std,
         skipped=skipped,
         warnings=warnings,
     )
@@ -283,6 +286,17 @@ def _base_point(
         )
         return base, f"mean of the step-0 evals of {n} runs (they differ)"
     return base, f"step-0 eval (base model), identical in {n} run(s)"
+
+
+def _base_std(runs: list[RunRecord], objectives: list[str]) -> np.ndarray | None:
+    """Mean over runs of the step-0 eval std of each objective; None unless every run has all."""
+    rows = []
+    for run in runs:
+        zero = next((e for e in run.evals if e.step == 0), None)
+        if zero is None or not all(k in zero.stds for k in objectives):
+            return None
+        rows.append([zero.stds[k] for k in objectives])
+    return np.asarray(rows, dtype=float).mean(axis=0) if rows else None
 
 
 def _make_names_unique(runs: list[RunRecord]) -> None:

@@ -8,7 +8,16 @@ Conventions (used everywhere in ``apex pareto``):
   duplicates do not dominate each other, so all copies of a front point are on the front;
   a tie in one objective is broken by the others as usual.
 
-Normalisation ``"spread"`` (the default), per objective k, with b the base model's point:
+Normalisation ``"base_std"`` (the default when the step-0 evals carry stds), per objective k:
+
+    y_k = (x_k - b_k) / sd_k,   sd_k = std of objective k over the eval prompts of the base
+                                model (the step-0 eval's ``eval/{k}/std``)
+
+a gain in units of the base model's prompt-to-prompt spread (an effect size). It does not
+depend on which runs are compared, so hypervolumes are comparable across invocations, and
+noise-level differences stay small instead of being stretched to the full axis.
+
+Normalisation ``"spread"``, per objective k, with b the base model's point:
 
     y_k = (x_k - b_k) / s_k,    s_k = max_i x_ik - min_i x_ik over the points AND b
                                 (s_k = 1 when that spread is 0)
@@ -35,7 +44,7 @@ from dataclasses import dataclass
 import moocore
 import numpy as np
 
-NORMALISATIONS = ("spread", "none")
+NORMALISATIONS = ("base_std", "spread", "none")
 
 
 def dominates(a: np.ndarray, b: np.ndarray) -> bool:
@@ -81,7 +90,7 @@ def hypervolume(points: np.ndarray, reference: np.ndarray) -> float:
 class Normalisation:
     """Per-objective affine map y = (x - base) / scale (see the module docstring)."""
 
-    method: str  # "spread" or "none"
+    method: str  # "base_std", "spread" or "none"
     base: np.ndarray  # [K] the base model's raw point; maps to the origin
     scale: np.ndarray  # [K] positive divisor per objective
 
@@ -89,6 +98,13 @@ class Normalisation:
         return (_as_points(points) - self.base) / self.scale
 
     def describe(self) -> str:
+        if self.method == "base_std":
+            return (
+                "y_k = (x_k - base_k) / sd_k with sd_k the std of objective k over the eval "
+                "prompts of the base model (step 0): gains in units of the base model's "
+                "prompt-to-prompt spread; all objectives maximised; the base model is the origin "
+                "and the hypervolume reference"
+            )
         if self.method == "spread":
             return (
                 "y_k = (x_k - base_k) / s_k with s_k = max - min of objective k over the "
@@ -101,19 +117,33 @@ class Normalisation:
         )
 
 
-def fit_normalisation(points: np.ndarray, base: np.ndarray, method: str = "spread") -> Normalisation:
-    """Build the normalisation of ``points`` [N, K] around ``base`` [K] (module docstring)."""
+def fit_normalisation(
+    points: np.ndarray, base: np.ndarray, method: str = "spread", base_std: np.ndarray | None = None
+) -> Normalisation:
+    """Build the normalisation of ``points`` [N, K] around ``base`` [K] (module docstring);
+    ``base_std`` [K] is needed by ``"base_std"`` and must be finite and positive."""
     if method not in NORMALISATIONS:
         raise ValueError(f"unknown normalisation {method!r}; choose one of {NORMALISATIONS}")
     pts = _as_points(points)
     base = np.asarray(base, dtype=float).reshape(-1)
-    if method == "none":
+    if method == "base_std":
+        if not usable_base_std(base_std, len(base)):
+            raise ValueError("base_std normalisation needs a finite, positive std per objective")
+        scale = np.asarray(base_std, dtype=float).reshape(-1)
+    elif method == "none":
         scale = np.ones_like(base)
     else:
         allpts = np.vstack([pts, base[None, :]])
         spread = allpts.max(axis=0) - allpts.min(axis=0)
         scale = np.where(spread > 0, spread, 1.0)
     return Normalisation(method=method, base=base, scale=scale)
+
+
+def usable_base_std(base_std, k: int) -> bool:
+    if base_std is None:
+        return False
+    sd = np.asarray(base_std, dtype=float).reshape(-1)
+    return sd.shape == (k,) and bool(np.all(np.isfinite(sd)) and np.all(sd > 0))
 
 
 def _as_points(points) -> np.ndarray:

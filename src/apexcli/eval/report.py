@@ -25,6 +25,7 @@ from apexcli.eval.pareto import (
     NORMALISATIONS,
     Normalisation,
     fit_normalisation,
+    usable_base_std,
     hypervolume,
     nondominated_mask,
 )
@@ -59,24 +60,32 @@ def run_pareto(
     out: Path,
     *,
     all_steps: bool = False,
-    normalisation: str = "spread",
+    normalisation: str = "auto",
     console: Console | None = None,
 ) -> ParetoResult:
     """Compare the runs under ``paths`` and write pareto.json, PNG plots and report.md to ``out``.
 
     Points: each run's final eval (its last eval step > 0), or every eval step > 0 when
     ``all_steps``. Reference: the base model (step-0 eval). Normalisation: see
-    ``apexcli.eval.pareto`` (``"spread"``: gain over the base / observed range per objective;
-    ``"none"``: raw gain). A run's hypervolume is that of its own point(s); the front's is that
+    ``apexcli.eval.pareto`` (``"auto"``: ``"base_std"`` — gain over the base in units of the base
+    model's std over the eval prompts — when every step-0 eval carries stds, else ``"spread"``:
+    gain over the base / observed range per objective; ``"none"``: raw gain). A run's hypervolume is that of its own point(s); the front's is that
     of all points. Unusable runs are skipped with a reason; no run at all is an ApexError.
     """
     console = console or Console()
-    if normalisation not in NORMALISATIONS:
+    if normalisation not in ("auto", *NORMALISATIONS):
         raise ApexError(
-            f"unknown normalisation {normalisation!r}: use one of {', '.join(NORMALISATIONS)}"
+            f"unknown normalisation {normalisation!r}: use one of auto, {', '.join(NORMALISATIONS)}"
         )
     table = build_points(collect_runs(paths), all_steps=all_steps)
-    norm = fit_normalisation(table.values, table.base, normalisation)
+    has_std = usable_base_std(table.base_std, len(table.objectives))
+    if normalisation == "auto":
+        normalisation = "base_std" if has_std else "spread"
+        if not has_std:
+            table.warnings.append("step-0 evals carry no usable std per objective: normalising by the observed spread")
+    elif normalisation == "base_std" and not has_std:
+        raise ApexError("--normalize base_std needs a positive eval/{k}/std in every run's step-0 eval; use spread or none")
+    norm = fit_normalisation(table.values, table.base, normalisation, table.base_std)
     normalised = norm.apply(table.values)
     on_front = nondominated_mask(normalised)
     origin = np.zeros(len(table.objectives))

@@ -55,6 +55,8 @@ class ModelConfig:
     """Recompute transformer activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
     """torch.compile the transformer (CUDA; pays a warm-up on the first steps)."""
+    attention: str = "auto"
+    """Scaled-dot-product attention kernel: auto (PyTorch picks), flash, efficient, cudnn or math."""
     text_cache_dir: str | None = None
     """Directory for cached prompt embeddings (safetensors); None keeps them in memory only."""
     free_text_encoders: bool = True
@@ -144,9 +146,9 @@ class TrainConfig:
 
 @dataclass
 class PromptsConfig:
-    train: str = "builtin:general"
+    train: str = "builtin:mixed"
     """Training prompts: a .txt (one per line) or .jsonl ({"prompt": ...}) file, or builtin:NAME."""
-    eval: str = "builtin:eval"
+    eval: str = "builtin:mixed_eval"
     """Held-out evaluation prompts (same formats)."""
 
 
@@ -288,6 +290,7 @@ def validate(cfg: Config) -> None:
     _check(len(cfg.objectives) > 0, "objectives", "needs at least one objective")
     _check(len(set(cfg.objectives)) == len(cfg.objectives), "objectives", f"has duplicates: {cfg.objectives}")
     _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"must be float32, bfloat16 or float16, got '{m.dtype}'")
+    _check(m.attention in ("auto", "flash", "efficient", "cudnn", "math"), "model.attention", f"must be auto, flash, efficient, cudnn or math, got '{m.attention}'")
     _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", f"must be a positive multiple of 16, got {m.resolution}")
     _check(s.sampler in ("sde", "cps"), "sampling.sampler", f"must be sde or cps, got '{s.sampler}'")
     _check(s.num_steps >= 2, "sampling.num_steps", f"must be >= 2, got {s.num_steps}")

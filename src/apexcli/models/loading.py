@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,6 +21,25 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ApexError(f"model.device is '{name}' but no CUDA GPU is visible; use model.device=cpu (or auto)")
     return device
+
+
+ATTENTION_KERNELS = ("auto", "flash", "efficient", "cudnn", "math")
+
+
+def attention_kernels(name: str):
+    """Context that restricts PyTorch's scaled-dot-product attention to one kernel (``auto``:
+    PyTorch picks per call). SD3's joint attention runs through SDPA, so this is its switch."""
+    if name == "auto":
+        return nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {
+        "flash": SDPBackend.FLASH_ATTENTION,
+        "efficient": SDPBackend.EFFICIENT_ATTENTION,
+        "cudnn": SDPBackend.CUDNN_ATTENTION,
+        "math": SDPBackend.MATH,
+    }[name]
+    return sdpa_kernel([backend])
 
 
 def _looks_like_path(name: str) -> bool:

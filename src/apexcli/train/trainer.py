@@ -36,11 +36,12 @@ from apexcli.config import Config, config_to_dict, trained_steps
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import decode_latents, initial_noise, rollout, step_log_prob
 from apexcli.flow.sde import gaussian_kl
-from apexcli.models.loading import DTYPES, load_pipeline, resolve_device
+from apexcli.models.loading import DTYPES, attention_kernels, load_pipeline, resolve_device
 from apexcli.models.lora import attach_lora, load_lora_into_adapter, save_lora
 from apexcli.models.text_cache import TextEmbeddingCache, encode_prompts, encoder_fingerprint, free_text_encoders
 from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
+from apexcli.rewards.ocr import ocr_target
 from apexcli.runs import RunDir
 from apexcli.train.checkpoint import TrainingState, find_resume_checkpoint, load_training_state, save_checkpoint
 from apexcli.train.ema import LoraEMA
@@ -90,6 +91,11 @@ class Trainer:
         self._score_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apex-score")
         self.balancer = build_balancer_from_config(cfg.balance, self.objectives)
         self.prompts = load_prompts(cfg.prompts.train)
+        if "ocr" in self.objectives and not any(ocr_target(p) for p in self.prompts):
+            raise ApexError(
+                f"objective 'ocr' needs prompts with quoted text (\"...\"), and prompts.train={cfg.prompts.train} "
+                "has none; use prompts.train=builtin:mixed (or builtin:ocr, or your own file)"
+            )
 
         pipe = load_pipeline(cfg.model)
         self.vae_scale_factor = pipe.vae_scale_factor
@@ -384,7 +390,8 @@ class Trainer:
             while self.step < cfg.train.steps:
                 self.step += 1
                 progress.phase("rollout", self.step)
-                row = self.train_step()
+                with attention_kernels(cfg.model.attention):
+                    row = self.train_step()
                 if main:
                     self.run.append_metrics(row)
                 if acc.log_with:
@@ -403,7 +410,7 @@ class Trainer:
 
     def _evaluate(self) -> None:
         ctx = self.ema.swapped_in() if (self.ema is not None and self.cfg.eval.use_ema) else nullcontext()
-        with ctx:
+        with ctx, attention_kernels(self.cfg.model.attention):
             row = self.evaluator.run(_unwrap(self.transformer), self.vae, self.scheduler, self.vae_scale_factor, self.step, self.run)
         if self.accelerator.is_main_process and row is not None:
             self.run.append_metrics(row)

@@ -262,6 +262,7 @@ class Trainer:
         model_for_ref = _unwrap(self.transformer)
         stats = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": [], "grad_norm": []}
         first_ratio = None
+        skipped = 0
         lr_applied = self.lr_scheduler.get_last_lr()[0]
         self.transformer.train()
         for epoch in range(t.inner_epochs):
@@ -318,11 +319,14 @@ class Trainer:
                         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.lora_params if p.grad is not None]))
                     stats["grad_norm"].append(float(norm))
                     lr_applied = self.lr_scheduler.get_last_lr()[0]  # the lr this optimizer step uses
-                    self.optimizer.step()
+                    if torch.isfinite(torch.as_tensor(norm)):
+                        self.optimizer.step()
+                        if self.ema is not None:
+                            self.ema.update()
+                    else:  # a non-finite gradient (overflow) is dropped, never applied to the LoRA
+                        skipped += 1
                     self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
-                    if self.ema is not None:
-                        self.ema.update()
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         if acc.num_processes > 1:
             # every process trains as many micro-batches (equal shards), so the mean of the
@@ -330,6 +334,7 @@ class Trainer:
             keys = [k for k in ("loss", "kl", "ratio_mean", "clip_frac") if k in out]
             local = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
             out.update(zip(keys, acc.reduce(local, reduction="mean").tolist()))
+        out["skipped_updates"] = skipped
         out["ratio_first"] = first_ratio
         out["lr"] = lr_applied  # of the iteration's last optimizer step (not the next one's)
         return out
@@ -398,13 +403,15 @@ class Trainer:
                     acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}, step=self.step)
                 progress.advance(self.step, row)
                 last = self.step == cfg.train.steps
+                # evaluate before checkpointing: a resume from this checkpoint then never lacks
+                # this step's eval row, and a crash in between re-runs both from the older one
+                if self.evaluator is not None and (last or self.step % cfg.eval.every == 0):
+                    progress.phase("eval", self.step)
+                    self._evaluate()
                 every = cfg.train.checkpoint_every
                 if last or (every and self.step % every == 0):
                     progress.phase("checkpoint", self.step)
                     self.save_checkpoint()
-                if self.evaluator is not None and (last or self.step % cfg.eval.every == 0):
-                    progress.phase("eval", self.step)
-                    self._evaluate()
             progress.phase("done", self.step)
         return self.run.path
 

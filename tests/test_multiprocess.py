@@ -65,7 +65,9 @@ def _torchrun(tmp_path: Path, nproc: int, argv: list[str]) -> subprocess.Complet
 def two_process_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mp")
     out = tmp / "run"
-    argv = ["train", "--preset", "tiny", "--steps", "3", "--out", str(out), "--objectives", "brightness,colorfulness", *TINY_OVERRIDES]
+    argv = ["train", "--preset", "tiny", "--steps", "3", "--out", str(out), "--objectives", "brightness,colorfulness", *TINY_OVERRIDES,
+            # 3 eval prompts: rank 0 evaluates prompts 0 and 2, rank 1 prompt 1
+            "--eval-every", "3", "eval.num_prompts=3", "eval.num_steps=3", "eval.batch_size=2"]
     proc = _torchrun(tmp, 2, argv)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp, out
@@ -106,3 +108,21 @@ def test_same_samples_and_advantages_as_one_process(two_process_run, tiny_run):
     lora_two = load_lora_file(out / "checkpoints" / "step-000003")
     scale = max(float(v.abs().max()) for v in lora_one.values())
     assert max(float((lora_one[k] - lora_two[k]).abs().max()) for k in lora_one) < 1e-2 * scale
+
+
+def test_sharded_evaluation_equals_one_process(two_process_run):
+    """Each rank evaluates its share of the prompts; the gathered row and files are those of a
+    one-process evaluation of the same weights."""
+    import json
+
+    from apexcli.eval.evaluator import evaluate_checkpoint
+
+    _, out = two_process_run
+    evals = [r for r in read_metrics(out, kind="eval")]
+    assert [r["step"] for r in evals] == [0, 3]
+    scores = [json.loads(line) for line in (out / "eval" / "step-000000" / "scores.jsonl").read_text().splitlines()]
+    assert [s["index"] for s in scores] == [0, 1, 2]
+    base = evaluate_checkpoint(out, "base")  # one process, base model
+    for key, value in base.items():
+        if key.startswith("eval/"):
+            assert evals[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key

@@ -63,27 +63,37 @@ class Evaluator:
 
     @torch.no_grad()
     def run(self, transformer, vae, scheduler, vae_scale_factor: int, step: int, run: RunDir | None) -> dict | None:
-        """Evaluate on the main process; other processes return None."""
-        if self.accelerator is not None and not self.accelerator.is_main_process:
-            return None
+        """Every process evaluates its share of the prompts (i = rank, rank + W, ...); the main
+        process gathers them, writes the eval folder and returns the row (others return None)."""
+        acc = self.accelerator
+        rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
         e, res = self.cfg.eval, self.cfg.model.resolution
         was_training = transformer.training
         transformer.eval()
-        images, rewards = [], []
-        for start in range(0, len(self.prompts), e.batch_size):
-            stop = min(start + e.batch_size, len(self.prompts))
+        mine = list(range(rank, len(self.prompts), world))
+        results: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+        for start in range(0, len(mine), e.batch_size):
+            idx = mine[start : start + e.batch_size]
             traj = rollout(
-                transformer, scheduler, self.cond.index(slice(start, stop)).to(self.device),
+                transformer, scheduler, self.cond.index(idx).to(self.device),
                 num_steps=e.num_steps, height=res, width=res, vae_scale_factor=vae_scale_factor,
                 guidance_scale=e.guidance_scale, uncond=self.uncond, sampler="ode",
-                initial_noise=self.noise[start:stop].to(self.device),
+                initial_noise=self.noise[idx].to(self.device),
             )
             batch = decode_latents(vae, traj.final)
-            r, _ = self.suite(batch, self.prompts[start:stop])
-            images.append(batch.cpu())
-            rewards.append(r)
+            r, _ = self.suite(batch, [self.prompts[i] for i in idx])
+            pixels = (batch.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # 4x smaller to gather
+            results += [(i, pixels[j], r[j]) for j, i in enumerate(idx)]
         transformer.train(was_training)
-        images_t, r_all = torch.cat(images), torch.cat(rewards)
+        if world > 1:
+            from accelerate.utils import gather_object
+
+            results = gather_object(results)
+            if not acc.is_main_process:
+                return None
+        results.sort(key=lambda item: item[0])
+        images_t = torch.stack([img for _, img, _ in results]).float() / 255
+        r_all = torch.stack([r for _, _, r in results])
         row: dict = {"step": step, "kind": "eval"}
         for k, name in enumerate(self.suite.objectives):
             col = r_all[:, k]

@@ -321,11 +321,11 @@ class Trainer:
                     lr_applied = self.lr_scheduler.get_last_lr()[0]  # the lr this optimizer step uses
                     if torch.isfinite(torch.as_tensor(norm)):
                         self.optimizer.step()
+                        self.lr_scheduler.step()
                         if self.ema is not None:
                             self.ema.update()
                     else:  # a non-finite gradient (overflow) is dropped, never applied to the LoRA
                         skipped += 1
-                    self.lr_scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
         out = {k: sum(v) / len(v) for k, v in stats.items() if v}
         if acc.num_processes > 1:

@@ -21,7 +21,6 @@ import math
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -87,8 +86,6 @@ class Trainer:
         # Rewards first: an unknown objective fails before any model is loaded.
         self.suite = RewardSuite(cfg.objectives, device=self.device, config=cfg.rewards)
         self.objectives = self.suite.objectives
-        # one worker: micro-batches are scored in order while the next one is sampled
-        self._score_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apex-score")
         self.balancer = build_balancer_from_config(cfg.balance, self.objectives)
         self.prompts = load_prompts(cfg.prompts.train)
         if "ocr" in self.objectives and not any(ocr_target(p) for p in self.prompts):
@@ -177,6 +174,7 @@ class Trainer:
         rb = cfg.train.rollout_batch_size
         res = cfg.model.resolution
         trajectories, futures, timings = [], [], {"sample": 0.0}
+        done_at: list[float] = []
         for start in range(plan.shard.start, plan.shard.stop, rb):
             idx = list(range(start, min(start + rb, plan.shard.stop)))
             cond = self.embeds.index([plan.prompt_ids[i] for i in idx]).to(self.device)
@@ -212,12 +210,18 @@ class Trainer:
             images = decode_latents(self.vae, traj.final)
             timings["sample"] += time.perf_counter() - t0
             prompts = [self.prompts[plan.prompt_ids[i]] for i in idx]
-            futures.append(self._score_pool.submit(_timed, self.suite, images, prompts))
+            # scored in the background (on a side CUDA stream on GPUs) while the next micro-batch samples
+            future = self.suite.submit(images, prompts)
+            future.add_done_callback(lambda _f, log=done_at: log.append(time.perf_counter()))
+            futures.append((time.perf_counter(), future))
             trajectories.append(traj)
         t_wait = time.perf_counter()
-        results = [f.result() for f in futures]
+        results = [f.result() for _, f in futures]
         timings["score_wait"] = time.perf_counter() - t_wait  # scoring not hidden behind sampling
-        timings["score"] = sum(seconds for _, seconds in results)
+        # a done-callback may still be running when result() returns: count its job as ending now
+        done = sorted(done_at)[: len(futures)]
+        done += [time.perf_counter()] * (len(futures) - len(done))
+        timings["score"] = _busy_seconds([t for t, _ in futures], done)
         rewards = torch.cat([r for r, _ in results]).float()
         return trajectories, rewards, timings
 
@@ -467,9 +471,6 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        pool = getattr(self, "_score_pool", None)
-        if pool is not None:
-            pool.shutdown(wait=True)
         suite = getattr(self, "suite", None)
         if suite is not None:
             suite.close()
@@ -505,10 +506,14 @@ def _check_shards(cfg: Config, world_size: int) -> None:
         )
 
 
-def _timed(suite, images, prompts) -> tuple[torch.Tensor, float]:
-    t0 = time.perf_counter()
-    rewards, _info = suite(images, prompts)
-    return rewards, time.perf_counter() - t0
+def _busy_seconds(submitted: list[float], done: list[float]) -> float:
+    """Time the suite's single background worker spent scoring: jobs run in submission order,
+    each starting when it was submitted or when the previous one finished, whichever is later."""
+    busy, previous = 0.0, float("-inf")
+    for start, end in zip(submitted, done):
+        busy += end - max(start, previous)
+        previous = end
+    return busy
 
 
 def _cat_traj(trajectories):

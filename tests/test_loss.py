@@ -88,9 +88,3 @@ def test_clip_advantages():
     torch.testing.assert_close(clip_advantages(a, 5.0), torch.tensor([-5.0, -5.0, 0.3, 5.0, 5.0]))
     torch.testing.assert_close(clip_advantages(a, 0.0), a)  # 0 disables the clip
 
-
-def test_scoring_busy_time_counts_queued_jobs_from_the_previous_end():
-    from apexcli.train.trainer import _busy_seconds
-
-    # job 1 runs 0..3; job 2, submitted at 1, waits and runs 3..5; job 3, submitted at 7, runs 7..8
-    assert _busy_seconds([0.0, 1.0, 7.0], [3.0, 5.0, 8.0]) == 6.0

@@ -37,3 +37,10 @@ def test_attention_switch_restricts_the_sdpa_kernel():
         F.scaled_dot_product_attention(q, q, q)
     with pytest.raises(ApexError, match="model.attention"):
         resolve_config(preset="tiny", overrides=["model.attention=fast"])
+
+
+def test_scoring_busy_time_counts_queued_jobs_from_the_previous_end():
+    from apexcli.train.trainer import _busy_seconds
+
+    # job 1 runs 0..3; job 2, submitted at 1, waits and runs 3..5; job 3, submitted at 7, runs 7..8
+    assert _busy_seconds([0.0, 1.0, 7.0], [3.0, 5.0, 8.0]) == 6.0

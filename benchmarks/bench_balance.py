@@ -16,7 +16,7 @@ Every strategy runs with its library defaults (BalanceConfig()) and the same see
 optimizer. The last line is one JSON object keyed by strategy name (``--apex-ablation`` adds
 keys such as ``apex[terms=pn]``).
 
-    python benchmarks/bench_balance.py --tiny --seeds 2 --steps 10
+    python benchmarks/bench_balance.py --tiny --seeds 3
 
 runs the same comparison on the tiny diffusion preset instead (real rollouts, GRPO updates and
 the toy rewards brightness, compressibility, contrast): every strategy at equal steps and
@@ -103,7 +103,7 @@ def tiny_main(args) -> None:
     from apexcli.runs import RunDir
     from apexcli.train import run_training
 
-    steps = args.steps if args.steps != TrainSettings.steps else 10
+    steps = args.steps if args.steps != TrainSettings.steps else 30  # the tiny preset's default
     names = [o.strip() for o in args.objectives.split(",") if o.strip()]
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
     print(f"tiny preset, objectives {names}, {steps} steps, seeds 0..{args.seeds - 1}, eval at step 0 and {steps}\n")

@@ -80,7 +80,7 @@ def test_metrics_rows(tiny_run):
         assert row["kind"] == "train"
         for key in _row_keys():
             assert isinstance(row[key], (int, float)), (key, row[key])
-        assert row["lr"] == 3e-3
+        assert row["lr"] == 1e-2  # the tiny preset's train.lr
         assert row["time/sample"] > 0 and row["time/train"] > 0 and row["time/score"] >= 0
         assert 0 <= row["reward/brightness/mean"] <= 1
         assert row["reward/colorfulness/std"] >= 0
@@ -111,7 +111,7 @@ def test_training_changes_the_lora_weights(tiny_run):
     a_keys = [k for k in trained if "lora_A" in k]
     assert all(torch.count_nonzero(initial[k]) == 0 for k in b_keys)
     assert sum(int(torch.count_nonzero(trained[k])) for k in b_keys) > 0
-    assert all(trained[k].abs().max() < 1.0 for k in trained)  # lr 3e-3 x 3 Adam steps: small moves
+    assert all(trained[k].abs().max() < 1.0 for k in trained)  # lr 1e-2 x 3 Adam steps: small moves
     assert any(not torch.equal(trained[k], initial[k]) for k in a_keys)
 
 
@@ -149,6 +149,6 @@ def test_every_process_gets_whole_micro_batches():
 
 
 def test_logged_lr_is_the_one_applied_during_warmup(tmp_path):
-    """Linear warm-up over 4 optimizer steps, one optimizer step per iteration: lr = 3e-3 x n / 4."""
+    """Linear warm-up over 4 optimizer steps, one optimizer step per iteration: lr = 1e-2 x n / 4."""
     run = train_tiny(tmp_path / "run", 2, "train.warmup_steps=4", "train.checkpoint_every=0")
-    assert [r["lr"] for r in read_metrics(run)] == pytest.approx([3e-3 * 1 / 4, 3e-3 * 2 / 4])
+    assert [r["lr"] for r in read_metrics(run)] == pytest.approx([1e-2 * 1 / 4, 1e-2 * 2 / 4])

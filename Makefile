@@ -33,8 +33,8 @@ $(VENV)/.installed: pyproject.toml
 
 demo: install
 	rm -rf $(DEMO)
-	$(BIN)/apex train --preset tiny --out $(DEMO)/runs/apex --eval-every 10
-	$(BIN)/apex train --preset tiny --out $(DEMO)/runs/static --balance static --eval-every 10
+	$(BIN)/apex train --preset tiny --out $(DEMO)/runs/apex
+	$(BIN)/apex train --preset tiny --out $(DEMO)/runs/static --balance static
 	$(BIN)/apex sample --preset tiny --lora $(DEMO)/runs/apex --prompt "a red apple on a wooden table" --num-images 4 --out $(DEMO)/samples
 	$(BIN)/apex score $(DEMO)/samples --objectives brightness,colorfulness,contrast --out $(DEMO)/scores
 	$(BIN)/apex pareto $(DEMO)/runs --out $(DEMO)/pareto

@@ -29,6 +29,7 @@ TINY_OVERRIDES = [
     "sampling.num_steps=3",
     "model.resolution=32",
     "logging.progress=false",
+    "eval.every=0",  # evaluation has its own tests (test_eval.py)
 ]
 
 # The models here are tiny: one intra-op thread is as fast alone and several times faster when

@@ -25,6 +25,7 @@ def test_training_with_shared_group_noise_is_on_policy(tmp_path):
         "sampling": {"num_steps": 3, "share_group_noise": True},
         "train": {"steps": 1, "prompts_per_step": 2, "group_size": 2, "rollout_batch_size": 4, "train_batch_size": 2},
         "logging": {"progress": False},
+        "eval": {"every": 0},
     }
     run = RunDir(run_training(preset="tiny", options=options, argv=["test"]))
     (row,) = run.read_metrics().rows

@@ -67,7 +67,7 @@ def two_process_run(tmp_path_factory):
     out = tmp / "run"
     argv = ["train", "--preset", "tiny", "--steps", "3", "--out", str(out), "--objectives", "brightness,colorfulness", *TINY_OVERRIDES,
             # 3 eval prompts: rank 0 evaluates prompts 0 and 2, rank 1 prompt 1
-            "--eval-every", "3", "eval.num_prompts=3", "eval.num_steps=3", "eval.batch_size=2"]
+            "eval.every=3", "eval.num_prompts=3", "eval.num_steps=3", "eval.batch_size=2"]
     proc = _torchrun(tmp, 2, argv)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp, out

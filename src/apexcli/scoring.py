@@ -28,9 +28,16 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    TextColumn,
+    TimeRemainingColumn,
+)
 from rich.table import Table
 
+from apexcli.console import make_console
 from apexcli.errors import ApexError
 from apexcli.images import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, open_image
 from apexcli.rewards.config import RewardsConfig
@@ -201,8 +208,8 @@ def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str
     from apexcli.rewards.runtime import resolve_device_dtype
     from apexcli.rewards.suite import RewardSuite
 
-    console = console or Console()
-    err_console = err_console or Console(stderr=True)
+    console = console or make_console()
+    err_console = err_console or make_console(stderr=True)
     if isinstance(objectives, str):
         objectives = [o for o in objectives.split(",") if o.strip()]
     names = [canonical_name(o) for o in objectives]  # fail on a typo before loading anything

@@ -26,6 +26,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from apexcli.console import make_console
 from apexcli.errors import ApexError
 
 # keys the sweep sets itself; an override may not change them
@@ -168,7 +169,7 @@ def run_sweep(
     beside this Python, else the one on PATH. Raises ApexError after the summary when any
     run failed.
     """
-    console = console or Console()
+    console = console or make_console()
     plan = plan_sweep(objectives, points, out, preset=preset, steps=steps, config=config,
                       overrides=overrides)
     result = SweepResult(plan=plan)

@@ -18,6 +18,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from apexcli.console import make_console
 from apexcli.errors import ApexError
 from apexcli.eval import plots
 from apexcli.eval.collect import PointTable, build_points, collect_runs
@@ -25,9 +26,9 @@ from apexcli.eval.pareto import (
     NORMALISATIONS,
     Normalisation,
     fit_normalisation,
-    usable_base_std,
     hypervolume,
     nondominated_mask,
+    usable_base_std,
 )
 from apexcli.runs import atomic_write_text
 
@@ -72,7 +73,7 @@ def run_pareto(
     gain over the base / observed range per objective; ``"none"``: raw gain). A run's hypervolume is that of its own point(s); the front's is that
     of all points. Unusable runs are skipped with a reason; no run at all is an ApexError.
     """
-    console = console or Console()
+    console = console or make_console()
     if normalisation not in ("auto", *NORMALISATIONS):
         raise ApexError(
             f"unknown normalisation {normalisation!r}: use one of auto, {', '.join(NORMALISATIONS)}"

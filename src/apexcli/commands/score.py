@@ -29,8 +29,8 @@ def score(
     from apexcli.scoring import score_paths
 
     config = apply_overrides(RewardsConfig(), list(overrides or []))
-    if trust_remote_code:
-        config.deqa.trust_remote_code = True
+    # the --trust-remote-code flag, or the option given as --set rewards.deqa.trust_remote_code=true
+    config.deqa.trust_remote_code = config.deqa.trust_remote_code or trust_remote_code
     score_paths(paths, objectives=objectives, out_dir=out, prompt=prompt, prompts_file=prompts, device=device,
                 dtype=dtype, config=config, batch_size=batch_size, strict=strict, max_pixels=max_pixels,
                 progress=not no_progress)

@@ -22,7 +22,7 @@ def serve(
     from apexcli.rewards.server import serve_rewards
 
     config = apply_overrides(RewardsConfig(), list(overrides or []))
-    if trust_remote_code:
-        config.deqa.trust_remote_code = True
+    # the --trust-remote-code flag, or the option given as --set rewards.deqa.trust_remote_code=true
+    config.deqa.trust_remote_code = config.deqa.trust_remote_code or trust_remote_code
     serve_rewards([o for o in objectives.split(",") if o.strip()], host=host, port=port, device=device,
                   dtype=dtype, config=config, log=typer.echo)

@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 
 from apexcli.commands.sweep import sweep as sweep_command
 from apexcli.errors import ApexError
-from apexcli.sweep import plan_sweep, run_sweep, simplex_lattice, weight_label
+from apexcli.sweep import plan_sweep, run_sweep, simplex_lattice, train_argv, weight_label
 
 
 def quiet():
@@ -142,3 +142,9 @@ def test_cli_dry_run_prints_the_command_lines(tmp_path):
         f"--out {out / name} 'balance.weights=[{w}]' train.lr=1e-4"
         for name, w in [("w-0-1", "0.0,1.0"), ("w-0.5-0.5", "0.5,0.5"), ("w-1-0", "1.0,0.0")]
     ]
+
+
+def test_resume_continues_every_run_from_its_newest_checkpoint():
+    argv = train_argv([0.5, 0.5], ["a", "b"], Path("s/w-0.5-0.5"), preset="tiny", resume=True)
+    assert argv[argv.index("--resume") + 1] == "auto"
+    assert "--resume" not in train_argv([0.5, 0.5], ["a", "b"], Path("s/w"), preset="tiny")

@@ -93,8 +93,10 @@ def train_argv(
     steps: int | None = None,
     config: Path | None = None,
     overrides: Sequence[str] = (),
+    resume: bool = False,
 ) -> list[str]:
-    """The ``apex train`` command line of one static-weight run (options, then KEY=VALUE)."""
+    """The ``apex train`` command line of one static-weight run (options, then KEY=VALUE);
+    ``resume`` adds ``--resume auto``: a finished run then only loads, a partial one continues."""
     argv = ["apex", "train"]
     if config is not None:
         argv += ["--config", str(config)]
@@ -104,6 +106,8 @@ def train_argv(
     if steps is not None:
         argv += ["--steps", str(steps)]
     argv += ["--out", str(out)]
+    if resume:
+        argv += ["--resume", "auto"]
     # repr keeps full precision (1/3 -> 0.3333333333333333), so the weights sum to 1
     argv.append("balance.weights=[" + ",".join(repr(float(w)) for w in weights) + "]")
     argv += list(overrides)
@@ -119,6 +123,7 @@ def plan_sweep(
     steps: int | None = None,
     config: Path | None = None,
     overrides: Sequence[str] = (),
+    resume: bool = False,
 ) -> list[SweepRun]:
     """Validate the options and build every run of the sweep (nothing is launched)."""
     objectives = [o.strip() for o in objectives if o.strip()]
@@ -143,7 +148,7 @@ def plan_sweep(
     for weights in simplex_lattice(len(objectives), points):
         run_out = Path(out) / weight_label(weights)
         argv = train_argv(weights, objectives, run_out, preset=preset, steps=steps,
-                          config=config, overrides=overrides)
+                          config=config, overrides=overrides, resume=resume)
         plan.append(SweepRun(weights=weights, out=run_out, argv=argv))
     if len({r.out for r in plan}) != len(plan):
         raise ApexError(f"--points {points}: too many points to name runs apart; use fewer")
@@ -160,6 +165,7 @@ def run_sweep(
     config: Path | None = None,
     overrides: Sequence[str] = (),
     dry_run: bool = False,
+    resume: bool = False,
     executable: Sequence[str] | None = None,
     console: Console | None = None,
 ) -> SweepResult:
@@ -171,7 +177,7 @@ def run_sweep(
     """
     console = console or make_console()
     plan = plan_sweep(objectives, points, out, preset=preset, steps=steps, config=config,
-                      overrides=overrides)
+                      overrides=overrides, resume=resume)
     result = SweepResult(plan=plan)
     if dry_run:
         for run in plan:

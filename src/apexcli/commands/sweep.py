@@ -50,6 +50,10 @@ def sweep(
         bool,
         typer.Option("--dry-run", help="Print the apex train command lines; launch nothing."),
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option("--resume", help="Continue an interrupted sweep: every run gets --resume auto (finished runs only load)."),
+    ] = False,
 ) -> None:
     """Static-weight runs over a simplex grid: the fixed-weight frontier to compare APEX with."""
     from apexcli.sweep import run_sweep
@@ -63,4 +67,5 @@ def sweep(
         config=config,
         overrides=override or [],
         dry_run=dry_run,
+        resume=resume,
     )

@@ -44,8 +44,9 @@ from collections import defaultdict
 import torch
 
 from apexcli.config import resolve_config
+from apexcli.flow.rollout import unwrap_model
 from apexcli.quiet import quiet_libraries
-from apexcli.train.trainer import Trainer, _unwrap
+from apexcli.train.trainer import Trainer
 
 
 class Clock:
@@ -82,7 +83,7 @@ class TimedBalancer:
 
 
 def instrument(trainer: Trainer, clock: Clock) -> None:
-    model = _unwrap(trainer.transformer)
+    model = unwrap_model(trainer.transformer)
     starts: list[float] = []
     phase = ["other"]  # which trainer phase the forwards belong to
 
@@ -129,7 +130,11 @@ def instrument(trainer: Trainer, clock: Clock) -> None:
 def time_text_encoding(cfg, prompts: list[str], repeats: int) -> dict[str, float]:
     """Seconds to embed one iteration's prompts (+ the empty prompt): fresh vs from a warm cache."""
     from apexcli.models.loading import load_pipeline
-    from apexcli.models.text_cache import TextEmbeddingCache, encode_prompts, encoder_fingerprint
+    from apexcli.models.text_cache import (
+        TextEmbeddingCache,
+        encode_prompts,
+        encoder_fingerprint,
+    )
 
     pipe = load_pipeline(cfg.model)
     seq = cfg.model.max_sequence_length

@@ -16,9 +16,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-
 from conftest import TINY_OVERRIDES, load_lora_file, read_metrics
+from safetensors.torch import load_file
 
 LAUNCHER = '''
 import sys
@@ -33,7 +32,7 @@ close = trainer_module.Trainer.close
 def close_and_dump(self):
     if getattr(self, "transformer", None) is not None:
         rank = self.accelerator.process_index
-        save_file(lora_state_dict(trainer_module._unwrap(self.transformer)), f"{dump_dir}/rank{rank}.safetensors")
+        save_file(lora_state_dict(trainer_module.unwrap_model(self.transformer)), f"{dump_dir}/rank{rank}.safetensors")
     close(self)
 
 

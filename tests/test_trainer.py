@@ -4,16 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
+from conftest import TINY_OVERRIDES, load_lora_file, read_metrics, train_tiny
 
 from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
-from apexcli.flow.rollout import step_log_prob
+from apexcli.errors import ApexError
+from apexcli.flow.rollout import step_log_prob, unwrap_model
 from apexcli.flow.sde import gaussian_kl
 from apexcli.models.lora import attach_lora, load_lora_into_adapter
 from apexcli.models.tiny import build_tiny_pipeline
 from apexcli.train.sampler import plan_step
-from apexcli.errors import ApexError
-from apexcli.train.trainer import Trainer, _check_shards, _unwrap
-from conftest import TINY_OVERRIDES, load_lora_file, read_metrics, train_tiny
+from apexcli.train.trainer import Trainer, _check_shards
 
 OBJECTIVES = ["brightness", "colorfulness"]
 ROW_KEYS = ["step", "loss", "kl", "ratio_mean", "clip_frac", "lr", "grad_norm", "time/sample", "time/score", "time/train"]
@@ -38,7 +38,7 @@ def test_first_update_is_on_policy(tmp_path):
         trajectories, rewards, _ = trainer._sample(plan)
         assert rewards.shape == (4, 2) and torch.isfinite(rewards).all()
         trainer.transformer.train()
-        model = _unwrap(trainer.transformer)
+        model = unwrap_model(trainer.transformer)
         for b, traj in enumerate(trajectories):
             assert traj.sde_mask.tolist() == [True, True, False]  # window: all but the last step
             cond = trainer.embeds.index([plan.prompt_ids[2 * b + i] for i in range(len(traj))])

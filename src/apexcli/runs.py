@@ -49,6 +49,20 @@ def _json_safe(value):
     return value
 
 
+def reward_summary(rewards, objectives: list[str], prefix: str) -> dict[str, float]:
+    """``{prefix}/{k}/mean`` and ``/std`` (population) of each column of ``rewards`` [N, K] over its
+    finite entries (NaN = not applicable is left out; NaN when a column has none)."""
+    import torch
+
+    out: dict[str, float] = {}
+    for k, name in enumerate(objectives):
+        col = rewards[:, k]
+        finite = col[torch.isfinite(col)]
+        out[f"{prefix}/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
+        out[f"{prefix}/{name}/std"] = float(finite.std(unbiased=False)) if finite.numel() else float("nan")
+    return out
+
+
 @dataclass
 class MetricsReadResult:
     rows: list[dict]

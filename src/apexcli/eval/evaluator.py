@@ -21,7 +21,7 @@ from apexcli.flow.rollout import decode_latents, rollout
 from apexcli.models.text_cache import encode_prompts
 from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
-from apexcli.runs import RunDir, atomic_write_text
+from apexcli.runs import RunDir, atomic_write_text, reward_summary
 from apexcli.train.sampler import mix_seed
 
 
@@ -95,11 +95,7 @@ class Evaluator:
         images_t = torch.stack([img for _, img, _ in results]).float() / 255
         r_all = torch.stack([r for _, _, r in results])
         row: dict = {"step": step, "kind": "eval"}
-        for k, name in enumerate(self.suite.objectives):
-            col = r_all[:, k]
-            finite = col[torch.isfinite(col)]
-            row[f"eval/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
-            row[f"eval/{name}/std"] = float(finite.std(unbiased=False)) if finite.numel() else float("nan")
+        row.update(reward_summary(r_all, self.suite.objectives, "eval"))
         if run is not None:
             self.write(run.eval_dir(step), images_t, r_all)
         return row

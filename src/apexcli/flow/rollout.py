@@ -91,7 +91,7 @@ class PromptEmbeds:
 # --------------------------------------------------------------------------- velocity
 
 
-def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying diffusers model behind DDP/FSDP (``.module``) or torch.compile (``._orig_mod``)."""
     while True:
         inner = getattr(model, "module", None)
@@ -106,7 +106,7 @@ def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    base = _unwrap(model)
+    base = unwrap_model(model)
     dtype = getattr(base, "dtype", None)
     return dtype if isinstance(dtype, torch.dtype) else next(base.parameters()).dtype
 
@@ -261,7 +261,9 @@ def _scheduler_sigmas(scheduler, num_steps: int, latent_hw: tuple[int, int], pat
     """``[T+1]`` CPU float32 sigmas, set up as ``StableDiffusion3Pipeline`` does."""
     kwargs = {}
     if scheduler.config.get("use_dynamic_shifting", False):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import calculate_shift
+        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
+            calculate_shift,
+        )
 
         seq_len = (latent_hw[0] // patch_size) * (latent_hw[1] // patch_size)
         kwargs["mu"] = calculate_shift(
@@ -325,7 +327,7 @@ def rollout(
     """
     if sampler not in SAMPLERS:
         raise ApexError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
-    config = _unwrap(transformer).config
+    config = unwrap_model(transformer).config
     patch = int(config.patch_size)
     multiple = vae_scale_factor * patch
     if height % multiple or width % multiple:

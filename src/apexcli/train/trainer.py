@@ -33,26 +33,41 @@ from apexcli.balance import build_balancer_from_config
 from apexcli.balance.probe import gradient_gram
 from apexcli.config import Config, config_to_dict, trained_steps
 from apexcli.errors import ApexError
-from apexcli.flow.rollout import decode_latents, initial_noise, rollout, step_log_prob
+from apexcli.flow.rollout import (
+    decode_latents,
+    initial_noise,
+    rollout,
+    step_log_prob,
+    unwrap_model,
+)
 from apexcli.flow.sde import gaussian_kl
-from apexcli.models.loading import DTYPES, attention_kernels, load_pipeline, resolve_device
+from apexcli.models.loading import (
+    DTYPES,
+    attention_kernels,
+    load_pipeline,
+    resolve_device,
+)
 from apexcli.models.lora import attach_lora, load_lora_into_adapter, save_lora
-from apexcli.models.text_cache import TextEmbeddingCache, encode_prompts, encoder_fingerprint, free_text_encoders
+from apexcli.models.text_cache import (
+    TextEmbeddingCache,
+    encode_prompts,
+    encoder_fingerprint,
+    free_text_encoders,
+)
 from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
 from apexcli.rewards.ocr import ocr_target
-from apexcli.runs import RunDir
-from apexcli.train.checkpoint import TrainingState, find_resume_checkpoint, load_training_state, save_checkpoint
+from apexcli.runs import RunDir, reward_summary
+from apexcli.train.checkpoint import (
+    TrainingState,
+    find_resume_checkpoint,
+    load_training_state,
+    save_checkpoint,
+)
 from apexcli.train.ema import LoraEMA
 from apexcli.train.loss import clip_advantages, grpo_policy_loss
 from apexcli.train.progress import TrainProgress
 from apexcli.train.sampler import mix_seed, plan_step
-
-
-def _unwrap(model):
-    while hasattr(model, "module") or hasattr(model, "_orig_mod"):
-        model = getattr(model, "module", None) or model._orig_mod
-    return model
 
 
 class Trainer:
@@ -156,7 +171,7 @@ class Trainer:
 
     def _restore(self, checkpoint: Path) -> None:
         state = load_training_state(checkpoint, map_location=self.device)
-        load_lora_into_adapter(_unwrap(self.transformer), checkpoint)
+        load_lora_into_adapter(unwrap_model(self.transformer), checkpoint)
         self.optimizer.load_state_dict(state.optimizer)
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
         self.balancer.load_state_dict(state.balancer)
@@ -184,7 +199,7 @@ class Trainer:
                 latent = res // self.vae_scale_factor
                 noise = initial_noise(
                     len(idx),
-                    (_unwrap(self.transformer).config.in_channels, latent, latent),
+                    (unwrap_model(self.transformer).config.in_channels, latent, latent),
                     group_ids=plan.group_ids[idx],
                     share_within_group=True,
                     seed=mix_seed(cfg.seed, self.step),
@@ -233,7 +248,7 @@ class Trainer:
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.step, 7))
         t = self.steps_trained[int(torch.randint(len(self.steps_trained), (1,), generator=gen))]
         x, x_next, sigma, sigma_next = traj.transition(t)
-        model = _unwrap(self.transformer)
+        model = unwrap_model(self.transformer)
         cond = self.embeds.index(cond_ids[:n]).to(self.device)
         out = step_log_prob(
             model, x, x_next, sigma, sigma_next, cond,
@@ -263,7 +278,7 @@ class Trainer:
         micro = t.train_batch_size
         n_micro = n // micro
         per_update = t.gradient_accumulation or n_micro
-        model_for_ref = _unwrap(self.transformer)
+        model_for_ref = unwrap_model(self.transformer)
         stats = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": [], "grad_norm": []}
         first_ratio = None
         skipped = 0
@@ -371,11 +386,7 @@ class Trainer:
         update = self._update(trajectories, advantages[plan.shard], local_ids)
         train_seconds = time.perf_counter() - t0
 
-        for k, name in enumerate(self.objectives):
-            col = rewards[:, k]
-            finite = col[torch.isfinite(col)]
-            row[f"reward/{name}/mean"] = float(finite.mean()) if finite.numel() else float("nan")
-            row[f"reward/{name}/std"] = float(finite.std(unbiased=False)) if finite.numel() else float("nan")
+        row.update(reward_summary(rewards, self.objectives, "reward"))
         row.update(info["metrics"])
         row["advantage/abs_mean"] = float(advantages.abs().mean())
         row.update(update)
@@ -422,7 +433,7 @@ class Trainer:
     def _evaluate(self) -> None:
         ctx = self.ema.swapped_in() if (self.ema is not None and self.cfg.eval.use_ema) else nullcontext()
         with ctx, attention_kernels(self.cfg.model.attention):
-            row = self.evaluator.run(_unwrap(self.transformer), self.vae, self.scheduler, self.vae_scale_factor, self.step, self.run)
+            row = self.evaluator.run(unwrap_model(self.transformer), self.vae, self.scheduler, self.vae_scale_factor, self.step, self.run)
         if self.accelerator.is_main_process and row is not None:
             self.run.append_metrics(row)
         self.accelerator.wait_for_everyone()
@@ -431,7 +442,7 @@ class Trainer:
         acc = self.accelerator
         acc.wait_for_everyone()
         path = None
-        model = _unwrap(self.transformer)
+        model = unwrap_model(self.transformer)
         # FSDP shards the parameters: gather a full state dict (a collective: every rank calls it)
         fsdp = acc.distributed_type == DistributedType.FSDP
         full_state = acc.get_state_dict(self.transformer) if fsdp else None

@@ -19,6 +19,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+# Offline, as on most training clusters: huggingface_hub and diffusers read this at import (a
+# resume once failed only in offline mode), and nothing in the tests may download anyway.
+os.environ["HF_HUB_OFFLINE"] = "1"
+
 # 2 prompts x 2 samples = 4 samples per step, rolled out and trained in micro-batches of 2;
 # 3 steps of which 2 are stochastic and trained; 32 px -> latent 4 x 16 x 16.
 TINY_OVERRIDES = [

@@ -96,7 +96,7 @@ def test_diffusers_load_lora_weights_reproduces_the_trained_output(saved_lora):
     directory, with_lora, _ = saved_lora
     pipe = build_tiny_pipeline()
     base = _velocity(pipe.transformer)
-    pipe.load_lora_weights(str(directory))
+    pipe.load_lora_weights(str(directory), weight_name="pytorch_lora_weights.safetensors")
     loaded = _velocity(pipe.transformer)
     assert (loaded - base).abs().max() > 1e-3  # the LoRA changes the model
     torch.testing.assert_close(loaded, with_lora, rtol=1e-5, atol=1e-5)

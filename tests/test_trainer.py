@@ -126,7 +126,7 @@ def test_saved_lora_loads_into_the_diffusers_pipeline(tiny_run):
     pipe = build_tiny_pipeline()
     with torch.no_grad():
         base = pipe.transformer(**inputs)[0]
-        pipe.load_lora_weights(str(ckpt))
+        pipe.load_lora_weights(str(ckpt), weight_name="pytorch_lora_weights.safetensors")
         loaded = pipe.transformer(**inputs)[0]
     assert (loaded - base).abs().max() > 1e-5
     # and it is the policy the trainer had: the adapter restored as resume does

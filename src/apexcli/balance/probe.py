@@ -3,6 +3,10 @@
 Used by apex (exact conflict term) and mgda (min-norm weights). The trainer wraps a loss on a
 small sub-batch at one sampled timestep as ``loss_for_advantages(adv) -> scalar``; the probe
 calls it once per objective with that objective's normalized advantages (K backward passes).
+
+Sharded parameters (FSDP2) take :func:`gradient_gram_by_backward`: ``autograd.grad`` cannot
+reach a shard through FSDP's gather, so each objective gets its own forward and ``backward()``,
+whose hooks reduce-scatter the gradient; the Gram of the local slices is then summed over ranks.
 """
 
 from __future__ import annotations
@@ -13,7 +17,7 @@ import torch
 
 from apexcli.balance.priorities import gram_to_cosine
 
-__all__ = ["gradient_gram", "gram_to_cosine"]
+__all__ = ["gradient_gram", "gradient_gram_by_backward", "gram_to_cosine"]
 
 
 def gradient_gram(
@@ -50,3 +54,33 @@ def gradient_gram(
         stacked = reduce(stacked)
     stacked = stacked.to(torch.float64)
     return (stacked @ stacked.T).cpu()
+
+
+def gradient_gram_by_backward(
+    loss_for_advantages: Callable[[torch.Tensor], torch.Tensor],
+    per_objective_advantages: torch.Tensor,
+    params: Sequence[torch.Tensor],
+    all_reduce_sum: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """The Gram of :func:`gradient_gram` for parameters sharded across ranks (FSDP2 DTensors).
+
+    ``loss_for_advantages`` must run its own forward on every call (one graph per objective).
+    The parameters' ``.grad`` must be empty on entry (between optimizer steps) and is emptied
+    again on return. Returns [K, K] float64 on CPU, equal on every rank.
+    """
+    from apexcli.sharding import local_tensor
+
+    params = [p for p in params]
+    if not params:
+        raise ValueError("gradient_gram_by_backward needs at least one parameter tensor")
+    flat: list[torch.Tensor] = []
+    for j in range(per_objective_advantages.shape[1]):
+        loss_for_advantages(per_objective_advantages[:, j]).backward()
+        flat.append(torch.cat([
+            (torch.zeros_like(local_tensor(p)) if p.grad is None else local_tensor(p.grad)).reshape(-1).to(torch.float64)
+            for p in params
+        ]))
+        for p in params:
+            p.grad = None
+    stacked = torch.stack(flat)  # [K, P_local]: this rank's slice of every objective's gradient
+    return all_reduce_sum(stacked @ stacked.T).cpu()

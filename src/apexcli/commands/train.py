@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import shlex
 from pathlib import Path
 from typing import Annotated, Optional
@@ -57,7 +58,8 @@ def train(
         resume=resume,
         argv=_command_line(parsed),
     )
-    typer.echo(f"run written to {run} (metrics.jsonl, checkpoints/, eval/)")
+    if os.environ.get("RANK", "0") == "0":  # once, not once per process of a launcher
+        typer.echo(f"run written to {run} (metrics.jsonl, checkpoints/, eval/)")
 
 
 def _command_line(parsed: dict) -> list[str]:

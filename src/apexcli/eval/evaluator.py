@@ -62,24 +62,36 @@ class Evaluator:
         return self._suite
 
     @torch.no_grad()
-    def run(self, transformer, vae, scheduler, vae_scale_factor: int, step: int, run: RunDir | None) -> dict | None:
+    def run(
+        self, transformer, vae, scheduler, vae_scale_factor: int, step: int, run: RunDir | None, *, lockstep: bool = False
+    ) -> dict | None:
         """Every process evaluates its share of the prompts (i = rank, rank + W, ...); the main
-        process gathers them, writes the eval folder and returns the row (others return None)."""
+        process gathers them, writes the eval folder and returns the row (others return None).
+
+        ``lockstep``: every process runs as many transformer batches, padding with a discarded
+        one where its share is smaller; needed when the forward is a collective (FSDP)."""
         acc = self.accelerator
         rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
         e, res = self.cfg.eval, self.cfg.model.resolution
         was_training = transformer.training
         transformer.eval()
         mine = list(range(rank, len(self.prompts), world))
+        most = -(-len(self.prompts) // world)  # the largest share
+        n_batches = -(-(most if lockstep else len(mine)) // e.batch_size)
         results: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-        for start in range(0, len(mine), e.batch_size):
-            idx = mine[start : start + e.batch_size]
+        for b in range(n_batches):
+            idx = mine[b * e.batch_size : (b + 1) * e.batch_size]
+            padding = not idx
+            if padding:
+                idx = [rank % len(self.prompts)]
             traj = rollout(
                 transformer, scheduler, self.cond.index(idx).to(self.device),
                 num_steps=e.num_steps, height=res, width=res, vae_scale_factor=vae_scale_factor,
                 guidance_scale=e.guidance_scale, uncond=self.uncond, sampler="ode",
                 initial_noise=self.noise[idx].to(self.device),
             )
+            if padding:
+                continue
             batch = decode_latents(vae, traj.final)
             r, _ = self.suite(batch, [self.prompts[i] for i in idx])
             pixels = (batch.clamp(0, 1) * 255).round().to(torch.uint8).cpu()  # 4x smaller to gather

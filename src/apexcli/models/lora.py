@@ -63,11 +63,13 @@ def save_lora(transformer, directory: Path, full_state_dict: dict | None = None)
 
 def load_lora_into_adapter(transformer, directory: Path) -> None:
     """Load saved weights into the already-attached trainable adapter (used by resume)."""
-    state = StableDiffusion3Pipeline.lora_state_dict(str(directory))
+    # weight_name given: without it diffusers refuses a local dir when HF_HUB_OFFLINE=1
+    state = StableDiffusion3Pipeline.lora_state_dict(str(directory), weight_name=LORA_FILE)
     if isinstance(state, tuple):  # some diffusers versions return (state, alphas)
         state = state[0]
     state = {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}
     state = convert_unet_state_dict_to_peft(state)
+    state = _laid_out_like_adapter(transformer, state)
     hint = "check that lora.rank/target_modules match the run that saved it"
     try:
         result = set_peft_model_state_dict(transformer, state, adapter_name=ADAPTER)
@@ -81,6 +83,17 @@ def load_lora_into_adapter(transformer, directory: Path) -> None:
     missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k]
     if missing:
         raise ApexError(f"LoRA in '{directory}' does not fit this model (missing keys, e.g. {missing[0]}); {hint}")
+
+
+def _laid_out_like_adapter(transformer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Under FSDP2 the adapter's parameters are DTensor shards: slice each saved whole tensor the
+    same way, or ``load_state_dict`` cannot copy it in. Plain parameters need nothing."""
+    from apexcli.sharding import is_sharded, shard_like
+
+    params = {name.replace(f".{ADAPTER}.", "."): p for name, p in transformer.named_parameters() if "lora_" in name}
+    if not is_sharded(params.values()):
+        return state
+    return {k: shard_like(v, params[k]) if k in params else v for k, v in state.items()}
 
 
 def resolve_lora_path(path: str | Path) -> Path:

@@ -7,6 +7,8 @@ from contextlib import contextmanager
 
 import torch
 
+from apexcli.sharding import full_tensor, shard_like
+
 
 class LoraEMA:
     """ema <- decay * ema + (1 - decay) * param, after every optimizer step."""
@@ -36,9 +38,11 @@ class LoraEMA:
                     p.copy_(b)
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": [s.cpu() for s in self.shadow]}
+        """Whole tensors on CPU (a collective under FSDP2, where the shadows are shards)."""
+        return {"decay": self.decay, "shadow": [full_tensor(s).to("cpu", copy=True) for s in self.shadow]}
 
+    @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:
         self.decay = float(state["decay"])
         for s, saved in zip(self.shadow, state["shadow"]):
-            s.copy_(saved.to(s.device))
+            s.copy_(shard_like(saved, s))

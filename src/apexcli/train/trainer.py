@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import yaml
 from accelerate import Accelerator
-from accelerate.utils import DistributedType, set_seed
+from accelerate.utils import set_seed
 
 from apexcli.balance import build_balancer_from_config
-from apexcli.balance.probe import gradient_gram
+from apexcli.balance.probe import gradient_gram, gradient_gram_by_backward
 from apexcli.config import Config, config_to_dict, trained_steps
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import (
@@ -58,6 +58,7 @@ from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
 from apexcli.rewards.ocr import ocr_target
 from apexcli.runs import RunDir, reward_summary
+from apexcli.sharding import full_state, is_sharded, load_optimizer_state_by_name, optimizer_state_by_name
 from apexcli.train.checkpoint import (
     TrainingState,
     find_resume_checkpoint,
@@ -95,8 +96,10 @@ class Trainer:
         _check_shards(cfg, acc.num_processes)
         set_seed(cfg.seed)
         self.dtype = DTYPES[cfg.model.dtype]
-        if self.device.type == "cpu" and self.dtype != torch.float32:
-            raise ApexError(f"model.dtype={cfg.model.dtype} on CPU is slow and imprecise; use model.dtype=float32 for CPU runs")
+        if self.device.type == "cpu" and self.dtype != torch.float32 and acc.is_main_process:
+            # Allowed (it exercises the GPU dtype paths on a CPU), but rarely what a user wants.
+            print(f"note: model.dtype={cfg.model.dtype} on CPU is slow unless the CPU has bf16 units; "
+                  "model.dtype=float32 is the CPU default", file=sys.stderr)
 
         # Rewards first: an unknown objective fails before any model is loaded.
         self.suite = RewardSuite(cfg.objectives, device=self.device, config=cfg.rewards)
@@ -149,6 +152,10 @@ class Trainer:
         warmup = max(t.warmup_steps, 0)
         self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
+        # FSDP2 replaces every parameter by a DTensor shard: from here on, the trainable ones are
+        # the prepared model's (the same objects as before under DDP or one process)
+        self.lora_params = [p for p in unwrap_model(self.transformer).parameters() if p.requires_grad]
+        self.sharded = is_sharded(self.lora_params)
         if cfg.model.compile:
             self.transformer = torch.compile(self.transformer)
         self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
@@ -170,9 +177,10 @@ class Trainer:
         acc.wait_for_everyone()
 
     def _restore(self, checkpoint: Path) -> None:
-        state = load_training_state(checkpoint, map_location=self.device)
-        load_lora_into_adapter(unwrap_model(self.transformer), checkpoint)
-        self.optimizer.load_state_dict(state.optimizer)
+        state = load_training_state(checkpoint, map_location="cpu")  # each piece is placed by its loader
+        model = unwrap_model(self.transformer)
+        load_lora_into_adapter(model, checkpoint)
+        load_optimizer_state_by_name(model, self.optimizer.optimizer, state.optimizer)
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
         self.balancer.load_state_dict(state.balancer)
         if self.ema is not None and state.ema is not None:
@@ -248,22 +256,31 @@ class Trainer:
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.step, 7))
         t = self.steps_trained[int(torch.randint(len(self.steps_trained), (1,), generator=gen))]
         x, x_next, sigma, sigma_next = traj.transition(t)
+        # the model without DDP's wrapper (its hooks expect one backward per forward); FSDP2
+        # shards in place, so there this is the sharded model and its gathers still run
         model = unwrap_model(self.transformer)
         cond = self.embeds.index(cond_ids[:n]).to(self.device)
-        out = step_log_prob(
-            model, x, x_next, sigma, sigma_next, cond,
-            guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
-            sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
-        )
-        ratio = torch.exp(out.log_prob - traj.log_probs[:, t])
+        advantages = per_objective_local[:n].to(self.device)
 
-        def loss_for_advantages(adv: torch.Tensor) -> torch.Tensor:
-            return -(adv.to(ratio.device) * ratio).mean()
+        def ratio() -> torch.Tensor:
+            out = step_log_prob(
+                model, x, x_next, sigma, sigma_next, cond,
+                guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
+                sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+            )
+            return torch.exp(out.log_prob - traj.log_probs[:, t])
 
-        # the cross-rank mean of the per-objective gradients, so every rank gets the Gram of the
-        # global gradients (a mean of per-rank Grams would not be)
-        reduce = (lambda g: self.accelerator.reduce(g, reduction="mean")) if self.accelerator.num_processes > 1 else None
-        gram = gradient_gram(loss_for_advantages, per_objective_local[:n].to(self.device), self.lora_params, reduce=reduce)
+        if self.sharded:
+            gram = gradient_gram_by_backward(
+                lambda adv: -(adv * ratio()).mean(), advantages, self.lora_params,
+                all_reduce_sum=lambda g: self.accelerator.reduce(g, reduction="sum"),
+            )
+        else:
+            r = ratio()  # one forward, K backward passes
+            # the cross-rank mean of the per-objective gradients, so every rank gets the Gram of
+            # the global gradients (a mean of per-rank Grams would not be)
+            reduce = (lambda g: self.accelerator.reduce(g, reduction="mean")) if self.accelerator.num_processes > 1 else None
+            gram = gradient_gram(lambda adv: -(adv * r).mean(), advantages, self.lora_params, reduce=reduce)
         self.balancer.set_gradient_gram(gram)
 
     def _update(self, trajectories, advantages: torch.Tensor, cond_ids: list[int]) -> dict:
@@ -433,7 +450,10 @@ class Trainer:
     def _evaluate(self) -> None:
         ctx = self.ema.swapped_in() if (self.ema is not None and self.cfg.eval.use_ema) else nullcontext()
         with ctx, attention_kernels(self.cfg.model.attention):
-            row = self.evaluator.run(unwrap_model(self.transformer), self.vae, self.scheduler, self.vae_scale_factor, self.step, self.run)
+            row = self.evaluator.run(
+                unwrap_model(self.transformer), self.vae, self.scheduler, self.vae_scale_factor, self.step, self.run,
+                lockstep=self.sharded,
+            )
         if self.accelerator.is_main_process and row is not None:
             self.run.append_metrics(row)
         self.accelerator.wait_for_everyone()
@@ -441,39 +461,34 @@ class Trainer:
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
         acc.wait_for_everyone()
-        path = None
         model = unwrap_model(self.transformer)
-        # FSDP shards the parameters: gather a full state dict (a collective: every rank calls it)
-        fsdp = acc.distributed_type == DistributedType.FSDP
-        full_state = acc.get_state_dict(self.transformer) if fsdp else None
-        ema_state = None
-        if fsdp and self.ema is not None:
+        # Whole tensors first, on every rank: under FSDP2 each gather is a collective that all
+        # ranks join; elsewhere the tensors already are whole and this only copies the LoRA.
+        def lora_weights() -> dict[str, torch.Tensor]:
+            return full_state((name, p) for name, p in model.named_parameters() if p.requires_grad)
+
+        live = lora_weights()
+        ema_weights = ema_state = None
+        if self.ema is not None:
             with self.ema.swapped_in():
-                ema_state = acc.get_state_dict(self.transformer)
+                ema_weights = lora_weights()
+            ema_state = self.ema.state_dict()
+        optimizer_state = optimizer_state_by_name(model, self.optimizer.optimizer)
+        path = None
         if acc.is_main_process:
-            ema_saver = None
-            if self.ema is not None:
-
-                def ema_saver(directory):
-                    if fsdp:
-                        save_lora(model, directory, ema_state)
-                        return
-                    with self.ema.swapped_in():
-                        save_lora(model, directory)
-
             state = TrainingState(
                 step=self.step,
-                optimizer=self.optimizer.state_dict(),
+                optimizer=optimizer_state,
                 lr_scheduler=self.lr_scheduler.state_dict(),
                 balancer=self.balancer.state_dict(),
-                ema=self.ema.state_dict() if self.ema is not None else None,
+                ema=ema_state,
                 rng={"torch": torch.get_rng_state()},
             )
             path = save_checkpoint(
                 self.run,
                 self.step,
-                save_lora=lambda d: save_lora(model, d, full_state),
-                save_ema_lora=ema_saver,
+                save_lora=lambda d: save_lora(model, d, live),
+                save_ema_lora=None if ema_weights is None else (lambda d: save_lora(model, d, ema_weights)),
                 state=state,
                 config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
                 keep=self.cfg.train.keep_checkpoints,

@@ -1,0 +1,162 @@
+"""FSDP2 (``fully_shard``, accelerate's ``fsdp_version: 2``) on two CPU processes (gloo) against
+DDP on the same two processes.
+
+accelerate enables FSDP only on accelerator devices, so the launcher below switches its state
+to FSDP after accelerate's own set-up; torch's FSDP2 itself runs on CPU. Everything else is the
+real CLI. What this covers: every LoRA parameter is a shard, training matches DDP step for step
+(the probe's Gram too), evaluation with unequal prompt shares runs in lockstep, and checkpoints
+hold whole tensors, so a run saved under FSDP resumes under DDP to the same weights.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import TINY_OVERRIDES, load_lora_file, read_metrics
+
+LAUNCHER = '''
+import json, os, sys
+
+if sys.argv[1] == "fsdp":
+    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
+                      FSDP_TRANSFORMER_CLS_TO_WRAP="JointTransformerBlock", FSDP_STATE_DICT_TYPE="FULL_STATE_DICT")
+    from accelerate.state import AcceleratorState
+    from accelerate.utils import DistributedType
+
+    init = AcceleratorState.__init__
+
+    def init_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
+        init(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if self.distributed_type == DistributedType.MULTI_CPU and fsdp_plugin is not None:
+            self.distributed_type = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init_fsdp_on_cpu
+
+from apexcli.train import trainer as trainer_module
+
+close = trainer_module.Trainer.close
+
+
+def close_and_report(self):
+    """Each rank reports how its LoRA is laid out: local elements against whole elements."""
+    if getattr(self, "lora_params", None):
+        from apexcli.sharding import local_tensor
+
+        report = {"sharded": self.sharded, "local": sum(local_tensor(p).numel() for p in self.lora_params),
+                  "whole": sum(p.numel() for p in self.lora_params)}
+        with open(os.path.join(sys.argv[2], f"layout{self.accelerator.process_index}.json"), "w") as f:
+            json.dump(report, f)
+    close(self)
+
+
+trainer_module.Trainer.close = close_and_report
+from apexcli.cli import main
+
+main(sys.argv[3:])
+'''
+
+# 3 eval prompts in batches of 1: rank 0 has two, rank 1 one, so FSDP pads rank 1 with a batch;
+# EMA and a probe every step exercise the gathers of shadow weights and of the Gram.
+ARGV = [
+    "train", "--preset", "tiny", "--objectives", "brightness,colorfulness", *TINY_OVERRIDES,
+    "eval.every=3", "eval.num_prompts=3", "eval.num_steps=3", "eval.batch_size=1",
+    "train.ema_decay=0.9", "balance.probe_every=1",
+]
+COMPARED = ("loss", "kl", "ratio_mean", "grad_norm", "balance/weight/brightness", "balance/weight/colorfulness",
+            "reward/brightness/mean", "reward/colorfulness/mean")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _launch(tmp: Path, layout: str, out: Path, *extra: str) -> None:
+    launcher = tmp / "launch.py"
+    launcher.write_text(LAUNCHER)
+    report_dir = out.parent / f"{out.name}-{layout}-layout"
+    report_dir.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+        str(launcher), layout, str(report_dir), *ARGV, "--out", str(out), *extra,
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _layout(out: Path, layout: str, rank: int) -> dict:
+    return json.loads((out.parent / f"{out.name}-{layout}-layout" / f"layout{rank}.json").read_text())
+
+
+def _final_lora(out: Path, sub: str = "") -> dict[str, torch.Tensor]:
+    return load_lora_file(out / "checkpoints" / "step-000003" / sub)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fsdp")
+    _launch(tmp, "fsdp", tmp / "fsdp", "--steps", "3")
+    _launch(tmp, "ddp", tmp / "ddp", "--steps", "3")
+    return tmp
+
+
+def test_every_lora_parameter_is_a_shard(runs):
+    for rank in (0, 1):
+        fsdp, ddp = _layout(runs / "fsdp", "fsdp", rank), _layout(runs / "ddp", "ddp", rank)
+        assert fsdp["sharded"] and not ddp["sharded"]
+        assert fsdp["whole"] == ddp["whole"] == ddp["local"]
+        assert fsdp["local"] < 0.75 * fsdp["whole"], fsdp  # about half on each of two ranks
+
+
+def test_training_matches_ddp_step_for_step(runs):
+    fsdp, ddp = read_metrics(runs / "fsdp"), read_metrics(runs / "ddp")
+    assert [r["step"] for r in fsdp] == [r["step"] for r in ddp] == [1, 2, 3]
+    for a, b in zip(fsdp, ddp):
+        assert a["ratio_first"] == pytest.approx(1.0, abs=1e-5)
+        assert a["balance/cp_exact"] == b["balance/cp_exact"]  # the probe ran under both layouts
+        for key in COMPARED:
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    assert fsdp[-1]["balance/cp_exact"] == 1.0
+    assert fsdp[-1]["grad_norm"] > 0
+
+
+def test_saved_lora_and_ema_are_whole_and_equal_to_ddp(runs):
+    for sub in ("", "ema"):
+        fsdp, ddp = _final_lora(runs / "fsdp", sub), _final_lora(runs / "ddp", sub)
+        assert fsdp.keys() == ddp.keys()
+        moved = max(v.abs().max().item() for k, v in ddp.items() if "lora_B" in k)
+        assert moved > 1e-3  # trained: B starts at 0
+        for k in ddp:
+            assert fsdp[k].shape == ddp[k].shape
+            assert torch.allclose(fsdp[k], ddp[k], atol=1e-5), k
+
+
+def test_lockstep_evaluation_equals_ddp(runs):
+    fsdp, ddp = read_metrics(runs / "fsdp", "eval"), read_metrics(runs / "ddp", "eval")
+    assert [r["step"] for r in fsdp] == [r["step"] for r in ddp] == [0, 3]
+    for a, b in zip(fsdp, ddp):
+        for key in ("eval/brightness/mean", "eval/colorfulness/mean"):
+            assert a[key] == pytest.approx(b[key], rel=1e-5), key
+    scores = (runs / "fsdp" / "eval" / "step-000003" / "scores.jsonl").read_text().splitlines()
+    assert len(scores) == 3  # the padding batch is discarded
+
+
+def test_fsdp_checkpoint_resumes_under_ddp(runs):
+    out = runs / "fsdp-then-ddp"
+    _launch(runs, "fsdp", out, "--steps", "2")
+    _launch(runs, "ddp", out, "--steps", "3", "--resume", "auto")
+    for sub in ("", "ema"):
+        resumed, straight = _final_lora(out, sub), _final_lora(runs / "ddp", sub)
+        for k in straight:
+            assert torch.allclose(resumed[k], straight[k], atol=1e-5), (sub, k)

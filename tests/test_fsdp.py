@@ -1,11 +1,13 @@
-"""FSDP2 (``fully_shard``, accelerate's ``fsdp_version: 2``) on two CPU processes (gloo) against
-DDP on the same two processes.
+"""FSDP2 (``fully_shard``) with the shipped ``examples/accelerate/fsdp_8gpu.yaml`` on two CPU
+processes (gloo), against DDP on the same two processes.
 
-accelerate enables FSDP only on accelerator devices, so the launcher below switches its state
-to FSDP after accelerate's own set-up; torch's FSDP2 itself runs on CPU. Everything else is the
-real CLI. What this covers: every LoRA parameter is a shard, training matches DDP step for step
-(the probe's Gram too), evaluation with unequal prompt shares runs in lockstep, and checkpoints
-hold whole tensors, so a run saved under FSDP resumes under DDP to the same weights.
+The FSDP settings come from accelerate's own translation of that config file into the
+launcher's environment (``prepare_multi_gpu_env``), with 2 processes instead of 8. accelerate
+enables FSDP only on accelerator devices, so the launcher below switches its state to FSDP after
+accelerate's own set-up; torch's FSDP2 itself runs on CPU. Everything else is the real CLI.
+Covered: every LoRA parameter is a shard, training matches DDP step for step (the probe's Gram
+too), evaluation with unequal prompt shares runs in lockstep, and checkpoints hold whole
+tensors, so a run saved under FSDP resumes under DDP to the same weights.
 """
 
 from __future__ import annotations
@@ -19,14 +21,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, load_lora_file, read_metrics
+from conftest import TINY_OVERRIDES, load_lora_file, read_metrics, train_tiny
+
+FSDP_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp_8gpu.yaml"
 
 LAUNCHER = '''
 import json, os, sys
 
 if sys.argv[1] == "fsdp":
-    os.environ.update(ACCELERATE_USE_FSDP="true", FSDP_VERSION="2", FSDP_AUTO_WRAP_POLICY="TRANSFORMER_BASED_WRAP",
-                      FSDP_TRANSFORMER_CLS_TO_WRAP="JointTransformerBlock", FSDP_STATE_DICT_TYPE="FULL_STATE_DICT")
     from accelerate.state import AcceleratorState
     from accelerate.utils import DistributedType
 
@@ -86,6 +88,8 @@ def _launch(tmp: Path, layout: str, out: Path, *extra: str) -> None:
     report_dir = out.parent / f"{out.name}-{layout}-layout"
     report_dir.mkdir(parents=True, exist_ok=True)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    if layout == "fsdp":
+        env.update(_fsdp_launch_env())
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
@@ -93,6 +97,18 @@ def _launch(tmp: Path, layout: str, out: Path, *extra: str) -> None:
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr[-4000:]
+
+
+def _fsdp_launch_env() -> dict[str, str]:
+    """What ``accelerate launch --config_file fsdp_8gpu.yaml --num_processes 2`` exports."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    argv = ["--config_file", str(FSDP_CONFIG), "--num_processes", "2", "--main_process_port", "0", "train.py"]
+    args, _, _ = _validate_launch_command(launch_command_parser().parse_args(argv))
+    env = prepare_multi_gpu_env(args)
+    assert env["ACCELERATE_USE_FSDP"] == "true" and env["FSDP_VERSION"] == "2"
+    return {k: v for k, v in env.items() if k.startswith(("FSDP_", "ACCELERATE_"))}
 
 
 def _layout(out: Path, layout: str, rank: int) -> dict:
@@ -160,3 +176,16 @@ def test_fsdp_checkpoint_resumes_under_ddp(runs):
         resumed, straight = _final_lora(out, sub), _final_lora(runs / "ddp", sub)
         for k in straight:
             assert torch.allclose(resumed[k], straight[k], atol=1e-5), (sub, k)
+
+
+def test_bf16_base_with_float32_lora_under_fsdp_matches_one_process(runs):
+    """FSDP2 gathers a bf16 base and a float32 LoRA in the same shard units."""
+    out = runs / "fsdp-bf16"
+    _launch(runs, "fsdp", out, "--steps", "1", "model.dtype=bfloat16", "eval.every=0")
+    one = read_metrics(train_tiny(runs / "one-bf16", 1, "--objectives", "brightness,colorfulness",
+                                  "model.dtype=bfloat16", "train.ema_decay=0.9", "balance.probe_every=1"))[0]
+    fsdp = read_metrics(out)[0]
+    assert fsdp["ratio_first"] == pytest.approx(1.0, abs=1e-5)
+    assert fsdp["grad_norm"] > 0
+    assert fsdp["grad_norm"] == pytest.approx(one["grad_norm"], rel=1e-3)
+    assert _layout(out, "fsdp", 0)["sharded"]

@@ -27,6 +27,10 @@ SWITCHES = {
     "late_window": ["train.window_start=1", "train.window_size=1", "sampling.num_steps=4"],
     "rollout_1_train_4": ["train.rollout_batch_size=1", "train.train_batch_size=4"],
     "cps_sampler": ["sampling.sampler=cps"],
+    # bf16 base weights (the GPU presets' dtype) with the LoRA kept in float32
+    "bf16": ["model.dtype=bfloat16"],
+    # torch.compile of the transformer (inductor; on CPU it needs a C compiler, as the CI has)
+    "compiled": ["model.compile=true"],
     "sd35m_1gpu_recipe": ["model.gradient_checkpointing=true", "train.window_size=2", "sampling.num_steps=4",
                           "train.train_batch_size=1", "model.free_text_encoders=true"],
 }

@@ -106,9 +106,13 @@ def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    base = unwrap_model(model)
-    dtype = getattr(base, "dtype", None)
-    return dtype if isinstance(dtype, torch.dtype) else next(base.parameters()).dtype
+    """The dtype of the frozen base weights (a float32 LoRA does not count). Cheaper than
+    diffusers' ``model.dtype``, which walks every module and runs on each forward here."""
+    params = unwrap_model(model).parameters()
+    first = next(params)
+    if not first.requires_grad:
+        return first.dtype
+    return next((p.dtype for p in params if not p.requires_grad), first.dtype)
 
 
 def _timesteps(sigma: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:

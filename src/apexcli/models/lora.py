@@ -6,6 +6,8 @@ Saved files are what ``StableDiffusion3Pipeline.load_lora_weights(dir)`` reads:
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -39,6 +41,26 @@ def attach_lora(transformer, *, rank: int, alpha: int, dropout: float, target_mo
     for p in params:
         p.data = p.data.float()
     return params
+
+
+def adapter_layers(transformer: torch.nn.Module) -> list[torch.nn.Module]:
+    """The peft layers of the model, found once: diffusers' ``disable_adapters`` walks every
+    module on each call, which the KL reference would pay on every micro-batch."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    return [m for m in transformer.modules() if isinstance(m, BaseTunerLayer)]
+
+
+@contextmanager
+def adapters_disabled(layers: list[torch.nn.Module]) -> Iterator[None]:
+    """The base model alone (LoRA off) inside the block; the adapters are re-enabled after."""
+    for layer in layers:
+        layer.enable_adapters(False)
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.enable_adapters(True)
 
 
 def lora_state_dict(transformer, full_state_dict: dict | None = None) -> dict[str, torch.Tensor]:

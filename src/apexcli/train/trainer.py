@@ -47,7 +47,7 @@ from apexcli.models.loading import (
     load_pipeline,
     resolve_device,
 )
-from apexcli.models.lora import attach_lora, load_lora_into_adapter, save_lora
+from apexcli.models.lora import adapter_layers, adapters_disabled, attach_lora, load_lora_into_adapter, save_lora
 from apexcli.models.text_cache import (
     TextEmbeddingCache,
     encode_prompts,
@@ -156,6 +156,7 @@ class Trainer:
         # the prepared model's (the same objects as before under DDP or one process)
         self.lora_params = [p for p in unwrap_model(self.transformer).parameters() if p.requires_grad]
         self.sharded = is_sharded(self.lora_params)
+        self.adapter_layers = adapter_layers(unwrap_model(self.transformer))
         if cfg.model.compile:
             self.transformer = torch.compile(self.transformer)
         self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
@@ -328,16 +329,12 @@ class Trainer:
                         )
                         kl = None
                         if t.kl_beta > 0:
-                            with torch.no_grad():
-                                model_for_ref.disable_adapters()
-                                try:
-                                    ref = step_log_prob(
-                                        model_for_ref, x, x_next, sigma, sigma_next, cond,
-                                        guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
-                                        sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
-                                    )
-                                finally:
-                                    model_for_ref.enable_adapters()
+                            with torch.no_grad(), adapters_disabled(self.adapter_layers):
+                                ref = step_log_prob(
+                                    model_for_ref, x, x_next, sigma, sigma_next, cond,
+                                    guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
+                                    sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+                                )
                             kl = gaussian_kl(out.mean, ref.mean, out.std)
                         result = grpo_policy_loss(
                             out.log_prob, old_logp, adv[rows.to(adv.device)], clip_range=t.clip_range, kl=kl, kl_beta=t.kl_beta

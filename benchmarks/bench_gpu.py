@@ -25,7 +25,7 @@ Parts (``--parts``, comma-separated; default all but compile):
   rewards  images/s of PickScore (CLIP-H) and aesthetic (CLIP-L) on decoded-size images
   levers   bf16 vs fp16, SDPA vs math attention, CFG batched vs none, step window, batch size,
            scoring overlapped with sampling
-  compile  torch.compile of the transformer: warm-up time and forward speed-up
+  compile  model.compile (each transformer block compiled in place): warm-up and forward speed-up
 
 MFU = model FLOPs / time / the GPU's dense bf16 peak (H100 SXM / H200: 989.4 TFLOP/s; table in
 mfu.py; ``--peak-tflops`` overrides). A table is printed, then ONE JSON line (also written to
@@ -296,14 +296,14 @@ def text_embeds(b: Bench, n: int, seed: int = 0):
     return b.embeds[key]
 
 
-def do_rollout(b: Bench, n: int, guidance: float, seed: int = 0, transformer=None):
+def do_rollout(b: Bench, n: int, guidance: float, seed: int = 0):
     from apexcli.flow.rollout import rollout
 
     cond = text_embeds(b, n, seed)
     uncond = text_embeds(b, 1, 99) if guidance > 1 else None
     s = b.cfg.sampling
     return rollout(
-        transformer if transformer is not None else b.transformer, b.scheduler, cond,
+        b.transformer, b.scheduler, cond,
         num_steps=s.num_steps, height=b.cfg.model.resolution, width=b.cfg.model.resolution,
         vae_scale_factor=b.vae_scale_factor, guidance_scale=guidance, uncond=uncond,
         sampler=s.sampler, noise_level=s.noise_level, sde_steps=b.window,
@@ -311,17 +311,16 @@ def do_rollout(b: Bench, n: int, guidance: float, seed: int = 0, transformer=Non
     )
 
 
-def forward_seconds(b: Bench, n: int, transformer=None, repeats: int = 3) -> float:
+def forward_seconds(b: Bench, n: int, repeats: int = 3) -> float:
     """Median time of one no-CFG transformer forward (``predict_velocity``) on ``n`` samples."""
     from apexcli.flow.rollout import predict_velocity
 
     cond = text_embeds(b, n)
     x = torch.randn(n, b.transformer_config["in_channels"], b.latent_hw, b.latent_hw, device=b.device)
-    model = transformer if transformer is not None else b.transformer
 
     def run():
         with torch.no_grad():
-            predict_velocity(model, x, 0.5, cond)
+            predict_velocity(b.transformer, x, 0.5, cond)
 
     return timed(run, b.device, repeats=repeats)
 
@@ -553,14 +552,18 @@ def part_levers(b: Bench) -> dict:
 
 
 def part_compile(b: Bench) -> dict:
+    """``model.compile=true`` as training applies it: each transformer block compiled in place
+    (regional), so this part runs last; the first compiled call pays the warm-up."""
+    from apexcli.models.loading import compile_transformer_blocks
+
     n = b.cfg.train.rollout_batch_size
     eager = forward_seconds(b, n, repeats=b.args.repeats)
-    compiled = torch.compile(b.transformer, backend=b.args.compile_backend)
+    blocks = compile_transformer_blocks(b.transformer, backend=b.args.compile_backend)
     t0 = time.perf_counter()
-    forward_seconds(b, n, transformer=compiled, repeats=1)  # first calls compile
+    forward_seconds(b, n, repeats=1)  # the first calls compile
     warmup = time.perf_counter() - t0
-    t_comp = forward_seconds(b, n, transformer=compiled, repeats=b.args.repeats)
-    return {"backend": b.args.compile_backend, "warmup_s": warmup, "eager_forward_s": eager,
+    t_comp = forward_seconds(b, n, repeats=b.args.repeats)
+    return {"backend": b.args.compile_backend, "blocks": blocks, "warmup_s": warmup, "eager_forward_s": eager,
             "compiled_forward_s": t_comp, "speedup": eager / t_comp}
 
 

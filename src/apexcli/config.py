@@ -54,7 +54,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
-    """torch.compile the transformer (CUDA; pays a warm-up on the first steps)."""
+    """torch.compile each transformer block (regional; every forward uses it, FSDP/DDP hooks stay
+    eager). Pays a warm-up on the first steps; on a CPU it needs a C compiler."""
     attention: str = "auto"
     """Scaled-dot-product attention kernel: auto (PyTorch picks), flash, efficient, cudnn or math."""
     text_cache_dir: str | None = None

@@ -25,12 +25,15 @@ def gradient_gram(
     per_objective_advantages: torch.Tensor,
     params: Sequence[torch.Tensor],
     reduce: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    shared_graph: bool = True,
 ) -> torch.Tensor:
     """Gram[k, j] = <g_k, g_j>, g_k = d loss_for_advantages(A[:, k]) / d params, flattened.
 
     Args:
         loss_for_advantages: maps advantages [n] to a scalar loss; may reuse one forward graph
             across calls (the graph is retained until the last objective).
+        shared_graph: False when ``loss_for_advantages`` runs a fresh forward on every call, so
+            no graph is retained (compiled backward functions refuse ``retain_graph``).
         per_objective_advantages: [n, K] (e.g. ``info["per_objective"]`` of the sub-batch).
         params: the trainable tensors (LoRA); a parameter the loss does not reach has gradient 0.
         reduce: optional map applied to the stacked flattened gradients [K, P] before the Gram,
@@ -47,7 +50,7 @@ def gradient_gram(
     flat: list[torch.Tensor] = []
     for j in range(k):
         loss = loss_for_advantages(adv[:, j])
-        grads = torch.autograd.grad(loss, params, retain_graph=j < k - 1, allow_unused=True)
+        grads = torch.autograd.grad(loss, params, retain_graph=shared_graph and j < k - 1, allow_unused=True)
         flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)]))
     stacked = torch.stack(flat)  # [K, P]
     if reduce is not None:

@@ -44,6 +44,7 @@ from apexcli.flow.sde import gaussian_kl
 from apexcli.models.loading import (
     DTYPES,
     attention_kernels,
+    compile_transformer_blocks,
     load_pipeline,
     resolve_device,
 )
@@ -145,6 +146,8 @@ class Trainer:
         )
         if cfg.model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
+        if cfg.model.compile:
+            compile_transformer_blocks(transformer)
         t = cfg.train
         optimizer = torch.optim.AdamW(
             self.lora_params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps
@@ -157,8 +160,6 @@ class Trainer:
         self.lora_params = [p for p in unwrap_model(self.transformer).parameters() if p.requires_grad]
         self.sharded = is_sharded(self.lora_params)
         self.adapter_layers = adapter_layers(unwrap_model(self.transformer))
-        if cfg.model.compile:
-            self.transformer = torch.compile(self.transformer)
         self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
 
         self.steps_trained = trained_steps(cfg)
@@ -277,11 +278,15 @@ class Trainer:
                 all_reduce_sum=lambda g: self.accelerator.reduce(g, reduction="sum"),
             )
         else:
-            r = ratio()  # one forward, K backward passes
             # the cross-rank mean of the per-objective gradients, so every rank gets the Gram of
             # the global gradients (a mean of per-rank Grams would not be)
             reduce = (lambda g: self.accelerator.reduce(g, reduction="mean")) if self.accelerator.num_processes > 1 else None
-            gram = gradient_gram(lambda adv: -(adv * r).mean(), advantages, self.lora_params, reduce=reduce)
+            if cfg.model.compile:  # compiled backward passes cannot share one retained graph
+                gram = gradient_gram(lambda adv: -(adv * ratio()).mean(), advantages, self.lora_params, reduce=reduce,
+                                     shared_graph=False)
+            else:
+                r = ratio()  # one forward, K backward passes
+                gram = gradient_gram(lambda adv: -(adv * r).mean(), advantages, self.lora_params, reduce=reduce)
         self.balancer.set_gradient_gram(gram)
 
     def _update(self, trajectories, advantages: torch.Tensor, cond_ids: list[int]) -> dict:
@@ -301,7 +306,10 @@ class Trainer:
         first_ratio = None
         skipped = 0
         lr_applied = self.lr_scheduler.get_last_lr()[0]
-        self.transformer.train()
+        # Train mode only matters for LoRA dropout (SD3 has no other): without it the policy stays
+        # in eval mode, so compiled blocks never recompile on the flag and the update's forward
+        # is the rollout's forward.
+        self.transformer.train(cfg.lora.dropout > 0)
         for epoch in range(t.inner_epochs):
             gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.step, 11, epoch, acc.process_index))
             order = torch.randperm(n, generator=gen)

@@ -133,6 +133,25 @@ def timed(fn, device: torch.device, *, warmup: int = 1, repeats: int = 3) -> flo
     return statistics.median(times)
 
 
+def count_syncs(fn, device: torch.device) -> int | None:
+    """Host-device synchronizations in one call of ``fn`` (torch's sync debug mode warns on each;
+    None off CUDA). Each one stalls the CPU until the GPU drains, so the next kernels are then
+    launched onto an idle GPU."""
+    if device.type != "cuda":
+        return None
+    import warnings
+
+    torch.cuda.synchronize(device)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            fn()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    return sum("synchroniz" in str(w.message) for w in caught)
+
+
 def reset_peak(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -363,6 +382,7 @@ def part_rollout(b: Bench) -> dict:
     t_dec = timed(lambda: decode_latents(b.vae, traj.final), b.device, repeats=b.args.repeats)
     peak = peak_gib(b.device)
     t_fwd = forward_seconds(b, n * (2 if guidance > 1 else 1), repeats=b.args.repeats)
+    syncs = count_syncs(lambda: do_rollout(b, n, guidance), b.device)
     fwd_flops = b.flops["transformer_fwd_tflop"] * 1e12 * n * (2 if guidance > 1 else 1)
     b.traj = traj
     return {
@@ -376,6 +396,7 @@ def part_rollout(b: Bench) -> dict:
         "mfu": mfu_lib.mfu(fwd_flops * steps, t_roll, b.peak),
         "mfu_with_decode": mfu_lib.mfu(fwd_flops * steps + b.flops["vae_decode_tflop"] * 1e12 * n, t_roll + t_dec, b.peak),
         "overhead_frac": max(0.0, 1.0 - steps * t_fwd / t_roll),
+        "host_syncs": syncs,
         "peak_gib": peak,
     }
 
@@ -386,6 +407,7 @@ def make_update(b: Bench, n: int, guidance: float):
     adapter disabled, PPO-clip + KL loss, backward; then grad clip and AdamW."""
     from apexcli.flow.rollout import step_log_prob
     from apexcli.flow.sde import gaussian_kl
+    from apexcli.models.lora import adapter_layers, adapters_disabled
     from apexcli.train.loss import grpo_policy_loss
 
     t = b.cfg.train
@@ -394,24 +416,23 @@ def make_update(b: Bench, n: int, guidance: float):
     uncond = text_embeds(b, 1, 99) if guidance > 1 else None
     adv = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(b.device)
     optimizer = torch.optim.AdamW(b.lora_params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    layers = adapter_layers(b.transformer)
+    sigmas = traj.sigmas.to(b.device)  # as the trainer: no host-to-device copy per step
 
-    def update(steps: list[int]) -> float:
-        ratio = 0.0
+    def update(steps: list[int]) -> torch.Tensor:
+        """Returns the last ratio as a device tensor (reading it would add a host sync)."""
+        ratio = None
         for i in steps:
-            x, x_next, sigma, sigma_next = traj.transition(i)
+            x, x_next = traj.latents[:, i], traj.latents[:, i + 1]
             kw = dict(guidance_scale=guidance, uncond=uncond, sampler=traj.sampler,
                       noise_level=traj.noise_level, sigma_max=traj.sigma_max)
-            out = step_log_prob(b.transformer, x, x_next, sigma, sigma_next, cond, **kw)
-            with torch.no_grad():
-                b.transformer.disable_adapters()
-                try:
-                    ref = step_log_prob(b.transformer, x, x_next, sigma, sigma_next, cond, **kw)
-                finally:
-                    b.transformer.enable_adapters()
+            out = step_log_prob(b.transformer, x, x_next, sigmas[i], sigmas[i + 1], cond, **kw)
+            with torch.no_grad(), adapters_disabled(layers):
+                ref = step_log_prob(b.transformer, x, x_next, sigmas[i], sigmas[i + 1], cond, **kw)
             kl = gaussian_kl(out.mean, ref.mean, out.std)
             res = grpo_policy_loss(out.log_prob, traj.log_probs[:, i], adv, clip_range=t.clip_range, kl=kl, kl_beta=t.kl_beta)
             (res.loss / len(steps)).backward()
-            ratio = float(res.ratio_mean)
+            ratio = res.ratio_mean
         torch.nn.utils.clip_grad_norm_(b.lora_params, t.max_grad_norm)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -439,6 +460,7 @@ def part_train(b: Bench) -> dict:
         out[f"{key}_step_s"] = seconds
         out[f"{key}_mfu"] = mfu_lib.mfu(flops, seconds, b.peak)
         out[f"{key}_peak_gib"] = peak_gib(b.device)
+    out["host_syncs"] = count_syncs(lambda: update(step), b.device)
     if not b.cfg.model.gradient_checkpointing:  # later parts run as the preset says
         b.transformer.disable_gradient_checkpointing()
     b.transformer.eval()

@@ -357,8 +357,11 @@ def rollout(
     log_probs = torch.zeros((batch, num_steps), dtype=torch.float32, device=device)
     latents[:, 0] = x
     step_fn = STEP_FUNCTIONS.get(sampler)
+    # the noise levels on the device once: a host-to-device copy per step would stall the CPU
+    # until the GPU drains, every step (the mask stays on the CPU: it steers Python control flow)
+    sigmas_on_device = sigmas.to(device)
     for i in range(num_steps):
-        s, s_next = sigmas[i], sigmas[i + 1]
+        s, s_next = sigmas_on_device[i], sigmas_on_device[i + 1]
         v = predict_velocity(transformer, x, s, cond, guidance_scale=guidance_scale, uncond=uncond)
         if mask[i]:
             out = step_fn(v, x, s, s_next, noise_level=noise_level, sigma_max=sigma_max, generator=generator)

@@ -302,7 +302,13 @@ class Trainer:
         n_micro = n // micro
         per_update = t.gradient_accumulation or n_micro
         model_for_ref = unwrap_model(self.transformer)
-        stats = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": [], "grad_norm": []}
+        # Everything indexed per micro-batch lives on the device and statistics stay tensors until
+        # the end: on a GPU each host-to-device copy or .item() would stall the CPU until the GPU
+        # drains, and the next forward's kernels would then be launched onto an idle GPU.
+        dev = traj.latents.device
+        sigmas = traj.sigmas.to(dev)
+        stats: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": []}
+        grad_norms: list[float] = []
         first_ratio = None
         skipped = 0
         lr_applied = self.lr_scheduler.get_last_lr()[0]
@@ -315,18 +321,16 @@ class Trainer:
             order = torch.randperm(n, generator=gen)
             # per sample, a random order of the window's steps; the first n_train_t are trained
             step_order = torch.stack([window[torch.randperm(len(window), generator=gen)] for _ in range(n)])
+            order, step_order = order.to(dev), step_order.to(dev)
             for m in range(n_micro):
                 rows = order[m * micro : (m + 1) * micro]
                 last_micro_of_update = (m + 1) % per_update == 0 or m == n_micro - 1
                 units = min(per_update, n_micro - (m // per_update) * per_update) * n_train_t
                 for j in range(n_train_t):
                     ts = step_order[rows, j]
-                    rows_dev = rows.to(traj.latents.device)
-                    x = traj.latents[rows_dev, ts.to(traj.latents.device)]
-                    x_next = traj.latents[rows_dev, (ts + 1).to(traj.latents.device)]
-                    sigma = traj.sigmas[ts].to(self.device)
-                    sigma_next = traj.sigmas[ts + 1].to(self.device)
-                    old_logp = traj.log_probs[rows_dev, ts.to(traj.latents.device)]
+                    x, x_next = traj.latents[rows, ts], traj.latents[rows, ts + 1]
+                    sigma, sigma_next = sigmas[ts], sigmas[ts + 1]
+                    old_logp = traj.log_probs[rows, ts]
                     cond = cond_all.index(rows)
                     sync = last_micro_of_update and j == n_train_t - 1
                     with nullcontext() if sync else acc.no_sync(self.transformer):
@@ -349,18 +353,18 @@ class Trainer:
                         )
                         acc.backward(result.loss / units)
                     if first_ratio is None:
-                        first_ratio = float(result.ratio_mean)
+                        first_ratio = result.ratio_mean
                     for key in ("kl", "ratio_mean", "clip_frac"):
-                        stats[key].append(float(getattr(result, key)))
-                    stats["loss"].append(float(result.loss.detach()))
+                        stats[key].append(getattr(result, key))
+                    stats["loss"].append(result.loss.detach())
                 if last_micro_of_update:
                     if t.max_grad_norm > 0:
                         norm = acc.clip_grad_norm_(self.lora_params, t.max_grad_norm)
                     else:
                         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.lora_params if p.grad is not None]))
-                    stats["grad_norm"].append(float(norm))
+                    grad_norms.append(float(norm))  # the one sync per optimizer step: skip or apply
                     lr_applied = self.lr_scheduler.get_last_lr()[0]  # the lr this optimizer step uses
-                    if torch.isfinite(torch.as_tensor(norm)):
+                    if math.isfinite(grad_norms[-1]):
                         self.optimizer.step()
                         self.lr_scheduler.step()
                         if self.ema is not None:
@@ -368,7 +372,12 @@ class Trainer:
                     else:  # a non-finite gradient (overflow) is dropped, never applied to the LoRA
                         skipped += 1
                     self.optimizer.zero_grad(set_to_none=True)
-        out = {k: sum(v) / len(v) for k, v in stats.items() if v}
+        # one device-to-host copy for all of the update's statistics
+        keys = [k for k, v in stats.items() if v]
+        means = torch.stack([torch.stack(stats[k]).double().mean() for k in keys] + [first_ratio.double()]).tolist()
+        out = dict(zip(keys, means[:-1]))
+        first_ratio = means[-1]
+        out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         if acc.num_processes > 1:
             # every process trains as many micro-batches (equal shards), so the mean of the
             # per-process means is the mean over the global batch; grad_norm is already global

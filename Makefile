@@ -48,7 +48,7 @@ demo: install
 test: install
 	$(BIN)/python -m pytest -q
 
-# also the long multi-process CPU tests
+# also tests marked slow (none at present)
 test-all: install
 	$(BIN)/python -m pytest -q -m "not cuda and not paddle and not real_weights"
 

@@ -170,10 +170,11 @@ def test_lockstep_evaluation_equals_ddp(runs):
     assert len(scores) == 3  # the padding batch is discarded
 
 
-def test_fsdp_checkpoint_resumes_under_ddp(runs):
-    out = runs / "fsdp-then-ddp"
-    _launch(runs, "fsdp", out, "--steps", "2")
-    _launch(runs, "ddp", out, "--steps", "3", "--resume", "auto")
+@pytest.mark.parametrize("first, then", [("fsdp", "ddp"), ("ddp", "fsdp")])
+def test_checkpoints_resume_across_layouts(runs, first, then):
+    out = runs / f"{first}-then-{then}"
+    _launch(runs, first, out, "--steps", "2")
+    _launch(runs, then, out, "--steps", "3", "--resume", "auto")
     for sub in ("", "ema"):
         resumed, straight = _final_lora(out, sub), _final_lora(runs / "ddp", sub)
         for k in straight:

@@ -2,6 +2,7 @@
 
     python benchmarks/bench_train.py                    # tiny preset, 2 warm-up + 5 measured steps
     python benchmarks/bench_train.py --steps 10 --threads 2 sampling.num_steps=10
+    python benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu --warmup 1 --steps 2   # a GPU
 
 Runs the real ``Trainer`` (setup, then ``train_step`` as ``train()`` does, without checkpoints)
 and times, per iteration:
@@ -16,13 +17,15 @@ and times, per iteration:
   other     the rest of the step (planning, gathers, metrics)
 
 Each phase row also shows how much of it is model time (transformer forwards tagged by the
-phase that ran them; the backward belongs to train; decode is all VAE) and the rest.
+phase that ran them, backward passes likewise; decode is all VAE) and the rest.
 
 Model time is measured directly: forward pre/post hooks on the transformer (policy and reference
 forwards), a wrapper around ``accelerator.backward`` (the transformer's backward; the loss
-graph on top is a few element-wise ops), and a wrapper around ``vae.decode``. The probe's
-per-objective ``autograd.grad`` passes are not wrapped: they count as outside-model time. The share
-outside model forward/backward and VAE decode is ``1 - model / step`` (target: under 10%, as issue 6 sets for GPUs; under 15% on CPU).
+graph on top is a few element-wise ops), one around ``torch.autograd.grad`` while the gradient
+probe runs (its per-objective backward passes), and one around ``vae.decode``. On CUDA these
+spans are timed with CUDA events, never by synchronizing (which would add the launch gaps it
+measures). The share outside model forward/backward and VAE decode is ``1 - model / step``
+(target: under 10%).
 
 Text encoding: the trainer embeds every prompt once at setup (``models.text_cache``) and frees
 the encoders, so no iteration encodes text. To show what that removes, the script also times
@@ -50,11 +53,19 @@ from apexcli.train.trainer import Trainer
 
 
 class Clock:
-    """Accumulates seconds per label; ``sync`` waits for the GPU so CUDA timings are real."""
+    """Accumulates seconds per label.
+
+    Model spans (forward, backward, VAE decode) are timed without stalling the GPU: on CUDA each
+    span records two events on the current stream and ``flush`` (once per iteration, after the
+    iteration's own final sync) adds up their elapsed GPU time. Synchronizing at every span would
+    itself add the launch gaps it is meant to measure. ``now`` (iteration boundaries, CPU-side
+    phases) synchronizes on CUDA.
+    """
 
     def __init__(self, device: torch.device):
         self.seconds: dict[str, float] = defaultdict(float)
         self.cuda = device.type == "cuda"
+        self._pending: list[tuple[tuple[str, ...], object, object]] = []
 
     def now(self) -> float:
         if self.cuda:
@@ -63,6 +74,29 @@ class Clock:
 
     def add(self, label: str, seconds: float) -> None:
         self.seconds[label] += seconds
+
+    def start(self):
+        if self.cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def stop(self, started, *labels: str) -> None:
+        if self.cuda:
+            end = torch.cuda.Event(enable_timing=True)
+            end.record()
+            self._pending.append((labels, started, end))
+            return
+        for label in labels:
+            self.add(label, time.perf_counter() - started)
+
+    def flush(self) -> None:
+        """Add the GPU time of the spans recorded since the last flush (call after a sync)."""
+        for labels, start, end in self._pending:
+            for label in labels:
+                self.add(label, start.elapsed_time(end) / 1000.0)
+        self._pending.clear()
 
 
 class TimedBalancer:
@@ -84,47 +118,90 @@ class TimedBalancer:
 
 def instrument(trainer: Trainer, clock: Clock) -> None:
     model = unwrap_model(trainer.transformer)
-    starts: list[float] = []
+    starts: list = []
     phase = ["other"]  # which trainer phase the forwards belong to
 
-    def forward_done(*_):
-        seconds = clock.now() - starts.pop()
-        clock.add("model_forward", seconds)
-        clock.add(f"model_forward/{phase[0]}", seconds)
+    model.register_forward_pre_hook(lambda *_: starts.append(clock.start()))
+    model.register_forward_hook(lambda *_: clock.stop(starts.pop(), "model_forward", f"model_forward/{phase[0]}"))
+    grad = torch.autograd.grad
 
-    model.register_forward_pre_hook(lambda *_: starts.append(clock.now()))
-    model.register_forward_hook(forward_done)
+    def timed_grad(*args, **kwargs):  # the probe's backward passes
+        started = clock.start()
+        out = grad(*args, **kwargs)
+        clock.stop(started, "model_backward", f"model_backward/{phase[0]}")
+        return out
+
     for method, label in (("_sample", "sample"), ("_update", "train"), ("_probe", "probe")):
         original = getattr(trainer, method)
 
         def tagged(*args, _original=original, _label=label, **kwargs):
             phase[0] = _label
+            if _label == "probe":
+                torch.autograd.grad = timed_grad
             try:
                 return _original(*args, **kwargs)
             finally:
                 phase[0] = "other"
+                torch.autograd.grad = grad
 
         setattr(trainer, method, tagged)
 
     backward = trainer.accelerator.backward
 
     def timed_backward(loss, **kwargs):
-        t0 = clock.now()
+        started = clock.start()
         backward(loss, **kwargs)
-        clock.add("model_backward", clock.now() - t0)
+        clock.stop(started, "model_backward", f"model_backward/{phase[0]}")
 
     trainer.accelerator.backward = timed_backward
 
     decode = trainer.vae.decode
 
     def timed_decode(*args, **kwargs):
-        t0 = clock.now()
+        started = clock.start()
         out = decode(*args, **kwargs)
-        clock.add("vae_decode", clock.now() - t0)
+        clock.stop(started, "vae_decode")
         return out
 
     trainer.vae.decode = timed_decode
     trainer.balancer = TimedBalancer(trainer.balancer, clock)
+
+
+def random_sd35m_pipeline(cfg, dtype: torch.dtype):
+    """SD3.5-Medium's transformer and the SD3 VAE from their public configs, random weights, built
+    on the GPU when there is one; text encoders of one layer at SD3's widths (CLIP-L 768, CLIP-G
+    1280, T5 4096) with 77 CLIP tokens. The encoders only condition the model: the trainer embeds
+    the prompts once and frees them, so their depth does not enter an iteration. No download."""
+    from bench_gpu import SD3_VAE, SD35M_TRANSFORMER
+    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+
+    from apexcli.models.tiny import build_char_tokenizer
+
+    tokenizer = build_char_tokenizer(max_length=77)
+    special = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
+
+    def clip(width: int) -> CLIPTextModelWithProjection:
+        return CLIPTextModelWithProjection(CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=256, num_hidden_layers=1,
+            num_attention_heads=8, projection_dim=width, max_position_embeddings=77, **special))
+
+    device = "cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu"
+    torch.manual_seed(cfg.seed)
+    with torch.device(device):
+        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=256, num_layers=1,
+                                     num_heads=8, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
+        pipe = StableDiffusion3Pipeline(
+            transformer=SD3Transformer2DModel(**SD35M_TRANSFORMER),
+            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+            vae=AutoencoderKL(**SD3_VAE),
+            text_encoder=clip(768), tokenizer=tokenizer,
+            text_encoder_2=clip(1280), tokenizer_2=tokenizer,
+            text_encoder_3=t5, tokenizer_3=tokenizer,
+        )
+    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
+        module.to(dtype).eval()
+    return pipe
 
 
 def time_text_encoding(cfg, prompts: list[str], repeats: int) -> dict[str, float]:
@@ -163,6 +240,9 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="iterations run before measuring")
     parser.add_argument("--steps", type=int, default=5, help="measured iterations")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
+    parser.add_argument("--arch", choices=["preset", "sd35m"], default="preset",
+                        help="sd35m: the preset's config on SD3.5-Medium's architecture with random weights "
+                             "(no download; for GPUs, e.g. --preset sd35m-1gpu)")
     args = parser.parse_args()
     quiet_libraries()
     if args.threads:
@@ -174,6 +254,11 @@ def main() -> None:
             options={"out": f"{tmp}/run", "objectives": args.objectives.split(",")},
             overrides=["logging.progress=false", "eval.every=0", *args.overrides],
         )
+        if args.arch == "sd35m":
+            import apexcli.train.trainer as trainer_module
+            from apexcli.models.loading import DTYPES
+
+            trainer_module.load_pipeline = lambda model_cfg: random_sd35m_pipeline(cfg, DTYPES[model_cfg.dtype])
         trainer = Trainer(cfg, argv=["bench_train"])
         try:
             trainer.setup()
@@ -186,12 +271,14 @@ def main() -> None:
                 t0 = clock.now()
                 row = trainer.train_step()
                 total = clock.now() - t0
+                clock.flush()
                 if i >= args.warmup:
                     per_step.append((total, dict(clock.seconds), row))
         finally:
             trainer.close()
 
-    text = time_text_encoding(cfg, trainer.prompts, repeats=max(args.steps, 3))
+    # the random architecture's one-layer encoders would say nothing about T5-XXL's cost
+    text = time_text_encoding(cfg, trainer.prompts, repeats=max(args.steps, 3)) if args.arch == "preset" else None
 
     def mean(values) -> float:
         return statistics.fmean(values) if values else 0.0
@@ -216,14 +303,14 @@ def main() -> None:
 
     t, s = cfg.train, cfg.sampling
     print(
-        f"preset {args.preset}: {t.prompts_per_step} prompts x {t.group_size} samples, {s.num_steps} steps, "
+        f"preset {args.preset}{' on random SD3.5-M weights' if args.arch == 'sd35m' else ''}: {t.prompts_per_step} prompts x {t.group_size} samples, {s.num_steps} steps, "
         f"{cfg.model.resolution} px, device {trainer.device}, {torch.get_num_threads()} threads; "
         f"{args.warmup} warm-up + {len(per_step)} measured iterations"
     )
     fwd_in = {name: mean([s.get(f"model_forward/{name}", 0.0) for _, s, _ in per_step]) for name in phases}
-    model_in = dict(fwd_in)
+    bwd_in = {name: mean([s.get(f"model_backward/{name}", 0.0) for _, s, _ in per_step]) for name in phases}
+    model_in = {name: fwd_in[name] + bwd_in[name] for name in phases}
     model_in["decode"] = vae
-    model_in["train"] += bwd
     print(f"{'phase':<10} {'s/iter':>9} {'share':>7} {'model s':>9} {'outside s':>10}")
     for name, seconds in phases.items():
         print(f"{name:<10} {seconds:9.4f} {seconds / step:7.1%} {model_in[name]:9.4f} {seconds - model_in[name]:10.4f}")
@@ -234,16 +321,19 @@ def main() -> None:
         print(f"{name:<18} {seconds:9.4f} {seconds / step:7.1%}")
     print(f"outside model fwd/bwd + VAE decode: {outside:.1%} of the iteration (target < 10%)")
     print(f"scoring thread time (overlapped with sampling): {mean([r['time/score'] for _, _, r in per_step]):.4f} s/iter")
-    print(
-        f"text encoding of one iteration's prompts: {text['uncached_s']:.4f} s uncached "
-        f"({text['uncached_s'] / step:.1%} of an iteration) vs {text['cached_s']:.6f} s from the cache "
-        f"({text['uncached_s'] / max(text['cached_s'], 1e-9):.0f}x); the trainer encodes once at setup"
-    )
+    if text is not None:
+        print(
+            f"text encoding of one iteration's prompts: {text['uncached_s']:.4f} s uncached "
+            f"({text['uncached_s'] / step:.1%} of an iteration) vs {text['cached_s']:.6f} s from the cache "
+            f"({text['uncached_s'] / max(text['cached_s'], 1e-9):.0f}x); the trainer encodes once at setup"
+        )
     print(
         json.dumps(
             {
                 "preset": args.preset,
+                "arch": args.arch,
                 "device": str(trainer.device),
+                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None,
                 "threads": torch.get_num_threads(),
                 "iterations": len(per_step),
                 "step_s": step,
@@ -254,8 +344,8 @@ def main() -> None:
                 "score_thread_s": mean([r["time/score"] for _, _, r in per_step]),
                 "model_s_by_phase": model_in,
                 "outside_model_share": outside,
-                "text_encode_uncached_s": text["uncached_s"],
-                "text_encode_cached_s": text["cached_s"],
+                "text_encode_uncached_s": text["uncached_s"] if text else None,
+                "text_encode_cached_s": text["cached_s"] if text else None,
             }
         )
     )

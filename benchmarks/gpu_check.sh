@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # The GPU check of apex, in ONE call on a GPU machine: the CUDA-marked tests, then
 # benchmarks/bench_gpu.py (SD3.5-M architecture at 512 px: rollout/training MFU, peak memory,
-# reward throughput, speed levers), then the torch.compile lever. Under 8 minutes in total:
-# each part has its own timeout (tests 130 s, bench 200 s, compile 120 s). Needs no internet.
+# reward throughput, speed levers, host syncs), then benchmarks/bench_train.py on the real
+# Trainer with SD3.5-M's architecture (the share of an iteration outside model compute), then
+# the torch.compile lever. Under 9 minutes in total: each part has its own timeout (tests 120 s,
+# bench 180 s, trainer 110 s, compile 100 s). Needs no internet.
 #
 # Prepare HERE once (a machine with PyPI; ~26 MB of wheels the GPU image lacks or has in the
 # wrong version: diffusers, transformers 4.57, tokenizers, huggingface_hub, peft, rapidfuzz,
@@ -12,7 +14,7 @@
 #
 # Then, from a session that has a GPU machine (the device tool's `run`):
 #
-#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=560)
+#   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)
 #
 # Logs and JSON land in $OUT (returned by the tool; at most 8 files) or logs/gpu_check/ when
 # OUT is unset. The last lines printed are a summary; bench_gpu.json is the benchmark's JSON line.
@@ -37,19 +39,24 @@ export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
   "$PY" -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)"
 } 2>&1 | tee "$DEST/env.txt"
 
-echo "== 1/3 pytest -m cuda tests/test_cuda.py"
-timeout 130 "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider 2>&1 | tee "$DEST/pytest_cuda.log"
+echo "== 1/4 pytest -m cuda tests/test_cuda.py"
+timeout 120 "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider 2>&1 | tee "$DEST/pytest_cuda.log"
 RC_TESTS=${PIPESTATUS[0]}
 
-echo "== 2/3 bench_gpu.py (flops, rollout, train, rewards, levers)"
-timeout 200 "$PY" benchmarks/bench_gpu.py --budget-s 170 --json-out "$DEST/bench_gpu.json" 2>&1 | tee "$DEST/bench_gpu.log"
+echo "== 2/4 bench_gpu.py (flops, rollout, train, rewards, levers)"
+timeout 180 "$PY" benchmarks/bench_gpu.py --budget-s 150 --json-out "$DEST/bench_gpu.json" 2>&1 | tee "$DEST/bench_gpu.log"
 RC_BENCH=${PIPESTATUS[0]}
 
-echo "== 3/3 bench_gpu.py --parts compile"
-timeout 120 "$PY" benchmarks/bench_gpu.py --parts compile --json-out "$DEST/bench_compile.json" 2>&1 | tee "$DEST/bench_compile.log"
+echo "== 3/4 bench_train.py --arch sd35m (the real Trainer; toy rewards, so reward models are out of the count)"
+timeout 110 "$PY" benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu --warmup 1 --steps 2 \
+  train.prompts_per_step=2 2>&1 | tee "$DEST/bench_train.log"
+RC_TRAIN=${PIPESTATUS[0]}
+
+echo "== 4/4 bench_gpu.py --parts compile"
+timeout 100 "$PY" benchmarks/bench_gpu.py --parts compile --json-out "$DEST/bench_compile.json" 2>&1 | tee "$DEST/bench_compile.log"
 RC_COMPILE=${PIPESTATUS[0]}
 
-SUMMARY="gpu_check: tests rc=$RC_TESTS bench rc=$RC_BENCH compile rc=$RC_COMPILE (124 = timed out) in $(( $(date +%s) - T0 )) s"
+SUMMARY="gpu_check: tests rc=$RC_TESTS bench rc=$RC_BENCH trainer rc=$RC_TRAIN compile rc=$RC_COMPILE (124 = timed out) in $(( $(date +%s) - T0 )) s"
 echo "$SUMMARY" | tee "$DEST/summary.txt"
 tail -n 1 "$DEST/pytest_cuda.log"
 [ "$RC_TESTS" = 0 ] && [ "$RC_BENCH" = 0 ]

@@ -10,6 +10,7 @@ import contextlib
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -18,6 +19,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
+
+# torch.compile (inductor) on a CPU writes C++ and builds it with g++
+needs_cpp_compiler = pytest.mark.skipif(
+    shutil.which("g++") is None, reason="torch.compile on a CPU needs g++ (apt install g++)"
+)
 
 # Offline, as on most training clusters: huggingface_hub and diffusers read this at import (a
 # resume once failed only in offline mode), and nothing in the tests may download anyway.

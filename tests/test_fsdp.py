@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, load_lora_file, read_metrics, train_tiny
+from conftest import TINY_OVERRIDES, load_lora_file, needs_cpp_compiler, read_metrics, train_tiny
 
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp_8gpu.yaml"
 
@@ -194,6 +194,7 @@ def test_bf16_base_with_float32_lora_under_fsdp_matches_one_process(runs):
     assert _layout(out, "fsdp", 0)["sharded"]
 
 
+@needs_cpp_compiler
 def test_compiled_blocks_under_fsdp_match_ddp(runs):
     """model.compile compiles each block's forward in place: FSDP's gathers stay outside the
     compiled code, and every forward (rollout, update, reference, probe) runs compiled."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, train_tiny
+from conftest import needs_cpp_compiler, read_metrics, train_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 
@@ -54,7 +54,7 @@ def test_plain_run_is_on_policy(plain_row):
     assert plain_row["clip_frac"] == 0.0
 
 
-@pytest.mark.parametrize("name", list(SWITCHES))
+@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_cpp_compiler) if n == "compiled" else n for n in SWITCHES])
 def test_switch_keeps_ratio_one(tmp_path, name):
     row = _first_row(tmp_path / "run", *SWITCHES[name])
     assert abs(row["ratio_first"] - 1) < 1e-5, f"{name}: ratio_first={row['ratio_first']}"

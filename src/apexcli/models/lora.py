@@ -18,6 +18,7 @@ from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
 from apexcli.errors import ApexError
 from apexcli.runs import LORA_FILE, RunDir
+from apexcli.sharding import is_sharded, shard_like
 
 ADAPTER = "default"
 
@@ -110,8 +111,6 @@ def load_lora_into_adapter(transformer, directory: Path) -> None:
 def _laid_out_like_adapter(transformer, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Under FSDP2 the adapter's parameters are DTensor shards: slice each saved whole tensor the
     same way, or ``load_state_dict`` cannot copy it in. Plain parameters need nothing."""
-    from apexcli.sharding import is_sharded, shard_like
-
     params = {name.replace(f".{ADAPTER}.", "."): p for name, p in transformer.named_parameters() if "lora_" in name}
     if not is_sharded(params.values()):
         return state

@@ -88,7 +88,7 @@ class Evaluator:
                 transformer, scheduler, self.cond.index(idx).to(self.device),
                 num_steps=e.num_steps, height=res, width=res, vae_scale_factor=vae_scale_factor,
                 guidance_scale=e.guidance_scale, uncond=self.uncond, sampler="ode",
-                initial_noise=self.noise[idx].to(self.device),
+                initial_noise=self.noise[idx],  # rollout copies it to the device without a sync
             )
             if padding:
                 continue

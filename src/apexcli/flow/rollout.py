@@ -40,6 +40,16 @@ TIMESTEP_SCALE = 1000.0
 # --------------------------------------------------------------------------- prompt embeddings
 
 
+def to_device(t: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """``t.to(device)``, except that a CPU -> CUDA copy does not stall the CPU: it is staged in
+    pinned memory and queued asynchronously (torch's host allocator keeps the staging buffer
+    until the copy has run). A plain copy from pageable memory waits for the GPU to drain."""
+    device = torch.device(device)
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass
 class PromptEmbeds:
     """Text conditioning of SD3, one row per sample."""
@@ -53,9 +63,9 @@ class PromptEmbeds:
         return self.prompt_embeds.shape[0]
 
     def to(self, device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> PromptEmbeds:
-        return PromptEmbeds(
-            self.prompt_embeds.to(device=device, dtype=dtype), self.pooled.to(device=device, dtype=dtype)
-        )
+        if device is not None:
+            return PromptEmbeds(to_device(self.prompt_embeds, device), to_device(self.pooled, device)).to(dtype=dtype)
+        return PromptEmbeds(self.prompt_embeds.to(dtype=dtype), self.pooled.to(dtype=dtype))
 
     def index(self, idx: int | slice | torch.Tensor | Sequence[int]) -> PromptEmbeds:
         """Rows ``idx`` (an int keeps the batch dim)."""
@@ -240,7 +250,7 @@ def initial_noise(
     shape = tuple(shape)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     if not share_within_group:
-        return torch.randn((n, *shape), generator=generator, device=gen_device, dtype=torch.float32).to(device, dtype)
+        return to_device(torch.randn((n, *shape), generator=generator, device=gen_device, dtype=torch.float32), device).to(dtype)
     if group_ids is None:
         raise ValueError("share_within_group needs group_ids")
     ids = [int(g) for g in (group_ids.tolist() if isinstance(group_ids, torch.Tensor) else group_ids)]
@@ -258,7 +268,7 @@ def initial_noise(
         )
     slot = {g: i for i, g in enumerate(unique)}
     picks = torch.tensor([slot[g] for g in ids], dtype=torch.long, device=per_group.device)
-    return per_group[picks].to(device, dtype)
+    return to_device(per_group[picks], device).to(dtype)
 
 
 def _scheduler_sigmas(scheduler, num_steps: int, latent_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
@@ -347,11 +357,11 @@ def rollout(
     shape = (batch, int(config.in_channels), *latent_hw)
     if initial_noise is None:
         gen_device = generator.device if generator is not None else device
-        x = torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32).to(device)
+        x = to_device(torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32), device)
     else:
         if tuple(initial_noise.shape) != shape:
             raise ValueError(f"initial_noise has shape {tuple(initial_noise.shape)}, expected {shape}")
-        x = initial_noise.to(device=device, dtype=torch.float32)
+        x = to_device(initial_noise, device).to(torch.float32)
 
     latents = torch.empty((batch, num_steps + 1, *shape[1:]), dtype=torch.float32, device=device)
     log_probs = torch.zeros((batch, num_steps), dtype=torch.float32, device=device)
@@ -359,7 +369,7 @@ def rollout(
     step_fn = STEP_FUNCTIONS.get(sampler)
     # the noise levels on the device once: a host-to-device copy per step would stall the CPU
     # until the GPU drains, every step (the mask stays on the CPU: it steers Python control flow)
-    sigmas_on_device = sigmas.to(device)
+    sigmas_on_device = to_device(sigmas, device)
     for i in range(num_steps):
         s, s_next = sigmas_on_device[i], sigmas_on_device[i + 1]
         v = predict_velocity(transformer, x, s, cond, guidance_scale=guidance_scale, uncond=uncond)

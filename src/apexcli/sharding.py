@@ -47,7 +47,6 @@ def optimizer_state_by_name(model: torch.nn.Module, optimizer: torch.optim.Optim
     every rank. Keyed by name, a checkpoint resumes under any layout: FSDP2 on 8 GPUs, DDP or
     one process."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
-
     from torch.utils._pytree import tree_map_only
 
     state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))

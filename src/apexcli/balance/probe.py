@@ -32,12 +32,12 @@ def gradient_gram(
     Args:
         loss_for_advantages: maps advantages [n] to a scalar loss; may reuse one forward graph
             across calls (the graph is retained until the last objective).
-        shared_graph: False when ``loss_for_advantages`` runs a fresh forward on every call, so
-            no graph is retained (compiled backward functions refuse ``retain_graph``).
         per_objective_advantages: [n, K] (e.g. ``info["per_objective"]`` of the sub-batch).
         params: the trainable tensors (LoRA); a parameter the loss does not reach has gradient 0.
         reduce: optional map applied to the stacked flattened gradients [K, P] before the Gram,
             e.g. a cross-rank mean, so every rank gets the Gram of the global gradients.
+        shared_graph: False when ``loss_for_advantages`` runs a fresh forward on every call, so
+            no graph is retained (compiled backward functions refuse ``retain_graph``).
 
     Returns:
         [K, K] float64 on CPU, symmetric positive semi-definite.
@@ -51,7 +51,7 @@ def gradient_gram(
     for j in range(k):
         loss = loss_for_advantages(adv[:, j])
         grads = torch.autograd.grad(loss, params, retain_graph=shared_graph and j < k - 1, allow_unused=True)
-        flat.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)]))
+        flat.append(_flatten(grads, params))
     stacked = torch.stack(flat)  # [K, P]
     if reduce is not None:
         stacked = reduce(stacked)
@@ -79,11 +79,13 @@ def gradient_gram_by_backward(
     flat: list[torch.Tensor] = []
     for j in range(per_objective_advantages.shape[1]):
         loss_for_advantages(per_objective_advantages[:, j]).backward()
-        flat.append(torch.cat([
-            (torch.zeros_like(local_tensor(p)) if p.grad is None else local_tensor(p.grad)).reshape(-1).to(torch.float64)
-            for p in params
-        ]))
+        flat.append(_flatten([None if p.grad is None else local_tensor(p.grad) for p in params], [local_tensor(p) for p in params]))
         for p in params:
             p.grad = None
-    stacked = torch.stack(flat)  # [K, P_local]: this rank's slice of every objective's gradient
+    stacked = torch.stack(flat).to(torch.float64)  # [K, P_local]: this rank's slice of every gradient
     return all_reduce_sum(stacked @ stacked.T).cpu()
+
+
+def _flatten(grads: Sequence[torch.Tensor | None], params: Sequence[torch.Tensor]) -> torch.Tensor:
+    """One float32 vector of the gradients, zeros for a parameter the loss did not reach."""
+    return torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).float() for g, p in zip(grads, params)])

@@ -19,7 +19,7 @@ import yaml
 from apexcli.balance.config import BalanceConfig
 from apexcli.errors import ApexError
 from apexcli.rewards.config import RewardsConfig
-from apexcli.schema import deep_merge, from_dict, parse_override
+from apexcli.schema import check_fields, deep_merge, from_dict, parse_override, setting
 
 SD3_JOINT_ATTENTION_PROJECTIONS = [
     "attn.to_q",
@@ -35,58 +35,58 @@ SD3_JOINT_ATTENTION_PROJECTIONS = [
 
 @dataclass
 class ModelConfig:
-    pretrained: str = "stabilityai/stable-diffusion-3.5-medium"
+    pretrained: str = setting("stabilityai/stable-diffusion-3.5-medium", nonempty=True, resume="refuse")
     """Hub id or local directory of a diffusers SD3 pipeline; ``tiny`` builds a random tiny one in code."""
-    revision: str | None = None
+    revision: str | None = setting(None, resume="refuse")
     """Hub revision (branch, tag or commit) to load."""
-    variant: str | None = None
+    variant: str | None = setting(None, resume="refuse")
     """Weight-file variant, e.g. ``fp16``."""
     local_files_only: bool = False
     """Never contact the hub; load from the local cache or directory only."""
-    dtype: str = "bfloat16"
+    dtype: str = setting("bfloat16", choices=("float32", "bfloat16", "float16"))
     """Dtype of the frozen base weights: float32, bfloat16 or float16. LoRA weights train in float32."""
     device: str = "auto"
     """auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ... (ignored under accelerate launch)."""
-    resolution: int = 512
+    resolution: int = setting(512, ge=16)
     """Square image size in pixels for training rollouts and evaluation."""
-    max_sequence_length: int = 256
+    max_sequence_length: int = setting(256, ge=1)
     """T5 tokens kept per prompt."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
     """torch.compile each transformer block (regional; every forward uses it, FSDP/DDP hooks stay
     eager). Pays a warm-up on the first steps; on a CPU it needs a C compiler."""
-    attention: str = "auto"
+    attention: str = setting("auto", choices=("auto", "flash", "efficient", "cudnn", "math"))
     """Scaled-dot-product attention kernel: auto (PyTorch picks), flash, efficient, cudnn or math."""
     text_cache_dir: str | None = None
     """Directory for cached prompt embeddings (safetensors); None keeps them in memory only."""
     free_text_encoders: bool = True
     """Drop the text encoders once every prompt is embedded (T5-XXL alone is ~9.5 GB in bf16)."""
-    tiny_seed: int = 0
+    tiny_seed: int = setting(0, ge=0, le=2**32 - 1, resume="refuse")
     """Seed of the random weights when ``pretrained: tiny``."""
 
 
 @dataclass
 class LoraSettings:
-    rank: int = 32
+    rank: int = setting(32, ge=1, resume="refuse")
     """LoRA rank r."""
-    alpha: int = 64
+    alpha: int = setting(64, gt=0, resume="refuse")
     """LoRA alpha; the update is scaled by alpha / rank."""
-    dropout: float = 0.0
+    dropout: float = setting(0.0, ge=0, lt=1)
     """LoRA dropout. Keep 0: dropout breaks the ratio == 1 invariant of on-policy PPO."""
-    target_modules: list[str] = field(default_factory=lambda: list(SD3_JOINT_ATTENTION_PROJECTIONS))
+    target_modules: list[str] = setting(default_factory=lambda: list(SD3_JOINT_ATTENTION_PROJECTIONS), nonempty=True, resume="refuse")
     """Module name suffixes that get adapters (default: the joint-attention projections)."""
 
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = 10
+    num_steps: int = setting(10, ge=2)
     """Denoising steps of a training rollout."""
-    guidance_scale: float = 4.5
+    guidance_scale: float = setting(4.5, ge=0)
     """Classifier-free guidance in rollouts and training; <= 1 disables CFG (half the forwards)."""
-    sampler: str = "sde"
+    sampler: str = setting("sde", choices=("sde", "cps"))
     """Stochastic sampler of the trained steps: sde (Flow-GRPO) or cps (coefficient-preserving)."""
-    noise_level: float = 0.7
+    noise_level: float = setting(0.7, gt=0, le=1.5)
     """The SDE noise level a (sigma_t = a * sqrt(s / (1 - s)))."""
     share_group_noise: bool = False
     """Start every sample of a prompt group from the same initial noise."""
@@ -96,78 +96,78 @@ class SamplingConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = 300
+    steps: int = setting(300, ge=1)
     """Training iterations (one rollout batch + policy update each)."""
-    prompts_per_step: int = 16
+    prompts_per_step: int = setting(16, ge=1)
     """Prompt groups per iteration, over all processes."""
-    group_size: int = 24
+    group_size: int = setting(24, ge=2)
     """Samples per prompt (the GRPO group)."""
-    rollout_batch_size: int = 8
+    rollout_batch_size: int = setting(8, ge=1)
     """Samples per rollout forward, per process."""
-    train_batch_size: int = 8
+    train_batch_size: int = setting(8, ge=1)
     """Samples per training micro-batch, per process."""
-    gradient_accumulation: int = 0
+    gradient_accumulation: int = setting(0, ge=0)
     """Micro-batches per optimizer step; 0 = all of a process's samples (one update per epoch)."""
-    inner_epochs: int = 1
+    inner_epochs: int = setting(1, ge=1)
     """Passes of policy updates over each rollout batch."""
-    window_start: int = 0
+    window_start: int = setting(0, ge=0)
     """First denoising step that is stochastic and trained."""
-    window_size: int = 0
+    window_size: int = setting(0, ge=0)
     """Number of trained (SDE) steps from window_start; 0 = all but the last step. Steps outside
     the window are sampled with the ODE and not trained (Flow-GRPO-Fast / MixGRPO style)."""
-    timestep_fraction: float = 1.0
+    timestep_fraction: float = setting(1.0, gt=0, le=1)
     """Fraction of the window's steps trained per sample (a random subset each epoch)."""
-    lr: float = 3e-4
+    lr: float = setting(3e-4, gt=0)
     """AdamW learning rate."""
-    weight_decay: float = 1e-4
+    weight_decay: float = setting(1e-4, ge=0)
     """AdamW weight decay."""
-    adam_beta1: float = 0.9
+    adam_beta1: float = setting(0.9, ge=0, lt=1)
     """AdamW beta1."""
-    adam_beta2: float = 0.999
+    adam_beta2: float = setting(0.999, ge=0, lt=1)
     """AdamW beta2."""
-    adam_eps: float = 1e-8
+    adam_eps: float = setting(1e-8, gt=0)
     """AdamW epsilon."""
-    warmup_steps: int = 0
+    warmup_steps: int = setting(0, ge=0)
     """Linear learning-rate warm-up, in optimizer steps."""
-    max_grad_norm: float = 1.0
+    max_grad_norm: float = setting(1.0)
     """Gradient-norm clip; <= 0 disables."""
-    clip_range: float = 1e-4
+    clip_range: float = setting(1e-4, gt=0)
     """PPO ratio clip epsilon (tiny: the log-prob is a mean over latent dims)."""
-    adv_clip: float = 5.0
+    adv_clip: float = setting(5.0, gt=0)
     """Advantages are clipped to [-adv_clip, adv_clip]."""
-    kl_beta: float = 0.04
+    kl_beta: float = setting(0.04, ge=0)
     """Weight of the KL to the base model (LoRA disabled); 0 skips the reference forward."""
-    ema_decay: float = 0.0
+    ema_decay: float = setting(0.0, ge=0, lt=1)
     """EMA of the LoRA weights used for evaluation and saved beside them; 0 = off."""
-    checkpoint_every: int = 50
+    checkpoint_every: int = setting(50, ge=0)
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
-    keep_checkpoints: int = 3
+    keep_checkpoints: int = setting(3, ge=0)
     """Keep the N most recent checkpoints; 0 = keep all."""
 
 
 @dataclass
 class PromptsConfig:
-    train: str = "builtin:mixed"
+    train: str = setting("builtin:mixed", nonempty=True)
     """Training prompts: a .txt (one per line) or .jsonl ({"prompt": ...}) file, or builtin:NAME."""
-    eval: str = "builtin:mixed_eval"
+    eval: str = setting("builtin:mixed_eval", nonempty=True)
     """Held-out evaluation prompts (same formats)."""
 
 
 @dataclass
 class EvalConfig:
-    every: int = 50
+    every: int = setting(50, ge=0)
     """Evaluate at step 0, every N steps and at the end; 0 disables evaluation."""
-    num_steps: int = 40
+    num_steps: int = setting(40, ge=1)
     """ODE steps of evaluation sampling."""
-    guidance_scale: float = 4.5
+    guidance_scale: float = setting(4.5, ge=0)
     """CFG of evaluation sampling."""
-    num_prompts: int = 16
+    num_prompts: int = setting(16, ge=1)
     """Held-out prompts used (the first N of the eval set)."""
-    seed: int = 1234
+    seed: int = setting(1234, ge=0, le=2**32 - 1)
     """Seed of the fixed evaluation noise (identical at every evaluation)."""
-    batch_size: int = 8
+    batch_size: int = setting(8, ge=1)
     """Samples per evaluation forward."""
-    objectives: list[str] | None = None
+    objectives: list[str] | None = setting(None, nonempty=True)
     """Objectives scored at evaluation; None = the trained objectives (may add untrained ones)."""
     use_ema: bool = True
     """Evaluate the EMA weights when train.ema_decay > 0."""
@@ -175,7 +175,7 @@ class EvalConfig:
 
 @dataclass
 class LoggingConfig:
-    tracker: str = "none"
+    tracker: str = setting("none", choices=("none", "tensorboard", "wandb"))
     """Experiment tracker through accelerate: none, tensorboard or wandb."""
     progress: bool = True
     """Show the rich progress display."""
@@ -183,15 +183,15 @@ class LoggingConfig:
 
 @dataclass
 class Config:
-    objectives: list[str] = field(default_factory=lambda: ["pick", "deqa", "aes", "ocr"])
+    objectives: list[str] = setting(default_factory=lambda: ["pick", "deqa", "aes", "ocr"], nonempty=True, resume="refuse")
     """Reward names to optimise (see ``apex score --help`` for the list)."""
     name: str | None = None
     """Run name (default: the output folder's name)."""
     preset: str | None = None
     """The preset this config started from (informational)."""
-    out: str = "runs/apex"
+    out: str = setting("runs/apex", nonempty=True)
     """Run directory: config, metrics, checkpoints, evaluations."""
-    seed: int = 42
+    seed: int = setting(42, ge=0, le=2**32 - 1, resume="refuse")
     """Seed of prompts, noise and LoRA initialisation; a run is reproducible from it."""
     model: ModelConfig = field(default_factory=ModelConfig)
     lora: LoraSettings = field(default_factory=LoraSettings)
@@ -285,22 +285,13 @@ def _check(ok: bool, key: str, message: str) -> None:
 
 
 def validate(cfg: Config) -> None:
-    """Semantic checks that types alone cannot express. Objective names are checked against the
+    """Every field against the rule declared beside it (``setting(...)``: finite numbers, ranges,
+    choices), then the checks that relate several fields. Objective names are checked against the
     reward registry when the reward suite is built."""
+    check_fields(cfg)
     t, s, m = cfg.train, cfg.sampling, cfg.model
-    _check(len(cfg.objectives) > 0, "objectives", "needs at least one objective")
     _check(len(set(cfg.objectives)) == len(cfg.objectives), "objectives", f"has duplicates: {cfg.objectives}")
-    _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"must be float32, bfloat16 or float16, got '{m.dtype}'")
-    _check(m.attention in ("auto", "flash", "efficient", "cudnn", "math"), "model.attention", f"must be auto, flash, efficient, cudnn or math, got '{m.attention}'")
-    _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", f"must be a positive multiple of 16, got {m.resolution}")
-    _check(s.sampler in ("sde", "cps"), "sampling.sampler", f"must be sde or cps, got '{s.sampler}'")
-    _check(s.num_steps >= 2, "sampling.num_steps", f"must be >= 2, got {s.num_steps}")
-    _check(0 < s.noise_level <= 1.5, "sampling.noise_level", f"must be in (0, 1.5], got {s.noise_level}")
-    _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
-    _check(t.group_size >= 2, "train.group_size", f"must be >= 2 (GRPO compares samples of one prompt), got {t.group_size}")
-    _check(t.prompts_per_step >= 1, "train.prompts_per_step", f"must be >= 1, got {t.prompts_per_step}")
-    for key in ("rollout_batch_size", "train_batch_size", "inner_epochs"):
-        _check(getattr(t, key) >= 1, f"train.{key}", f"must be >= 1, got {getattr(t, key)}")
+    _check(m.resolution % 16 == 0, "model.resolution", f"must be a positive multiple of 16, got {m.resolution}")
     total = t.group_size * t.prompts_per_step
     _check(
         total % t.rollout_batch_size == 0,
@@ -308,20 +299,12 @@ def validate(cfg: Config) -> None:
         f"({t.rollout_batch_size}) must divide group_size x prompts_per_step ({total})",
     )
     _check(total % t.train_batch_size == 0, "train.train_batch_size", f"({t.train_batch_size}) must divide group_size x prompts_per_step ({total})")
-    _check(0 <= t.window_start < s.num_steps, "train.window_start", f"must be in [0, sampling.num_steps), got {t.window_start}")
+    _check(t.window_start < s.num_steps, "train.window_start", f"must be in [0, sampling.num_steps), got {t.window_start}")
     _check(
-        t.window_size >= 0 and t.window_start + t.window_size <= s.num_steps,
+        t.window_start + t.window_size <= s.num_steps,
         "train.window_size",
         f"window [{t.window_start}, {t.window_start + t.window_size}) exceeds sampling.num_steps={s.num_steps}",
     )
-    _check(0 < t.timestep_fraction <= 1, "train.timestep_fraction", f"must be in (0, 1], got {t.timestep_fraction}")
-    _check(t.lr > 0, "train.lr", f"must be > 0, got {t.lr}")
-    _check(t.clip_range > 0, "train.clip_range", f"must be > 0, got {t.clip_range}")
-    _check(t.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {t.kl_beta}")
-    _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
-    _check(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
-    _check(cfg.logging.tracker in ("none", "tensorboard", "wandb"), "logging.tracker", f"must be none, tensorboard or wandb, got '{cfg.logging.tracker}'")
-    _check(cfg.eval.every >= 0, "eval.every", f"must be >= 0, got {cfg.eval.every}")
     cfg.balance.validate(len(cfg.objectives))
 
 

@@ -111,3 +111,103 @@ def parse_override(text: str) -> dict:
     for part in reversed(key.split(".")):
         nested = {part: nested}
     return nested
+
+
+# ---------------------------------------------------------------------------------------------
+# per-field constraints, declared beside each field:  lr: float = setting(3e-4, gt=0)
+# ---------------------------------------------------------------------------------------------
+
+RESUME_POLICIES = ("apply", "refuse")
+
+
+@dataclasses.dataclass(frozen=True)
+class Rule:
+    """What a field accepts, checked at config time by ``check_fields`` (errors name the dotted key).
+
+    Numbers (and each number of a list) must be finite unless ``finite=False``; the bounds apply to
+    them. ``choices`` limits a string; ``nonempty`` refuses an empty string or list. ``resume``
+    says what a resumed run does when the value differs from the checkpoint's: ``apply`` it (the
+    trainer reads it afresh) or ``refuse`` (the checkpoint only makes sense with its own value:
+    model identity, LoRA shape, seeds)."""
+
+    gt: float | None = None
+    ge: float | None = None
+    lt: float | None = None
+    le: float | None = None
+    choices: tuple[str, ...] | None = None
+    nonempty: bool = False
+    finite: bool = True
+    resume: str = "apply"
+
+    def problem(self, value: Any) -> str | None:
+        """Why ``value`` breaks the rule (``must be ..., got ...``), or None when it is fine."""
+        if value is None:
+            return None
+        if isinstance(value, (list, tuple)):
+            if self.nonempty and not value:
+                return "must not be empty"
+            for item in value:
+                why = self.problem(item)
+                if why is not None:
+                    return f"{why} (in {list(value)!r})"
+            return None
+        if isinstance(value, str):
+            if self.nonempty and not value.strip():
+                return "must not be empty"
+            if self.choices is not None and value not in self.choices:
+                return f"must be one of {', '.join(self.choices)}, got '{value}'"
+            return None
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return None
+        if self.finite and not math.isfinite(value):
+            return f"must be a finite number, got {value}"
+        ok = (
+            (self.gt is None or value > self.gt)
+            and (self.ge is None or value >= self.ge)
+            and (self.lt is None or value < self.lt)
+            and (self.le is None or value <= self.le)
+        )
+        return None if ok else f"must be {self._range()}, got {value}"
+
+    def _range(self) -> str:
+        def num(x: float) -> str:
+            return str(x) if isinstance(x, int) else f"{x:g}"
+
+        low = (f"({num(self.gt)}", f"> {num(self.gt)}") if self.gt is not None else (f"[{num(self.ge)}", f">= {num(self.ge)}") if self.ge is not None else None
+        high = (f"{num(self.lt)})", f"< {num(self.lt)}") if self.lt is not None else (f"{num(self.le)}]", f"<= {num(self.le)}") if self.le is not None else None
+        if low and high:
+            return f"in {low[0]}, {high[0]}"
+        return (low or high)[1]
+
+
+def setting(default: Any = dataclasses.MISSING, *, default_factory: Any = dataclasses.MISSING, **rule: Any) -> Any:
+    """A dataclass field with a ``Rule`` (see there): ``rank: int = setting(32, ge=1, resume="refuse")``."""
+    if "choices" in rule:
+        rule["choices"] = tuple(rule["choices"])
+    checked = Rule(**rule)
+    if checked.resume not in RESUME_POLICIES:
+        raise ValueError(f"resume policy must be one of {RESUME_POLICIES}")
+    return dataclasses.field(default=default, default_factory=default_factory, metadata={"rule": checked})
+
+
+def field_rule(f: dataclasses.Field) -> Rule:
+    """The field's declared rule; an undeclared field still has to be finite if it is a number."""
+    return f.metadata.get("rule", Rule())
+
+
+def iter_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Rule]]:
+    """``(dotted key, value, rule)`` of every leaf field of a dataclass tree."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            yield from iter_fields(value, f"{prefix}{f.name}.")
+        else:
+            yield f"{prefix}{f.name}", value, field_rule(f)
+
+
+def check_fields(obj: Any, prefix: str = "") -> None:
+    """Raise ApexError naming the dotted key of the first field that breaks its rule."""
+    for key, value, rule in iter_fields(obj, prefix):
+        why = rule.problem(value)
+        if why is not None:
+            raise ApexError(f"config key '{key}' {why}")

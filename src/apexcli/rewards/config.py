@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass, field
 
-from apexcli.schema import deep_merge, from_dict, parse_override
+from apexcli.schema import check_fields, deep_merge, from_dict, parse_override, setting
 
 
 @dataclass
@@ -19,7 +19,7 @@ class PickConfig:
 
     source: str = "yuvalkirstain/PickScore_v1"  # hub id or local dir of the CLIPModel weights
     processor_source: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id or dir: image processor + tokenizer
-    batch_size: int = 32  # images per forward pass
+    batch_size: int = setting(32, ge=1)  # images per forward pass
     dtype: str = ""  # "" = the suite's dtype; else float32 / float16 / bfloat16
     url: str = ""  # reward-server URL; when set, pick is scored remotely (same as `pick@URL`)
 
@@ -35,7 +35,7 @@ class AesConfig:
     # (.pth loaded with torch.load(weights_only=True), or .safetensors).
     head_source: str = "camenduru/improved-aesthetic-predictor"
     head_filename: str = "sac+logos+ava1-l14-linearMSE.pth"  # file inside head_source when it is a repo or dir
-    batch_size: int = 32  # images per forward pass
+    batch_size: int = setting(32, ge=1)  # images per forward pass
     dtype: str = ""  # "" = the suite's dtype
     url: str = ""  # reward-server URL for remote scoring
 
@@ -47,7 +47,7 @@ class DeqaConfig:
     source: str = "zhiyuanyou/DeQA-Score-Mix3"  # hub id or local dir
     trust_remote_code: bool = False  # must be set explicitly: the model runs Python code from `source`
     attn_implementation: str = "eager"  # passed to from_pretrained ("" = library default)
-    batch_size: int = 8  # images per score() call
+    batch_size: int = setting(8, ge=1)  # images per score() call
     dtype: str = ""  # "" = the suite's dtype
     url: str = ""  # reward-server URL (run DeQA in its own environment: `apex serve --objectives deqa`)
 
@@ -56,9 +56,9 @@ class DeqaConfig:
 class OcrConfig:
     """Text rendering accuracy: 1 − min(Levenshtein, len)/len against the prompt's first quoted text."""
 
-    backend: str = "rapidocr"  # rapidocr (ONNX, ships its models, offline) or paddleocr (2.x or 3.x)
-    workers: int = 2  # OCR threads, each with its own engine, run beside the model rewards
-    threads_per_worker: int = 1  # onnxruntime intra-op threads per engine (rapidocr)
+    backend: str = setting("rapidocr", choices=("rapidocr", "paddleocr"))  # rapidocr (ONNX, ships its models, offline) or paddleocr (2.x or 3.x)
+    workers: int = setting(2, ge=1)  # OCR threads, each with its own engine, run beside the model rewards
+    threads_per_worker: int = setting(1, ge=1)  # onnxruntime intra-op threads per engine (rapidocr)
     lang: str = "en"  # paddleocr language
     use_gpu: bool = False  # run the OCR engine on the GPU (rapidocr: onnxruntime CUDA EP; paddleocr 2.x: use_gpu)
     url: str = ""  # reward-server URL for remote scoring
@@ -68,7 +68,7 @@ class OcrConfig:
 class ToyConfig:
     """Weight-free metrics for the CPU demo and tests."""
 
-    jpeg_quality: int = 95  # JPEG quality used by `compressibility`
+    jpeg_quality: int = setting(95, ge=1, le=100)  # JPEG quality used by `compressibility`
 
 
 @dataclass
@@ -99,4 +99,6 @@ def apply_overrides(cfg: RewardsConfig, items: list[str]) -> RewardsConfig:
     for item in items:
         tree = parse_override(item if item.startswith("rewards.") else f"rewards.{item}")
         data = deep_merge(data, tree["rewards"])
-    return from_dict(RewardsConfig, data, "rewards.")
+    config = from_dict(RewardsConfig, data, "rewards.")
+    check_fields(config, "rewards.")
+    return config

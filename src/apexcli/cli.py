@@ -6,6 +6,7 @@ print as one line on stderr with exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import functools
 import sys
 
 import typer
@@ -38,8 +39,32 @@ COMMANDS = {
     "sweep": sweep,
 }
 
+
+
+class Interrupted(Exception):
+    """Ctrl-C inside a command. Typer turns a KeyboardInterrupt into a silent exit 130 (and an
+    EOFError into "Aborted!"), so commands raise this instead, which ``main`` reports."""
+
+    def __init__(self, command: str):
+        super().__init__(command)
+        self.command = command
+
+
+def _guarded(name: str, fn):
+    @functools.wraps(fn)
+    def call(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except KeyboardInterrupt:
+            raise Interrupted(name) from None
+        except EOFError as exc:  # not Typer's "Aborted!": an unexpected end of input is a bug to show
+            raise RuntimeError(f"unexpected end of input: {exc}") from exc
+
+    return call
+
+
 for _name, _fn in COMMANDS.items():
-    app.command(_name)(_fn)
+    app.command(_name)(_guarded(_name, _fn))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -49,8 +74,9 @@ def main(argv: list[str] | None = None) -> None:
     except ApexError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
-    except KeyboardInterrupt:
-        print("interrupted: the last complete checkpoint is intact; continue with --resume auto", file=sys.stderr)
+    except (KeyboardInterrupt, Interrupted) as exc:
+        hint = "the last complete checkpoint is intact; continue with --resume auto" if getattr(exc, "command", "train") == "train" else "nothing more was written"
+        print(f"interrupted: {hint}", file=sys.stderr)
         sys.exit(130)
 
 

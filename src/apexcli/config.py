@@ -247,10 +247,14 @@ def load_preset(name: str) -> dict:
 
 def load_yaml_file(path: str | Path) -> dict:
     path = Path(path)
+    if path.is_dir():
+        raise ApexError(f"config file '{path}' is a directory; give a YAML file (e.g. {path / 'config.yaml'})")
     if not path.is_file():
         raise ApexError(f"config file '{path}' does not exist")
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except UnicodeDecodeError as exc:
+        raise ApexError(f"config file '{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
     except yaml.YAMLError as exc:
         raise ApexError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):

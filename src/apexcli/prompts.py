@@ -37,9 +37,17 @@ def load_prompts(spec: str) -> list[str]:
         prompts = _read_builtin(spec[len("builtin:") :])
     else:
         path = Path(spec).expanduser()
+        if path.is_dir():
+            raise ApexError(f"prompt file '{spec}' is a directory (give a .txt, a .jsonl or builtin:NAME)")
         if not path.is_file():
             raise ApexError(f"prompt file '{spec}' does not exist (give a .txt, a .jsonl or builtin:NAME)")
-        text = path.read_text(encoding="utf-8")
+        try:
+            text = path.read_text(encoding="utf-8")
+        except UnicodeDecodeError as exc:
+            line = exc.object[: exc.start].count(b"\n") + 1
+            raise ApexError(
+                f"prompt file '{spec}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} on line {line}); save it as UTF-8"
+            ) from None
         if path.suffix == ".jsonl":
             prompts = []
             for n, line in enumerate(text.splitlines(), 1):

@@ -8,6 +8,7 @@ deterministic ODE (Euler) sampler of evaluation.
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import decode_latents, rollout
 from apexcli.models.loading import load_pipeline, resolve_device
-from apexcli.models.lora import resolve_lora_path
+from apexcli.models.lora import load_lora_for_inference, resolve_lora_path
 from apexcli.models.text_cache import encode_prompts
 from apexcli.runs import LORA_FILE, atomic_write_text
 
@@ -64,6 +65,8 @@ def sample_images(req: SampleRequest) -> list[Path]:
     for flag, value in (("--num-images", req.num_images), ("--batch-size", req.batch_size), ("--steps", req.steps), ("--size", min(req.height, req.width))):
         if value < 1:
             raise ApexError(f"{flag} must be >= 1, got {value}")
+    if not (math.isfinite(req.guidance_scale) and req.guidance_scale >= 0):
+        raise ApexError(f"--guidance must be a finite number >= 0, got {req.guidance_scale}")
     device = resolve_device(req.model.device)
     pipe = load_pipeline(req.model)
     lora_dir = None
@@ -72,7 +75,7 @@ def sample_images(req: SampleRequest) -> list[Path]:
         # name the file: given only a folder, diffusers guesses among its .safetensors files
         given = Path(req.lora)
         weight_file = given if given.is_file() else lora_dir / LORA_FILE
-        pipe.load_lora_weights(str(weight_file.parent), weight_name=weight_file.name)
+        load_lora_for_inference(pipe, weight_file)  # refuses a LoRA of another model: metadata records only what applied
         if given.is_file():
             lora_dir = given  # metadata names the exact file
     pipe.to(device)

@@ -20,4 +20,4 @@ def evaluate(
     for key, value in row.items():
         if key.startswith("eval/"):
             typer.echo(f"{key:<32} {value:.6g}")
-    typer.echo(f"wrote {run}/eval/step-{row['step']:06d}/ (grid.png, scores.jsonl)")
+    typer.echo(f"wrote {row['eval_dir']}/ (grid.png, scores.jsonl)")

@@ -11,7 +11,7 @@ from apexcli.rewards.config import RewardsConfig, apply_overrides
 
 def serve(
     objectives: Annotated[str, typer.Option("--objectives", "-O", help="Comma-separated rewards to host, e.g. deqa or pick,aes.")],
-    port: Annotated[int, typer.Option(help="TCP port.")] = 18086,
+    port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 18086,
     host: Annotated[str, typer.Option(help="Interface to bind; loopback by default (the server has no authentication).")] = "127.0.0.1",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16.")] = "auto",

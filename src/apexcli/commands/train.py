@@ -19,7 +19,8 @@ def train(
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated user weights, one per objective (balance.weights).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training iterations (train.steps).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (config, metrics.jsonl, checkpoints, eval).")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="'auto' (newest checkpoint of --out, or start fresh) or a checkpoint/run path.")] = None,
+    resume: Annotated[Optional[str], typer.Option(help="'auto' (newest readable checkpoint of --out, or start fresh) or a checkpoint/run path.")] = None,
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run already in --out (config, metrics, checkpoints, eval) and start a new one.")] = False,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate at step 0, every N steps and at the end (eval.every); 0 = off.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of prompts, noise and LoRA init.")] = None,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N (model.device).")] = None,
@@ -57,6 +58,7 @@ def train(
         overrides=list(overrides or []) + list(set_ or []),
         resume=resume,
         argv=_command_line(parsed),
+        overwrite=overwrite,
     )
     if os.environ.get("RANK", "0") == "0":  # once, not once per process of a launcher
         typer.echo(f"run written to {run} (metrics.jsonl, checkpoints/, eval/)")
@@ -70,5 +72,7 @@ def _command_line(parsed: dict) -> list[str]:
         value = parsed.get(name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), shlex.quote(str(value))]
+    if parsed.get("overwrite"):
+        argv.append("--overwrite")
     argv += [shlex.quote(o) for o in list(parsed.get("overrides") or []) + list(parsed.get("set_") or [])]
     return argv

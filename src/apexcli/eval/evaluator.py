@@ -63,13 +63,15 @@ class Evaluator:
 
     @torch.no_grad()
     def run(
-        self, transformer, vae, scheduler, vae_scale_factor: int, step: int, run: RunDir | None, *, lockstep: bool = False
+        self, transformer, vae, scheduler, vae_scale_factor: int, step: int, run: RunDir | None, *, lockstep: bool = False,
+        directory: Path | None = None,
     ) -> dict | None:
         """Every process evaluates its share of the prompts (i = rank, rank + W, ...); the main
         process gathers them, writes the eval folder and returns the row (others return None).
 
         ``lockstep``: every process runs as many transformer batches, padding with a discarded
-        one where its share is smaller; needed when the forward is a collective (FSDP)."""
+        one where its share is smaller; needed when the forward is a collective (FSDP).
+        ``directory``: where the grid and scores go instead of ``run``'s ``eval/step-N``."""
         acc = self.accelerator
         rank, world = (acc.process_index, acc.num_processes) if acc is not None else (0, 1)
         e, res = self.cfg.eval, self.cfg.model.resolution
@@ -108,8 +110,8 @@ class Evaluator:
         r_all = torch.stack([r for _, _, r in results])
         row: dict = {"step": step, "kind": "eval"}
         row.update(reward_summary(r_all, self.suite.objectives, "eval"))
-        if run is not None:
-            self.write(run.eval_dir(step), images_t, r_all)
+        if directory is not None or run is not None:
+            self.write(directory or run.eval_dir(step), images_t, r_all)
         return row
 
     def write(self, directory: Path, images: torch.Tensor, rewards: torch.Tensor) -> None:
@@ -136,9 +138,9 @@ def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: b
     from apexcli.config import config_from_dict, validate
     from apexcli.errors import ApexError
     from apexcli.models.loading import load_pipeline, resolve_device
-    from apexcli.models.lora import resolve_lora_path
+    from apexcli.models.lora import load_lora_for_inference, resolve_lora_path
     from apexcli.models.text_cache import TextEmbeddingCache, encoder_fingerprint
-    from apexcli.runs import LORA_FILE, parse_step_dirname
+    from apexcli.runs import LORA_FILE, parse_step_dirname, step_dirname
 
     run = RunDir(Path(run_path))
     if not run.config_path.is_file():
@@ -148,21 +150,37 @@ def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: b
     device = resolve_device(cfg.model.device)
     pipe = load_pipeline(cfg.model)
     step = 0
+    directory = run.eval_dir(0)
     if checkpoint != "base":
         ckpt = resolve_lora_path(checkpoint or run.path)
         if ckpt == run.path and checkpoint is None:
             raise ApexError(f"run '{run_path}' has no checkpoint yet; pass --checkpoint base to evaluate the base model")
         step = parse_step_dirname(ckpt.name) or parse_step_dirname(ckpt.parent.name) or 0
+        directory = run.eval_dir(step)
+        if ckpt.resolve().parent != run.checkpoints_dir.resolve():
+            # another run's checkpoint: its numbers are not this run's, so they never enter its
+            # metrics, and its images never replace this run's own eval/step-N
+            if log:
+                raise ApexError(
+                    f"--log would append the evaluation of '{ckpt}' to the metrics of '{run.path}', but that checkpoint is "
+                    f"not one of this run's ({run.checkpoints_dir}); drop --log, or run apex eval on the run that owns it"
+                )
+            directory = run.path / "eval" / f"other-{_owner_name(ckpt)}-{step_dirname(step)}"
         lora_dir = ckpt / "ema" if cfg.eval.use_ema and (ckpt / "ema").is_dir() else ckpt
-        # name the file: given only a folder, diffusers guesses among its .safetensors files
-        pipe.load_lora_weights(str(lora_dir), weight_name=LORA_FILE)
+        load_lora_for_inference(pipe, lora_dir / LORA_FILE)
     pipe.to(device)
     cache = TextEmbeddingCache(cfg.model.text_cache_dir, encoder_fingerprint(pipe))
     evaluator = Evaluator(cfg, pipe, cache, cfg.objectives, device=device)
     try:
-        row = evaluator.run(pipe.transformer, pipe.vae, pipe.scheduler, pipe.vae_scale_factor, step, run)
+        row = evaluator.run(pipe.transformer, pipe.vae, pipe.scheduler, pipe.vae_scale_factor, step, run, directory=directory)
     finally:
         evaluator.close()
     if log:
         run.append_metrics(row)
-    return row
+    return {**row, "eval_dir": str(directory)}
+
+
+def _owner_name(checkpoint: Path) -> str:
+    """``runs/b/checkpoints/step-4`` -> ``b``; a loose checkpoint dir -> its own name."""
+    checkpoint = Path(checkpoint).resolve()
+    return checkpoint.parent.parent.name if checkpoint.parent.name == "checkpoints" else checkpoint.name

@@ -120,7 +120,9 @@ def _laid_out_like_adapter(transformer, state: dict[str, torch.Tensor]) -> dict[
 def resolve_lora_path(path: str | Path) -> Path:
     """A checkpoint dir, a LoRA .safetensors file's dir, or a run dir (its latest checkpoint)."""
     p = Path(path)
-    if p.is_file() and p.suffix == ".safetensors":
+    if p.is_file():
+        if p.suffix != ".safetensors":
+            raise ApexError(f"--lora '{p}' is a {p.suffix or 'extension-less'} file, not a LoRA; give a .safetensors file, a checkpoint dir or a run dir")
         return p.parent
     if (p / LORA_FILE).is_file():
         return p
@@ -130,3 +132,48 @@ def resolve_lora_path(path: str | Path) -> Path:
             return latest
         raise ApexError(f"--lora '{p}' holds no {LORA_FILE} and no checkpoints/step-*/ with one")
     raise ApexError(f"--lora '{p}' does not exist; give a checkpoint dir, a run dir or a .safetensors file")
+
+
+def load_lora_for_inference(pipe, weight_file: Path) -> int:
+    """``pipe.load_lora_weights`` with the checks it lacks: a file that is not safetensors, or a
+    LoRA of another model (UNet keys, other module names or shapes), is an ApexError naming the
+    file instead of a traceback or a silent no-op. Returns the number of transformer LoRA tensors
+    applied."""
+    weight_file = Path(weight_file)
+    try:
+        state = StableDiffusion3Pipeline.lora_state_dict(str(weight_file.parent), weight_name=weight_file.name)
+    except Exception as exc:  # safetensors' header errors, diffusers' format guesses
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+        raise ApexError(f"--lora file '{weight_file}' is not a readable LoRA safetensors file ({first})") from None
+    if isinstance(state, tuple):  # some diffusers versions return (state, alphas)
+        state = state[0]
+    ours = {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}
+    if not ours:
+        example = next(iter(state), "no keys at all")
+        raise ApexError(
+            f"--lora file '{weight_file}' holds no SD3 transformer LoRA weights (e.g. '{example}'): it was made for another model"
+        )
+    ours = convert_unet_state_dict_to_peft(ours)
+    modules = dict(pipe.transformer.named_modules())
+    for key, tensor in ours.items():
+        name, _, kind = key.rpartition(".lora_")
+        module = modules.get(name)
+        if module is None or not hasattr(module, "in_features"):
+            raise ApexError(f"--lora file '{weight_file}' does not fit this model: it has no layer '{name}' (a LoRA for another model?)")
+        want = module.in_features if kind.startswith("A") else module.out_features
+        got = tensor.shape[1] if kind.startswith("A") else tensor.shape[0]
+        if tensor.ndim != 2 or got != want:
+            raise ApexError(
+                f"--lora file '{weight_file}' does not fit this model: '{key}' has shape {tuple(tensor.shape)}, "
+                f"the layer has {want} {'inputs' if kind.startswith('A') else 'outputs'} (a LoRA for another model size?)"
+            )
+    before = _lora_tensor_count(pipe.transformer)
+    pipe.load_lora_weights(str(weight_file.parent), weight_name=weight_file.name)
+    applied = _lora_tensor_count(pipe.transformer) - before
+    if applied != len(ours):
+        raise ApexError(f"--lora file '{weight_file}': only {applied} of its {len(ours)} transformer tensors were applied")
+    return applied
+
+
+def _lora_tensor_count(transformer) -> int:
+    return sum(1 for name, _ in transformer.named_parameters() if ".lora_A." in name or ".lora_B." in name)

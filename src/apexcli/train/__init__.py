@@ -14,6 +14,7 @@ def run_training(
     overrides: list[str] | None = None,
     resume: str | None = None,
     argv: list[str] | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Resolve the config from its layers and train; returns the run directory."""
     from apexcli.config import resolve_config
@@ -22,4 +23,4 @@ def run_training(
 
     quiet_libraries()
     cfg = resolve_config(preset=preset, config_file=config_file, options=options, overrides=overrides)
-    return train(cfg, resume=resume, argv=argv or sys.argv)
+    return train(cfg, resume=resume, argv=argv or sys.argv, overwrite=overwrite)

@@ -49,7 +49,8 @@ def save_checkpoint(run: RunDir, step: int, *, save_lora, save_ema_lora, state: 
         )
         (tmp / CONFIG_FILE).write_text(config_yaml, encoding="utf-8")
     if keep > 0:
-        for old in run.checkpoint_steps()[:-keep]:
+        # the one just written always stays, whatever older or higher-numbered dirs are around
+        for old in [s for s in run.checkpoint_steps() if s != step][: -(keep - 1) or None]:
             shutil.rmtree(run.checkpoint_dir(old), ignore_errors=True)
     return final
 
@@ -70,14 +71,80 @@ def find_resume_checkpoint(run: RunDir, resume: str | None) -> Path | None:
     return latest
 
 
-def load_training_state(checkpoint: Path, map_location: str | torch.device = "cpu") -> TrainingState:
-    state_dir = checkpoint / "state"
+class CheckpointError(ApexError):
+    """A checkpoint that cannot be read; ``file`` is the culprit."""
+
+    def __init__(self, checkpoint: Path, file: str, reason: str):
+        self.checkpoint, self.file, self.reason = Path(checkpoint), file, reason
+        super().__init__(f"checkpoint '{checkpoint}' is unreadable: {file} {reason}")
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0][:120]}" if text else type(exc).__name__
+
+
+def _torch_file(checkpoint: Path, name: str, map_location) -> dict:
+    path = checkpoint / name
+    if not path.is_file():
+        raise CheckpointError(checkpoint, name, "is missing")
     try:
-        trainer = torch.load(state_dir / "trainer.pt", map_location=map_location, weights_only=True)
-        optimizer = torch.load(state_dir / "optimizer.pt", map_location=map_location, weights_only=True)
-        balancer = torch.load(state_dir / "balancer.pt", map_location="cpu", weights_only=True)
-    except (OSError, RuntimeError) as exc:
-        raise ApexError(f"checkpoint '{checkpoint}' is unreadable ({str(exc).splitlines()[0][:120]}); resume from an older one") from None
+        # any failure here is the file's: garbage raises UnpicklingError, an empty file EOFError
+        data = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(checkpoint, name, f"is corrupt ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(checkpoint, name, f"holds a {type(data).__name__}, not a state mapping")
+    return data
+
+
+def _check_lora_file(checkpoint: Path, name: str) -> None:
+    """Read every tensor of a LoRA file: a truncated file fails here, not half-way through setup."""
+    from safetensors import safe_open
+
+    path = checkpoint / name
+    if not path.is_file():
+        raise CheckpointError(checkpoint, name, "is missing")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            keys = list(f.keys())
+            for key in keys:
+                f.get_tensor(key)
+    except Exception as exc:
+        raise CheckpointError(checkpoint, name, f"is corrupt ({_first_line(exc)})") from None
+    if not keys:
+        raise CheckpointError(checkpoint, name, "holds no tensors")
+
+
+def read_checkpoint_config(checkpoint: Path) -> dict:
+    import yaml
+
+    path = checkpoint / CONFIG_FILE
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(checkpoint, CONFIG_FILE, "is missing") from None
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as exc:
+        raise CheckpointError(checkpoint, CONFIG_FILE, f"is corrupt ({_first_line(exc)})") from None
+    if not isinstance(data, dict):
+        raise CheckpointError(checkpoint, CONFIG_FILE, "is not a YAML mapping")
+    return data
+
+
+def load_training_state(checkpoint: Path, map_location: str | torch.device = "cpu") -> TrainingState:
+    """Read and check every file of a checkpoint (LoRA, EMA LoRA, state, config); raises
+    ``CheckpointError`` naming the first bad file."""
+    checkpoint = Path(checkpoint)
+    _check_lora_file(checkpoint, LORA_FILE)
+    if (checkpoint / "ema").exists():
+        _check_lora_file(checkpoint, f"ema/{LORA_FILE}")
+    trainer = _torch_file(checkpoint, "state/trainer.pt", map_location)
+    optimizer = _torch_file(checkpoint, "state/optimizer.pt", map_location)
+    balancer = _torch_file(checkpoint, "state/balancer.pt", "cpu")
+    missing = [k for k in ("step", "lr_scheduler", "ema", "rng") if k not in trainer]
+    if missing or not isinstance(trainer["step"], int):
+        raise CheckpointError(checkpoint, "state/trainer.pt", f"lacks {missing[0] if missing else 'an integer step'}")
+    read_checkpoint_config(checkpoint)
     return TrainingState(
         step=int(trainer["step"]),
         optimizer=optimizer,

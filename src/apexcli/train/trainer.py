@@ -60,12 +60,8 @@ from apexcli.rewards import RewardSuite
 from apexcli.rewards.ocr import ocr_target
 from apexcli.runs import RunDir, reward_summary
 from apexcli.sharding import full_state, is_sharded, load_optimizer_state_by_name, optimizer_state_by_name
-from apexcli.train.checkpoint import (
-    TrainingState,
-    find_resume_checkpoint,
-    load_training_state,
-    save_checkpoint,
-)
+from apexcli.train.checkpoint import TrainingState, save_checkpoint
+from apexcli.train.run_start import abandon_after, ensure_writable, plan_start, prepare_directory, warn
 from apexcli.train.ema import LoraEMA
 from apexcli.train.loss import clip_advantages, grpo_policy_loss
 from apexcli.train.progress import TrainProgress
@@ -75,9 +71,10 @@ from apexcli.train.sampler import mix_seed, plan_step
 class Trainer:
     """``setup()`` -> ``train()`` -> ``close()``; ``save_checkpoint(step)`` at any time."""
 
-    def __init__(self, cfg: Config, *, resume: str | None = None, argv: list[str] | None = None):
+    def __init__(self, cfg: Config, *, resume: str | None = None, argv: list[str] | None = None, overwrite: bool = False):
         self.cfg = cfg
         self.resume = resume
+        self.overwrite = overwrite
         self.argv = argv or sys.argv
         self.run = RunDir(Path(cfg.out))
         self.step = 0
@@ -95,6 +92,10 @@ class Trainer:
         acc = self.accelerator
         self.device = acc.device
         _check_shards(cfg, acc.num_processes)
+        # before any model loads: refuse to clobber a run, read the resume checkpoint in full
+        self.start = plan_start(self.run, cfg, resume=self.resume, overwrite=self.overwrite)
+        if acc.is_main_process:
+            ensure_writable(self.run.path)
         set_seed(cfg.seed)
         self.dtype = DTYPES[cfg.model.dtype]
         if self.device.type == "cpu" and self.dtype != torch.float32 and acc.is_main_process:
@@ -163,34 +164,49 @@ class Trainer:
         self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
 
         self.steps_trained = trained_steps(cfg)
-        checkpoint = find_resume_checkpoint(self.run, self.resume)
+        self.nan_steps = [0] * len(self.objectives)  # steps where objective k had no finite reward
+        checkpoint = self.start.checkpoint
         if checkpoint is not None:
-            self._restore(checkpoint)
+            self._restore(checkpoint, self.start.state)
+        acc.wait_for_everyone()  # every process has read the checkpoint before files move
         if acc.is_main_process:
+            prepare_directory(self.run, self.start)
             self.run.create()
             self.run.write_config(config_to_dict(cfg))
             self.run.append_command(self.argv)
             if checkpoint is not None:
-                self.run.truncate_metrics_after(self.step)
+                abandon_after(self.run, self.step)
             elif self.run.metrics_path.exists():
-                self.run.metrics_path.unlink()  # a fresh run in an old folder starts a fresh log
+                self.run.metrics_path.unlink()  # --resume auto before any checkpoint: the log restarts
         if trackers:
             acc.init_trackers(cfg.name or self.run.path.name, config=_flat(config_to_dict(cfg)))
         acc.wait_for_everyone()
 
-    def _restore(self, checkpoint: Path) -> None:
-        state = load_training_state(checkpoint, map_location="cpu")  # each piece is placed by its loader
-        model = unwrap_model(self.transformer)
+    def _restore(self, checkpoint: Path, state: TrainingState) -> None:
+        model = unwrap_model(self.transformer)  # state was read on the CPU; each loader places its piece
         load_lora_into_adapter(model, checkpoint)
         load_optimizer_state_by_name(model, self.optimizer.optimizer, state.optimizer)
         self.lr_scheduler.load_state_dict(state.lr_scheduler)
+        self._apply_optimizer_config()
         self.balancer.load_state_dict(state.balancer)
         if self.ema is not None and state.ema is not None:
             self.ema.load_state_dict(state.ema)
+            self.ema.decay = self.cfg.train.ema_decay  # the config's, as config.yaml records
         torch.set_rng_state(state.rng["torch"].cpu())  # loaded onto self.device; the CPU generator needs a CPU ByteTensor
         self.step = state.step
         if self.accelerator.is_main_process:
             print(f"resumed from {checkpoint} at step {self.step}", file=sys.stderr)
+
+    def _apply_optimizer_config(self) -> None:
+        """The restored optimizer and scheduler state carry the checkpoint's lr, betas, eps and
+        weight decay; a resumed run uses the config's (what config.yaml records), same formula
+        as the scheduler's so an unchanged config resumes bit for bit."""
+        t, sched = self.cfg.train, self.lr_scheduler
+        sched.base_lrs = [t.lr for _ in sched.base_lrs]
+        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
+        for group, lr in zip(self.optimizer.optimizer.param_groups, lrs):
+            group.update(lr=lr, initial_lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+        sched._last_lr = lrs
 
     # ------------------------------------------------------------------ one iteration
     def _sample(self, plan) -> tuple[list, list[torch.Tensor], torch.Tensor, dict]:
@@ -406,6 +422,8 @@ class Trainer:
         trajectories, rewards_local, timings = self._sample(plan)
         rewards = acc.gather(rewards_local.to(self.device)).cpu()  # [N, K] in global sample order
         advantages, info = self.balancer(rewards, plan.group_ids)
+        for k, any_finite in enumerate(torch.isfinite(rewards).any(dim=0).tolist()):
+            self.nan_steps[k] += not any_finite
         local_ids = [plan.prompt_ids[i] for i in range(plan.shard.start, plan.shard.stop)]
         row: dict = {"step": self.step, "kind": "train"}
         probe_seconds = 0.0
@@ -434,6 +452,7 @@ class Trainer:
         cfg, acc = self.cfg, self.accelerator
         main = acc.is_main_process
         progress = TrainProgress(total=cfg.train.steps, start=self.step, enabled=main and cfg.logging.progress, objectives=self.objectives)
+        first_step = self.step
         with progress:
             if self.evaluator is not None and self.step == 0:
                 progress.phase("eval", self.step)
@@ -459,7 +478,19 @@ class Trainer:
                     progress.phase("checkpoint", self.step)
                     self.save_checkpoint()
             progress.phase("done", self.step)
+        if main:
+            self._warn_dead_objectives(steps_run=self.step - first_step)
         return self.run.path
+
+    def _warn_dead_objectives(self, steps_run: int) -> None:
+        """An objective that was NaN for every sample of every step never moved the policy: the
+        run 'succeeded' without optimising it, which must not pass in silence."""
+        for name, n in zip(self.objectives, self.nan_steps):
+            if steps_run > 0 and n == steps_run:
+                warn(
+                    f"objective '{name}' gave no finite reward in any of the {steps_run} steps of this run (all NaN), "
+                    "so it was never optimised; check the reward (its prompts, server or model) with apex score"
+                )
 
     def _evaluate(self) -> None:
         ctx = self.ema.swapped_in() if (self.ema is not None and self.cfg.eval.use_ema) else nullcontext()
@@ -580,9 +611,9 @@ def _flat(d: dict, prefix: str = "") -> dict:
     return out
 
 
-def train(cfg: Config, *, resume: str | None = None, argv: list[str] | None = None) -> Path:
+def train(cfg: Config, *, resume: str | None = None, argv: list[str] | None = None, overwrite: bool = False) -> Path:
     """Run training as configured; returns the run directory."""
-    trainer = Trainer(cfg, resume=resume, argv=argv)
+    trainer = Trainer(cfg, resume=resume, argv=argv, overwrite=overwrite)
     try:
         trainer.setup()
         return trainer.train()

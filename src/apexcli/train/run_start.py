@@ -1,0 +1,292 @@
+"""How a training run starts in its directory: fresh, overwriting an old run, or resumed.
+The guarantees (README "Reliability"):
+
+- a fresh run never writes into a directory that holds a run (config.yaml, metrics.jsonl,
+  checkpoints/ or eval/): it refuses unless ``--overwrite`` (which deletes exactly those) or
+  ``--resume``;
+- a resume reads its checkpoint in full before any model is loaded; a bad file is named, and
+  ``--resume auto`` passes over unreadable checkpoints to the newest good one, with a warning;
+- after a resume from step S, the run's newest checkpoint is the one being continued: later
+  checkpoints (an abandoned branch, or unreadable ones), their eval folders and the metrics rows
+  after S are moved to ``checkpoints/abandoned-<time>-after-step-S/``, never deleted;
+- a config value that differs from the checkpoint's is applied or refused as its field declares
+  (``setting(..., resume="refuse")`` in config.py), so config.yaml always tells the truth;
+- temp files of an interrupted save (``checkpoints/.step-*.tmp``) are removed at the next start.
+
+``plan_start`` only reads (every process runs it); ``prepare_directory`` and ``abandon_after``
+write (the main process, once the model is ready).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from apexcli.config import Config
+from apexcli.errors import ApexError
+from apexcli.runs import COMMAND_FILE, CONFIG_FILE, LORA_FILE, METRICS_FILE, RunDir, parse_step_dirname
+from apexcli.schema import iter_fields
+from apexcli.train.checkpoint import CheckpointError, TrainingState, load_training_state, read_checkpoint_config
+
+RUN_ENTRIES = (CONFIG_FILE, COMMAND_FILE, METRICS_FILE, "checkpoints", "eval")
+"""What apex writes into a run directory; ``--overwrite`` deletes these and nothing else."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr)
+
+
+@dataclass
+class StartPlan:
+    checkpoint: Path | None = None
+    """The checkpoint to resume from (None: a fresh start)."""
+    state: TrainingState | None = None
+    """Its training state, already read and checked."""
+    overwrite: list[str] = field(default_factory=list)
+    """Entries of an old run that ``prepare_directory`` deletes (``--overwrite``)."""
+    skipped: list[str] = field(default_factory=list)
+    """Unreadable checkpoints passed over by ``--resume auto``, with the reason."""
+
+
+# ------------------------------------------------------------------------------------------ reading
+
+
+def existing_run_entries(run: RunDir) -> list[str]:
+    return [name for name in RUN_ENTRIES if (run.path / name).exists()]
+
+
+def check_out_path(path: Path) -> None:
+    """``--out`` must be a directory or creatable as one."""
+    for p in (path, *path.parents):
+        if p.exists():
+            if not p.is_dir():
+                what = "--out" if p == path else f"--out '{path}': its parent"
+                raise ApexError(f"{what} '{p}' is a file, not a directory; give a directory for the run")
+            break
+
+
+def ensure_writable(path: Path) -> None:
+    """Create ``path`` and write a probe file in it, so a read-only place fails now, not after
+    the model has loaded."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path, prefix=".write-test.")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise ApexError(f"--out '{path}' is not writable ({exc.strerror or exc}); choose another directory") from None
+
+
+def _step_dirs(run: RunDir) -> list[tuple[int, Path]]:
+    """Every ``checkpoints/step-*`` directory, complete or not, newest first."""
+    if not run.checkpoints_dir.is_dir():
+        return []
+    found = [(parse_step_dirname(p.name), p) for p in run.checkpoints_dir.iterdir() if p.is_dir()]
+    return sorted(((s, p) for s, p in found if s is not None), reverse=True)
+
+
+def _newest_good(run: RunDir, below: int | None = None) -> tuple[Path | None, TrainingState | None, list[str]]:
+    """The newest readable checkpoint of ``run`` (older than step ``below`` if given), and the
+    unreadable ones passed over on the way."""
+    skipped = []
+    for step, path in _step_dirs(run):
+        if below is not None and step >= below:
+            continue
+        if not (path / LORA_FILE).exists() and not (path / "state").exists() and not any(path.iterdir()):
+            continue  # an empty dir is no checkpoint at all
+        try:
+            return path, load_training_state(path), skipped
+        except CheckpointError as exc:
+            skipped.append(f"{path.name}: {exc.file} {exc.reason}")
+    return None, None, skipped
+
+
+def _run_of_checkpoint(path: Path) -> RunDir | None:
+    return RunDir(path.parent.parent) if path.parent.name == "checkpoints" else None
+
+
+def _resolve(run: RunDir, resume: str) -> StartPlan:
+    if resume == "auto":
+        checkpoint, state, skipped = _newest_good(run)
+        if checkpoint is None and skipped:
+            raise ApexError(
+                f"no readable checkpoint in {run.checkpoints_dir} ({'; '.join(skipped)}); "
+                "start a new run with --overwrite (deletes them) or another --out"
+            )
+        return StartPlan(checkpoint=checkpoint, state=state, skipped=skipped)
+    path = Path(resume)
+    if not path.exists():
+        raise ApexError(f"--resume '{resume}' does not exist; give a checkpoint dir, a run dir or 'auto'")
+    if path.is_dir() and (path / "state").is_dir() or (path / LORA_FILE).is_file():
+        try:
+            return StartPlan(checkpoint=path, state=load_training_state(path))
+        except CheckpointError as exc:
+            owner = _run_of_checkpoint(path)
+            step = parse_step_dirname(path.name)
+            previous = _newest_good(owner, below=step)[0] if owner is not None and step is not None else None
+            offer = f"; the previous good checkpoint is {previous} (--resume {previous})" if previous else "; no older readable checkpoint exists"
+            raise ApexError(f"{exc}{offer}") from None
+    if path.is_dir() and RunDir(path).checkpoints_dir.is_dir():
+        return _resolve(RunDir(path), "auto") if path.resolve() == run.path.resolve() else _resolve_other_run(RunDir(path))
+    raise ApexError(f"--resume '{resume}' is not a checkpoint (no {LORA_FILE} + state/) nor a run with checkpoints")
+
+
+def _resolve_other_run(other: RunDir) -> StartPlan:
+    plan = _resolve(other, "auto")
+    if plan.checkpoint is None:
+        raise ApexError(f"--resume '{other.path}' is a run without checkpoints")
+    return plan
+
+
+def plan_start(run: RunDir, cfg: Config, *, resume: str | None, overwrite: bool) -> StartPlan:
+    """Decide (reading only) how the run starts; raises ApexError for what must not happen."""
+    check_out_path(run.path)
+    if resume and overwrite:
+        raise ApexError("--overwrite starts a new run and --resume continues one; give only one")
+    plan = _resolve(run, resume) if resume else StartPlan()
+    for line in plan.skipped:
+        warn(f"checkpoint {line}; passing over it")
+    if plan.checkpoint is not None:
+        if plan.skipped:
+            warn(f"resuming from the previous good checkpoint {plan.checkpoint}")
+        check_resume_config(plan.checkpoint, read_checkpoint_config(plan.checkpoint), cfg)
+    own = plan.checkpoint is not None and _is_inside(plan.checkpoint, run.path)
+    entries = existing_run_entries(run)
+    if entries and not own and not (resume == "auto" and plan.checkpoint is None):
+        if not overwrite:
+            what = "a new run" if plan.checkpoint is None else f"a run resumed from {plan.checkpoint}"
+            raise ApexError(
+                f"--out '{run.path}' already holds a run ({', '.join(entries)}); refusing to write {what} over it. "
+                "Continue it with --resume auto, choose another --out, or pass --overwrite to delete the old run's files"
+            )
+        plan.overwrite = entries
+    return plan
+
+
+def _is_inside(path: Path, root: Path) -> bool:
+    try:
+        path.resolve().relative_to(root.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _flatten(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(_flatten(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def check_resume_config(checkpoint: Path, saved: dict, cfg: Config) -> list[str]:
+    """Compare the config with the checkpoint's, field by field. A field declared
+    ``resume="refuse"`` must be unchanged (ApexError listing every such key); every other change
+    is applied by the trainer and announced. Returns the announced changes."""
+    old = _flatten(saved)
+    refused, applied = [], []
+    for key, value, rule in iter_fields(cfg):
+        if key not in old or old[key] == value:
+            continue
+        change = f"{key}: {old[key]!r} -> {value!r}"
+        (refused if rule.resume == "refuse" else applied).append(change)
+    if refused:
+        raise ApexError(
+            f"cannot resume from {checkpoint} with a different {'; '.join(refused)} (the saved LoRA and state only "
+            "make sense with the checkpoint's value); drop the override, or start a new run (another --out, or --overwrite)"
+        )
+    if applied:
+        print(f"resume: applying config changes from the checkpoint's: {'; '.join(applied)}", file=sys.stderr)
+    return applied
+
+
+# ------------------------------------------------------------------------------------------ writing
+
+
+def prepare_directory(run: RunDir, plan: StartPlan) -> None:
+    """Main process: delete an overwritten run's files, then clear an interrupted save's leftovers."""
+    if plan.overwrite:
+        for name in plan.overwrite:
+            target = run.path / name
+            shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+        print(f"overwrite: deleted the old run's {', '.join(plan.overwrite)} in {run.path}", file=sys.stderr)
+    cleaned = clean_interrupted_saves(run)
+    if cleaned:
+        print(f"removed leftovers of an interrupted save: {', '.join(cleaned)}", file=sys.stderr)
+
+
+def clean_interrupted_saves(run: RunDir) -> list[str]:
+    """Temp dirs of a save killed before its rename (``.step-N.*.tmp``) are deleted; a
+    ``.step-N.old`` (killed between the two renames of a re-save) goes back to ``step-N`` if that
+    is missing, else is deleted. Temp files of atomic writes in the run dir are deleted too."""
+    cleaned = []
+    ckpts = run.checkpoints_dir
+    if ckpts.is_dir():
+        for p in sorted(ckpts.iterdir()):
+            if p.name.startswith(".step-") and p.name.endswith(".tmp"):
+                shutil.rmtree(p, ignore_errors=True)
+                cleaned.append(f"checkpoints/{p.name}")
+            elif p.name.startswith(".step-") and p.name.endswith(".old"):
+                final = ckpts / p.name[1 : -len(".old")]
+                if final.exists():
+                    shutil.rmtree(p, ignore_errors=True)
+                    cleaned.append(f"checkpoints/{p.name}")
+                else:
+                    os.replace(p, final)
+                    cleaned.append(f"checkpoints/{p.name} (restored as {final.name})")
+    if run.path.is_dir():
+        for p in sorted(run.path.glob(".*.tmp")):
+            if p.is_file():
+                p.unlink()
+                cleaned.append(p.name)
+    return cleaned
+
+
+def abandon_after(run: RunDir, step: int) -> Path | None:
+    """Resumed at ``step``: move the run's later checkpoints and eval folders, with the metrics
+    rows after ``step``, to ``checkpoints/abandoned-<time>-after-step-<step>/``, so the newest
+    checkpoint is the one continued from. Rows after ``step`` with nothing later saved (a crash
+    after the last checkpoint) are simply dropped: the resumed run recomputes them."""
+    later = [p for s, p in _step_dirs(run) if s > step]
+    rows = run.read_metrics().rows
+    dropped = [r for r in rows if r["step"] > step]
+    if not later:
+        if dropped:
+            run.truncate_metrics_after(step)
+        return None
+    stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+    dest = run.checkpoints_dir / f"abandoned-{stamp}-after-step-{step:06d}"
+    n = 1
+    while dest.exists():
+        n += 1
+        dest = run.checkpoints_dir / f"abandoned-{stamp}-{n}-after-step-{step:06d}"
+    dest.mkdir(parents=True)
+    for p in later:
+        os.replace(p, dest / p.name)
+    evals = []
+    eval_root = run.path / "eval"
+    if eval_root.is_dir():
+        for p in eval_root.iterdir():
+            s = parse_step_dirname(p.name)
+            if s is not None and s > step:
+                (dest / "eval").mkdir(exist_ok=True)
+                os.replace(p, dest / "eval" / p.name)
+                evals.append(p.name)
+    if dropped:
+        (dest / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in dropped), encoding="utf-8")
+        run.truncate_metrics_after(step)
+    warn(
+        f"resumed at step {step}: moved the later checkpoints ({', '.join(sorted(p.name for p in later))})"
+        + (", their eval folders" if evals else "")
+        + (f" and {len(dropped)} metrics rows" if dropped else "")
+        + f" to {dest}; delete it when you no longer need them"
+    )
+    return dest

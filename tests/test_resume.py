@@ -9,7 +9,7 @@ import torch
 
 from apexcli.errors import ApexError
 from apexcli.runs import LORA_FILE, RunDir
-from apexcli.train.checkpoint import find_resume_checkpoint
+from apexcli.train.run_start import resolve_resume
 from conftest import load_lora_file, read_metrics, train_tiny
 
 OBJECTIVES = ("--objectives", "brightness,colorfulness")
@@ -78,19 +78,33 @@ def test_resume_records_both_commands(straight_and_resumed):
     assert len(lines) == 2 and "--resume auto" in lines[1] and "--resume" not in lines[0]
 
 
-def test_find_resume_checkpoint(tmp_path):
+def test_resume_clears_what_the_crash_left(straight_and_resumed):
+    _, resumed, _ = straight_and_resumed
+    ckpts = resumed / "checkpoints"
+    assert not (ckpts / ".step-000003.x1y2.tmp").exists()  # the interrupted save's temp dir
+    (abandoned,) = ckpts.glob("abandoned-*-after-step-000002")  # the incomplete step-3 dir, with the orphan row
+    assert (abandoned / "step-000003" / "state").is_dir()
+    assert json.loads((abandoned / "metrics.jsonl").read_text())["loss"] == 123.0
+    assert RunDir(resumed).checkpoint_steps() == [2, 4]
+
+
+def test_resolve_resume(tmp_path):
+    from safetensors.torch import save_file
+
+    from apexcli.train.checkpoint import TrainingState, save_checkpoint
+
     run = RunDir(tmp_path / "run")
-    assert find_resume_checkpoint(run, None) is None
-    assert find_resume_checkpoint(run, "auto") is None  # nothing yet: a fresh start
+    assert resolve_resume(run, "auto").checkpoint is None  # nothing yet: a fresh start
     for step in (2, 4):
-        d = run.checkpoint_dir(step)
-        (d / "state").mkdir(parents=True)
-        (d / LORA_FILE).write_bytes(b"x")
-        (d / "state" / "trainer.pt").write_bytes(b"x")
+        state = TrainingState(step=step, optimizer={}, lr_scheduler={}, balancer={}, ema=None, rng={})
+        save_checkpoint(run, step, save_lora=lambda d: save_file({"a": torch.zeros(1)}, str(d / LORA_FILE)),
+                        save_ema_lora=None, state=state, config_yaml="seed: 1\n", keep=0)
     (run.checkpoint_dir(6) / "state").mkdir(parents=True)  # incomplete
     (run.checkpoints_dir / ".step-000008.abc.tmp").mkdir()  # interrupted save
-    assert find_resume_checkpoint(run, "auto") == run.checkpoint_dir(4)
-    assert find_resume_checkpoint(run, str(run.checkpoint_dir(2))) == run.checkpoint_dir(2)
-    assert find_resume_checkpoint(run, str(run.path)) == run.checkpoint_dir(4)
+    plan = resolve_resume(run, "auto")
+    assert plan.checkpoint == run.checkpoint_dir(4) and plan.state.step == 4
+    assert plan.skipped == [f"step-000006: {LORA_FILE} is missing"]
+    assert resolve_resume(run, str(run.checkpoint_dir(2))).checkpoint == run.checkpoint_dir(2)
+    assert resolve_resume(run, str(run.path)).checkpoint == run.checkpoint_dir(4)
     with pytest.raises(ApexError, match="--resume"):
-        find_resume_checkpoint(run, str(tmp_path / "elsewhere"))
+        resolve_resume(run, str(tmp_path / "elsewhere"))

@@ -147,10 +147,7 @@ def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: b
         raise ApexError(f"'{run_path}' is not a run directory (no config.yaml); give the --out folder of apex train")
     cfg = config_from_dict(run.read_config())
     validate(cfg)
-    device = resolve_device(cfg.model.device)
-    pipe = load_pipeline(cfg.model)
-    step = 0
-    directory = run.eval_dir(0)
+    step, directory, lora_dir = 0, run.eval_dir(0), None
     if checkpoint != "base":
         ckpt = resolve_lora_path(checkpoint or run.path)
         if ckpt == run.path and checkpoint is None:
@@ -167,6 +164,9 @@ def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: b
                 )
             directory = run.path / "eval" / f"other-{_owner_name(ckpt)}-{step_dirname(step)}"
         lora_dir = ckpt / "ema" if cfg.eval.use_ema and (ckpt / "ema").is_dir() else ckpt
+    device = resolve_device(cfg.model.device)
+    pipe = load_pipeline(cfg.model)
+    if lora_dir is not None:
         load_lora_for_inference(pipe, lora_dir / LORA_FILE)
     pipe.to(device)
     cache = TextEmbeddingCache(cfg.model.text_cache_dir, encoder_fingerprint(pipe))

@@ -55,22 +55,6 @@ def save_checkpoint(run: RunDir, step: int, *, save_lora, save_ema_lora, state: 
     return final
 
 
-def find_resume_checkpoint(run: RunDir, resume: str | None) -> Path | None:
-    """``None``: fresh start; ``auto``: newest complete checkpoint of the run (or fresh);
-    a path: that checkpoint dir (or that run's newest)."""
-    if not resume:
-        return None
-    if resume == "auto":
-        return run.latest_checkpoint()
-    path = Path(resume)
-    if (path / LORA_FILE).is_file() and (path / "state" / "trainer.pt").is_file():
-        return path
-    latest = RunDir(path).latest_checkpoint() if path.is_dir() else None
-    if latest is None:
-        raise ApexError(f"--resume '{resume}' is not a checkpoint (no {LORA_FILE} + state/) nor a run with checkpoints")
-    return latest
-
-
 class CheckpointError(ApexError):
     """A checkpoint that cannot be read; ``file`` is the culprit."""
 

@@ -111,7 +111,10 @@ def _run_of_checkpoint(path: Path) -> RunDir | None:
     return RunDir(path.parent.parent) if path.parent.name == "checkpoints" else None
 
 
-def _resolve(run: RunDir, resume: str) -> StartPlan:
+def resolve_resume(run: RunDir, resume: str) -> StartPlan:
+    """``auto``: the newest readable checkpoint of ``run`` (none: a fresh start); a checkpoint
+    dir: that one (ApexError naming its bad file and the previous good one); a run dir: its
+    newest readable checkpoint."""
     if resume == "auto":
         checkpoint, state, skipped = _newest_good(run)
         if checkpoint is None and skipped:
@@ -133,12 +136,12 @@ def _resolve(run: RunDir, resume: str) -> StartPlan:
             offer = f"; the previous good checkpoint is {previous} (--resume {previous})" if previous else "; no older readable checkpoint exists"
             raise ApexError(f"{exc}{offer}") from None
     if path.is_dir() and RunDir(path).checkpoints_dir.is_dir():
-        return _resolve(RunDir(path), "auto") if path.resolve() == run.path.resolve() else _resolve_other_run(RunDir(path))
+        return resolve_resume(RunDir(path), "auto") if path.resolve() == run.path.resolve() else _resolve_other_run(RunDir(path))
     raise ApexError(f"--resume '{resume}' is not a checkpoint (no {LORA_FILE} + state/) nor a run with checkpoints")
 
 
 def _resolve_other_run(other: RunDir) -> StartPlan:
-    plan = _resolve(other, "auto")
+    plan = resolve_resume(other, "auto")
     if plan.checkpoint is None:
         raise ApexError(f"--resume '{other.path}' is a run without checkpoints")
     return plan
@@ -149,7 +152,7 @@ def plan_start(run: RunDir, cfg: Config, *, resume: str | None, overwrite: bool)
     check_out_path(run.path)
     if resume and overwrite:
         raise ApexError("--overwrite starts a new run and --resume continues one; give only one")
-    plan = _resolve(run, resume) if resume else StartPlan()
+    plan = resolve_resume(run, resume) if resume else StartPlan()
     for line in plan.skipped:
         warn(f"checkpoint {line}; passing over it")
     if plan.checkpoint is not None:

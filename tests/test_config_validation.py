@@ -1,0 +1,82 @@
+"""Every config field is checked at config time against the rule declared beside it
+(``setting(...)``), and the error names the dotted key: no traceback after the model loads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+
+from apexcli.config import Config, resolve_config
+from apexcli.errors import ApexError
+from apexcli.schema import Rule, check_fields, iter_fields, setting
+from conftest import run_cli
+
+
+def _error(*overrides: str) -> str:
+    with pytest.raises(ApexError) as info:
+        resolve_config(preset="tiny", overrides=list(overrides))
+    return str(info.value)
+
+
+# each was accepted, or crashed with a traceback after the model loaded (issue 12, item 8)
+@pytest.mark.parametrize(
+    "override, key, expected",
+    [
+        ("train.lr=inf", "train.lr", "finite"),
+        ("train.lr=-1", "train.lr", "> 0"),
+        ("sampling.guidance_scale=inf", "sampling.guidance_scale", "finite"),
+        ("train.kl_beta=inf", "train.kl_beta", "finite"),
+        ("train.adam_beta1=2", "train.adam_beta1", "[0, 1)"),
+        ("train.adam_eps=-1", "train.adam_eps", "> 0"),
+        ("lora.dropout=2", "lora.dropout", "[0, 1)"),
+        ("seed=-1", "seed", "got -1"),
+        ("lora.target_modules=[]", "lora.target_modules", "empty"),
+        ("eval.batch_size=0", "eval.batch_size", ">= 1"),
+        ("model.max_sequence_length=0", "model.max_sequence_length", ">= 1"),
+        ("eval.seed=-3", "eval.seed", "got -3"),
+        ("train.max_grad_norm=-inf", "train.max_grad_norm", "finite"),
+        ("balance.apex.tau=inf", "balance.apex.tau", "finite"),
+        ("rewards.toy.jpeg_quality=0", "rewards.toy.jpeg_quality", "[1, 100]"),
+        ("rewards.ocr.workers=0", "rewards.ocr.workers", ">= 1"),
+        ("model.dtype=float64", "model.dtype", "float32"),
+        ("eval.objectives=[]", "eval.objectives", "empty"),
+    ],
+)
+def test_bad_values_name_the_dotted_key(override, key, expected):
+    message = _error(override)
+    assert f"'{key}'" in message and expected in message, message
+
+
+def test_rules_are_declared_beside_the_fields():
+    rules = {key: rule for key, _, rule in iter_fields(Config())}
+    assert rules["train.lr"] == Rule(gt=0)
+    assert rules["lora.rank"].resume == "refuse" and rules["train.lr"].resume == "apply"
+    # the defaults obey their own rules
+    check_fields(Config())
+
+
+def test_a_new_field_joins_with_one_line():
+    @dataclasses.dataclass
+    class Section:
+        scale: float = setting(1.0, gt=0, le=10)
+        """A documented field."""
+        mode: str = setting("a", choices=("a", "b"))
+        """Another."""
+
+    check_fields(Section())
+    with pytest.raises(ApexError, match=r"'x\.scale' must be in \(0, 10\], got 11"):
+        check_fields(Section(scale=11), "x.")
+    with pytest.raises(ApexError, match=r"'x\.mode' must be one of a, b, got 'c'"):
+        check_fields(Section(mode="c"), "x.")
+    with pytest.raises(ValueError):
+        setting(1, resume="sometimes")
+
+
+def test_cli_errors_are_one_line_before_any_model_loads(tmp_path):
+    result = run_cli(["train", "--preset", "tiny", "--out", str(tmp_path / "r"), "train.adam_beta1=2"])
+    assert result.code == 2 and "train.adam_beta1" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "r").exists()
+    result = run_cli(["sample", "--preset", "tiny", "--prompt", "x", "--guidance", "inf", "--out", str(tmp_path / "s")])
+    assert result.code == 2 and "--guidance" in result.stderr and "finite" in result.stderr
+    assert not (tmp_path / "s" / "metadata.jsonl").exists()

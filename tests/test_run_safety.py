@@ -69,6 +69,14 @@ def test_fresh_train_into_an_existing_run_is_refused_then_overwritten(four_steps
     assert "--overwrite" in (run / "command.txt").read_text().splitlines()[-1]
 
 
+def test_overwrite_never_deletes_what_resume_reads(four_steps, tmp_path):
+    run = _copy(four_steps, tmp_path / "run")
+    assert "give only one" in _error_line(_train_cli(run, 5, "--resume", "auto", "--overwrite"))
+    line = _error_line(_train_cli(run, 5, "--resume", str(run / "checkpoints" / "step-000002"), "--overwrite"))
+    assert "would delete" in line
+    assert RunDir(run).checkpoint_steps() == [1, 2, 3, 4]
+
+
 def _fake_state(step: int) -> TrainingState:
     return TrainingState(step=step, optimizer={}, lr_scheduler={}, balancer={}, ema=None, rng={"torch": torch.get_rng_state()})
 
@@ -271,3 +279,4 @@ def test_bad_paths_are_one_line_errors(tmp_path):
     line = _error_line(_train_cli(tmp_path / "r", 1, f"prompts.train={latin1}"))
     assert "prompts.txt" in line and "UTF-8" in line and "line 1" in line
     assert (run := run_cli(["serve", "-O", "brightness", "--port", "70000"])).code == 2 and "65535" in run.stderr
+    assert "is a file" in _error_line(run_cli(["sample", "--preset", "tiny", "--prompt", "x", "--out", str(a_file)]))

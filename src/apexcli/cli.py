@@ -6,6 +6,7 @@ print as one line on stderr with exit code 2, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import functools
 import sys
 
@@ -38,7 +39,6 @@ COMMANDS = {
     "pareto": pareto,
     "sweep": sweep,
 }
-
 
 
 class Interrupted(Exception):
@@ -74,10 +74,23 @@ def main(argv: list[str] | None = None) -> None:
     except ApexError as exc:
         print(f"error: {exc}", file=sys.stderr)
         sys.exit(2)
+    except OSError as exc:
+        if not _is_filesystem_error(exc):
+            raise
+        where = f" '{exc.filename}'" if exc.filename else ""
+        print(f"error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        sys.exit(2)
     except (KeyboardInterrupt, Interrupted) as exc:
-        hint = "the last complete checkpoint is intact; continue with --resume auto" if getattr(exc, "command", "train") == "train" else "nothing more was written"
+        hint = "the last complete checkpoint is intact; continue with --resume auto" if getattr(exc, "command", "train") == "train" else "what was written so far may be incomplete"
         print(f"interrupted: {hint}", file=sys.stderr)
         sys.exit(130)
+
+
+def _is_filesystem_error(exc: OSError) -> bool:
+    """A place the user named cannot be read or written (permissions, a file where a folder is
+    expected, a full or read-only disk): one line, not a traceback. Other OSErrors are bugs."""
+    kinds = (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError, FileNotFoundError)
+    return isinstance(exc, kinds) or exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
 
 
 if __name__ == "__main__":

@@ -65,6 +65,8 @@ def sample_images(req: SampleRequest) -> list[Path]:
     for flag, value in (("--num-images", req.num_images), ("--batch-size", req.batch_size), ("--steps", req.steps), ("--size", min(req.height, req.width))):
         if value < 1:
             raise ApexError(f"{flag} must be >= 1, got {value}")
+    if req.out.exists() and not req.out.is_dir():
+        raise ApexError(f"--out '{req.out}' is a file; give a folder for the images and metadata.jsonl")
     if not (math.isfinite(req.guidance_scale) and req.guidance_scale >= 0):
         raise ApexError(f"--guidance must be a finite number >= 0, got {req.guidance_scale}")
     device = resolve_device(req.model.device)

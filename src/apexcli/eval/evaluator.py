@@ -133,8 +133,9 @@ class Evaluator:
 
 def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: bool = False) -> dict:
     """``apex eval RUN``: re-run the run's evaluation on one of its checkpoints (default: the
-    newest; ``base`` = the base model). Writes ``eval/step-XXXXXX/``; ``log`` also appends the
-    eval row to metrics.jsonl. Returns the row."""
+    newest; ``base`` = the base model). Writes ``eval/step-XXXXXX/`` (``eval/other-RUN-step-XXXXXX/``
+    for another run's checkpoint); ``log`` also appends the eval row to metrics.jsonl, refused for
+    another run's checkpoint. Returns the row plus ``eval_dir``."""
     from apexcli.config import config_from_dict, validate
     from apexcli.errors import ApexError
     from apexcli.models.loading import load_pipeline, resolve_device

@@ -147,19 +147,23 @@ def _resolve_other_run(other: RunDir) -> StartPlan:
     return plan
 
 
-def plan_start(run: RunDir, cfg: Config, *, resume: str | None, overwrite: bool) -> StartPlan:
-    """Decide (reading only) how the run starts; raises ApexError for what must not happen."""
+def plan_start(run: RunDir, cfg: Config, *, resume: str | None, overwrite: bool, verbose: bool = True) -> StartPlan:
+    """Decide (reading only) how the run starts; raises ApexError for what must not happen.
+    ``verbose``: print the warnings (the main process; every process decides the same)."""
     check_out_path(run.path)
-    if resume and overwrite:
-        raise ApexError("--overwrite starts a new run and --resume continues one; give only one")
+    if resume == "auto" and overwrite:
+        raise ApexError("--overwrite starts the run in --out over and --resume auto continues it; give only one")
     plan = resolve_resume(run, resume) if resume else StartPlan()
-    for line in plan.skipped:
-        warn(f"checkpoint {line}; passing over it")
-    if plan.checkpoint is not None:
-        if plan.skipped:
-            warn(f"resuming from the previous good checkpoint {plan.checkpoint}")
-        check_resume_config(plan.checkpoint, read_checkpoint_config(plan.checkpoint), cfg)
+    if verbose:
+        for line in plan.skipped:
+            warn(f"checkpoint {line}; passing over it")
     own = plan.checkpoint is not None and _is_inside(plan.checkpoint, run.path)
+    if plan.checkpoint is not None:
+        if own and overwrite:
+            raise ApexError(f"--overwrite would delete {plan.checkpoint}, which --resume continues from; drop --overwrite")
+        if plan.skipped and verbose:
+            warn(f"resuming from the previous good checkpoint {plan.checkpoint}")
+        check_resume_config(plan.checkpoint, read_checkpoint_config(plan.checkpoint), cfg, verbose=verbose)
     entries = existing_run_entries(run)
     if entries and not own and not (resume == "auto" and plan.checkpoint is None):
         if not overwrite:
@@ -190,7 +194,7 @@ def _flatten(data: dict, prefix: str = "") -> dict:
     return out
 
 
-def check_resume_config(checkpoint: Path, saved: dict, cfg: Config) -> list[str]:
+def check_resume_config(checkpoint: Path, saved: dict, cfg: Config, *, verbose: bool = True) -> list[str]:
     """Compare the config with the checkpoint's, field by field. A field declared
     ``resume="refuse"`` must be unchanged (ApexError listing every such key); every other change
     is applied by the trainer and announced. Returns the announced changes."""
@@ -206,7 +210,7 @@ def check_resume_config(checkpoint: Path, saved: dict, cfg: Config) -> list[str]
             f"cannot resume from {checkpoint} with a different {'; '.join(refused)} (the saved LoRA and state only "
             "make sense with the checkpoint's value); drop the override, or start a new run (another --out, or --overwrite)"
         )
-    if applied:
+    if applied and verbose:
         print(f"resume: applying config changes from the checkpoint's: {'; '.join(applied)}", file=sys.stderr)
     return applied
 

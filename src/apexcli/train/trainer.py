@@ -93,7 +93,7 @@ class Trainer:
         self.device = acc.device
         _check_shards(cfg, acc.num_processes)
         # before any model loads: refuse to clobber a run, read the resume checkpoint in full
-        self.start = plan_start(self.run, cfg, resume=self.resume, overwrite=self.overwrite)
+        self.start = plan_start(self.run, cfg, resume=self.resume, overwrite=self.overwrite, verbose=acc.is_main_process)
         if acc.is_main_process:
             ensure_writable(self.run.path)
         set_seed(cfg.seed)

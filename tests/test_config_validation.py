@@ -80,3 +80,23 @@ def test_cli_errors_are_one_line_before_any_model_loads(tmp_path):
     result = run_cli(["sample", "--preset", "tiny", "--prompt", "x", "--guidance", "inf", "--out", str(tmp_path / "s")])
     assert result.code == 2 and "--guidance" in result.stderr and "finite" in result.stderr
     assert not (tmp_path / "s" / "metadata.jsonl").exists()
+
+
+def test_resume_policy_compares_what_matters():
+    from apexcli.config import config_to_dict
+    from apexcli.train.run_start import check_resume_config
+
+    cfg = resolve_config(preset="tiny", overrides=["objectives=[brightness, deqa@http://127.0.0.1:1]"])
+    saved = config_to_dict(cfg)
+    saved["objectives"] = ["brightness", "deqa@http://127.0.0.1:2"]  # the server moved: same rewards
+    saved["train"]["lr"] = 0.5
+    assert check_resume_config("ckpt", saved, cfg, verbose=False) == [
+        "objectives: ['brightness', 'deqa@http://127.0.0.1:2'] -> ['brightness', 'deqa@http://127.0.0.1:1']",
+        "train.lr: 0.5 -> 0.01",
+    ]
+    for key, value in (("objectives", ["brightness"]), ("balance.strategy", "static"), ("lora.target_modules", ["attn.to_q"])):
+        changed = config_to_dict(cfg)
+        section, _, name = key.rpartition(".")
+        (changed[section] if section else changed)[name] = value
+        with pytest.raises(ApexError, match=rf"cannot resume from ckpt with these changes: {key}:"):
+            check_resume_config("ckpt", changed, cfg, verbose=False)

@@ -181,9 +181,16 @@ class LoggingConfig:
     """Show the rich progress display."""
 
 
+def _objective_names(objectives: list[str]) -> list[str]:
+    """What a resumed run must keep: the rewards, not where they are served (``deqa@URL``)."""
+    return [o.partition("@")[0].strip() for o in objectives]
+
+
 @dataclass
 class Config:
-    objectives: list[str] = setting(default_factory=lambda: ["pick", "deqa", "aes", "ocr"], nonempty=True, resume="refuse")
+    objectives: list[str] = setting(
+        default_factory=lambda: ["pick", "deqa", "aes", "ocr"], nonempty=True, resume="refuse", resume_key=_objective_names
+    )
     """Reward names to optimise (see ``apex score --help`` for the list)."""
     name: str | None = None
     """Run name (default: the output folder's name)."""

@@ -138,6 +138,7 @@ class Rule:
     nonempty: bool = False
     finite: bool = True
     resume: str = "apply"
+    resume_key: typing.Callable[[Any], Any] | None = None
 
     def problem(self, value: Any) -> str | None:
         """Why ``value`` breaks the rule (``must be ..., got ...``), or None when it is fine."""

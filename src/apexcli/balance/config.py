@@ -11,6 +11,7 @@ import math
 from dataclasses import dataclass, field
 
 from apexcli.errors import ApexError
+from apexcli.schema import setting
 
 STRATEGIES = ("static", "gdpo", "apex", "dwa", "mgda", "random")
 APEX_TERMS = ("lp", "cp", "pn")
@@ -80,7 +81,7 @@ class RandomConfig:
 class BalanceConfig:
     """How K rewards become one GRPO advantage per sample."""
 
-    strategy: str = "apex"
+    strategy: str = setting("apex", choices=STRATEGIES, resume="refuse")
     """One of static, gdpo, apex, dwa, mgda, random."""
     weights: list[float] | None = None
     """User priorities, one per objective (rescaled to sum to K); null = uniform."""

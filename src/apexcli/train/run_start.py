@@ -204,11 +204,12 @@ def check_resume_config(checkpoint: Path, saved: dict, cfg: Config, *, verbose: 
         if key not in old or old[key] == value:
             continue
         change = f"{key}: {old[key]!r} -> {value!r}"
-        (refused if rule.resume == "refuse" else applied).append(change)
+        same = rule.resume_key is not None and rule.resume_key(old[key]) == rule.resume_key(value)
+        (refused if rule.resume == "refuse" and not same else applied).append(change)
     if refused:
         raise ApexError(
-            f"cannot resume from {checkpoint} with a different {'; '.join(refused)} (the saved LoRA and state only "
-            "make sense with the checkpoint's value); drop the override, or start a new run (another --out, or --overwrite)"
+            f"cannot resume from {checkpoint} with these changes: {'; '.join(refused)} (the saved LoRA and state only "
+            "make sense with the checkpoint's values); drop them, or start a new run (another --out, or --overwrite)"
         )
     if applied and verbose:
         print(f"resume: applying config changes from the checkpoint's: {'; '.join(applied)}", file=sys.stderr)

@@ -76,6 +76,9 @@ class LoraSettings:
     """LoRA dropout. Keep 0: dropout breaks the ratio == 1 invariant of on-policy PPO."""
     target_modules: list[str] = field(default_factory=lambda: list(SD3_JOINT_ATTENTION_PROJECTIONS))
     """Module name suffixes that get adapters (default: the joint-attention projections)."""
+    init: str = "kaiming"
+    """Initialisation of the A matrices (B starts at 0 either way): kaiming (peft's default,
+    Kaiming-uniform, std 1/sqrt(3 fan_in)) or gaussian (peft's ``gaussian``: std 1/r, Flow-GRPO's choice)."""
 
 
 @dataclass
@@ -85,7 +88,9 @@ class SamplingConfig:
     guidance_scale: float = 4.5
     """Classifier-free guidance in rollouts and training; <= 1 disables CFG (half the forwards)."""
     sampler: str = "sde"
-    """Stochastic sampler of the trained steps: sde (Flow-GRPO) or cps (coefficient-preserving)."""
+    """Stochastic sampler of the trained steps: sde (Flow-GRPO), cps (coefficient-preserving, log-prob
+    -(x'-mean)^2 as Flow-GRPO; use train.clip_range=1e-5 as it does) or cps_gaussian (CPS scored
+    with the full Gaussian density: the last trained step then dominates the gradient)."""
     noise_level: float = 0.7
     """The SDE noise level a (sigma_t = a * sqrt(s / (1 - s)))."""
     share_group_noise: bool = False
@@ -143,6 +148,18 @@ class TrainConfig:
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = 3
     """Keep the N most recent checkpoints; 0 = keep all."""
+    kl_form: str = "exact"
+    """KL penalty per step: exact (divides by the step variance sig_t^2 |dt|) or reference
+    (divides by sig_t^2, as Flow-GRPO: 1/|dt| weaker, 13x on average over SD3.5-M's 10 steps).
+    A kl_beta taken from Flow-GRPO needs reference."""
+    optimizer_steps_per_epoch: int = 0
+    """Optimizer steps per pass over a rollout batch; 0 = as train.gradient_accumulation says (set one).
+    Flow-GRPO makes 2: the second half of the batch then trains off-policy and the PPO clip acts."""
+    ema_every: int = 1
+    """Update the EMA of the LoRA weights every N optimizer steps (Flow-GRPO: 8)."""
+    ema_warmup: bool = False
+    """EMA decay min(ema_decay, (1 + n) / (10 + n)) at optimizer step n (Flow-GRPO's warm-up), so
+    early EMA weights follow the policy instead of staying near the initial LoRA."""
 
 
 @dataclass
@@ -293,7 +310,7 @@ def validate(cfg: Config) -> None:
     _check(m.dtype in ("float32", "bfloat16", "float16"), "model.dtype", f"must be float32, bfloat16 or float16, got '{m.dtype}'")
     _check(m.attention in ("auto", "flash", "efficient", "cudnn", "math"), "model.attention", f"must be auto, flash, efficient, cudnn or math, got '{m.attention}'")
     _check(m.resolution > 0 and m.resolution % 16 == 0, "model.resolution", f"must be a positive multiple of 16, got {m.resolution}")
-    _check(s.sampler in ("sde", "cps"), "sampling.sampler", f"must be sde or cps, got '{s.sampler}'")
+    _check(s.sampler in ("sde", "cps", "cps_gaussian"), "sampling.sampler", f"must be sde, cps or cps_gaussian, got '{s.sampler}'")
     _check(s.num_steps >= 2, "sampling.num_steps", f"must be >= 2, got {s.num_steps}")
     _check(0 < s.noise_level <= 1.5, "sampling.noise_level", f"must be in (0, 1.5], got {s.noise_level}")
     _check(t.steps >= 1, "train.steps", f"must be >= 1, got {t.steps}")
@@ -319,6 +336,15 @@ def validate(cfg: Config) -> None:
     _check(t.clip_range > 0, "train.clip_range", f"must be > 0, got {t.clip_range}")
     _check(t.kl_beta >= 0, "train.kl_beta", f"must be >= 0, got {t.kl_beta}")
     _check(0 <= t.ema_decay < 1, "train.ema_decay", f"must be in [0, 1), got {t.ema_decay}")
+    _check(t.kl_form in ("exact", "reference"), "train.kl_form", f"must be exact or reference, got '{t.kl_form}'")
+    _check(t.optimizer_steps_per_epoch >= 0, "train.optimizer_steps_per_epoch", f"must be >= 0, got {t.optimizer_steps_per_epoch}")
+    _check(
+        not (t.optimizer_steps_per_epoch and t.gradient_accumulation),
+        "train.optimizer_steps_per_epoch",
+        "and train.gradient_accumulation are two ways to set the same thing; set one of them to 0",
+    )
+    _check(t.ema_every >= 1, "train.ema_every", f"must be >= 1, got {t.ema_every}")
+    _check(cfg.lora.init in ("kaiming", "gaussian"), "lora.init", f"must be kaiming or gaussian, got '{cfg.lora.init}'")
     _check(cfg.lora.rank >= 1, "lora.rank", f"must be >= 1, got {cfg.lora.rank}")
     _check(cfg.logging.tracker in ("none", "tensorboard", "wandb"), "logging.tracker", f"must be none, tensorboard or wandb, got '{cfg.logging.tracker}'")
     _check(cfg.eval.every >= 0, "eval.every", f"must be >= 0, got {cfg.eval.every}")

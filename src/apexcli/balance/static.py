@@ -15,7 +15,7 @@ sums); every other reward enters in its own units (aes ~5-6.5, ocr and the toy s
 class StaticBalancer(Balancer):
     """Linear scalarization (the reference's ``multi_score``).
 
-        R_i = sum_k w_k c_k r[i,k]                              c_k = REFERENCE_TRAINING_SCALES (else 1)
+        R_i = sum_k w_k c_k r[i,k]      w as given (default 1 each); c_k = REFERENCE_TRAINING_SCALES (else 1)
         A_i = (R_i - mean_g(i)(R)) / (std_batch(R) + eps)       std_scope = "global" (default)
         A_i = (R_i - mean_g(i)(R)) / (std_g(i)(R) + eps)        std_scope = "group"
 
@@ -45,7 +45,9 @@ class StaticBalancer(Balancer):
 
     def _balance(self, batch: Batch) -> Outcome:
         eps = self.cfg.static.eps
-        w = self.user_weights
+        # the weights as the user gave them (1 each by default), as multi_score sums them: a
+        # rescaling would change the result through eps; the reported weights are normalized to K
+        w = torch.tensor(self.cfg.weights or [1.0] * self.k, dtype=torch.float64)
         filled = fill_masked_with_group_mean(batch.values, batch.mask, batch.stats) * self.training_scales()
         total = (filled * w).sum(1, keepdim=True)
         all_valid = torch.ones_like(total, dtype=torch.bool)
@@ -62,4 +64,4 @@ class StaticBalancer(Balancer):
         # Contribution of k: w_k (r_k - group mean of filled r_k) / the same denominator; they sum to A.
         fs = group_statistics(filled, torch.ones_like(batch.mask), gi)
         contrib = torch.where(keep, w * (filled - fs.mean[gi]) / per_sample_denom, torch.zeros_like(filled))
-        return Outcome(adv, w.clone(), self.gdpo_z(batch), contrib)
+        return Outcome(adv, self.user_weights.clone(), self.gdpo_z(batch), contrib)

@@ -168,6 +168,33 @@ def test_zero_advantage_samples_are_dropped_and_padded_to_whole_micro_batches():
     assert selected([0.0] * 4, True, 2) == []
 
 
+def test_static_training_leaves_zero_advantage_samples_out(tmp_path):
+    """The trainer's update with static's default trains only A != 0 samples (whole micro-batches)."""
+    from conftest import TINY_OVERRIDES
+
+    from apexcli.train.sampler import plan_step
+
+    cfg = resolve_config(preset="tiny", options={"out": str(tmp_path / "run"), "objectives": ["brightness", "contrast"]},
+                         overrides=[*TINY_OVERRIDES, "balance.strategy=static"])
+    trainer = Trainer(cfg, argv=["test"])
+    try:
+        trainer.setup()
+        trainer.step = 1
+        plan = plan_step(step=1, seed=cfg.seed, num_prompts=len(trainer.prompts), prompts_per_step=2, group_size=2,
+                         rank=0, world_size=1)
+        trajectories, _, _ = trainer._sample(plan)
+        ids = list(plan.prompt_ids)
+        before = [p.detach().clone() for p in trainer.lora_params]
+        flat = trainer._update(trajectories, torch.zeros(4), ids)  # every group flat: nothing to train
+        assert flat["optimizer_steps"] == 0 and flat["samples_trained"] == 0
+        assert all(torch.equal(a, p) for a, p in zip(before, trainer.lora_params))
+        half = trainer._update(trajectories, torch.tensor([0.5, -0.5, 0.0, 0.0]), ids)
+        assert half["samples_trained"] == 2 and half["optimizer_steps"] == 1  # one micro-batch of 2
+        assert any(not torch.equal(a, p) for a, p in zip(before, trainer.lora_params))
+    finally:
+        trainer.close()
+
+
 # ----------------------------------------------------------------------------- 6. EMA, LoRA init
 def test_ema_every_8_steps_with_flow_grpos_warmup():
     p = torch.nn.Parameter(torch.zeros(1))

@@ -194,7 +194,7 @@ class Bench:
 
 def lora_kwargs(cfg) -> dict:
     return dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules, seed=cfg.seed)
+                target_modules=cfg.lora.target_modules, seed=cfg.seed, init=cfg.lora.init)
 
 
 def build_bench(args) -> Bench:

@@ -32,6 +32,14 @@ the encoders, so no iteration encodes text. To show what that removes, the scrip
 encoding one iteration's prompts with the three text encoders (what an uncached loop pays every
 step) against looking the same prompts up in the warm cache.
 
+Per-step gradient share: after the measured iterations, one more batch is rolled out and, for
+each trained denoising step t, the norm of the policy-gradient loss's gradient on the LoRA
+weights, ``|| d/dtheta mean_i(-A_i exp(logp_i,t - logp_old_i,t)) ||``, is taken on its own;
+``share_t = norm_t / sum_t norm_t``. It shows whether one step dominates the update (CPS scored
+with the full Gaussian density: the last, smallest-std step does):
+
+    python benchmarks/bench_train.py sampling.num_steps=10 sampling.sampler=cps_gaussian
+
 The last line is one JSON object with every number.
 """
 
@@ -47,7 +55,7 @@ from collections import defaultdict
 import torch
 
 from apexcli.config import resolve_config
-from apexcli.flow.rollout import unwrap_model
+from apexcli.flow.rollout import step_log_prob, unwrap_model
 from apexcli.quiet import quiet_libraries
 from apexcli.train.trainer import Trainer
 
@@ -167,6 +175,41 @@ def instrument(trainer: Trainer, clock: Clock) -> None:
     trainer.balancer = TimedBalancer(trainer.balancer, clock)
 
 
+def step_gradient_shares(trainer: Trainer) -> dict[int, float]:
+    """Share of each trained step in the summed gradient norm of one fresh batch (see the docstring)."""
+    from apexcli.train.sampler import plan_step
+
+    cfg = trainer.cfg
+    trainer.step += 1
+    plan = plan_step(step=trainer.step, seed=cfg.seed, num_prompts=len(trainer.prompts),
+                     prompts_per_step=cfg.train.prompts_per_step, group_size=cfg.train.group_size,
+                     rank=0, world_size=1)
+    trainer.transformer.eval()
+    trajectories, rewards, _ = trainer._sample(plan)
+    advantages, _ = trainer.balancer(rewards, plan.group_ids)
+    model = unwrap_model(trainer.transformer)
+    n = sum(len(traj) for traj in trajectories)
+    summed: dict[int, list[torch.Tensor]] = {}  # gradient of the batch-mean loss at step t
+    start = 0
+    for traj in trajectories:
+        rows = list(range(start, start + len(traj)))
+        start += len(traj)
+        cond = trainer.embeds.index([plan.prompt_ids[i] for i in rows]).to(trainer.device)
+        adv = advantages[rows].to(trainer.device)
+        for t in trainer.steps_trained:
+            x, x_next, sigma, sigma_next = traj.transition(t)
+            out = step_log_prob(model, x, x_next, sigma, sigma_next, cond, guidance_scale=cfg.sampling.guidance_scale,
+                                uncond=trainer.uncond, sampler=traj.sampler, noise_level=traj.noise_level,
+                                sigma_max=traj.sigma_max)
+            loss = -(adv * torch.exp(out.log_prob - traj.log_probs[:, t])).sum() / n
+            grads = torch.autograd.grad(loss, trainer.lora_params, allow_unused=True)
+            grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(trainer.lora_params, grads)]
+            summed[t] = grads if t not in summed else [a + g for a, g in zip(summed[t], grads)]
+    norms = {t: float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) for t, grads in summed.items()}
+    total = sum(norms.values())
+    return {t: (v / total if total > 0 else 0.0) for t, v in norms.items()}
+
+
 def random_sd35m_pipeline(cfg, dtype: torch.dtype):
     """SD3.5-Medium's transformer and the SD3 VAE from their public configs, random weights, built
     on the GPU when there is one; text encoders of one layer at SD3's widths (CLIP-L 768, CLIP-G
@@ -274,6 +317,7 @@ def main() -> None:
                 clock.flush()
                 if i >= args.warmup:
                     per_step.append((total, dict(clock.seconds), row))
+            shares = step_gradient_shares(trainer)
         finally:
             trainer.close()
 
@@ -321,6 +365,8 @@ def main() -> None:
         print(f"{name:<18} {seconds:9.4f} {seconds / step:7.1%}")
     print(f"outside model fwd/bwd + VAE decode: {outside:.1%} of the iteration (target < 10%)")
     print(f"scoring thread time (overlapped with sampling): {mean([r['time/score'] for _, _, r in per_step]):.4f} s/iter")
+    print(f"gradient share per trained step ({s.sampler}, {s.num_steps} steps, noise level {s.noise_level}): "
+          + " ".join(f"t{t}={v:.1%}" for t, v in shares.items()))
     if text is not None:
         print(
             f"text encoding of one iteration's prompts: {text['uncached_s']:.4f} s uncached "
@@ -346,6 +392,8 @@ def main() -> None:
                 "outside_model_share": outside,
                 "text_encode_uncached_s": text["uncached_s"] if text else None,
                 "text_encode_cached_s": text["cached_s"] if text else None,
+                "sampler": s.sampler,
+                "step_gradient_share": {str(t): v for t, v in shares.items()},
             }
         )
     )

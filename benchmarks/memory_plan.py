@@ -3,7 +3,8 @@
     python benchmarks/memory_plan.py            # table + one JSON line (docs/memory.md quotes it)
 
 Every module is built on the meta device from its public config, so parameter counts are
-exact. Activation memory of one training micro-batch is the sum of the tensors autograd saves
+exact. Activation memory of one training micro-batch (twice its samples with CFG: the forward runs
+[uncond, cond]) is the sum of the tensors autograd saves
 for the backward pass (``torch.autograd.graph.saved_tensors_hooks`` on a meta forward), split
 per transformer block, which gives the gradient-checkpointing figure too:
 
@@ -135,7 +136,10 @@ def main() -> None:
     latent = cfg.model.resolution // 8
     params = component_params()
     lora = lora_params(cfg.lora.rank, cfg.lora.alpha, cfg.lora.target_modules or SD3_JOINT_ATTENTION_PROJECTIONS)
-    act = saved_activation_bytes(cfg.train.train_batch_size, text_tokens, latent, cfg.lora.rank, cfg.lora.target_modules)
+    # with CFG every training forward runs the batch [uncond, cond]: twice the micro-batch
+    cfg_factor = 2 if cfg.sampling.guidance_scale > 1 else 1
+    forward_batch = cfg.train.train_batch_size * cfg_factor
+    act = saved_activation_bytes(forward_batch, text_tokens, latent, cfg.lora.rank, cfg.lora.target_modules)
     bf16 = 2
     rows = {
         "transformer_bf16": params["transformer"] * bf16,
@@ -158,7 +162,8 @@ def main() -> None:
     for k, v in rows.items():
         print(f"{k:<30} {v / GB:8.3f}")
     print(json.dumps({"preset": args.preset, "params": params, "lora_params": lora, "activations": act,
-                      "bytes": rows, "train_batch": cfg.train.train_batch_size, "text_tokens": text_tokens}))
+                      "bytes": rows, "train_batch": cfg.train.train_batch_size, "train_forward_batch": forward_batch,
+                      "guidance_scale": cfg.sampling.guidance_scale, "text_tokens": text_tokens}))
 
 
 if __name__ == "__main__":

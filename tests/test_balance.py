@@ -70,12 +70,13 @@ def test_static_hand_values_group_and_global_std():
     r = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0], [0.0, 0.0], [0.0, 2.0]])
     g = torch.tensor([7, 7, 7, 9, 9])
     # R = [1, 5, 9 | 0, 2]; group 7: mean 5, std sqrt(32/3); group 9: mean 1, std 1
-    adv, info = make("static")(r, g)
+    tight = {"eps": 1e-6}
+    adv, info = make("static", std_scope="group", static=tight)(r, g)
     s7 = math.sqrt(32 / 3)
     assert torch.allclose(adv, torch.tensor([-4 / s7, 0.0, 4 / s7, -1.0, 1.0]), atol=1e-5)
     # global: std of all R = [1, 5, 9, 0, 2] about its mean 3.4
     sd = torch.tensor([1.0, 5, 9, 0, 2]).std(unbiased=False).item()
-    adv_g, _ = make("static", std_scope="global")(r, g)
+    adv_g, _ = make("static", std_scope="global", static=tight)(r, g)
     assert torch.allclose(adv_g, torch.tensor([-4 / sd, 0, 4 / sd, -1 / sd, 1 / sd]), atol=1e-5)
     # shares of the advantage's variance always sum to 1
     m = info["metrics"]
@@ -85,7 +86,7 @@ def test_static_hand_values_group_and_global_std():
 def test_static_nan_is_replaced_by_group_mean():
     # b's NaN -> mean of the group's valid b = (0 + 2) / 2 = 1, so R = [1, 4, 7] -> ±3/sqrt(6)
     r = torch.tensor([[1.0, 0.0], [3.0, NAN], [5.0, 2.0]])
-    adv, info = make("static")(r, torch.zeros(3, dtype=torch.long))
+    adv, info = make("static", static={"eps": 1e-6})(r, torch.zeros(3, dtype=torch.long))
     assert_clean(adv, info, 2)
     assert torch.allclose(adv, torch.tensor([-3 / math.sqrt(6), 0.0, 3 / math.sqrt(6)]), atol=1e-5)
     assert info["metrics"]["balance/nan_frac/b"] == pytest.approx(1 / 3)

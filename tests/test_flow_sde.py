@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from apexcli.flow.sde import (
+    STEP_FUNCTIONS,
     cps_step_with_logprob,
     gaussian_kl,
     ode_step,
@@ -23,7 +24,7 @@ def _normal_logp(sample, mean, std):
     return torch.distributions.Normal(mean, std).log_prob(sample).mean(dims)
 
 
-@pytest.mark.parametrize("step", [sde_step_with_logprob, cps_step_with_logprob])
+@pytest.mark.parametrize("step", [sde_step_with_logprob, STEP_FUNCTIONS["cps_gaussian"]])
 def test_log_prob_equals_torch_normal_on_random_tensors(step):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 4, 8, 8, generator=g)
@@ -97,11 +98,16 @@ def test_cps_step_hand_values():
     std = 0.17677670
     mean = torch.tensor([[0.7834709, 2.1401650]])
     x_next = mean + std * torch.tensor([[1.0, -2.0]])
-    out = cps_step_with_logprob(V, X, 0.5, 0.25, noise_level=0.5, prev_sample=x_next)
+    out = cps_step_with_logprob(V, X, 0.5, 0.25, noise_level=0.5, prev_sample=x_next, log_prob_form="gaussian")
     torch.testing.assert_close(out.mean, mean)
     torch.testing.assert_close(out.std.reshape(()), torch.tensor(std))
     # full Gaussian log-density: -1.25 - log(0.1767767) - log sqrt(2 pi)
     torch.testing.assert_close(out.log_prob, torch.tensor([-0.4360706]), rtol=1e-5, atol=1e-5)
+    # the default (Flow-GRPO's CPS form): mean of -(x' - mean)^2 = -std^2 (1 + 4) / 2 = -0.078125
+    ref = cps_step_with_logprob(V, X, 0.5, 0.25, noise_level=0.5, prev_sample=x_next)
+    torch.testing.assert_close(ref.mean, mean)
+    torch.testing.assert_close(ref.log_prob, torch.tensor([-0.078125]), rtol=1e-5, atol=1e-6)
+    assert STEP_FUNCTIONS["cps"] is cps_step_with_logprob
 
 
 def test_cps_onto_zero_is_the_deterministic_x0_prediction():

@@ -32,7 +32,8 @@ SWITCHES = {
     # torch.compile of the transformer (inductor; on CPU it needs a C compiler, as the CI has)
     "compiled": ["model.compile=true"],
     "sd35m_1gpu_recipe": ["model.gradient_checkpointing=true", "train.window_size=2", "sampling.num_steps=4",
-                          "train.train_batch_size=1", "model.free_text_encoders=true"],
+                          "train.train_batch_size=1", "model.free_text_encoders=true", "sampling.guidance_scale=4.5",
+                          "train.kl_form=reference", "lora.init=gaussian"],
 }
 
 

@@ -76,6 +76,9 @@ class LoraSettings:
     """LoRA dropout. Keep 0: dropout breaks the ratio == 1 invariant of on-policy PPO."""
     target_modules: list[str] = setting(default_factory=lambda: list(SD3_JOINT_ATTENTION_PROJECTIONS), nonempty=True, resume="refuse")
     """Module name suffixes that get adapters (default: the joint-attention projections)."""
+    init: str = setting("kaiming", choices=("kaiming", "gaussian"), resume="refuse")
+    """Initialisation of the A matrices (B starts at 0 either way): kaiming (peft's default,
+    Kaiming-uniform, std 1/sqrt(3 fan_in)) or gaussian (peft's ``gaussian``: std 1/r, Flow-GRPO's choice)."""
 
 
 @dataclass
@@ -84,8 +87,10 @@ class SamplingConfig:
     """Denoising steps of a training rollout."""
     guidance_scale: float = setting(4.5, ge=0)
     """Classifier-free guidance in rollouts and training; <= 1 disables CFG (half the forwards)."""
-    sampler: str = setting("sde", choices=("sde", "cps"))
-    """Stochastic sampler of the trained steps: sde (Flow-GRPO) or cps (coefficient-preserving)."""
+    sampler: str = setting("sde", choices=("sde", "cps", "cps_gaussian"))
+    """Stochastic sampler of the trained steps: sde (Flow-GRPO), cps (coefficient-preserving, log-prob
+    -(x'-mean)^2 as Flow-GRPO; use train.clip_range=1e-5 as it does) or cps_gaussian (CPS scored
+    with the full Gaussian density: the last trained step then dominates the gradient)."""
     noise_level: float = setting(0.7, gt=0, le=1.5)
     """The SDE noise level a (sigma_t = a * sqrt(s / (1 - s)))."""
     share_group_noise: bool = False
@@ -143,6 +148,18 @@ class TrainConfig:
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = setting(3, ge=0)
     """Keep the N most recent checkpoints; 0 = keep all."""
+    kl_form: str = setting("exact", choices=("exact", "reference"))
+    """KL penalty per step: exact (divides by the step variance sig_t^2 |dt|) or reference
+    (divides by sig_t^2, as Flow-GRPO: 1/|dt| weaker, 13x on average over SD3.5-M's 10 steps).
+    A kl_beta taken from Flow-GRPO needs reference."""
+    optimizer_steps_per_epoch: int = setting(0, ge=0)
+    """Optimizer steps per pass over a rollout batch; 0 = as train.gradient_accumulation says (set one).
+    Flow-GRPO makes 2: the second half of the batch then trains off-policy and the PPO clip acts."""
+    ema_every: int = setting(1, ge=1)
+    """Update the EMA of the LoRA weights every N optimizer steps (Flow-GRPO: 8)."""
+    ema_warmup: bool = False
+    """EMA decay min(ema_decay, (1 + n) / (10 + n)) at optimizer step n (Flow-GRPO's warm-up), so
+    early EMA weights follow the policy instead of staying near the initial LoRA."""
 
 
 @dataclass
@@ -315,6 +332,11 @@ def validate(cfg: Config) -> None:
         t.window_start + t.window_size <= s.num_steps,
         "train.window_size",
         f"window [{t.window_start}, {t.window_start + t.window_size}) exceeds sampling.num_steps={s.num_steps}",
+    )
+    _check(
+        not (t.optimizer_steps_per_epoch and t.gradient_accumulation),
+        "train.optimizer_steps_per_epoch",
+        "and train.gradient_accumulation are two ways to set the same thing; set one of them to 0",
     )
     cfg.balance.validate(len(cfg.objectives))
 

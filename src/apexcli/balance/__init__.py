@@ -20,6 +20,7 @@ from apexcli.balance.config import (
     DwaConfig,
     MgdaConfig,
     RandomConfig,
+    StaticConfig,
     validate_balance_config,
 )
 from apexcli.balance.dwa import DwaBalancer
@@ -47,12 +48,14 @@ __all__ = [
     "DwaConfig",
     "MgdaConfig",
     "RandomConfig",
+    "StaticConfig",
     "build_balancer",
     "build_balancer_from_config",
     "validate_balance_config",
 ]
 
-_TOP_LEVEL = {f.name for f in dataclasses.fields(BalanceConfig)} - {"strategy", "weights", "apex", "dwa", "mgda", "random"}
+_SECTIONS = ("apex", "dwa", "mgda", "random", "static")
+_TOP_LEVEL = {f.name for f in dataclasses.fields(BalanceConfig)} - {"strategy", "weights", *_SECTIONS}
 
 
 def build_balancer_from_config(cfg: BalanceConfig, objectives: list[str]) -> Balancer:
@@ -72,11 +75,11 @@ def build_balancer(name: str, objectives: list[str], weights: list[float] | None
     if name not in BALANCERS:
         raise ApexError(f"unknown balance strategy '{name}'; valid: {', '.join(BALANCERS)}")
     cfg = BalanceConfig(strategy=name, weights=None if weights is None else [float(w) for w in weights])
-    section_name = name if name in ("apex", "dwa", "mgda", "random") else None
+    section_name = name if name in _SECTIONS else None
     for key, value in options.items():
         if key in _TOP_LEVEL:
             setattr(cfg, key, value)
-        elif key in ("apex", "dwa", "mgda", "random"):
+        elif key in _SECTIONS:
             current = getattr(cfg, key)
             setattr(cfg, key, dataclasses.replace(current, **value) if isinstance(value, dict) else value)
         elif section_name and key in {f.name for f in dataclasses.fields(getattr(cfg, section_name))}:

@@ -78,6 +78,21 @@ class RandomConfig:
 
 
 @dataclass
+class StaticConfig:
+    """static = Flow-GRPO's ``multi_score`` + per-prompt advantages; the defaults reproduce its SD3 recipe."""
+
+    eps: float = 1e-4
+    """Added to the std of the weighted sum R (Flow-GRPO: 1e-4)."""
+    drop_zero_advantage: bool = True
+    """Leave samples whose advantage is exactly 0 (flat groups) out of the policy update, as Flow-GRPO
+    does (padded back with dropped samples to whole micro-batches), instead of paying KL and diluting
+    the batch mean with them."""
+    reference_scales: bool = True
+    """Divide pick by 26 and deqa by 5 before the weighted sum, as Flow-GRPO trains on them; other rewards
+    keep their units. Logged rewards, eval, score and pareto stay in raw units either way."""
+
+
+@dataclass
 class BalanceConfig:
     """How K rewards become one GRPO advantage per sample."""
 
@@ -85,10 +100,10 @@ class BalanceConfig:
     """One of static, gdpo, apex, dwa, mgda, random."""
     weights: list[float] | None = None
     """User priorities, one per objective (rescaled to sum to K); null = uniform."""
-    std_scope: str = "group"
-    """static only: divide by the std of the group ("group") or of the whole batch ("global"); the mean is always the group's."""
+    std_scope: str = "global"
+    """static only: divide by the std of the whole batch ("global", Flow-GRPO's SD3 configs) or of the group ("group"); the mean is always the group's."""
     eps: float = 1e-6
-    """Added to standard deviations (gdpo, static) and used as the tolerance of flat batches."""
+    """Added to standard deviations (gdpo and stage 2 of the others; static has static.eps) and used as the tolerance of flat batches."""
     probe_every: int = 10
     """Gradient probe period in steps for apex (exact conflict term) and mgda; 0 = never (apex then uses the proxy)."""
     probe_samples: int = 4
@@ -101,6 +116,8 @@ class BalanceConfig:
     """MGDA options (balance.mgda.*)."""
     random: RandomConfig = field(default_factory=RandomConfig)
     """Random-weights options (balance.random.*)."""
+    static: StaticConfig = field(default_factory=StaticConfig)
+    """static options (balance.static.*)."""
 
     def validate(self, n_objectives: int | None = None, prefix: str = "balance") -> None:
         """Raise ApexError naming the dotted key of the first bad value."""
@@ -178,3 +195,5 @@ def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None,
     r = cfg.random
     _check(isinstance(r.seed, int) and r.seed >= 0, f"{p}.random.seed", f"must be an integer >= 0, got {r.seed}")
     _check(_finite(r.alpha) and r.alpha > 0, f"{p}.random.alpha", f"must be > 0, got {r.alpha}")
+    st = cfg.static
+    _check(_finite(st.eps) and st.eps > 0, f"{p}.static.eps", f"must be > 0, got {st.eps}")

@@ -32,7 +32,7 @@ import torch
 from apexcli.errors import ApexError
 from apexcli.flow.sde import STEP_FUNCTIONS, StepOutput, ode_step
 
-SAMPLERS = ("sde", "cps", "ode")
+SAMPLERS = ("sde", "cps", "cps_gaussian", "ode")
 TIMESTEP_SCALE = 1000.0
 """SD3 transformers take ``timestep = 1000 * sigma``."""
 
@@ -189,7 +189,7 @@ class Trajectory:
     sde_mask: torch.Tensor
     """``[T]`` CPU bool: which steps were stochastic (the only ones with a log-prob to train)."""
     sampler: str
-    """``sde``, ``cps`` or ``ode``: the step used for the stochastic steps."""
+    """``sde``, ``cps``, ``cps_gaussian`` or ``ode``: the step used for the stochastic steps."""
     noise_level: float
     """The noise level ``a`` of the stochastic steps."""
     sigma_max: float
@@ -306,7 +306,7 @@ def _stochastic_mask(
             if not 0 <= int(i) < num_steps:
                 raise ValueError(f"sde_steps index {i} outside 0..{num_steps - 1}")
             mask[int(i)] = True
-    if sampler == "cps":
+    if sampler.startswith("cps"):
         mask &= sigmas[1:] > 0
     return mask
 
@@ -333,7 +333,7 @@ def rollout(
 
     Image size ``height x width`` pixels; the latent is ``in_channels x height/f x width/f`` with
     ``f = vae_scale_factor`` (``pipe.vae_scale_factor``: 8 for SD3, 2 for the tiny pipeline).
-    ``sampler`` picks the stochastic step (``sde``, ``cps``; ``ode`` = deterministic Euler
+    ``sampler`` picks the stochastic step (``sde``, ``cps``, ``cps_gaussian``; ``ode`` = Euler
     everywhere); ``sde_steps`` lists the step indices that are stochastic (None: all), the rest
     run the ODE step (the "fast"/MixGRPO window). ``initial_noise`` ``[B, C, h, w]`` overrides
     the starting latent (see ``initial_noise()`` for group-shared noise); otherwise it is drawn

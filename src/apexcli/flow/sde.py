@@ -40,6 +40,9 @@ class StepOutput:
     """Float32 mean of the step's Gaussian, shape of ``x`` (the quantity the KL compares)."""
     std: torch.Tensor
     """Float32 std of the step's Gaussian, shape ``[B, 1, ..., 1]`` (same for every dim)."""
+    noise_scale: torch.Tensor | None = None
+    """Float32 ``[B, 1, ..., 1]``: the scale Flow-GRPO divides its KL by — ``sig_t`` for the SDE
+    step (the std before the ``sqrt(-dt)`` factor), the std itself for CPS. None = ``std``."""
 
 
 def _column(sigma: Sigma, x: torch.Tensor) -> torch.Tensor:
@@ -72,12 +75,32 @@ def gaussian_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tenso
     return torch.where(deterministic.reshape(-1), torch.zeros_like(log_prob), log_prob)
 
 
+def squared_error_log_prob(sample: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> torch.Tensor:
+    """``[B]`` mean over non-batch dims of ``-(x-mean)^2``: Flow-GRPO's CPS log-prob convention.
+
+    It differs from the Gaussian log-density by the factor ``1/(2 std^2)`` and by constants
+    (which cancel in a ratio). Without the factor the gradient of a step scales with its std
+    (small for low-noise steps) instead of with ``1/std`` (huge for them), so no single step
+    dominates the update. Deterministic (``std == 0``) samples get 0.
+    """
+    sample, mean = sample.float(), mean.float()
+    std = std.float().expand(sample.shape[0], *([1] * (sample.ndim - 1)))
+    log_prob = (-((sample - mean) ** 2)).mean(dim=tuple(range(1, sample.ndim)))
+    return torch.where((std == 0).reshape(-1), torch.zeros_like(log_prob), log_prob)
+
+
+LOG_PROB_FORMS = {"gaussian": gaussian_log_prob, "squared_error": squared_error_log_prob}
+"""How a step's log-prob is scored: the exact Gaussian density, or Flow-GRPO's CPS form."""
+
+
 def _finish(
     mean: torch.Tensor,
     std: torch.Tensor,
     x: torch.Tensor,
     prev_sample: torch.Tensor | None,
     generator: torch.Generator | None,
+    log_prob_form: str = "gaussian",
+    noise_scale: torch.Tensor | None = None,
 ) -> StepOutput:
     """Sample (unless ``prev_sample`` is given) and score the sample under N(mean, std^2)."""
     std = std.expand(x.shape[0], *std.shape[1:])
@@ -85,8 +108,10 @@ def _finish(
         noisy = mean + std * _draw_noise(x, generator)
         # Zero-std steps are exactly the mean (avoids 0 * inf surprises and keeps them exact).
         prev_sample = torch.where(std == 0, mean, noisy).to(x.dtype)
-    log_prob = gaussian_log_prob(prev_sample, mean, std)
-    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std)
+    log_prob = LOG_PROB_FORMS[log_prob_form](prev_sample, mean, std)
+    if noise_scale is not None:
+        noise_scale = noise_scale.expand(x.shape[0], *noise_scale.shape[1:])
+    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std, noise_scale=noise_scale)
 
 
 def sde_std_scale(sigma: Sigma, x: torch.Tensor, noise_level: float, sigma_max: float | None) -> torch.Tensor:
@@ -135,7 +160,7 @@ def sde_step_with_logprob(
     sig_t = sde_std_scale(sigma, x, noise_level, sigma_max)
     mean = xf + (v + sig_t**2 / (2 * s) * (xf + (1 - s) * v)) * dt
     std = sig_t * torch.sqrt(-dt)
-    return _finish(mean, std, x, prev_sample, generator)
+    return _finish(mean, std, x, prev_sample, generator, noise_scale=sig_t)
 
 
 def cps_step_with_logprob(
@@ -148,6 +173,7 @@ def cps_step_with_logprob(
     sigma_max: float | None = None,
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    log_prob_form: str = "squared_error",
 ) -> StepOutput:
     """Coefficient-preserving sampling (CPS) step::
 
@@ -156,15 +182,17 @@ def cps_step_with_logprob(
         std   = s' * sin(a * pi / 2)
         mean  = (1 - s') * x0hat + sqrt(s'^2 - std^2) * x1hat
         x'    = mean + std * noise
-        logp  = mean over dims of log N(x'; mean, std^2)   (the full Gaussian log-density)
+        logp  = mean over dims of -(x' - mean)^2             log_prob_form = "squared_error" (default)
+        logp  = mean over dims of log N(x'; mean, std^2)     log_prob_form = "gaussian"
 
-    What is computed: the *exact* Gaussian log-density, like the SDE step. Flow-GRPO's CPS code
-    instead keeps only ``-(x' - mean)^2``: since ``std`` does not depend on the model, the
-    dropped ``-log std - log sqrt(2 pi)`` cancel in the ratio ``exp(logp_new - logp_old)``, but
-    the dropped ``1/(2 std^2)`` factor does not — that convention rescales the log-ratio by
-    ``2 std^2``, so clip ranges tuned for it do not transfer to this one. ``sigma_max`` is
-    accepted for a uniform signature and unused. At ``s' = 0`` the std is 0 and the step is
-    the deterministic ``x0hat`` (log-prob reported as 0).
+    The default is Flow-GRPO's CPS convention. The exact Gaussian density scales each step's
+    log-ratio by ``1/(2 std^2)``, with ``std = s' sin(a pi/2)`` from 0.68 (first step) down to
+    ~0.01 (last stochastic step of 10): the last trained step then carries almost all of the
+    gradient (measured by ``benchmarks/bench_train.py --step-share``). ``-log std`` and
+    ``-log sqrt(2 pi)`` cancel in the ratio in either form. The two forms need different PPO
+    clip ranges (Flow-GRPO uses 1e-5 with this one). ``sigma_max`` is accepted for a uniform
+    signature and unused. At ``s' = 0`` the std is 0 and the step is the deterministic
+    ``x0hat`` (log-prob reported as 0).
     """
     del sigma_max  # CPS has no singularity at s == 1
     s, s_next = _column(sigma, x), _column(sigma_next, x)
@@ -174,7 +202,9 @@ def cps_step_with_logprob(
     std = s_next * math.sin(noise_level * math.pi / 2)
     # clamp: s'^2 - std^2 = s'^2 cos^2(a pi/2) >= 0 mathematically; rounding can dip below 0.
     mean = (1 - s_next) * x0_hat + torch.sqrt((s_next**2 - std**2).clamp_min(0)) * x1_hat
-    return _finish(mean, std, x, prev_sample, generator)
+    if log_prob_form not in LOG_PROB_FORMS:
+        raise ValueError(f"log_prob_form must be one of {', '.join(LOG_PROB_FORMS)}, got '{log_prob_form}'")
+    return _finish(mean, std, x, prev_sample, generator, log_prob_form)
 
 
 def ode_step(velocity: torch.Tensor, x: torch.Tensor, sigma: Sigma, sigma_next: Sigma) -> torch.Tensor:
@@ -191,16 +221,20 @@ def gaussian_kl(mean: torch.Tensor, mean_ref: torch.Tensor, std: torch.Tensor) -
 
         KL = mean over dims of (mean - mean_ref)^2 / (2 std^2)
 
-    This is exact for two Gaussians sharing the std. DESIGN.md writes ``sig_t^2`` in the
-    denominator; the step distributions' std is ``std = sig_t·sqrt(-dt)`` (SDE) or
-    ``s'·sin(a pi/2)`` (CPS), so the exact KL of the policy's and the reference's step
-    distributions uses ``std`` — pass ``StepOutput.std``. ``std`` must be > 0 (train only
-    stochastic steps). Evaluated in float32.
+    Pass ``StepOutput.std`` for the exact KL of the two step distributions. Flow-GRPO divides
+    by ``sig_t^2`` instead (``StepOutput.noise_scale``): for the SDE step that is ``1/|dt|``
+    times smaller (train.kl_form chooses; ``train.loss.step_kl``). ``std`` must be > 0 (train
+    only stochastic steps). Evaluated in float32.
     """
     diff = mean.float() - mean_ref.float()
     std = std.float()
     return (diff**2 / (2 * std**2)).mean(dim=tuple(range(1, diff.ndim)))
 
 
-STEP_FUNCTIONS = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob}
-"""Stochastic samplers by name (``ode`` is deterministic and has no log-prob)."""
+def _cps_gaussian(*args, **kwargs) -> StepOutput:
+    return cps_step_with_logprob(*args, log_prob_form="gaussian", **kwargs)
+
+
+STEP_FUNCTIONS = {"sde": sde_step_with_logprob, "cps": cps_step_with_logprob, "cps_gaussian": _cps_gaussian}
+"""Stochastic samplers by name (``ode`` is deterministic and has no log-prob). ``cps`` scores
+steps in Flow-GRPO's ``-(x'-mean)^2`` form, ``cps_gaussian`` with the full Gaussian density."""

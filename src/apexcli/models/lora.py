@@ -23,11 +23,22 @@ from apexcli.sharding import is_sharded, shard_like
 ADAPTER = "default"
 
 
-def attach_lora(transformer, *, rank: int, alpha: int, dropout: float, target_modules: list[str], seed: int) -> list[torch.nn.Parameter]:
+LORA_INITS = {"kaiming": True, "gaussian": "gaussian"}
+"""lora.init -> peft's ``init_lora_weights``: Kaiming-uniform A (peft's default) or A ~ N(0, std 1/r)."""
+
+
+def attach_lora(
+    transformer, *, rank: int, alpha: int, dropout: float, target_modules: list[str], seed: int, init: str = "kaiming"
+) -> list[torch.nn.Parameter]:
     """Add a LoRA adapter (B = 0, so the policy starts equal to the base model) and return its
-    trainable parameters, kept in float32 whatever the base dtype."""
+    trainable parameters, kept in float32 whatever the base dtype. ``init`` picks A's
+    initialisation (``LORA_INITS``)."""
+    if init not in LORA_INITS:
+        raise ApexError(f"lora.init must be one of {', '.join(LORA_INITS)}, got '{init}'")
     transformer.requires_grad_(False)
-    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=True, target_modules=target_modules)
+    config = LoraConfig(
+        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=LORA_INITS[init], target_modules=target_modules
+    )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         try:

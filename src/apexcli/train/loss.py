@@ -12,6 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
+from apexcli.flow.sde import StepOutput, gaussian_kl
+
+KL_FORMS = ("exact", "reference")
 
 @dataclass
 class PolicyLossOutput:
@@ -25,6 +28,23 @@ class PolicyLossOutput:
     """Mean importance ratio (detached): 1 on-policy."""
     clip_frac: torch.Tensor
     """Fraction of samples whose ratio left [1 - eps, 1 + eps] (detached)."""
+
+
+def step_kl(out: StepOutput, ref: StepOutput, form: str = "exact") -> torch.Tensor:
+    """``[B]`` KL penalty of one step between the policy (``out``) and the base model (``ref``).
+
+        exact:      mean_dims (mean - mean_ref)^2 / (2 std^2)        std = the step's std
+        reference:  mean_dims (mean - mean_ref)^2 / (2 sig_t^2)      Flow-GRPO's train_sd3.py
+
+    For the SDE step ``std = sig_t sqrt(|dt|)``, so ``exact = reference / |dt|``: 25x at the first
+    of SD3.5-M's 10 steps (shift 3), 3.7x at the ninth, 13x on average. A ``kl_beta`` copied from
+    Flow-GRPO means the ``reference`` form. For CPS both forms divide by the step's std.
+    """
+    if form == "exact" or out.noise_scale is None:
+        return gaussian_kl(out.mean, ref.mean, out.std)
+    if form == "reference":
+        return gaussian_kl(out.mean, ref.mean, out.noise_scale)
+    raise ValueError(f"KL form must be one of {', '.join(KL_FORMS)}, got '{form}'")
 
 
 def clip_advantages(advantages: torch.Tensor, limit: float) -> torch.Tensor:

@@ -40,7 +40,6 @@ from apexcli.flow.rollout import (
     step_log_prob,
     unwrap_model,
 )
-from apexcli.flow.sde import gaussian_kl
 from apexcli.models.loading import (
     DTYPES,
     attention_kernels,
@@ -63,7 +62,7 @@ from apexcli.sharding import full_state, is_sharded, load_optimizer_state_by_nam
 from apexcli.train.checkpoint import TrainingState, save_checkpoint
 from apexcli.train.run_start import abandon_after, ensure_writable, plan_start, prepare_directory, warn
 from apexcli.train.ema import LoraEMA
-from apexcli.train.loss import clip_advantages, grpo_policy_loss
+from apexcli.train.loss import clip_advantages, grpo_policy_loss, step_kl
 from apexcli.train.progress import TrainProgress
 from apexcli.train.sampler import mix_seed, plan_step
 
@@ -144,6 +143,7 @@ class Trainer:
             dropout=cfg.lora.dropout,
             target_modules=cfg.lora.target_modules,
             seed=cfg.seed,
+            init=cfg.lora.init,
         )
         if cfg.model.gradient_checkpointing:
             transformer.enable_gradient_checkpointing()
@@ -161,7 +161,7 @@ class Trainer:
         self.lora_params = [p for p in unwrap_model(self.transformer).parameters() if p.requires_grad]
         self.sharded = is_sharded(self.lora_params)
         self.adapter_layers = adapter_layers(unwrap_model(self.transformer))
-        self.ema = LoraEMA(self.lora_params, t.ema_decay) if t.ema_decay > 0 else None
+        self.ema = LoraEMA(self.lora_params, t.ema_decay, every=t.ema_every, warmup=t.ema_warmup) if t.ema_decay > 0 else None
 
         self.steps_trained = trained_steps(cfg)
         self.nan_steps = [0] * len(self.objectives)  # steps where objective k had no finite reward
@@ -315,8 +315,16 @@ class Trainer:
         window = torch.tensor(self.steps_trained)
         n_train_t = max(1, int(math.ceil(len(window) * t.timestep_fraction)))
         micro = t.train_batch_size
-        n_micro = n // micro
-        per_update = t.gradient_accumulation or n_micro
+        selected = self._selected_samples(advantages, micro)  # every sample, or those with A != 0
+        n_micro = len(selected) // micro
+        if n_micro == 0:  # every advantage is 0 on every process: nothing to learn this step
+            return {"loss": 0.0, "kl": 0.0, "ratio_mean": 1.0, "clip_frac": 0.0, "ratio_max_dev": 0.0, "grad_norm": 0.0,
+                    "skipped_updates": 0, "ratio_first": 1.0, "lr": self.lr_scheduler.get_last_lr()[0],
+                    "optimizer_steps": 0, "samples_trained": 0}
+        if t.optimizer_steps_per_epoch:
+            per_update = -(-n_micro // min(t.optimizer_steps_per_epoch, n_micro))  # ceil: k updates, the last may be shorter
+        else:
+            per_update = t.gradient_accumulation or n_micro
         model_for_ref = unwrap_model(self.transformer)
         # Everything indexed per micro-batch lives on the device and statistics stay tensors until
         # the end: on a GPU each host-to-device copy or .item() would stall the CPU until the GPU
@@ -324,6 +332,7 @@ class Trainer:
         dev = traj.latents.device
         sigmas = traj.sigmas.to(dev)
         stats: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": []}
+        ratio_dev: list[torch.Tensor] = []
         grad_norms: list[float] = []
         first_ratio = None
         skipped = 0
@@ -334,7 +343,7 @@ class Trainer:
         self.transformer.train(cfg.lora.dropout > 0)
         for epoch in range(t.inner_epochs):
             gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.step, 11, epoch, acc.process_index))
-            order = torch.randperm(n, generator=gen)
+            order = selected[torch.randperm(len(selected), generator=gen)]
             # per sample, a random order of the window's steps; the first n_train_t are trained
             step_order = torch.stack([window[torch.randperm(len(window), generator=gen)] for _ in range(n)])
             order, step_order = order.to(dev), step_order.to(dev)
@@ -363,7 +372,7 @@ class Trainer:
                                     guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
                                     sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
                                 )
-                            kl = gaussian_kl(out.mean, ref.mean, out.std)
+                            kl = step_kl(out, ref, t.kl_form)
                         result = grpo_policy_loss(
                             out.log_prob, old_logp, adv[rows.to(adv.device)], clip_range=t.clip_range, kl=kl, kl_beta=t.kl_beta
                         )
@@ -372,6 +381,7 @@ class Trainer:
                         first_ratio = result.ratio_mean
                     for key in ("kl", "ratio_mean", "clip_frac"):
                         stats[key].append(getattr(result, key))
+                    ratio_dev.append((out.log_prob.detach() - old_logp).exp().sub(1).abs().max())
                     stats["loss"].append(result.loss.detach())
                 if last_micro_of_update:
                     if t.max_grad_norm > 0:
@@ -390,9 +400,11 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
         # one device-to-host copy for all of the update's statistics
         keys = [k for k, v in stats.items() if v]
-        means = torch.stack([torch.stack(stats[k]).double().mean() for k in keys] + [first_ratio.double()]).tolist()
-        out = dict(zip(keys, means[:-1]))
-        first_ratio = means[-1]
+        means = torch.stack(
+            [torch.stack(stats[k]).double().mean() for k in keys] + [first_ratio.double(), torch.stack(ratio_dev).double().max()]
+        ).tolist()
+        out = dict(zip(keys, means[:-2]))
+        first_ratio, max_dev = means[-2:]
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         if acc.num_processes > 1:
             # every process trains as many micro-batches (equal shards), so the mean of the
@@ -400,10 +412,39 @@ class Trainer:
             keys = [k for k in ("loss", "kl", "ratio_mean", "clip_frac") if k in out]
             local = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
             out.update(zip(keys, acc.reduce(local, reduction="mean").tolist()))
+        if acc.num_processes > 1:
+            max_dev = float(acc.gather(torch.tensor([max_dev], dtype=torch.float64, device=self.device)).max())
+        out["ratio_max_dev"] = max_dev  # max |ratio - 1| over trained samples: > clip_range once updates go off-policy
         out["skipped_updates"] = skipped
+        out["optimizer_steps"] = len(grad_norms)
+        out["samples_trained"] = len(selected) * acc.num_processes
         out["ratio_first"] = first_ratio
         out["lr"] = lr_applied  # of the iteration's last optimizer step (not the next one's)
         return out
+
+    def _selected_samples(self, advantages: torch.Tensor, micro: int) -> torch.Tensor:
+        """Local sample indices to train on, a multiple of ``micro`` long.
+
+        All of them, unless the balancer asks to drop zero-advantage samples (Flow-GRPO's
+        ``static`` recipe: a flat group teaches nothing but would still pay KL and dilute the
+        batch mean). Then the kept samples are padded with dropped ones up to whole
+        micro-batches, and every process trains as many micro-batches as the fullest one (DDP
+        needs the same number of backward passes everywhere), as Flow-GRPO pads to its batch count.
+        """
+        n = advantages.shape[0]
+        every = torch.arange(n)
+        if not getattr(self.balancer, "drops_zero_advantage", False):
+            return every
+        nonzero = (advantages != 0).cpu()
+        kept, dropped = every[nonzero], every[~nonzero]
+        n_micro = -(-len(kept) // micro)
+        if self.accelerator.num_processes > 1:
+            n_micro = int(self.accelerator.gather(torch.tensor([n_micro], device=self.device)).max())
+        pad = n_micro * micro - len(kept)
+        if pad > 0:
+            gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, self.step, 13, self.accelerator.process_index))
+            kept = torch.cat([kept, dropped[torch.randperm(len(dropped), generator=gen)[:pad]]])
+        return kept
 
     def train_step(self) -> dict:
         cfg = self.cfg
@@ -438,6 +479,7 @@ class Trainer:
         row.update(reward_summary(rewards, self.objectives, "reward"))
         row.update(info["metrics"])
         row["advantage/abs_mean"] = float(advantages.abs().mean())
+        row["advantage/zero_frac"] = float((advantages == 0).double().mean())  # dropped when the balancer asks
         row.update(update)
         row["time/sample"] = timings["sample"]
         row["time/score"] = timings["score"]

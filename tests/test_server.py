@@ -19,9 +19,10 @@ from apexcli.errors import ApexError
 from apexcli.rewards import RemoteConfig, RewardsConfig, RewardSuite
 from apexcli.rewards.remote import TOKEN_ENV, RemoteReward, encode_png, request_json
 from apexcli.rewards.server import make_server
+from conftest import HANG_GUARD_S
 from reward_models import save_tiny_clip
 
-FAST = RemoteConfig(timeout_s=30, retries=1, backoff_s=0.01)
+FAST = RemoteConfig(timeout_s=HANG_GUARD_S, retries=1, backoff_s=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -104,9 +105,9 @@ def test_objective_not_served_and_bad_requests(server):
     req = urllib.request.Request(server.url + "/score", data=json.dumps({"images": ["!!"], "prompts": ["x"]}).encode(),
                                  method="POST", headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=10)
+        urllib.request.urlopen(req, timeout=HANG_GUARD_S)
     assert err.value.code == 400 and "image 0" in json.loads(err.value.read())["error"]
-    with urllib.request.urlopen(server.url + "/health", timeout=10) as resp:
+    with urllib.request.urlopen(server.url + "/health", timeout=HANG_GUARD_S) as resp:
         assert json.loads(resp.read())["objectives"] == ["pick", "brightness", "ocr"]
 
 
@@ -146,7 +147,7 @@ def png_b64(level=128):
     return encode_png(Image.new("RGB", (16, 16), (level, level, level)))
 
 
-def post(url, body: bytes, headers=None, timeout=30):
+def post(url, body: bytes, headers=None, timeout=HANG_GUARD_S):
     """(status, decoded JSON answer) of one POST, errors included."""
     req = urllib.request.Request(url + "/score", data=body, method="POST", headers=headers or {})
     try:
@@ -165,7 +166,7 @@ def test_burst_of_50_concurrent_requests_all_answered(bright_server):
     barrier = threading.Barrier(50)
 
     def one(_):
-        barrier.wait(timeout=60)  # all connect at once
+        barrier.wait(timeout=HANG_GUARD_S)  # all connect at once
         return post(bright_server.url, valid_body())
 
     with ThreadPoolExecutor(50) as pool:
@@ -194,7 +195,7 @@ def test_malformed_requests_answer_400(bright_server, body, match):
 
 def test_bad_content_length_is_400(bright_server):
     host, port = bright_server.server_address[:2]
-    with socket.create_connection((host, port), timeout=30) as s:
+    with socket.create_connection((host, port), timeout=HANG_GUARD_S) as s:
         s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n")
         assert s.recv(100).startswith(b"HTTP/1.0 400")
 
@@ -224,7 +225,7 @@ def test_client_retries_5xx_only(status, attempts):
     try:
         with pytest.raises(ApexError, match=f"HTTP {status}"):
             request_json(f"http://127.0.0.1:{srv.server_address[1]}/score", {"x": 1},
-                         RemoteConfig(timeout_s=30, retries=2, backoff_s=0.01), "brightness")
+                         RemoteConfig(timeout_s=HANG_GUARD_S, retries=2, backoff_s=0.01), "brightness")
         assert srv.hits == attempts
     finally:
         srv.shutdown()
@@ -245,14 +246,14 @@ def closed_by_server(s: socket.socket) -> bool:
 def test_stalled_clients_are_dropped_and_threads_stay_bounded(start_server):
     bright_server = start_server(threads=3, timeout_s=0.5)
     host, port = bright_server.server_address[:2]
-    stalled = [socket.create_connection((host, port), timeout=30) for _ in range(12)]
+    stalled = [socket.create_connection((host, port), timeout=HANG_GUARD_S) for _ in range(12)]
     try:
         stalled[0].sendall(b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{")  # stops mid-body
         peak = 0
         # a valid request queued behind them is answered once the stalled ones time out
         with ThreadPoolExecutor(1) as pool:
             future = pool.submit(post, bright_server.url, valid_body())
-            while not future.done():  # bounded by the request's own 30 s timeout
+            while not future.done():  # bounded by the request's own timeout
                 peak = max(peak, handler_threads())
                 wait([future], timeout=0.05)
             assert future.result()[0] == 200
@@ -304,7 +305,7 @@ class InfiniteSuite:
 def test_non_finite_scores_travel_as_null(bright_server):
     bright_server.suite = InfiniteSuite()
     req = urllib.request.Request(bright_server.url + "/score", data=valid_body(3), method="POST")
-    with urllib.request.urlopen(req, timeout=30) as resp:
+    with urllib.request.urlopen(req, timeout=HANG_GUARD_S) as resp:
         text = resp.read().decode()
     answer = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the answer"))
     assert answer["scores"] == [[None], [None], [None]] and answer["info"]["brightness"]["x"] == [None] * 3

@@ -45,12 +45,14 @@ demo: install
 	@echo "  scores/                  scores.jsonl, scores.csv"
 	@echo "  pareto/                  report.md, pareto.json, plots"
 
+# the fast suite (markers slow, cuda, paddle, real_weights deselected in pyproject.toml);
+# --durations lists the slowest tests, so a test that grows shows up
 test: install
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=15
 
-# also tests marked slow (none at present)
+# everything a CPU can run: also the minutes-long two-process DDP/FSDP and torch.compile checks
 test-all: install
-	$(BIN)/python -m pytest -q -m "not cuda and not paddle and not real_weights"
+	$(BIN)/python -m pytest -q --durations=30 -m "not cuda and not paddle and not real_weights"
 
 bench: install
 	$(BIN)/python benchmarks/bench_train.py

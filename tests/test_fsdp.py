@@ -22,7 +22,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, load_lora_file, needs_cpp_compiler, read_metrics, train_tiny
+from conftest import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, needs_cpp_compiler, read_metrics, train_tiny
+
+# minutes of two-process training (and a compile) on a CPU: `make test-all` runs them
+pytestmark = pytest.mark.slow
 
 FSDP_CONFIG = Path(__file__).resolve().parents[1] / "examples" / "accelerate" / "fsdp_8gpu.yaml"
 
@@ -96,7 +99,7 @@ def _launch(tmp: Path, layout: str, out: Path, *extra: str) -> None:
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
         str(launcher), layout, str(report_dir), *ARGV, "--out", str(out), *extra,
     ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -16,8 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, load_lora_file, read_metrics
+from conftest import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, read_metrics
 from safetensors.torch import load_file
+
+# two-process training under torchrun takes minutes on two CPU cores: `make test-all` runs it
+pytestmark = pytest.mark.slow
 
 LAUNCHER = '''
 import sys
@@ -57,7 +60,7 @@ def _torchrun(tmp_path: Path, nproc: int, argv: list[str]) -> subprocess.Complet
         sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
         "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(launcher), str(tmp_path), *argv,
     ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
 
 
 @pytest.fixture(scope="module")

@@ -17,6 +17,7 @@ from apexcli.rewards.aes import Aesthetic, AestheticHead, load_head_state
 from apexcli.rewards.base import pil_to_tensor
 from apexcli.rewards.clip_preprocess import ClipPreprocess
 from apexcli.rewards.pick import PickScore
+from conftest import HANG_GUARD_S
 from reward_models import laion_like_head_state, save_tiny_aes, save_tiny_clip
 
 ONE_LEVEL = 1 / 255 / 0.2613  # one 8-bit step in normalised units (smallest CLIP std)
@@ -147,7 +148,7 @@ def test_missing_weights_offline_names_model_download_and_option():
             "from apexcli.rewards import RewardSuite\n"
             "try:\n    RewardSuite(['pick'])\nexcept ApexError as e:\n    print('ERR', e)\n")
     env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(os.sep, "nonexistent-hf-home"))
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("ERR")]
     assert line, out.stdout + out.stderr
     msg = line[0]

@@ -7,6 +7,7 @@ import torch
 
 from apexcli.rewards import RewardsConfig, RewardSuite, build_reward
 from apexcli.rewards.base import ImageBatch, pil_to_tensor
+from conftest import HANG_GUARD_S
 from reward_models import save_tiny_aes, save_tiny_clip, text_image
 
 NAMES = ["pick", "aes", "ocr", "brightness", "colorfulness", "compressibility", "contrast"]
@@ -71,7 +72,7 @@ def test_submit_overlaps_and_equals_a_call(config, batch):
     with RewardSuite(["pick", "brightness", "ocr"], config=config) as suite:
         fut1 = suite.submit(images[:4], prompts[:4])
         fut2 = suite.submit(images[4:], prompts[4:])
-        R = torch.cat([fut1.result(timeout=120)[0], fut2.result(timeout=120)[0]])
+        R = torch.cat([fut1.result(timeout=HANG_GUARD_S)[0], fut2.result(timeout=HANG_GUARD_S)[0]])
         assert_same(R, suite(images, prompts)[0])
 
 

@@ -1,12 +1,15 @@
 """`apex score`: a folder seeded with every kind of bad file; prompts from each source; outputs."""
 
+import contextlib
 import csv
 import io
 import json
 import os
 import random
 import struct
+import threading
 import zlib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import numpy as np
 import pytest
@@ -173,3 +176,122 @@ def test_command_parses_and_calls_the_core(mixed, tmp_path):
     assert row["ocr"] == 1.0 and row["contrast"] > 0
     bad = runner.invoke(app, ["score", str(mixed), "--objectives", "nosuch", "--device", "cpu"])
     assert isinstance(bad.exception, ApexError) and "valid: aes" in str(bad.exception)
+
+
+def test_folder_lists_dangling_links_loops_subfolders_and_fifos(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    Image.new("RGB", (8, 8), "white").save(d / "good.png")
+    os.symlink(d / "gone.png", d / "dangling.png")
+    os.symlink(d / "loop-b.png", d / "loop-a.png")
+    os.symlink(d / "loop-a.png", d / "loop-b.png")
+    (d / "sub").mkdir()
+    Image.new("RGB", (8, 8), "black").save(d / "sub" / "deep.png")
+    os.symlink(d / "sub", d / "linked-dir")
+    os.symlink(d / "good.png", d / "alias.png")  # a working link is an image like any other
+    os.mkfifo(d / "pipe.png")  # opening it would block forever
+    (d / ".hidden.png").write_bytes(b"")
+    _, con = quiet()
+    err_text, err = quiet()
+    report = score_paths([str(d)], objectives="brightness", out_dir=str(tmp_path / "s"), device="cpu",
+                         progress=False, console=con, err_console=err)
+    reasons = {os.path.basename(f): r for f, r in report.issues}
+    assert set(reasons) == {"dangling.png", "loop-a.png", "loop-b.png", "sub", "linked-dir", "pipe.png"}
+    assert "dangling symlink" in reasons["dangling.png"] and "gone.png" in reasons["dangling.png"]
+    assert reasons["loop-a.png"] == reasons["loop-b.png"] == "symlink loop"
+    assert "sub-folder" in reasons["sub"] and "sub-folder" in reasons["linked-dir"]
+    assert reasons["pipe.png"] == "not a regular file"
+    for name in reasons:
+        assert name in err_text.getvalue()
+    scored = {os.path.basename(r["file"]): r["brightness"] for r in report.rows if r["error"] is None}
+    assert scored == {"good.png": 1.0, "alias.png": 1.0}
+    assert len(report.rows) == 8  # every entry but the hidden one has a row
+    # a recursive glob takes the sub-folder in: no longer reported, its image scored
+    report = score_paths([str(d / "**")], objectives="brightness", out_dir=str(tmp_path / "t"), device="cpu",
+                         progress=False, console=con, err_console=err)
+    assert {os.path.basename(f) for f, _ in report.issues} == {"dangling.png", "loop-a.png", "loop-b.png", "pipe.png"}
+    assert {os.path.basename(r["file"]) for r in report.rows if r["error"] is None} >= {"good.png", "deep.png"}
+
+
+class FakeRewardServer(BaseHTTPRequestHandler):
+    """A reward server for one objective whose /score answer is the server's fixed raw text."""
+
+    def do_GET(self):  # noqa: N802
+        self._send(json.dumps({"status": "ok", "objectives": [self.server.objective]}))
+
+    def do_POST(self):  # noqa: N802
+        self.rfile.read(int(self.headers["Content-Length"]))
+        self._send(self.server.answer)
+
+    def _send(self, text):
+        data = text.encode()
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def fake_reward_server(objective, answer):
+    """`objective@URL` served on 127.0.0.1 by FakeRewardServer."""
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), FakeRewardServer)
+    srv.objective, srv.answer = objective, answer
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        yield f"{objective}@http://127.0.0.1:{srv.server_address[1]}"
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_infinite_scores_are_written_as_null_with_a_note(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for i in range(3):
+        Image.new("RGB", (8, 8), (i, i, i)).save(d / f"{i}.png")
+    # a misbehaving server: its JSON answer holds the bare words Infinity and -Infinity
+    answer = ('{"objectives": ["brightness"], "scores": [[Infinity], [-Infinity], [0.25]], '
+              '"info": {"brightness": {"raw": [Infinity, NaN, 1.0]}}}')
+    _, con = quiet()
+    with fake_reward_server("brightness", answer) as objective:
+        report = score_paths([str(d)], objectives=objective, out_dir=str(tmp_path / "s"), device="cpu",
+                             progress=False, console=con, err_console=con)
+    lines = (tmp_path / "s" / "scores.jsonl").read_text().splitlines()
+    rows = [json.loads(ln, parse_constant=lambda c: pytest.fail(f"{c} in scores.jsonl")) for ln in lines]
+    assert [r["brightness"] for r in rows] == [None, None, 0.25]
+    assert "brightness returned inf" in rows[0]["error"] and "brightness returned -inf" in rows[1]["error"]
+    assert rows[2]["error"] is None and rows[0]["info"]["brightness"]["raw"] is None
+    assert rows[2]["info"]["brightness"]["raw"] == 1.0
+    with open(tmp_path / "s" / "scores.csv") as fh:
+        assert [r["brightness"] for r in csv.DictReader(fh)] == ["", "", "0.25"]
+    assert report.summary["brightness"]["n"] == 1 and len(report.issues) == 2
+
+
+def test_a_corrupt_metadata_line_costs_only_its_image_prompt(mixed, tmp_path):
+    meta = mixed / "metadata.jsonl"
+    lines = meta.read_bytes().splitlines()
+    lines[1] = b'{"file": "solid.jpg", "prompt": '  # solid.jpg's line, cut short
+    lines.insert(3, b"\xff\xfe not utf-8")
+    meta.write_bytes(b"\n".join(lines) + b"\n")
+    _, con = quiet()
+    err_text, err = quiet()
+    report = score_paths([str(mixed / "good.png"), str(mixed / "solid.jpg")], objectives="brightness",
+                         out_dir=str(tmp_path / "a"), device="cpu", progress=False, console=con, err_console=err)
+    assert report.issues == [] and [r["error"] for r in report.rows] == [None, None]
+    assert report.rows[0]["prompt"] == 'a sign that says "HELLO WORLD"' and report.rows[1]["prompt"] is None
+    assert "metadata.jsonl:2:" in err_text.getvalue() and "metadata.jsonl:4:" in err_text.getvalue()
+    # an objective that needs prompts (ocr, served here by a stand-in): only the image whose line is bad lacks one
+    with fake_reward_server("ocr", '{"objectives": ["ocr"], "scores": [[0.5], [0.5]], "info": {}}') as ocr:
+        report = score_paths([str(mixed / "good.png"), str(mixed / "solid.jpg")], objectives=f"{ocr},brightness",
+                             out_dir=str(tmp_path / "b"), device="cpu", progress=False, console=con, err_console=err)
+    rows = {os.path.basename(r["file"]): r for r in report.rows}
+    assert rows["good.png"]["ocr"] == 0.5 and rows["good.png"]["error"] is None
+    assert rows["solid.jpg"]["ocr"] is None
+    assert "no prompt" in rows["solid.jpg"]["error"] and rows["solid.jpg"]["brightness"] > 0
+    # a --prompts FILE the user names is still checked strictly
+    with pytest.raises(ApexError, match="metadata.jsonl:2: expected a JSON object"):
+        score_paths([str(mixed / "good.png")], objectives="ocr", prompts_file=str(meta), out_dir=str(tmp_path / "c"),
+                    device="cpu", progress=False, console=con, err_console=err)

@@ -1,20 +1,28 @@
-"""Reward server: round trip equals in-process scoring; a down server is a clear error."""
+"""Reward server: round trip equals in-process scoring; a down server is a clear error; bursts,
+malformed requests, stalled clients and missing tokens get the documented answers.
+Servers bind 127.0.0.1 only; every wait has a generous timeout as a hang guard."""
 
 import json
+import math
 import socket
 import threading
+import urllib.error
 import urllib.request
+from concurrent.futures import ThreadPoolExecutor, wait
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
+from PIL import Image
 
 from apexcli.errors import ApexError
 from apexcli.rewards import RemoteConfig, RewardsConfig, RewardSuite
-from apexcli.rewards.remote import RemoteReward
+from apexcli.rewards.remote import TOKEN_ENV, RemoteReward, encode_png, request_json
 from apexcli.rewards.server import make_server
+from conftest import HANG_GUARD_S
 from reward_models import save_tiny_clip
 
-FAST = RemoteConfig(timeout_s=30, retries=1, backoff_s=0.01)
+FAST = RemoteConfig(timeout_s=HANG_GUARD_S, retries=1, backoff_s=0.01)
 
 
 @pytest.fixture(scope="module")
@@ -97,12 +105,207 @@ def test_objective_not_served_and_bad_requests(server):
     req = urllib.request.Request(server.url + "/score", data=json.dumps({"images": ["!!"], "prompts": ["x"]}).encode(),
                                  method="POST", headers={"Content-Type": "application/json"})
     with pytest.raises(urllib.error.HTTPError) as err:
-        urllib.request.urlopen(req, timeout=10)
+        urllib.request.urlopen(req, timeout=HANG_GUARD_S)
     assert err.value.code == 400 and "image 0" in json.loads(err.value.read())["error"]
-    with urllib.request.urlopen(server.url + "/health", timeout=10) as resp:
+    with urllib.request.urlopen(server.url + "/health", timeout=HANG_GUARD_S) as resp:
         assert json.loads(resp.read())["objectives"] == ["pick", "brightness", "ocr"]
 
 
 def test_bad_url_is_refused():
     with pytest.raises(ApexError, match="must start with http://"):
         RewardSuite(["pick@127.0.0.1:18086"])
+
+
+# --- limits: bursts, malformed requests, stalled clients, bounded threads, token ----------------
+
+
+@pytest.fixture
+def start_server():
+    """start_server(**make_server options) -> a running brightness server on 127.0.0.1."""
+    started = []
+
+    def start(**options):
+        suite = RewardSuite(["brightness"])
+        srv = make_server(suite, "127.0.0.1", 0, **options)
+        threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+        started.append((srv, suite))
+        return srv
+
+    yield start
+    for srv, suite in started:
+        srv.shutdown()
+        srv.server_close()
+        suite.close()
+
+
+@pytest.fixture
+def bright_server(start_server):
+    return start_server()
+
+
+def png_b64(level=128):
+    return encode_png(Image.new("RGB", (16, 16), (level, level, level)))
+
+
+def post(url, body: bytes, headers=None, timeout=HANG_GUARD_S):
+    """(status, decoded JSON answer) of one POST, errors included."""
+    req = urllib.request.Request(url + "/score", data=body, method="POST", headers=headers or {})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            return resp.status, json.loads(resp.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def valid_body(n=1):
+    return json.dumps({"objectives": ["brightness"], "prompts": ["x"] * n, "images": [png_b64()] * n}).encode()
+
+
+def test_burst_of_50_concurrent_requests_all_answered(bright_server):
+    # the stdlib's listen backlog of 5 reset 3-21 of these per burst
+    barrier = threading.Barrier(50)
+
+    def one(_):
+        barrier.wait(timeout=HANG_GUARD_S)  # all connect at once
+        return post(bright_server.url, valid_body())
+
+    with ThreadPoolExecutor(50) as pool:
+        answers = list(pool.map(one, range(50)))
+    assert [code for code, _ in answers] == [200] * 50
+    assert all(a["scores"] == [[pytest.approx(128 / 255, abs=1e-6)]] for _, a in answers)
+
+
+@pytest.mark.parametrize("body,match", [
+    (b"[]", "JSON object"),
+    (b"null", "JSON object"),
+    (b'"text"', "JSON object"),
+    (b'{"objectives": 3, "images": [], "prompts": []}', "list of names"),
+    (b'{"objectives": [["brightness"]], "images": [], "prompts": []}', "list of names"),
+    (b'{"images": [3], "prompts": ["x"]}', "image 0"),
+    (b'{"images": ["' + b"A" * 8 + b'"], "prompts": [7]}', "list of strings"),
+    (b'{"images": {}, "prompts": []}', "same length"),
+    (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+    (b"{not json", "not JSON"),
+    (b"\xff\xfe", "not JSON"),
+])
+def test_malformed_requests_answer_400(bright_server, body, match):
+    code, answer = post(bright_server.url, body)
+    assert code == 400 and match in answer["error"]
+
+
+def test_bad_content_length_is_400(bright_server):
+    host, port = bright_server.server_address[:2]
+    with socket.create_connection((host, port), timeout=HANG_GUARD_S) as s:
+        s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: ten\r\n\r\n")
+        assert s.recv(100).startswith(b"HTTP/1.0 400")
+
+
+class CountingHandler(BaseHTTPRequestHandler):
+    """Answers every request with the server's fixed status and counts the requests."""
+
+    def do_POST(self):  # noqa: N802
+        self.server.hits += 1
+        data = json.dumps({"error": "no"}).encode()
+        self.send_response(self.server.status)
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    do_GET = do_POST
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status,attempts", [(400, 1), (401, 1), (404, 1), (413, 1), (500, 3), (503, 3)])
+def test_client_retries_5xx_only(status, attempts):
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), CountingHandler)
+    srv.status, srv.hits = status, 0
+    threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        with pytest.raises(ApexError, match=f"HTTP {status}"):
+            request_json(f"http://127.0.0.1:{srv.server_address[1]}/score", {"x": 1},
+                         RemoteConfig(timeout_s=HANG_GUARD_S, retries=2, backoff_s=0.01), "brightness")
+        assert srv.hits == attempts
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def handler_threads():
+    return sum(1 for t in threading.enumerate() if "process_request_thread" in t.name)
+
+
+def closed_by_server(s: socket.socket) -> bool:
+    try:
+        return s.recv(1000) == b""  # the server sends nothing to a client that stalled
+    except ConnectionResetError:
+        return True
+
+
+def test_stalled_clients_are_dropped_and_threads_stay_bounded(start_server):
+    bright_server = start_server(threads=3, timeout_s=0.5)
+    host, port = bright_server.server_address[:2]
+    stalled = [socket.create_connection((host, port), timeout=HANG_GUARD_S) for _ in range(12)]
+    try:
+        stalled[0].sendall(b"POST /score HTTP/1.0\r\nContent-Length: 1000\r\n\r\n{")  # stops mid-body
+        peak = 0
+        # a valid request queued behind them is answered once the stalled ones time out
+        with ThreadPoolExecutor(1) as pool:
+            future = pool.submit(post, bright_server.url, valid_body())
+            while not future.done():  # bounded by the request's own timeout
+                peak = max(peak, handler_threads())
+                wait([future], timeout=0.05)
+            assert future.result()[0] == 200
+        assert 1 <= peak <= 3
+        assert all(closed_by_server(s) for s in stalled)
+    finally:
+        for s in stalled:
+            s.close()
+
+
+def test_bearer_token(start_server, monkeypatch):
+    url = start_server(token="s3cret-token").url
+    monkeypatch.delenv(TOKEN_ENV, raising=False)
+    code, answer = post(url, valid_body())
+    assert code == 401 and TOKEN_ENV in answer["error"]
+    assert post(url, valid_body(), {"Authorization": "Bearer s3cret-tokeX"})[0] == 401
+    assert post(url, valid_body(), {"Authorization": "Basic s3cret-token"})[0] == 401
+    assert post(url, valid_body(), {"Authorization": "Bearer s3cret-token"})[0] == 200
+    with pytest.raises(ApexError, match=f"HTTP 401.*set {TOKEN_ENV}"):
+        RemoteReward("brightness", url, FAST)
+    monkeypatch.setenv(TOKEN_ENV, "wrong")
+    with pytest.raises(ApexError, match=f"token in {TOKEN_ENV} is wrong"):
+        RemoteReward("brightness", url, FAST)
+    monkeypatch.setenv(TOKEN_ENV, "s3cret-token")
+    with RewardSuite([f"brightness@{url}"], config=RewardsConfig(remote=FAST)) as client:
+        R, _ = client(images_8bit(2), None)
+    assert torch.isfinite(R).all()
+
+
+def test_token_must_fit_a_header():
+    with pytest.raises(ApexError, match="printable ASCII"):
+        make_server(RewardSuite(["brightness"]), "127.0.0.1", 0, token="two words")
+
+
+def test_port_out_of_range_is_a_clear_error():
+    with pytest.raises(ApexError, match="--port 70000"):
+        make_server(RewardSuite(["brightness"]), "127.0.0.1", 70000)
+
+
+class InfiniteSuite:
+    """A suite whose reward misbehaves: +inf, -inf and NaN scores."""
+
+    objectives = ["brightness"]
+
+    def __call__(self, images, prompts):
+        return torch.tensor([[math.inf], [-math.inf], [math.nan]]), {"brightness": {"x": [math.inf] * 3}}
+
+
+def test_non_finite_scores_travel_as_null(bright_server):
+    bright_server.suite = InfiniteSuite()
+    req = urllib.request.Request(bright_server.url + "/score", data=valid_body(3), method="POST")
+    with urllib.request.urlopen(req, timeout=HANG_GUARD_S) as resp:
+        text = resp.read().decode()
+    answer = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the answer"))
+    assert answer["scores"] == [[None], [None], [None]] and answer["info"]["brightness"]["x"] == [None] * 3

@@ -55,7 +55,9 @@ def test_plain_run_is_on_policy(plain_row):
     assert plain_row["clip_frac"] == 0.0
 
 
-@pytest.mark.parametrize("name", [pytest.param(n, marks=needs_cpp_compiler) if n == "compiled" else n for n in SWITCHES])
+# the compiled run builds C++ for minutes on a CPU: `make test-all` (marker slow) runs it
+@pytest.mark.parametrize("name", [pytest.param(n, marks=[needs_cpp_compiler, pytest.mark.slow]) if n == "compiled" else n
+                                  for n in SWITCHES])
 def test_switch_keeps_ratio_one(tmp_path, name):
     row = _first_row(tmp_path / "run", *SWITCHES[name])
     assert abs(row["ratio_first"] - 1) < 1e-5, f"{name}: ratio_first={row['ratio_first']}"

@@ -65,7 +65,7 @@ def test_dry_run_argv_exact(tmp_path):
 
 
 def test_dry_run_launches_nothing(tmp_path):
-    result = run_sweep(["a", "b"], 3, tmp_path / "s", dry_run=True, executable=["/nonexistent"],
+    result = run_sweep(["brightness", "contrast"], 3, tmp_path / "s", dry_run=True, executable=["/nonexistent"],
                        console=quiet())
     assert len(result.plan) == 3 and result.outcomes == []
     assert not (tmp_path / "s").exists()
@@ -105,25 +105,25 @@ def test_launch_is_sequential_and_continues_past_a_failure(tmp_path):
     script.write_text(FAKE_TRAIN)
     out = tmp_path / "sweep"
     with pytest.raises(ApexError) as err:
-        run_sweep(["a", "b"], 3, out, steps=2, overrides=["seed=1"],
+        run_sweep(["brightness", "contrast"], 3, out, steps=2, overrides=["seed=1"],
                   executable=[sys.executable, str(script)], console=quiet())
     assert str(err.value).startswith("1 of 3 sweep runs failed (w-0.5-0.5)")
     # all three ran, in lattice order, one after another
     assert (out / "order.txt").read_text().split() == ["w-0-1", "w-0.5-0.5", "w-1-0"]
     args = json.loads((out / "w-1-0" / "argv.json").read_text())
-    assert args == ["train", "--objectives", "a,b", "--balance", "static", "--steps", "2",
+    assert args == ["train", "--objectives", "brightness,contrast", "--balance", "static", "--steps", "2",
                     "--out", str(out / "w-1-0"), "balance.weights=[1.0,0.0]", "seed=1"]
 
 
 def test_launch_all_ok_and_unstartable_executable(tmp_path):
     script = tmp_path / "ok.py"
     script.write_text("import sys; sys.exit(0)\n")
-    result = run_sweep(["a", "b"], 2, tmp_path / "s", executable=[sys.executable, str(script)],
+    result = run_sweep(["brightness", "contrast"], 2, tmp_path / "s", executable=[sys.executable, str(script)],
                        console=quiet())
     assert [o.returncode for o in result.outcomes] == [0, 0] and result.failed == []
 
     with pytest.raises(ApexError, match="2 of 2 sweep runs failed"):
-        run_sweep(["a", "b"], 2, tmp_path / "s2", executable=[str(tmp_path / "no-such-apex")],
+        run_sweep(["brightness", "contrast"], 2, tmp_path / "s2", executable=[str(tmp_path / "no-such-apex")],
                   console=quiet())
 
 
@@ -148,3 +148,43 @@ def test_resume_continues_every_run_from_its_newest_checkpoint():
     argv = train_argv([0.5, 0.5], ["a", "b"], Path("s/w-0.5-0.5"), preset="tiny", resume=True)
     assert argv[argv.index("--resume") + 1] == "auto"
     assert "--resume" not in train_argv([0.5, 0.5], ["a", "b"], Path("s/w"), preset="tiny")
+
+
+@pytest.mark.parametrize("objectives,kwargs,match", [
+    (["brightness", "nosuch"], {}, "unknown objective 'nosuch'"),
+    (["brightness", "contrast"], {"preset": "nosuch"}, "unknown preset 'nosuch'"),
+    (["brightness", "contrast"], {"config": Path("/nonexistent/sweep.yaml")}, "does not exist"),
+    (["brightness", "contrast"], {"overrides": ["train.lr=-1"]}, "train.lr"),
+    (["brightness", "contrast"], {"overrides": ["train.no_such_key=1"]}, "no_such_key"),
+    (["brightness", "contrast"], {"overrides": ["train.group_size=lots"]}, "group_size"),
+])
+def test_invalid_config_fails_once_before_any_run(tmp_path, objectives, kwargs, match):
+    script = tmp_path / "fake_apex.py"
+    script.write_text(FAKE_TRAIN)
+    out = tmp_path / "sweep"
+    for dry_run in (False, True):
+        with pytest.raises(ApexError, match=match) as err:
+            run_sweep(objectives, 3, out, preset=kwargs.get("preset", "tiny"), config=kwargs.get("config"),
+                      overrides=kwargs.get("overrides", ()), dry_run=dry_run,
+                      executable=[sys.executable, str(script)], console=quiet())
+        assert str(err.value).startswith("sweep not started") and "\n" not in str(err.value)
+    assert not out.exists()  # no child ran
+
+
+def test_run_count_is_limited_before_the_lattice_is_built():
+    with pytest.raises(ApexError, match="--points 1000 with 3 objectives makes 500500 runs, more than --max-runs 200"):
+        plan_sweep(["a", "b", "c"], 1000, Path("s"))
+    with pytest.raises(ApexError, match="makes"):  # astronomically many: refused at once, nothing enumerated
+        plan_sweep([f"o{i}" for i in range(12)], 10_000, Path("s"))
+    assert len(plan_sweep(["a", "b"], 200, Path("s"))) == 200  # the limit itself is allowed
+    assert len(plan_sweep(["a", "b", "c"], 21, Path("s"), max_runs=231)) == 231
+
+
+def test_cli_refuses_too_many_points(tmp_path):
+    app = typer.Typer()
+    app.command()(sweep_command)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["sweep", "--objectives", "brightness,contrast,colorfulness", "--points", "1000",
+                                      "--out", str(tmp_path / "sw"), "--dry-run"])
+    assert isinstance(result.exception, ApexError) and "--max-runs" in str(result.exception)
+    assert result.output == ""  # not one command line printed

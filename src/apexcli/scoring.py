@@ -1,14 +1,18 @@
 """`apex score PATH...`: every requested reward on a set of image files.
 
-Inputs: folders (their image files, not recursive), files and globs. Prompts, first match wins:
+Inputs: folders (their image files, not recursive: sub-folders, dangling symlinks, symlink
+loops and other entries that are not image files are listed as skipped; hidden entries and
+sidecar files such as metadata.jsonl are passed over), files and globs ('DIR/**/*.png' recurses).
+Prompts, first match wins:
 `--prompt TEXT` for every image; `--prompts FILE` (.jsonl lines or .csv rows with `file` and
 `prompt`; `file` relative to FILE's folder, or a bare file name); `metadata.jsonl` next to the
 images (the `apex sample` format: one JSON object per line with at least `file`, relative to
-that folder, and `prompt`).
+that folder, and `prompt`; a bad line there is a warning, not an error).
 
 Outputs under `out_dir`, each written to a temp file and renamed (never half-written):
 - scores.jsonl: one object per input file: {"file", "prompt", <objective>: float|null, ...,
-  "error": reason|null, "info": {objective: {...}}}
+  "error": reason|null, "info": {objective: {...}}}; strict JSON: a NaN score is null (no
+  score), an infinite one is null with a note in "error" (a reward returned it).
 - scores.csv: file, prompt, one column per objective, error.
 Bad inputs are listed with their reason (in both files and on stderr); the run fails only
 when no image could be scored, or with `strict` when any input was bad.
@@ -17,6 +21,7 @@ when no image could be scored, or with `strict` when any input was bad.
 from __future__ import annotations
 
 import csv
+import errno
 import glob
 import io
 import json
@@ -35,10 +40,12 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
+from rich.markup import escape
 from rich.table import Table
 
 from apexcli.console import make_console
 from apexcli.errors import ApexError
+from apexcli.jsonsafe import dumps
 from apexcli.images import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, open_image
 from apexcli.rewards.config import RewardsConfig
 from apexcli.rewards.registry import REGISTRY, canonical_name
@@ -66,27 +73,58 @@ def _finite(v: Any) -> bool:
     return isinstance(v, (int, float)) and math.isfinite(v)
 
 
+def _unusable(path: str) -> str | None:
+    """Why `path` (a folder entry or a matched path) cannot be scored, or None if it is a file."""
+    if os.path.islink(path) and not os.path.exists(path):
+        try:
+            os.stat(path)
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return "symlink loop"
+        return f"dangling symlink (its target {os.readlink(path)!r} does not exist)"
+    if os.path.isdir(path):
+        return "sub-folder, not scanned (folders are not recursive: pass it too, or a glob like 'DIR/**/*.png')"
+    if not os.path.isfile(path):
+        return "not a regular file"
+    return None
+
+
 def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
-    """Folders, files and globs -> (candidate files in order, without duplicates; skipped files with reason)."""
-    files: list[str] = []
-    skipped: list[tuple[str, str]] = []
+    """Folders, files and globs -> (candidate files in order, without duplicates; skipped entries
+    with reason). A folder's hidden entries and sidecar files are passed over silently; its other
+    entries that are not image files (sub-folders, dangling symlinks, symlink loops, fifos,
+    other extensions) are listed as skipped."""
+    matched: list[str] = []
     for raw in paths:
         matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
-        if not matches or not all(os.path.exists(m) for m in matches):
+        if not matches or not all(os.path.lexists(m) for m in matches):
             raise ApexError(f"{raw!r} matches no file or folder")
-        for path in matches:
-            if os.path.isdir(path):
-                for name in sorted(os.listdir(path)):
-                    full = os.path.join(path, name)
-                    ext = os.path.splitext(name)[1].lower()
-                    if name.startswith(".") or not os.path.isfile(full) or ext in SIDECAR_EXTENSIONS:
-                        continue
-                    if is_image_name(name):
-                        files.append(full)
-                    else:
-                        skipped.append((full, f"not an image file (extension {ext or 'none'})"))
-            else:
+        matched += matches
+    folders = {os.path.abspath(m) for m in matched if os.path.isdir(m)}
+    files: list[str] = []
+    skipped: list[tuple[str, str]] = []
+    for path in matched:
+        if not os.path.isdir(path):
+            reason = _unusable(path)
+            if reason is None:
                 files.append(path)
+            else:
+                skipped.append((path, reason))
+            continue
+        for name in sorted(os.listdir(path)):
+            full = os.path.join(path, name)
+            ext = os.path.splitext(name)[1].lower()
+            if name.startswith(".") or os.path.abspath(full) in folders:
+                continue  # hidden, or an input folder of its own (a '**' glob)
+            reason = _unusable(full)
+            if reason is None and ext in SIDECAR_EXTENSIONS:
+                continue
+            if reason is None and not is_image_name(name):
+                reason = f"not an image file (extension {ext or 'none'})"
+            if reason is None:
+                files.append(full)
+            else:
+                skipped.append((full, reason))
     seen: set[str] = set()
     unique = []
     for f in files:
@@ -94,31 +132,44 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
         if key not in seen:
             seen.add(key)
             unique.append(f)
+    seen_skipped: set[str] = set()
+    skipped = [(f, r) for f, r in skipped
+               if not (os.path.abspath(f) in seen_skipped or seen_skipped.add(os.path.abspath(f)))]
     return unique, skipped
 
 
-def _read_mapping(path: str) -> dict[str, str]:
-    """A .jsonl or .csv file of {file, prompt} -> {absolute path or bare name: prompt}."""
+def _read_mapping(path: str, bad_lines: list[str] | None = None) -> dict[str, str]:
+    """A .jsonl or .csv file of {file, prompt} -> {absolute path or bare name: prompt}.
+
+    A line that is not a JSON object with 'file' and 'prompt' (or not UTF-8) is an ApexError,
+    or, when `bad_lines` is given, described there and passed over."""
     base = os.path.dirname(os.path.abspath(path))
     entries: list[tuple[str, str]] = []
     try:
-        with open(path, encoding="utf-8", newline="") as fh:
-            if path.lower().endswith(".csv"):
-                reader = csv.DictReader(fh)
-                if not reader.fieldnames or not {"file", "prompt"} <= set(reader.fieldnames):
-                    raise ApexError(f"{path}: the CSV header must have 'file' and 'prompt' columns")
-                entries = [(row["file"], row["prompt"]) for row in reader]
-            else:
-                for n, line in enumerate(fh, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        obj = json.loads(line)
-                        entries.append((str(obj["file"]), str(obj["prompt"])))
-                    except (ValueError, KeyError, TypeError):
-                        raise ApexError(f"{path}:{n}: expected a JSON object with 'file' and 'prompt'") from None
+        with open(path, "rb") as fh:
+            raw = fh.read()
     except OSError as exc:
         raise ApexError(f"cannot read prompts file {path} ({exc.strerror})") from None
+    if path.lower().endswith(".csv"):
+        try:
+            reader = csv.DictReader(io.StringIO(raw.decode("utf-8-sig"), newline=""))
+        except UnicodeDecodeError as exc:
+            raise ApexError(f"{path} is not UTF-8 text (byte {exc.start}); save it as UTF-8") from None
+        if not reader.fieldnames or not {"file", "prompt"} <= set(reader.fieldnames):
+            raise ApexError(f"{path}: the CSV header must have 'file' and 'prompt' columns")
+        entries = [(row["file"], row["prompt"]) for row in reader]
+    else:
+        for n, line in enumerate(raw.split(b"\n"), 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line.decode("utf-8"))
+                entries.append((str(obj["file"]), str(obj["prompt"])))
+            except (ValueError, KeyError, TypeError, RecursionError):  # UnicodeDecodeError is a ValueError
+                problem = f"{path}:{n}: expected a JSON object with 'file' and 'prompt'"
+                if bad_lines is None:
+                    raise ApexError(problem) from None
+                bad_lines.append(problem)
     mapping: dict[str, str] = {}
     for file, prompt in entries:
         mapping[os.path.abspath(os.path.join(base, file))] = prompt
@@ -127,11 +178,16 @@ def _read_mapping(path: str) -> dict[str, str]:
 
 
 class PromptLookup:
-    """Finds the prompt of an image: --prompt, then --prompts FILE, then metadata.jsonl beside it."""
+    """Finds the prompt of an image: --prompt, then --prompts FILE, then metadata.jsonl beside it.
 
-    def __init__(self, prompt: str | None, prompts_file: str | None):
+    A bad line of a --prompts FILE is an error (the user chose that file); a bad line of a
+    metadata.jsonl found beside the images is passed to `warn` and skipped, so that objectives
+    needing no prompt still score and the images of that line alone lack a prompt."""
+
+    def __init__(self, prompt: str | None, prompts_file: str | None, warn=lambda message: None):
         self.prompt = prompt
         self.mapping = _read_mapping(prompts_file) if prompts_file else None
+        self.warn = warn
         self._folders: dict[str, dict[str, str]] = {}
 
     def __call__(self, path: str) -> str | None:
@@ -143,7 +199,10 @@ class PromptLookup:
         folder = os.path.dirname(full)
         if folder not in self._folders:
             meta = os.path.join(folder, "metadata.jsonl")
-            self._folders[folder] = _read_mapping(meta) if os.path.isfile(meta) else {}
+            bad: list[str] = []
+            self._folders[folder] = _read_mapping(meta, bad) if os.path.isfile(meta) else {}
+            for problem in bad:
+                self.warn(problem)
         return self._folders[folder].get(full)
 
 
@@ -176,7 +235,7 @@ def write_atomic(path: str, text: str) -> None:
 
 def write_outputs(out_dir: str, rows: list[dict[str, Any]], objectives: list[str]) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
-    jsonl = "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
+    jsonl = "".join(dumps(r, ensure_ascii=False) + "\n" for r in rows)  # NaN/inf anywhere -> null
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["file", "prompt", *objectives, "error"])
@@ -215,15 +274,16 @@ def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str
     names = [canonical_name(o) for o in objectives]  # fail on a typo before loading anything
     prompt_needing = [n for n in names if REGISTRY[n].needs_prompt]
     files, skipped = expand_paths(paths)
-    lookup = PromptLookup(prompt, prompts_file)
+    lookup = PromptLookup(prompt, prompts_file, warn=lambda message: err_console.print(
+        f"[yellow]warning[/] {escape(message)}; skipped that line", highlight=False))
     dev, dt = resolve_device_dtype(device, dtype)
 
     rows: list[dict[str, Any]] = []
     issues: list[tuple[str, str]] = []
 
-    def report(path: str, reason: str) -> None:
+    def report(path: str, reason: str, label: str = "skipped") -> None:
         issues.append((path, reason))
-        err_console.print(f"[yellow]skipped[/] {path}: {reason}", highlight=False, markup=True)
+        err_console.print(f"[yellow]{label}[/] {escape(path)}: {escape(reason)}", highlight=False, markup=True)
 
     for path, reason in skipped:
         report(path, reason)
@@ -255,14 +315,18 @@ def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str
                 R, info = suite([im for _, im in good], [p or "" for p in good_prompts])
                 for i, ((path, _), p) in enumerate(zip(good, good_prompts)):
                     row: dict[str, Any] = {"file": path, "prompt": p}
+                    problems = []
                     for k, name in enumerate(suite.objectives):
                         v = float(R[i, k])
-                        row[name] = None if (math.isnan(v) or (p is None and name in prompt_needing)) else v
-                    row["error"] = None
+                        if math.isinf(v):  # a reward bug, not "no score": JSON has no inf, so null and a note
+                            problems.append(f"{name} returned {v}, written as null")
+                        row[name] = None if (not math.isfinite(v) or (p is None and name in prompt_needing)) else v
                     if p is None and prompt_needing:
-                        row["error"] = (f"no prompt (needed by {', '.join(prompt_needing)}); "
+                        problems.append(f"no prompt (needed by {', '.join(prompt_needing)}); "
                                         "give --prompt, --prompts FILE or a metadata.jsonl beside the images")
-                        report(path, row["error"])
+                    row["error"] = "; ".join(problems) or None
+                    if problems:
+                        report(path, row["error"], "problem")
                     extras = {name: {key: vals[i] for key, vals in info[name].items() if len(vals) == len(good)}
                               for name in suite.objectives if info.get(name)}
                     if extras:

@@ -7,12 +7,16 @@ and H = points - 1 divisions,
 
 (K=2, points=5: 0/1, .25/.75, .5/.5, .75/.25, 1/0; K=3, points=3: 6 vectors). Each vector
 becomes one run ``apex train --balance static ... balance.weights=[w_1,...,w_K]`` written to
-``<out>/w-<w_1>-...-<w_K>``. Runs are launched one after another with an argv list (no
+``<out>/w-<w_1>-...-<w_K>``. Before anything is launched, the objectives and every run's
+config (preset, config file, overrides, weights) are resolved and validated as ``apex train``
+would, so a mistake is one error instead of |W| failed runs, and a sweep of more than
+``max_runs`` runs is refused. Runs are launched one after another with an argv list (no
 shell); a failed run is reported and the sweep goes on; the summary names every failure.
 """
 
 from __future__ import annotations
 
+import math
 import shlex
 import shutil
 import subprocess
@@ -32,6 +36,7 @@ from apexcli.errors import ApexError
 # keys the sweep sets itself; an override may not change them
 RESERVED_OVERRIDES = ("balance.weights", "balance.strategy")
 LABEL_DECIMALS = 4  # decimals of a weight in a run folder name
+MAX_RUNS = 200  # default limit on |W|: each run is a whole training run
 
 
 @dataclass(frozen=True)
@@ -76,6 +81,11 @@ def simplex_lattice(k: int, points: int) -> list[tuple[float, ...]]:
                 yield (first, *rest)
 
     return [tuple(n / h for n in comp) for comp in compositions(h, k)]
+
+
+def sweep_size(k: int, points: int) -> int:
+    """|W| = C(H+K-1, K-1) with H = points - 1, without building the lattice."""
+    return math.comb(points - 1 + k - 1, k - 1)
 
 
 def weight_label(weights: Sequence[float]) -> str:
@@ -124,6 +134,7 @@ def plan_sweep(
     config: Path | None = None,
     overrides: Sequence[str] = (),
     resume: bool = False,
+    max_runs: int = MAX_RUNS,
 ) -> list[SweepRun]:
     """Validate the options and build every run of the sweep (nothing is launched)."""
     objectives = [o.strip() for o in objectives if o.strip()]
@@ -136,6 +147,10 @@ def plan_sweep(
         raise ApexError(f"--objectives {','.join(objectives)} names an objective twice")
     if points < 2:
         raise ApexError(f"--points {points}: need at least 2 points per simplex edge")
+    n_runs = sweep_size(len(objectives), points)
+    if n_runs > max_runs:
+        raise ApexError(f"--points {points} with {len(objectives)} objectives makes {n_runs} runs, more than "
+                        f"--max-runs {max_runs}; use fewer points or raise --max-runs")
     if steps is not None and steps < 1:
         raise ApexError(f"--steps {steps}: need at least 1 training step")
     for item in overrides:
@@ -155,6 +170,23 @@ def plan_sweep(
     return plan
 
 
+def check_plan(plan: Sequence[SweepRun], objectives: Sequence[str], *, preset: str | None = None,
+               steps: int | None = None, config: Path | None = None, overrides: Sequence[str] = ()) -> None:
+    """Resolve and validate every run's config as ``apex train`` does (objective names included),
+    without loading a model: an ApexError here means no run would have started."""
+    from apexcli.config import resolve_config
+    from apexcli.rewards.registry import canonical_name
+
+    for name in objectives:
+        canonical_name(name.strip())
+    for run in plan:
+        options: dict = {"objectives": [o.strip() for o in objectives if o.strip()], "out": str(run.out),
+                         "balance": {"strategy": "static", "weights": list(run.weights)}}
+        if steps is not None:
+            options["train"] = {"steps": steps}
+        resolve_config(preset=preset, config_file=config, options=options, overrides=list(overrides))
+
+
 def run_sweep(
     objectives: Sequence[str],
     points: int,
@@ -166,6 +198,7 @@ def run_sweep(
     overrides: Sequence[str] = (),
     dry_run: bool = False,
     resume: bool = False,
+    max_runs: int = MAX_RUNS,
     executable: Sequence[str] | None = None,
     console: Console | None = None,
 ) -> SweepResult:
@@ -177,7 +210,11 @@ def run_sweep(
     """
     console = console or make_console()
     plan = plan_sweep(objectives, points, out, preset=preset, steps=steps, config=config,
-                      overrides=overrides, resume=resume)
+                      overrides=overrides, resume=resume, max_runs=max_runs)
+    try:
+        check_plan(plan, objectives, preset=preset, steps=steps, config=config, overrides=overrides)
+    except ApexError as exc:
+        raise ApexError(f"sweep not started, every run would fail: {exc}") from None
     result = SweepResult(plan=plan)
     if dry_run:
         for run in plan:

@@ -7,15 +7,21 @@ from typing import Annotated, Optional
 import typer
 
 from apexcli.rewards.config import RewardsConfig, apply_overrides
+from apexcli.rewards.remote import TOKEN_ENV
+from apexcli.rewards.server import DEFAULT_THREADS, DEFAULT_TIMEOUT_S
 
 
 def serve(
     objectives: Annotated[str, typer.Option("--objectives", "-O", help="Comma-separated rewards to host, e.g. deqa or pick,aes.")],
     port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 18086,
-    host: Annotated[str, typer.Option(help="Interface to bind; loopback by default (the server has no authentication).")] = "127.0.0.1",
+    host: Annotated[str, typer.Option(help="Interface to bind; loopback by default. Beyond loopback, set a token.")] = "127.0.0.1",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
     dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow DeQA-Score's own model code to run.")] = False,
+    token: Annotated[str, typer.Option("--token", envvar=TOKEN_ENV, show_default=False,
+                                       help=f"Require 'Authorization: Bearer TOKEN' on every request; clients send the value of {TOKEN_ENV}. Prefer the variable: a command line is visible to other users.")] = "",
+    threads: Annotated[int, typer.Option(help="Connections handled at once; more wait in the listen queue.")] = DEFAULT_THREADS,
+    timeout: Annotated[float, typer.Option(help="Seconds a client may stall on a read or write before it is dropped.")] = DEFAULT_TIMEOUT_S,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Reward option KEY=VALUE, repeatable, e.g. --set rewards.deqa.source=/models/deqa")] = None,
 ) -> None:
     """Serve rewards to `train` and `score` (use them as NAME@http://HOST:PORT)."""
@@ -25,4 +31,4 @@ def serve(
     # the --trust-remote-code flag, or the option given as --set rewards.deqa.trust_remote_code=true
     config.deqa.trust_remote_code = config.deqa.trust_remote_code or trust_remote_code
     serve_rewards([o for o in objectives.split(",") if o.strip()], host=host, port=port, device=device,
-                  dtype=dtype, config=config, log=typer.echo)
+                  dtype=dtype, config=config, token=token, threads=threads, timeout_s=timeout, log=typer.echo)

@@ -7,6 +7,7 @@ from typing import Annotated
 
 import typer
 
+from apexcli.sweep import MAX_RUNS
 
 
 def sweep(
@@ -54,6 +55,10 @@ def sweep(
         bool,
         typer.Option("--resume", help="Continue an interrupted sweep: every run gets --resume auto (finished runs only load)."),
     ] = False,
+    max_runs: Annotated[
+        int,
+        typer.Option("--max-runs", help="Refuse a sweep of more runs than this (each is a full training run)."),
+    ] = MAX_RUNS,
 ) -> None:
     """Static-weight runs over a simplex grid: the fixed-weight frontier to compare APEX with."""
     from apexcli.sweep import run_sweep
@@ -68,4 +73,5 @@ def sweep(
         overrides=override or [],
         dry_run=dry_run,
         resume=resume,
+        max_runs=max_runs,
     )

@@ -4,9 +4,12 @@ Wire format (JSON over HTTP):
     GET  /health -> {"status": "ok", "objectives": ["deqa", ...]}
     POST /score  {"objectives": ["deqa"], "prompts": [...], "images": [base64 PNG, ...]}
               -> {"objectives": [...], "scores": [[float|null]*K]*N, "info": {name: {...}}}
-null means NaN. Images travel as 8-bit PNG (lossless for 8-bit inputs). Connection errors,
-timeouts and 5xx answers are retried with exponential back-off; a server that stays down is
-an ApexError, never silent zeros.
+null means no score (NaN, or a non-finite value, which JSON cannot carry). Images travel as
+8-bit PNG (lossless for 8-bit inputs). Connection errors, timeouts and 5xx answers are retried
+with exponential back-off; 4xx answers (a wrong request, a missing token) are not; a server that
+stays down is an ApexError, never silent zeros.
+When APEX_SERVE_TOKEN is set, every request carries `Authorization: Bearer <its value>`
+(the server started with the same token refuses requests without it with 401).
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import base64
 import io
 import json
 import math
+import os
 import time
 import urllib.error
 import urllib.request
@@ -28,6 +32,8 @@ from apexcli.rewards.base import ImageBatch, Reward
 from apexcli.rewards.config import RemoteConfig
 from apexcli.rewards.registry import REGISTRY
 
+TOKEN_ENV = "APEX_SERVE_TOKEN"  # the bearer token, read by `apex serve` and by every client
+
 
 def encode_png(image: Image.Image) -> str:
     buf = io.BytesIO()
@@ -36,7 +42,8 @@ def encode_png(image: Image.Image) -> str:
 
 
 def nan_to_none(values: list[float]) -> list[float | None]:
-    return [None if (v is None or math.isnan(v)) else float(v) for v in values]
+    """Scores as JSON-safe values: NaN and ±inf become None (null)."""
+    return [None if (v is None or not math.isfinite(v)) else float(v) for v in values]
 
 
 def none_to_nan(values: list[Any]) -> list[float]:
@@ -50,13 +57,17 @@ class ServerDown(Exception):
 def request_json(url: str, payload: dict | None, config: RemoteConfig, what: str) -> dict:
     """GET (payload None) or POST JSON with retries; returns the decoded answer or raises ApexError."""
     data = None if payload is None else json.dumps(payload).encode("utf-8")
+    headers = {"Content-Type": "application/json"}
+    token = os.environ.get(TOKEN_ENV, "")
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
     attempts = 1 + max(0, int(config.retries))
     last = ""
     for attempt in range(attempts):
         if attempt:
             time.sleep(config.backoff_s * 2 ** (attempt - 1))
         req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
-                                     headers={"Content-Type": "application/json"})
+                                     headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=config.timeout_s) as resp:
                 return json.loads(resp.read().decode("utf-8"))
@@ -67,6 +78,10 @@ def request_json(url: str, payload: dict | None, config: RemoteConfig, what: str
             except ValueError:
                 message = body
             message = " ".join(str(message).split())[:200]
+            if exc.code == 401:
+                fix = f"the token in {TOKEN_ENV} is wrong" if token else \
+                    f"set {TOKEN_ENV} to the token the server was started with"
+                raise ApexError(f"reward server {url} refused {what}: HTTP 401, no valid bearer token: {fix}") from None
             if exc.code < 500:  # the request itself is wrong: retrying cannot help
                 raise ApexError(f"reward server {url} refused {what}: HTTP {exc.code}: {message}") from None
             last = f"HTTP {exc.code}: {message}"

@@ -60,6 +60,12 @@ class OcrConfig:
     workers: int = 2  # OCR threads, each with its own engine, run beside the model rewards
     threads_per_worker: int = 1  # onnxruntime intra-op threads per engine (rapidocr)
     lang: str = "en"  # paddleocr language
+    # Text lines printed upside down (180°): "drop" (default) reads them as nothing, as the
+    # reference (PaddleOCR without its angle classifier) does; the bundled PP-OCRv6 recogniser
+    # reads most of them anyway, so rapidocr finds them with its 180° classifier and drops
+    # them. "rotate" turns them upright and reads them (RapidOCR's own default); "read" runs
+    # no classifier and keeps whatever the recogniser makes of them.
+    upside_down: str = "drop"
     use_gpu: bool = False  # run the OCR engine on the GPU (rapidocr: onnxruntime CUDA EP; paddleocr 2.x: use_gpu)
     url: str = ""  # reward-server URL for remote scoring
 

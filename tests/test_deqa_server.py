@@ -104,7 +104,8 @@ def deqa_dir(tmp_path_factory):
                      "AutoModelForCausalLM": "modeling_half_deqa.HalfDeqaModel"}}))
     g = torch.Generator().manual_seed(0)
     save_file({"head.weight": torch.randn(5, 3 * THUMB * THUMB, generator=g) * 0.8,
-               "head.bias": torch.randn(5, generator=g) * 0.3}, str(path / "model.safetensors"))
+               "head.bias": torch.randn(5, generator=g) * 0.3}, str(path / "model.safetensors"),
+              metadata={"format": "pt"})  # transformers 4.36 requires it (real checkpoints have it)
     return str(path)
 
 

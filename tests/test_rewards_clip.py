@@ -16,9 +16,9 @@ from apexcli.rewards import AesConfig, PickConfig
 from apexcli.rewards.aes import Aesthetic, AestheticHead, load_head_state
 from apexcli.rewards.base import pil_to_tensor
 from apexcli.rewards.clip_preprocess import ClipPreprocess
+from apexcli.rewards.hub import override_hint
 from apexcli.rewards.pick import PickScore
 from reward_models import laion_like_head_state, save_tiny_aes, save_tiny_clip
-
 
 
 @pytest.fixture(scope="module")
@@ -159,7 +159,10 @@ def test_aes_head_dim_must_match_the_clip(tmp_path, aes_paths):
 def test_missing_local_dir_is_one_line():
     with pytest.raises(ApexError) as err:
         PickScore(PickConfig(source="/nonexistent/pickscore", processor_source="/nonexistent/pickscore"))
-    assert "rewards.pick.source" in str(err.value) and "\n" not in str(err.value)
+    assert "pass --set rewards.pick.source=DIR" in str(err.value) and "\n" not in str(err.value)
+    with override_hint("set {option} to DIR in runs/x/config.yaml"), pytest.raises(ApexError) as err:
+        PickScore(PickConfig(source="/nonexistent/pickscore", processor_source="/nonexistent/pickscore"))
+    assert "set rewards.pick.source to DIR in runs/x/config.yaml" in str(err.value)
 
 
 def test_missing_weights_offline_names_model_download_and_option():
@@ -173,5 +176,5 @@ def test_missing_weights_offline_names_model_download_and_option():
     msg = line[0]
     assert "yuvalkirstain/PickScore_v1" in msg
     assert "huggingface-cli download yuvalkirstain/PickScore_v1 --local-dir" in msg
-    assert "rewards.pick.source=" in msg
+    assert "then pass --set rewards.pick.source=DIR" in msg  # the syntax of apex train, score and serve
     assert "Traceback" not in out.stderr

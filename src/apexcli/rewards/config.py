@@ -48,8 +48,8 @@ class DeqaConfig:
     trust_remote_code: bool = False  # must be set explicitly: the model runs Python code from `source`
     attn_implementation: str = "eager"  # passed to from_pretrained ("" = library default)
     batch_size: int = 8  # images per score() call
-    dtype: str = ""  # "" = the suite's dtype
-    url: str = ""  # reward-server URL (run DeQA in its own environment: `apex serve --objectives deqa`)
+    dtype: str = "float16"  # its score() casts its inputs to half: other dtypes fail there
+    url: str = ""  # reward-server URL (DeQA runs in its own environment: `make deqa-server`, README)
 
 
 @dataclass

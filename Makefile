@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO ?= runs/demo
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench clean deqa-server
 
 install: $(VENV)/.installed
 
@@ -58,6 +58,25 @@ bench: install
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_balance.py --seeds 5
 	$(BIN)/python benchmarks/bench_score.py
+
+# DeQA-Score's reward server in its own venv: its remote code needs transformers 4.36.1, the
+# training env has >= 4.46. torch as for `install` (PyPI's wheel, or a local one pip finds);
+# apexcli without dependencies (the server imports only its reward modules). Then run
+#   .venv-deqa/bin/python -m apexcli.rewards.deqa_server --trust-remote-code --source DIR
+# and train with deqa@http://127.0.0.1:18086 (README, "DeQA-Score").
+DEQA_VENV ?= .venv-deqa
+DEQA_TORCH ?= $(TORCH_VERSION)
+
+deqa-server: $(DEQA_VENV)/.installed
+
+$(DEQA_VENV)/.installed: requirements-deqa.txt pyproject.toml
+	test -x $(DEQA_VENV)/bin/python || $(PYTHON) -m venv $(DEQA_VENV)
+	$(DEQA_VENV)/bin/python -m pip install -q --upgrade pip
+	$(DEQA_VENV)/bin/python -m pip install -q "torch==$(DEQA_TORCH)"
+	$(DEQA_VENV)/bin/python -m pip install -q -r requirements-deqa.txt
+	$(DEQA_VENV)/bin/python -m pip install -q --no-deps -e .
+	$(DEQA_VENV)/bin/python -m apexcli.rewards.deqa_server --help >/dev/null
+	touch $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -278,23 +278,27 @@ def build_rewards(b: Bench):
 
     from apexcli.models.tiny import build_char_tokenizer
     from apexcli.rewards.aes import Aesthetic, AestheticHead
+    from apexcli.rewards.base import resolve_dtype
     from apexcli.rewards.clip_preprocess import ClipPreprocess
     from apexcli.rewards.pick import PickScore
 
     full, vision = clip_configs(b.args.smoke)
     size = full.vision_config.image_size
     pre = ClipPreprocess(shortest_edge=size, resize_hw=None, crop_hw=(size, size), mean=CLIP_MEAN, std=CLIP_STD)
+    # the dtypes training loads them in: the trainer's suite is float32 unless rewards.X.dtype says otherwise
+    pick_dtype = resolve_dtype(b.cfg.rewards.pick.dtype, torch.float32)
+    aes_dtype = resolve_dtype(b.cfg.rewards.aes.dtype, torch.float32)
     with torch.device(b.device):
-        pick_model = CLIPModel(full).to(b.dtype).eval().requires_grad_(False)
-        aes_clip = CLIPVisionModelWithProjection(vision).to(b.dtype).eval().requires_grad_(False)
+        pick_model = CLIPModel(full).to(pick_dtype).eval().requires_grad_(False)
+        aes_clip = CLIPVisionModelWithProjection(vision).to(aes_dtype).eval().requires_grad_(False)
         head = AestheticHead((vision.projection_dim, 1024, 128, 64, 16, 1)).eval().requires_grad_(False)
     pick = PickScore.__new__(PickScore)
-    pick.device, pick.dtype, pick.batch_size = b.device, b.dtype, b.cfg.rewards.pick.batch_size
+    pick.device, pick.dtype, pick.batch_size = b.device, pick_dtype, b.cfg.rewards.pick.batch_size
     pick.model, pick.preprocess = pick_model, pre
     pick.tokenizer = build_char_tokenizer(max_length=full.text_config.max_position_embeddings)
     pick.max_tokens = full.text_config.max_position_embeddings
     aes = Aesthetic.__new__(Aesthetic)
-    aes.device, aes.dtype, aes.batch_size = b.device, b.dtype, b.cfg.rewards.aes.batch_size
+    aes.device, aes.dtype, aes.batch_size = b.device, aes_dtype, b.cfg.rewards.aes.batch_size
     aes.clip, aes.preprocess, aes.head = aes_clip, pre, head
     return pick, aes
 

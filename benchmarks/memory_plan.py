@@ -127,6 +127,7 @@ def saved_activation_bytes(batch: int, text_tokens: int, latent_hw: int, rank: i
 
 def main() -> None:
     from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
+    from apexcli.rewards.base import resolve_dtype
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="sd35m-1gpu")
@@ -141,14 +142,18 @@ def main() -> None:
     forward_batch = cfg.train.train_batch_size * cfg_factor
     act = saved_activation_bytes(forward_batch, text_tokens, latent, cfg.lora.rank, cfg.lora.target_modules)
     bf16 = 2
+    DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+    pick_dt, aes_dt = (str(resolve_dtype(d, torch.float32)).removeprefix("torch.")
+                       for d in (cfg.rewards.pick.dtype, cfg.rewards.aes.dtype))
     rows = {
         "transformer_bf16": params["transformer"] * bf16,
         "vae_bf16": params["vae"] * bf16,
         "text_encoders_bf16_freed": (params["clip_l_text"] + params["clip_g_text"] + params["t5_xxl_encoder"]) * bf16,
         "t5_xxl_bf16": params["t5_xxl_encoder"] * bf16,
-        "pick_clip_h_bf16": params["pick_clip_h"] * bf16,
-        "aes_clip_l_bf16": params["aes_clip_l_vision"] * bf16 + params["aes_mlp"] * 4,
-        "deqa_bf16_published": int(DEQA_PARAMS_PUBLISHED * bf16),
+        # the trainer loads the reward towers in float32 (as the reference) unless rewards.X.dtype says otherwise
+        f"pick_clip_h_{pick_dt}": params["pick_clip_h"] * BYTES[DTYPES[pick_dt]],
+        f"aes_clip_l_{aes_dt}": params["aes_clip_l_vision"] * BYTES[DTYPES[aes_dt]] + params["aes_mlp"] * 4,
+        "deqa_fp16_published": int(DEQA_PARAMS_PUBLISHED * 2),  # float16: its score() casts to half
         "lora_weights_fp32": lora * 4,
         "lora_grads_fp32": lora * 4,
         "adamw_states_fp32": lora * 8,

@@ -15,6 +15,9 @@ from reward_models import text_image
 def test_target_is_first_quoted_text_lowercased_without_spaces():
     assert ocr_target('a sign that says "HELLO World" and "other"') == "helloworld"
     assert ocr_target("a “Curly Quote” poster") == "curlyquote"
+    # straight quotes first, as the reference's prompt.split('"')[1]
+    assert ocr_target('a “big” sign saying "OPEN"') == "open"
+    assert ocr_target('a sign saying "OPEN') == "open"  # unclosed: the rest of the prompt
     assert ocr_target("no quotes here") is None
     assert ocr_target('empty "" quotes') is None
     assert normalize_text(" A b\tC\n") == "abc"
@@ -53,6 +56,22 @@ def test_rapidocr_reads_hello_world_exactly(rapidocr):
     assert scores[1].item() == pytest.approx(1 - 1 / 11)  # 'helloworld' vs 'helloworlds': one insertion
     assert scores[2].item() == 1.0  # CMYK input read the same; 'hello' is contained
     assert math.isnan(scores[3].item()) and info["text"][3] == ""  # no quote: not even read
+
+
+def test_upside_down_text_earns_nothing_unless_asked(rapidocr):
+    # The bundled PP-OCRv6 recogniser reads this word upside down with the classifier off;
+    # the default (drop) must not reward it, as the reference's OCR does not.
+    upright = text_image("Kitchen")
+    flipped = upright.rotate(180)
+    scores, info = rapidocr([upright, flipped], ['"Kitchen"'] * 2)
+    assert scores.tolist() == [1.0, 0.0] and info["text"][1] == ""
+    rotate = OcrReward(OcrConfig(backend="rapidocr", workers=1, upside_down="rotate"))
+    try:
+        assert rotate([flipped], ['"Kitchen"'])[0].tolist() == [1.0]
+    finally:
+        rotate.close()
+    with pytest.raises(ApexError, match="upside_down 'flip'; valid: drop, rotate, read"):
+        OcrReward(OcrConfig(upside_down="flip"))
 
 
 def test_unknown_backend_is_refused():

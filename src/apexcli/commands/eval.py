@@ -15,8 +15,11 @@ def evaluate(
 ) -> None:
     """Re-run a run's held-out evaluation on one of its checkpoints."""
     from apexcli.eval.evaluator import evaluate_checkpoint
+    from apexcli.rewards.hub import override_hint
 
-    row = evaluate_checkpoint(run, checkpoint, log=log)
+    # eval takes no overrides: the rewards' sources come from the run's config.yaml
+    with override_hint(f"set {{option}} to DIR in {run / 'config.yaml'}"):
+        row = evaluate_checkpoint(run, checkpoint, log=log)
     for key, value in row.items():
         if key.startswith("eval/"):
             typer.echo(f"{key:<32} {value:.6g}")

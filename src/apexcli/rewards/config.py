@@ -48,8 +48,8 @@ class DeqaConfig:
     trust_remote_code: bool = False  # must be set explicitly: the model runs Python code from `source`
     attn_implementation: str = "eager"  # passed to from_pretrained ("" = library default)
     batch_size: int = setting(8, ge=1)  # images per score() call
-    dtype: str = ""  # "" = the suite's dtype
-    url: str = ""  # reward-server URL (run DeQA in its own environment: `apex serve --objectives deqa`)
+    dtype: str = "float16"  # its score() casts its inputs to half: other dtypes fail there
+    url: str = ""  # reward-server URL (DeQA runs in its own environment: `make deqa-server`, README)
 
 
 @dataclass
@@ -60,6 +60,12 @@ class OcrConfig:
     workers: int = setting(2, ge=1)  # OCR threads, each with its own engine, run beside the model rewards
     threads_per_worker: int = setting(1, ge=1)  # onnxruntime intra-op threads per engine (rapidocr)
     lang: str = "en"  # paddleocr language
+    # Text lines printed upside down (180°): "drop" (default) reads them as nothing, as the
+    # reference (PaddleOCR without its angle classifier) does; the bundled PP-OCRv6 recogniser
+    # reads most of them anyway, so rapidocr finds them with its 180° classifier and drops
+    # them. "rotate" turns them upright and reads them (RapidOCR's own default); "read" runs
+    # no classifier and keeps whatever the recogniser makes of them.
+    upside_down: str = setting("drop", choices=("drop", "rotate", "read"))
     use_gpu: bool = False  # run the OCR engine on the GPU (rapidocr: onnxruntime CUDA EP; paddleocr 2.x: use_gpu)
     url: str = ""  # reward-server URL for remote scoring
 

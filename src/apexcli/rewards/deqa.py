@@ -3,9 +3,11 @@
 The model's `score(images)` returns the expectation of the quality level over the
 "excellent/good/fair/poor/bad" token probabilities. Its code ships with the weights
 (`zhiyuanyou/DeQA-Score-Mix3`, remote code), so it runs only when the user allows it
-explicitly (`rewards.deqa.trust_remote_code=true` / `--trust-remote-code`). That code pins
-an older transformers; run it in its own environment behind `apex serve --objectives deqa`
-and score with `deqa@http://127.0.0.1:18086`.
+explicitly (`rewards.deqa.trust_remote_code=true` / `--trust-remote-code`). That code needs
+transformers 4.36.1 and casts to float16 inside `score()` (so it loads in float16 by default):
+run it in its own environment with `make deqa-server` and
+`.venv-deqa/bin/python -m apexcli.rewards.deqa_server --trust-remote-code` (see
+`apexcli.rewards.deqa_server`), and score with `deqa@http://127.0.0.1:18086`.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ class DeQAScore(Reward):
         if not config.trust_remote_code:
             raise ApexError(
                 f"deqa runs Python code shipped with {config.source}; allow it with --trust-remote-code "
-                "(rewards.deqa.trust_remote_code=true), or serve it from its own environment "
-                "(`apex serve --objectives deqa --trust-remote-code`) and use deqa@http://127.0.0.1:18086")
+                "(rewards.deqa.trust_remote_code=true), or serve it from its own environment (`make deqa-server`, "
+                "then `.venv-deqa/bin/python -m apexcli.rewards.deqa_server --trust-remote-code`) and use "
+                "deqa@http://127.0.0.1:18086")
         self.device = torch.device(device)
         self.dtype = resolve_dtype(config.dtype, dtype)
         self.batch_size = config.batch_size

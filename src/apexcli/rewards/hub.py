@@ -2,10 +2,26 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
-from typing import Any, Callable
+from contextvars import ContextVar
+from typing import Any, Callable, Iterator
 
 from apexcli.errors import ApexError
+
+# How the running command takes a reward option: `apex train`, `score` and `serve` all accept
+# `--set KEY=VALUE`; a command without overrides (apex eval) installs its own wording.
+_OVERRIDE_HINT: ContextVar[str] = ContextVar("override_hint", default="pass --set {option}=DIR")
+
+
+@contextlib.contextmanager
+def override_hint(template: str) -> Iterator[None]:
+    """Within the block, missing-weights messages tell the user `template` ({option} = the key)."""
+    token = _OVERRIDE_HINT.set(template)
+    try:
+        yield
+    finally:
+        _OVERRIDE_HINT.reset(token)
 
 
 def looks_local(source: str) -> bool:
@@ -16,10 +32,11 @@ def looks_local(source: str) -> bool:
 def missing_weights_message(what: str, source: str, option: str, reason: str = "") -> str:
     """One line: which model, how to download it, which option points apex at a local copy."""
     why = f" ({reason})" if reason else ""
+    fix = _OVERRIDE_HINT.get().format(option=option)
     if looks_local(source) and not os.path.exists(source):
-        return f"{what}: local path {source!r} does not exist{why}; set {option}=DIR to a folder holding it"
+        return f"{what}: local path {source!r} does not exist{why}; {fix}, DIR being a folder holding it"
     return (f"cannot load {what} {source!r}{why}: download it with "
-            f"`huggingface-cli download {source} --local-dir DIR`, then set {option}=DIR")
+            f"`huggingface-cli download {source} --local-dir DIR`, then {fix}")
 
 
 def dtype_kwargs(dtype: Any) -> dict[str, Any]:

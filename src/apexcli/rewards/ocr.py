@@ -1,6 +1,8 @@
 """OCR reward: does the image show the text the prompt quotes?
 
-    target  = text inside the first pair of double quotes ("…" or “…”), lowercased, spaces removed
+    target  = text after the first straight double quote, up to the next one (`"…"`; as the
+              reference, prompt.split('"')[1]); curly quotes “…” only when there is no straight
+              quote; lowercased, whitespace removed
     read    = all recognised text lines joined, lowercased, whitespace removed
     reward  = 1                                   if target is a substring of read
               1 − min(lev(read, target), |target|) / |target|   otherwise   (in [0, 1])
@@ -10,6 +12,15 @@ Backends read the same input: every image goes through PIL RGB (so CMYK, palette
 inputs are converted first), then to a uint8 BGR array. `rapidocr` (default) ships PP-OCR
 ONNX models and works offline; `paddleocr` supports the 2.x (`.ocr`) and 3.x (`.predict`) APIs.
 One engine per worker thread; onnxruntime releases the GIL, so workers run in parallel.
+
+Models (rapidocr 3.10 wheel, checked in its config.yaml and models/): detection PP-OCRv6
+det small, recognition PP-OCRv6 rec small (one multilingual model: Chinese, English, Latin
+scripts, Japanese), 180° classifier ch_ppocr_mobile_v2.0_cls. The English-only recognisers
+(en_PP-OCRv4/v5 rec mobile, what the reference's PaddleOCR(lang="en") uses) are downloads
+that the wheel does not ship. The PP-OCRv6 recogniser reads upside-down words too (6 of 9
+rendered test words scored 1.0 upside down with the classifier off), so keeping the
+reference's "upside-down text earns nothing" needs the classifier to find those lines and
+drop them (`rewards.ocr.upside_down`).
 """
 
 from __future__ import annotations
@@ -29,16 +40,22 @@ from apexcli.errors import ApexError
 from apexcli.rewards.base import ImageBatch, Reward
 from apexcli.rewards.config import OcrConfig
 
-_QUOTED = re.compile(r'"([^"]*)"|“([^”]*)”')
+_CURLY = re.compile(r"“([^”]*)”")
+UPSIDE_DOWN = ("drop", "rotate", "read")
 
 
 def ocr_target(prompt: str) -> str | None:
-    """Normalised text of the first quoted span, or None when the prompt quotes nothing."""
-    match = _QUOTED.search(prompt or "")
-    if match is None:
-        return None
-    text = normalize_text(match.group(1) if match.group(1) is not None else match.group(2))
-    return text or None
+    """Normalised quoted text of the prompt, or None when it quotes nothing.
+
+    Straight quotes first, exactly as the reference (`prompt.split('"')[1]`: the text after the
+    first `"`, up to the next `"` or the end); a curly “…” span only when there is no `"`."""
+    prompt = prompt or ""
+    if '"' in prompt:
+        text = prompt.split('"')[1]
+    else:
+        match = _CURLY.search(prompt)
+        text = match.group(1) if match else ""
+    return normalize_text(text) or None
 
 
 def normalize_text(text: str) -> str:
@@ -75,18 +92,34 @@ class RapidOcrEngine:
             from rapidocr import RapidOCR
         except ImportError:
             raise ApexError("rapidocr is not installed; pip install rapidocr onnxruntime") from None
+        self.drop_upside_down = config.upside_down == "drop"
         params: dict[str, Any] = {
             "Global.log_level": "error",
+            "Global.use_cls": config.upside_down != "read",
             "EngineConfig.onnxruntime.intra_op_num_threads": int(config.threads_per_worker),
             "EngineConfig.onnxruntime.inter_op_num_threads": 1,
         }
         if config.use_gpu:
             params["EngineConfig.onnxruntime.use_cuda"] = True
         self.engine = RapidOCR(params=params)
+        if self.drop_upside_down and not hasattr(self.engine, "run_ocr_steps"):
+            raise ApexError("this rapidocr cannot report upside-down lines; pip install 'rapidocr>=3.4', "
+                            "or set rewards.ocr.upside_down=rotate (or read)")
 
     def read(self, bgr: np.ndarray) -> str:
-        result = self.engine(bgr)
-        return " ".join(getattr(result, "txts", None) or ())
+        if not self.drop_upside_down:
+            result = self.engine(bgr)
+            return " ".join(getattr(result, "txts", None) or ())
+        # The steps of RapidOCR.__call__, keeping the classifier's verdict per line: a line it
+        # calls 180° (the same test under which it would rotate it) is dropped, not read.
+        eng = self.engine
+        img, record = eng.preprocess_img(eng.load_img(bgr))
+        _, cls, rec, _ = eng.run_ocr_steps(img, record)
+        texts, scores = rec.txts or (), rec.scores or ()
+        verdicts = cls.cls_res or [("0", 0.0)] * len(texts)
+        thresh = float(eng.cfg.Cls.cls_thresh)
+        return " ".join(t for t, s, (label, conf) in zip(texts, scores, verdicts)
+                        if t.strip() and s >= eng.text_score and not ("180" in label and conf > thresh))
 
 
 class PaddleOcrEngine:
@@ -99,13 +132,16 @@ class PaddleOcrEngine:
         except ImportError:
             raise ApexError("paddleocr is not installed; pip install 'apexcli[paddle]' or use rewards.ocr.backend=rapidocr") from None
         self.major = int(str(getattr(paddleocr, "__version__", "2")).split(".")[0] or 2)
+        # drop and read both run without the classifier: the reference's setting; its English
+        # recogniser reads upside-down text as garbage
+        self.rotate = config.upside_down == "rotate"
         try:
             if self.major >= 3:
                 self.engine = PaddleOCR(lang=config.lang, device="gpu" if config.use_gpu else "cpu",
                                         use_doc_orientation_classify=False, use_doc_unwarping=False,
-                                        use_textline_orientation=False)
+                                        use_textline_orientation=self.rotate)
             else:
-                self.engine = PaddleOCR(use_angle_cls=False, lang=config.lang, use_gpu=config.use_gpu, show_log=False)
+                self.engine = PaddleOCR(use_angle_cls=self.rotate, lang=config.lang, use_gpu=config.use_gpu, show_log=False)
         except Exception as exc:  # it fetches models on first construction; offline this fails
             raise ApexError(f"PaddleOCR {paddleocr.__version__} could not start ({type(exc).__name__}); it downloads "
                             "its models on first use: run once online, or use rewards.ocr.backend=rapidocr") from None
@@ -113,7 +149,7 @@ class PaddleOcrEngine:
     def read(self, bgr: np.ndarray) -> str:
         if self.major >= 3:
             return " ".join(t for res in self.engine.predict(bgr) for t in res["rec_texts"])
-        pages = self.engine.ocr(bgr, cls=False) or [None]
+        pages = self.engine.ocr(bgr, cls=self.rotate) or [None]
         return " ".join(line[1][0] for line in (pages[0] or []))
 
 
@@ -129,6 +165,8 @@ class OcrReward(Reward):
     def __init__(self, config: OcrConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if config.backend not in BACKENDS:
             raise ApexError(f"unknown OCR backend {config.backend!r}; valid: {', '.join(BACKENDS)} (rewards.ocr.backend)")
+        if config.upside_down not in UPSIDE_DOWN:
+            raise ApexError(f"unknown rewards.ocr.upside_down {config.upside_down!r}; valid: {', '.join(UPSIDE_DOWN)}")
         self.workers = max(1, int(config.workers))
         self.batch_size = 1024  # images are fanned out to the workers; no model batch
         self._engines: queue.Queue[OcrEngine] = queue.Queue()

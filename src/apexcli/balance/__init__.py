@@ -1,4 +1,5 @@
-"""Balancing K rewards into one GRPO advantage: static, gdpo, apex (DSAN + P³), dwa, mgda, random.
+"""Balancing K rewards into one GRPO advantage: static, gdpo, apex (DSAN + P³), dwa, mgda, random,
+pareto (dominance filter).
 
     from apexcli.balance import build_balancer
     b = build_balancer("apex", objectives=["pick", "ocr"], weights=None, tau=0.5)
@@ -19,12 +20,14 @@ from apexcli.balance.config import (
     BalanceConfig,
     DwaConfig,
     MgdaConfig,
+    ParetoConfig,
     RandomConfig,
     validate_balance_config,
 )
 from apexcli.balance.dwa import DwaBalancer
 from apexcli.balance.gdpo import GdpoBalancer
 from apexcli.balance.mgda import MgdaBalancer
+from apexcli.balance.pareto import ParetoBalancer
 from apexcli.balance.random_weights import RandomBalancer
 from apexcli.balance.static import StaticBalancer
 from apexcli.errors import ApexError
@@ -36,6 +39,7 @@ BALANCERS: dict[str, type[Balancer]] = {
     "dwa": DwaBalancer,
     "mgda": MgdaBalancer,
     "random": RandomBalancer,
+    "pareto": ParetoBalancer,
 }
 assert tuple(BALANCERS) == STRATEGIES
 
@@ -46,13 +50,15 @@ __all__ = [
     "Balancer",
     "DwaConfig",
     "MgdaConfig",
+    "ParetoConfig",
     "RandomConfig",
     "build_balancer",
     "build_balancer_from_config",
     "validate_balance_config",
 ]
 
-_TOP_LEVEL = {f.name for f in dataclasses.fields(BalanceConfig)} - {"strategy", "weights", "apex", "dwa", "mgda", "random"}
+_SECTIONS = ("apex", "dwa", "mgda", "random", "pareto")  # strategies with their own config section
+_TOP_LEVEL = {f.name for f in dataclasses.fields(BalanceConfig)} - {"strategy", "weights", *_SECTIONS}
 
 
 def build_balancer_from_config(cfg: BalanceConfig, objectives: list[str]) -> Balancer:
@@ -72,11 +78,11 @@ def build_balancer(name: str, objectives: list[str], weights: list[float] | None
     if name not in BALANCERS:
         raise ApexError(f"unknown balance strategy '{name}'; valid: {', '.join(BALANCERS)}")
     cfg = BalanceConfig(strategy=name, weights=None if weights is None else [float(w) for w in weights])
-    section_name = name if name in ("apex", "dwa", "mgda", "random") else None
+    section_name = name if name in _SECTIONS else None
     for key, value in options.items():
         if key in _TOP_LEVEL:
             setattr(cfg, key, value)
-        elif key in ("apex", "dwa", "mgda", "random"):
+        elif key in _SECTIONS:
             current = getattr(cfg, key)
             setattr(cfg, key, dataclasses.replace(current, **value) if isinstance(value, dict) else value)
         elif section_name and key in {f.name for f in dataclasses.fields(getattr(cfg, section_name))}:

@@ -77,7 +77,8 @@ class PairStats:
         for k, i in self.diffs.items():
             if np.isfinite(i.low) and not i.contains(0.0):
                 better, worse = (self.a, self.b) if i.estimate > 0 else (self.b, self.a)
-                found.append(f"{better} beats {worse} on {k} ({_ci(i)})")
+                shown = i if i.estimate > 0 else stats.Interval(-i.estimate, -i.high, -i.low)
+                found.append(f"{better} beats {worse} on {k} (by {_ci(shown)})")
             else:
                 tied = True
         if np.isfinite(self.hypervolume.low) and not self.hypervolume.contains(0.0):

@@ -40,6 +40,7 @@ RADAR_FILE = "radar.png"  # 3+ objectives
 GAINS_FILE = "gains.png"  # 1-2 objectives, where a radar chart degenerates to a line
 EVAL_CURVES_FILE = "eval_curves.png"
 WEIGHTS_FILE = "balance_weights.png"
+MAX_PAIRS_PRINTED = 10  # run-vs-run sentences on the terminal; report.md and pareto.json hold all
 
 
 @dataclass
@@ -462,7 +463,9 @@ def _paired_markdown(result: ParetoResult) -> list[str]:
         "with a 95 % paired bootstrap CI; win: share of prompts where the run beats the base (ties are "
         "not wins); joint win / collapse: share of prompts where the run beats / loses to the base on "
         "every objective; HV: the run's hypervolume with a 95 % bootstrap CI over prompts "
-        f"({p.n_boot} resamples, or all n^n resamples when fewer).",
+        f"({p.n_boot} resamples, or all n^n resamples when fewer). These intervals cover the choice of "
+        "eval prompts for *these* trained weights; they do not cover training noise: for that, compare "
+        "runs that differ only in seed (spread over seeds, below, when present).",
         "",
     ]
     if p.runs:
@@ -502,8 +505,10 @@ def _print_paired(result: ParetoResult, console: Console) -> None:
         for name, cells in rows:
             table.add_row(escape(name), *cells)
         console.print(table)
-    for pair in p.pairs:
+    for pair in p.pairs[:MAX_PAIRS_PRINTED]:
         console.print(escape(pair.sentence()), highlight=False)
+    if len(p.pairs) > MAX_PAIRS_PRINTED:
+        console.print(f"... {len(p.pairs) - MAX_PAIRS_PRINTED} more run-vs-run comparisons in {REPORT_FILE}", highlight=False)
     for g in p.seed_groups:
         hv_m, hv_s = g.hypervolume
         console.print(escape(f"seeds of {', '.join(g.runs)}: HV {hv_m:.3g} ± {hv_s:.3g}"), highlight=False)

@@ -166,6 +166,8 @@ def test_soup_runs_are_evaluated_and_compared_by_pareto(parents, tmp_path):
     res = run_pareto([root / "runs", out], tmp_path / "pareto", console=Console(file=open("/dev/null", "w")))
     names = [r.name for r in res.table.runs]
     assert "soup(0.5*a + 0.5*b)" in names and "soup(1*a)" in names
+    by_name = {r.name: r for r in res.table.runs}
+    assert by_name["soup(0.5*a + 0.5*b)"].strategy == "soup" and by_name["soup(0.5*a + 0.5*b)"].weights == [0.5, 0.5]
     assert res.soups.soup_runs == ["soup(0.5*a + 0.5*b)", "soup(1*a)"]
     assert res.soups.parents == ["a", "b"] and res.soups.sweep_runs == ["a", "b"]
     assert res.paired.runs["soup(0.5*a + 0.5*b)"].n_prompts == 4

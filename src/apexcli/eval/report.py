@@ -22,7 +22,7 @@ from apexcli.console import make_console
 from apexcli.errors import ApexError
 from apexcli.eval import paired as paired_stats
 from apexcli.eval import plots
-from apexcli.eval.collect import PointTable, build_points, collect_runs
+from apexcli.eval.collect import PointTable, soup_info, build_points, collect_runs
 from apexcli.eval.pareto import (
     NORMALISATIONS,
     Normalisation,
@@ -359,7 +359,7 @@ def _soup_fronts(result: ParetoResult) -> SoupFronts | None:
     soups, parents = [], set()
     by_path = {run.path.resolve(): r for r, run in enumerate(t.runs)}
     for r, run in enumerate(t.runs):
-        info = _read_soup(run.path)
+        info = soup_info(run.path)
         if info is None:
             continue
         soups.append(r)
@@ -386,15 +386,6 @@ def _soup_fronts(result: ParetoResult) -> SoupFronts | None:
     )
 
 
-def _read_soup(run_path: Path) -> dict | None:
-    from apexcli.runs import SOUP_FILE
-
-    path = Path(run_path) / SOUP_FILE
-    try:
-        data = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else None
-    except (OSError, json.JSONDecodeError):
-        return None
-    return data if isinstance(data, dict) else None
 
 
 def _soups_json(soups: SoupFronts | None) -> dict | None:

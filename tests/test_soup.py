@@ -118,6 +118,16 @@ def test_incompatible_runs_are_refused_with_the_key(tmp_path, change, key):
         load_parents([a])
 
 
+def test_parents_use_the_ema_weights_when_their_eval_does(tmp_path):
+    a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b", eval__use_ema=False)
+    for run in (a, b):
+        ema = run / "checkpoints" / "step-000002" / "ema"
+        ema.mkdir()
+        save_file(lora(5).tensors, str(ema / LORA_FILE), metadata=lora(5).metadata)
+    pa, pb = load_parents([a, b])
+    assert pa.lora_dir.name == "ema" and pb.lora_dir.name == "step-000002"
+
+
 # ------------------------------------------------------------------ end to end on the tiny preset
 SMALL = {
     "objectives": ["brightness", "contrast"],
@@ -147,7 +157,8 @@ def _eval_rows(run: Path) -> list[dict]:
 def test_soup_runs_are_evaluated_and_compared_by_pareto(parents, tmp_path):
     root, (a, b) = parents
     out = tmp_path / "soups"
-    result = run_cli(["soup", str(a), str(b), "--coef", "1,0", "--coef", "0.5,0.5", "--out", str(out)])
+    # the 0.5 mixture first: the 1/0 one evaluated after it also shows its adapter was removed
+    result = run_cli(["soup", str(a), str(b), "--coef", "0.5,0.5", "--coef", "1,0", "--out", str(out)])
     assert result.code == 0, result.stderr
     one, half = out / "soup-1-0", out / "soup-0.5-0.5"
     # 1/0: the parent's LoRA file content, and the parent's final evaluation, reproduced

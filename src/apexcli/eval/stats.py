@@ -87,7 +87,7 @@ def bootstrap_indices(n: int, n_boot: int = DEFAULT_BOOT, seed: int = DEFAULT_SE
     """Resamples [B, n] of range(n) (module docstring: exact enumeration when n**n <= n_boot)."""
     if n <= 0:
         return np.zeros((0, 0), dtype=int)
-    if n**n <= n_boot:
+    if n <= 8 and n**n <= n_boot:
         return np.asarray(list(itertools.product(range(n), repeat=n)), dtype=int)
     return np.random.default_rng(seed).integers(0, n, size=(n_boot, n))
 
@@ -168,11 +168,7 @@ def hypervolume_interval(
     gains = np.stack([(m[complete] - ref[complete]) / scale for m in mats])  # [S, n, K]
     estimate = _hv_of(gains.mean(axis=1))
     idx = bootstrap_indices(n, n_boot, seed)
-    boot = gains[:, idx, :].mean(axis=2)  # [S, B, K]
-    if boot.shape[0] == 1:  # one point: the box volume, vectorised over replicates
-        reps = np.where((boot[0] > 0).all(axis=1), np.clip(boot[0], 0, None).prod(axis=1), 0.0)
-    else:
-        reps = np.array([_hv_of(boot[:, b, :]) for b in range(boot.shape[1])])
+    reps = _hv_replicates(gains[:, idx, :].mean(axis=2))
     low, high = percentile_interval(reps)
     return Interval(estimate, low, high), n
 
@@ -200,8 +196,7 @@ def hypervolume_difference(
     gb = np.stack([(m[complete] - ref[complete]) / scale for m in mats_b])
     estimate = _hv_of(ga.mean(axis=1)) - _hv_of(gb.mean(axis=1))
     idx = bootstrap_indices(n, n_boot, seed)
-    ba, bb = ga[:, idx, :].mean(axis=2), gb[:, idx, :].mean(axis=2)
-    reps = np.array([_hv_of(ba[:, b, :]) - _hv_of(bb[:, b, :]) for b in range(idx.shape[0])])
+    reps = _hv_replicates(ga[:, idx, :].mean(axis=2)) - _hv_replicates(gb[:, idx, :].mean(axis=2))
     low, high = percentile_interval(reps)
     return Interval(estimate, low, high), n
 
@@ -213,6 +208,13 @@ def seed_spread(values: np.ndarray) -> tuple[float, float]:
     if v.size == 0:
         return float("nan"), float("nan")
     return float(v.mean()), float(v.std(ddof=1)) if v.size > 1 else float("nan")
+
+
+def _hv_replicates(boot: np.ndarray) -> np.ndarray:
+    """HV of each replicate's points; ``boot`` [S points, B replicates, K]."""
+    if boot.shape[0] == 1:  # one point: its box volume when it beats the origin everywhere
+        return np.where((boot[0] > 0).all(axis=1), np.clip(boot[0], 0, None).prod(axis=1), 0.0)
+    return np.array([_hv_of(boot[:, b, :]) for b in range(boot.shape[1])])
 
 
 def _hv_of(points: np.ndarray) -> float:

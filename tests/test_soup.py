@@ -183,6 +183,10 @@ def test_soup_runs_are_evaluated_and_compared_by_pareto(parents, tmp_path):
     assert res.soups.parents == ["a", "b"] and res.soups.sweep_runs == ["a", "b"]
     assert res.paired.runs["soup(0.5*a + 0.5*b)"].n_prompts == 4
     assert "## Soups beside the sweep" in (tmp_path / "pareto" / "report.md").read_text()
+    # a second soup into the same folder is refused before anything is written
+    result = run_cli(["soup", str(a), str(b), "--coef", "0.3,0.7", "--coef", "1,0", "--out", str(out)])
+    assert result.code == 2 and "soup-1-0' exists" in result.stderr
+    assert not (out / "soup-0.3-0.7").exists()
 
 
 def test_a_half_soup_loaded_by_diffusers_applies_the_average_change(parents, tmp_path):

@@ -196,12 +196,15 @@ def make_soups(
         raise ApexError("the parents' checkpoints are all at step 0 (the base model); train them first")
     eval_objectives = _union(_eval_objectives(p.config) for p in parents)
     out = Path(out)
-    made = []
-    for coefs in coefficients:
-        mixed = mix_loras(loras, coefs)
-        folder = out / ("soup-" + "-".join(f"{c:g}" for c in coefs))
+    folders = [out / ("soup-" + "-".join(f"{c:g}" for c in coefs)) for coefs in coefficients]
+    for folder in folders:  # checked before anything is written
         if folder.exists():
             raise ApexError(f"'{folder}' exists; remove it or choose another --out")
+    if len(set(folders)) != len(folders):
+        raise ApexError("the same --coef is given twice; give each mixture once")
+    made = []
+    for coefs, folder in zip(coefficients, folders):
+        mixed = mix_loras(loras, coefs)
         run = RunDir(folder)
         run.create()
         config = json.loads(json.dumps(parents[0].config))  # a deep copy of plain data

@@ -17,6 +17,7 @@ from apexcli.commands.pareto import pareto
 from apexcli.commands.sample import sample
 from apexcli.commands.score import score
 from apexcli.commands.serve import serve
+from apexcli.commands.soup import soup
 from apexcli.commands.sweep import sweep
 from apexcli.commands.train import train
 from apexcli.errors import ApexError
@@ -38,6 +39,7 @@ COMMANDS = {
     "eval": evaluate,
     "pareto": pareto,
     "sweep": sweep,
+    "soup": soup,
 }
 
 

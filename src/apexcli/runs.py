@@ -6,6 +6,7 @@
                                  ("train": reward/{k}/mean, balance/weight/{k}, loss, ...;
                                   "eval": eval/{k}/mean, eval/{k}/std, ...)
     <run>/eval/step-000100/      grid.png, scores.jsonl (one row per eval image)
+    <run>/soup.json              only in mixtures made by ``apex soup``: parents, coefficients
     <run>/checkpoints/step-000100/
                                  pytorch_lora_weights.safetensors (diffusers format),
                                  state/ (optimizer, balancer, RNG, step), config.yaml
@@ -29,6 +30,7 @@ CONFIG_FILE = "config.yaml"
 COMMAND_FILE = "command.txt"
 METRICS_FILE = "metrics.jsonl"
 LORA_FILE = "pytorch_lora_weights.safetensors"
+SOUP_FILE = "soup.json"  # in a run made by ``apex soup``: parents and coefficients of the mixture
 
 
 def step_dirname(step: int) -> str:

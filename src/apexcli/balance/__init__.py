@@ -1,4 +1,5 @@
-"""Balancing K rewards into one GRPO advantage: static, gdpo, apex (DSAN + P³), dwa, mgda, random.
+"""Balancing K rewards into one GRPO advantage: static, gdpo, apex (DSAN + P³), dwa, mgda, random,
+pareto (dominance filter).
 
     from apexcli.balance import build_balancer
     b = build_balancer("apex", objectives=["pick", "ocr"], weights=None, tau=0.5)
@@ -19,6 +20,7 @@ from apexcli.balance.config import (
     BalanceConfig,
     DwaConfig,
     MgdaConfig,
+    ParetoConfig,
     RandomConfig,
     StaticConfig,
     validate_balance_config,
@@ -26,6 +28,7 @@ from apexcli.balance.config import (
 from apexcli.balance.dwa import DwaBalancer
 from apexcli.balance.gdpo import GdpoBalancer
 from apexcli.balance.mgda import MgdaBalancer
+from apexcli.balance.pareto import ParetoBalancer
 from apexcli.balance.random_weights import RandomBalancer
 from apexcli.balance.static import StaticBalancer
 from apexcli.errors import ApexError
@@ -37,6 +40,7 @@ BALANCERS: dict[str, type[Balancer]] = {
     "dwa": DwaBalancer,
     "mgda": MgdaBalancer,
     "random": RandomBalancer,
+    "pareto": ParetoBalancer,
 }
 assert tuple(BALANCERS) == STRATEGIES
 
@@ -47,6 +51,7 @@ __all__ = [
     "Balancer",
     "DwaConfig",
     "MgdaConfig",
+    "ParetoConfig",
     "RandomConfig",
     "StaticConfig",
     "build_balancer",
@@ -54,7 +59,7 @@ __all__ = [
     "validate_balance_config",
 ]
 
-_SECTIONS = ("apex", "dwa", "mgda", "random", "static")
+_SECTIONS = ("apex", "dwa", "mgda", "random", "static", "pareto")  # strategies with their own config section
 _TOP_LEVEL = {f.name for f in dataclasses.fields(BalanceConfig)} - {"strategy", "weights", *_SECTIONS}
 
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from apexcli.errors import ApexError
 from apexcli.schema import setting
 
-STRATEGIES = ("static", "gdpo", "apex", "dwa", "mgda", "random")
+STRATEGIES = ("static", "gdpo", "apex", "dwa", "mgda", "random", "pareto")
 APEX_TERMS = ("lp", "cp", "pn")
 
 
@@ -93,11 +93,19 @@ class StaticConfig:
 
 
 @dataclass
+class ParetoConfig:
+    """Pareto-dominance filtering inside each prompt group (Flow-Multi, 2026; docs/method.md)."""
+
+    min_score: float | None = 0.0
+    """Low-reward suppression: a non-dominated sample keeps its advantage only when its combined group z-score sum_k w_k z_k exceeds this; null = keep every non-dominated sample."""
+
+
+@dataclass
 class BalanceConfig:
     """How K rewards become one GRPO advantage per sample."""
 
     strategy: str = setting("apex", choices=STRATEGIES, resume="refuse")
-    """One of static, gdpo, apex, dwa, mgda, random."""
+    """One of static, gdpo, apex, dwa, mgda, random, pareto."""
     weights: list[float] | None = None
     """User priorities, one per objective (rescaled to sum to K); null = uniform."""
     std_scope: str = "global"
@@ -118,6 +126,8 @@ class BalanceConfig:
     """Random-weights options (balance.random.*)."""
     static: StaticConfig = field(default_factory=StaticConfig)
     """static options (balance.static.*)."""
+    pareto: ParetoConfig = field(default_factory=ParetoConfig)
+    """Pareto-filter options (balance.pareto.*)."""
 
     def validate(self, n_objectives: int | None = None, prefix: str = "balance") -> None:
         """Raise ApexError naming the dotted key of the first bad value."""
@@ -197,3 +207,5 @@ def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None,
     _check(_finite(r.alpha) and r.alpha > 0, f"{p}.random.alpha", f"must be > 0, got {r.alpha}")
     st = cfg.static
     _check(_finite(st.eps) and st.eps > 0, f"{p}.static.eps", f"must be > 0, got {st.eps}")
+    ms = cfg.pareto.min_score
+    _check(ms is None or _finite(ms), f"{p}.pareto.min_score", f"must be a finite number or null, got {ms}")

@@ -15,7 +15,7 @@ def train(
     preset: Annotated[Optional[str], typer.Option(help="Preset to start from: tiny, sd35m, sd35m-1gpu, sd35l.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file, applied over the preset.")] = None,
     objectives: Annotated[Optional[str], typer.Option(help="Comma-separated rewards to optimise, e.g. pick,deqa,aes,ocr (name@URL for a reward server).")] = None,
-    balance: Annotated[Optional[str], typer.Option(help="Balancing strategy: apex, gdpo, static, dwa, mgda, random.")] = None,
+    balance: Annotated[Optional[str], typer.Option(help="Balancing strategy: apex, gdpo, static, dwa, mgda, random, pareto.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated user weights, one per objective (balance.weights).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training iterations (train.steps).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Run directory (config, metrics.jsonl, checkpoints, eval).")] = None,

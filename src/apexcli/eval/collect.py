@@ -14,6 +14,7 @@ Two steps, both tolerant of bad input:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -22,7 +23,7 @@ from pathlib import Path
 import numpy as np
 
 from apexcli.errors import ApexError
-from apexcli.runs import RunDir, find_runs
+from apexcli.runs import SOUP_FILE, RunDir, find_runs
 
 EVAL_PREFIX = "eval/"
 EVAL_SUFFIX = "/mean"
@@ -174,6 +175,9 @@ def _read_run(run: RunDir, collection: Collection) -> RunRecord | None:
         return None
 
     balance = config.get("balance") if isinstance(config.get("balance"), dict) else {}
+    soup = soup_info(run.path)
+    if soup is not None:  # an apex soup mixture: its "strategy" is soup, its weights the coefficients
+        balance = {"strategy": "soup", "weights": soup.get("coefficients")}
     weights = balance.get("weights")
     if not (isinstance(weights, list) and all(_is_finite_number(w) for w in weights)):
         weights = None  # absent or malformed user weights are shown as "-", never fatal
@@ -297,6 +301,18 @@ def _base_std(runs: list[RunRecord], objectives: list[str]) -> np.ndarray | None
             return None
         rows.append([zero.stds[k] for k in objectives])
     return np.asarray(rows, dtype=float).mean(axis=0) if rows else None
+
+
+def soup_info(run_path: Path) -> dict | None:
+    """soup.json of a mixture made by ``apex soup`` (None for a trained run or a bad file)."""
+    path = run_path / SOUP_FILE
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 def _make_names_unique(runs: list[RunRecord]) -> None:

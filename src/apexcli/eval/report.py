@@ -20,8 +20,9 @@ from rich.table import Table
 
 from apexcli.console import make_console
 from apexcli.errors import ApexError
+from apexcli.eval import paired as paired_stats
 from apexcli.eval import plots
-from apexcli.eval.collect import PointTable, build_points, collect_runs
+from apexcli.eval.collect import PointTable, soup_info, build_points, collect_runs
 from apexcli.eval.pareto import (
     NORMALISATIONS,
     Normalisation,
@@ -39,6 +40,7 @@ RADAR_FILE = "radar.png"  # 3+ objectives
 GAINS_FILE = "gains.png"  # 1-2 objectives, where a radar chart degenerates to a line
 EVAL_CURVES_FILE = "eval_curves.png"
 WEIGHTS_FILE = "balance_weights.png"
+MAX_PAIRS_PRINTED = 10  # run-vs-run sentences on the terminal; report.md and pareto.json hold all
 
 
 @dataclass
@@ -54,6 +56,19 @@ class ParetoResult:
     plots: list[plots.PlotFile]  # PNGs written
     json_path: Path
     report_path: Path
+    paired: paired_stats.PairedReport | None = None  # per-prompt paired statistics (eval.paired)
+    soups: SoupFronts | None = None  # soup front beside the sweep front, when soup runs are compared
+
+
+@dataclass
+class SoupFronts:
+    """Runs made by ``apex soup`` (soup.json) and their parents, against the other runs."""
+
+    soup_runs: list[str]  # soup mixtures compared
+    parents: list[str]  # compared runs that are a parent of a soup
+    soup_hypervolume: float  # HV of the soups' and their parents' points
+    sweep_runs: list[str]  # every compared run that is not a soup
+    sweep_hypervolume: float  # HV of those runs' points
 
 
 def run_pareto(
@@ -108,6 +123,8 @@ def run_pareto(
         json_path=out / JSON_FILE,
         report_path=out / REPORT_FILE,
     )
+    result.paired = paired_stats.analyse(table, norm.scale, run_hv, normalised)
+    result.soups = _soup_fronts(result)
     result.plots = _write_plots(result, out)
     atomic_write_text(result.json_path, json.dumps(_to_json(result, all_steps), indent=2) + "\n")
     atomic_write_text(result.report_path, _report_markdown(result, all_steps))
@@ -166,6 +183,8 @@ def _to_json(result: ParetoResult, all_steps: bool) -> dict:
         "skipped": [{"path": str(s.path), "reason": s.reason} for s in t.skipped],
         "warnings": t.warnings,
         "plots": [p.path.name for p in result.plots],
+        "paired": result.paired.to_json() if result.paired is not None else None,
+        "soups": _soups_json(result.soups),
     }
 
 
@@ -292,6 +311,7 @@ def _report_markdown(result: ParetoResult, all_steps: bool) -> str:
     }
     for p in result.plots:
         lines += [f"## {captions[p.path.name]}", "", f"![{captions[p.path.name]}]({p.path.name})", ""]
+    lines += _paired_markdown(result) + _soups_markdown(result.soups)
     if t.skipped:
         lines += ["## Skipped runs", ""] + [f"- `{s.path}`: {s.reason}" for s in t.skipped] + [""]
     if t.warnings:
@@ -315,6 +335,7 @@ def _print_terminal(result: ParetoResult, console: Console) -> None:
                       *row["values"], row["hv"], row["front"])
     console.print(table)
     console.print(f"front hypervolume: {_fmt(result.front_hypervolume)}")
+    _print_paired(result, console)
     console.print(
         escape(f"wrote {result.json_path}, {result.report_path} and {len(result.plots)} plots"),
         highlight=False,
@@ -327,3 +348,158 @@ def _fmt(value: float) -> str:
 
 def _fmt_named(objectives: Sequence[str], values: np.ndarray) -> str:
     return ", ".join(f"{k}={_fmt(float(v))}" for k, v in zip(objectives, values))
+
+
+# -- paired statistics and soups (eval.paired, apex soup) ------------------------------------
+
+
+def _soup_fronts(result: ParetoResult) -> SoupFronts | None:
+    """The front soups trace (soups + their parents) beside the front of every other run."""
+    t = result.table
+    soups, parents = [], set()
+    by_path = {run.path.resolve(): r for r, run in enumerate(t.runs)}
+    for r, run in enumerate(t.runs):
+        info = soup_info(run.path)
+        if info is None:
+            continue
+        soups.append(r)
+        for parent in info.get("parents", []):
+            hit = by_path.get(Path(parent).resolve())
+            if hit is not None:
+                parents.add(hit)
+    if not soups:
+        return None
+    origin = np.zeros(len(t.objectives))
+    soup_members = sorted(set(soups) | parents)
+    sweep = [r for r in range(len(t.runs)) if r not in soups]
+
+    def hv(members: list[int]) -> float:
+        mask = np.isin(t.run_index, members)
+        return hypervolume(result.normalised[mask], origin) if mask.any() else 0.0
+
+    return SoupFronts(
+        soup_runs=[t.runs[r].name for r in soups],
+        parents=[t.runs[r].name for r in sorted(parents)],
+        soup_hypervolume=hv(soup_members),
+        sweep_runs=[t.runs[r].name for r in sweep],
+        sweep_hypervolume=hv(sweep),
+    )
+
+
+
+
+def _soups_json(soups: SoupFronts | None) -> dict | None:
+    if soups is None:
+        return None
+    return {
+        "soup_front": {"runs": soups.soup_runs, "parents": soups.parents, "hypervolume": soups.soup_hypervolume},
+        "sweep_front": {"runs": soups.sweep_runs, "hypervolume": soups.sweep_hypervolume},
+    }
+
+
+def _soups_markdown(soups: SoupFronts | None) -> list[str]:
+    if soups is None:
+        return []
+    return [
+        "## Soups beside the sweep",
+        "",
+        "Rewarded soups (`apex soup`) interpolate the LoRA weights of trained runs: the front they "
+        "trace costs no training beyond their parents, where a sweep pays one run per weight vector.",
+        "",
+        "| front | runs | hypervolume |",
+        "|---|---|---|",
+        f"| soups + parents | {len(soups.soup_runs)} soups of {', '.join(soups.parents) or '(parents not compared)'} "
+        f"| {_fmt(soups.soup_hypervolume)} |",
+        f"| every other run (sweep) | {', '.join(soups.sweep_runs) or '-'} | {_fmt(soups.sweep_hypervolume)} |",
+        "",
+    ]
+
+
+def _ci_text(interval) -> str:
+    if not math.isfinite(interval.estimate):
+        return "-"
+    return f"{interval.estimate:+.3g} [{interval.low:+.3g}, {interval.high:+.3g}]"
+
+
+def _rate(x: float) -> str:
+    return "-" if not math.isfinite(x) else f"{100 * x:.0f}%"
+
+
+def _paired_rows(result: ParetoResult) -> list[tuple[str, list[str]]]:
+    """(run, cells): n, per objective gain [CI] and win rate, joint win, joint collapse, HV [CI]."""
+    rows = []
+    for run in result.table.runs:
+        s = result.paired.runs.get(run.name) if result.paired is not None else None
+        if s is None:
+            continue
+        cells = [str(s.n_prompts)]
+        for k in result.table.objectives:
+            g = s.gains[k]
+            cells += [_ci_text(g.mean), _rate(g.win_rate)]
+        cells += [_rate(s.joint.win), _rate(s.joint.collapse), _ci_text(s.hypervolume)]
+        rows.append((run.name, cells))
+    return rows
+
+
+def _paired_markdown(result: ParetoResult) -> list[str]:
+    p = result.paired
+    if p is None or (not p.runs and not p.warnings):
+        return []
+    ks = result.table.objectives
+    lines = [
+        "## Paired statistics over the eval prompts",
+        "",
+        "Every run's image of prompt p shares its prompt and initial noise with the base model's, so "
+        "each comparison is paired by prompt. Gain: mean over prompts of (run - base) in raw units, "
+        "with a 95 % paired bootstrap CI; win: share of prompts where the run beats the base (ties are "
+        "not wins); joint win / collapse: share of prompts where the run beats / loses to the base on "
+        "every objective; HV: the run's hypervolume with a 95 % bootstrap CI over prompts "
+        f"({p.n_boot} resamples, or all n^n resamples when fewer). These intervals cover the choice of "
+        "eval prompts for *these* trained weights; they do not cover training noise: for that, compare "
+        "runs that differ only in seed (spread over seeds, below, when present).",
+        "",
+    ]
+    if p.runs:
+        header = ["run", "n"] + [c for k in ks for c in (f"gain {k} [CI]", f"win {k}")] + ["joint win", "joint collapse", "HV [CI]"]
+        lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+        for name, cells in _paired_rows(result):
+            lines.append("| " + " | ".join(c.replace("|", "\\|") for c in [name, *cells]) + " |")
+        lines.append("")
+        same_as_base = [n for n, s in p.runs.items() if not s.distinguishable_from_base()]
+        if same_as_base:
+            lines += [f"- Not distinguishable from the base model (every gain's CI contains 0): {', '.join(same_as_base)}."]
+    if p.pairs:
+        lines += ["", "### Run against run", ""] + [f"- {pair.sentence()}" for pair in p.pairs]
+    if p.seed_groups:
+        lines += ["", "### Spread over seeds (same config, different seed)", ""]
+        for g in p.seed_groups:
+            gains = ", ".join(f"{k} {m:+.3g} ± {s:.3g}" for k, (m, s) in g.gains.items())
+            hv_m, hv_s = g.hypervolume
+            lines.append(f"- {', '.join(g.runs)}: normalised gain (mean ± std over seeds) {gains}; HV {hv_m:.3g} ± {hv_s:.3g}.")
+    if p.warnings:
+        lines += [""] + [f"- warning: {w}" for w in p.warnings]
+    return lines + [""]
+
+
+def _print_paired(result: ParetoResult, console: Console) -> None:
+    p = result.paired
+    if p is None:
+        return
+    for w in p.warnings:
+        console.print(f"[yellow]warning:[/] {escape(w)}", highlight=False)
+    rows = _paired_rows(result)
+    if rows:
+        table = Table(title="Paired over eval prompts: gain over base [95% CI], win rate, joint rates")
+        ks = result.table.objectives
+        for col in ["run", "n", *[c for k in ks for c in (f"gain {k}", f"win {k}")], "joint win", "joint collapse", "HV [CI]"]:
+            table.add_column(col, justify="left" if col == "run" else "right", overflow="fold")
+        for name, cells in rows:
+            table.add_row(escape(name), *cells)
+        console.print(table)
+    for pair in p.pairs[:MAX_PAIRS_PRINTED]:
+        console.print(escape(pair.sentence()), highlight=False)
+    if len(p.pairs) > MAX_PAIRS_PRINTED:
+        console.print(f"... {len(p.pairs) - MAX_PAIRS_PRINTED} more run-vs-run comparisons in {REPORT_FILE}", highlight=False)
+    for g in p.seed_groups:
+        hv_m, hv_s = g.hypervolume
+        console.print(escape(f"seeds of {', '.join(g.runs)}: HV {hv_m:.3g} ± {hv_s:.3g}"), highlight=False)

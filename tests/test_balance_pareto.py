@@ -105,3 +105,19 @@ def test_config_validation_and_option():
         cfg.validate(2)
     b = build_balancer("pareto", ["a", "b"], min_score=-0.5)
     assert b.cfg.pareto.min_score == -0.5
+
+
+def test_filtered_samples_leave_the_update_unless_asked_to_stay():
+    from types import SimpleNamespace
+
+    from apexcli.train.trainer import Trainer
+
+    r = torch.tensor([[1.0, 1.0], [0.0, 0.0], [2.0, 0.5], [0.5, 2.0]])
+    adv, _ = build_balancer("pareto", ["a", "b"])(r, torch.tensor([0, 0, 0, 0]))
+    for drop in (True, False):
+        b = build_balancer("pareto", ["a", "b"], drop_filtered=drop)
+        fake = SimpleNamespace(balancer=b, accelerator=SimpleNamespace(num_processes=1, process_index=0),
+                               cfg=SimpleNamespace(seed=0), step=1)
+        kept = Trainer._selected_samples(fake, adv, 1).tolist()
+        assert kept == ([i for i in range(4) if adv[i] != 0] if drop else [0, 1, 2, 3])
+    assert adv[1].item() == 0.0  # (0, 0) is dominated by every other sample

@@ -98,6 +98,9 @@ class ParetoConfig:
 
     min_score: float | None = 0.0
     """Low-reward suppression: a non-dominated sample keeps its advantage only when its combined group z-score sum_k w_k z_k exceeds this; null = keep every non-dominated sample."""
+    drop_filtered: bool = True
+    """Leave filtered samples (advantage exactly 0) out of the policy update altogether, KL term and
+    loss mean included, as masking reads in Flow-Multi; false keeps them in with A = 0 (KL only)."""
 
 
 @dataclass

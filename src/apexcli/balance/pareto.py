@@ -44,12 +44,17 @@ class ParetoBalancer(Balancer):
                  and s_i > balance.pareto.min_score          (suppression; null = off)
         A      = standardize_batch(keep * s)
 
-    A dropped sample gets A = 0 exactly, so it adds nothing to the policy-gradient term of the
-    update (the KL term still holds it to the base model). Scale- and offset-invariant per
+    A dropped sample gets A = 0 exactly, so it adds nothing to the policy-gradient term, and with
+    ``balance.pareto.drop_filtered`` (default) the trainer leaves it out of the update altogether. Scale- and offset-invariant per
     reward (dominance and z both are); stateless apart from the step counter.
     """
 
     name = "pareto"
+
+    @property
+    def drops_zero_advantage(self) -> bool:
+        """True when the trainer should leave the filtered (A = 0) samples out of the update."""
+        return self.cfg.pareto.drop_filtered
 
     def _balance(self, batch: Batch) -> Outcome:
         z = self.gdpo_z(batch)

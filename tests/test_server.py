@@ -292,9 +292,12 @@ def test_token_must_fit_a_header():
         make_server(RewardSuite(["brightness"]), "127.0.0.1", 0, token="two words")
 
 
-def test_port_out_of_range_is_a_clear_error():
-    with pytest.raises(ApexError, match="--port 70000"):
-        make_server(RewardSuite(["brightness"]), "127.0.0.1", 70000)
+@pytest.mark.parametrize("kwargs,match", [({"port": 70000}, "--port 70000"), ({"threads": 0}, "--threads 0"),
+                                          ({"timeout_s": math.inf}, "--timeout inf"), ({"timeout_s": 0}, "--timeout 0")])
+def test_limits_out_of_range_are_clear_errors(kwargs, match):
+    port = kwargs.pop("port", 0)
+    with pytest.raises(ApexError, match=match):
+        make_server(RewardSuite(["brightness"]), "127.0.0.1", port, **kwargs)
 
 
 class InfiniteSuite:

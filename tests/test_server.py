@@ -237,6 +237,7 @@ def test_client_retries_5xx_only(status, attempts):
 
 
 def handler_threads():
+    """Live request threads of every server in this process (the earlier tests' are all done)."""
     return sum(1 for t in threading.enumerate() if "process_request_thread" in t.name)
 
 

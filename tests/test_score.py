@@ -191,6 +191,7 @@ def test_folder_lists_dangling_links_loops_subfolders_and_fifos(tmp_path):
     os.symlink(d / "good.png", d / "alias.png")  # a working link is an image like any other
     os.mkfifo(d / "pipe.png")  # opening it would block forever
     (d / ".hidden.png").write_bytes(b"")
+    (d / "metadata.jsonl").write_text("")  # a sidecar: passed over, also when a glob names it
     _, con = quiet()
     err_text, err = quiet()
     report = score_paths([str(d)], objectives="brightness", out_dir=str(tmp_path / "s"), device="cpu",

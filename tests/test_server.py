@@ -124,9 +124,13 @@ def start_server():
     """start_server(**make_server options) -> a running brightness server on 127.0.0.1."""
     started = []
 
-    def start(**options):
+    def start(host="127.0.0.1", **options):
         suite = RewardSuite(["brightness"])
-        srv = make_server(suite, "127.0.0.1", 0, **options)
+        try:
+            srv = make_server(suite, host, 0, **options)
+        except BaseException:
+            suite.close()
+            raise
         threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
         started.append((srv, suite))
         return srv
@@ -233,6 +237,7 @@ def test_client_retries_5xx_only(status, attempts):
 
 
 def handler_threads():
+    """Live request threads of every server in this process (the earlier tests' are all done)."""
     return sum(1 for t in threading.enumerate() if "process_request_thread" in t.name)
 
 
@@ -288,9 +293,12 @@ def test_token_must_fit_a_header():
         make_server(RewardSuite(["brightness"]), "127.0.0.1", 0, token="two words")
 
 
-def test_port_out_of_range_is_a_clear_error():
-    with pytest.raises(ApexError, match="--port 70000"):
-        make_server(RewardSuite(["brightness"]), "127.0.0.1", 70000)
+@pytest.mark.parametrize("kwargs,match", [({"port": 70000}, "--port 70000"), ({"threads": 0}, "--threads 0"),
+                                          ({"timeout_s": math.inf}, "--timeout inf"), ({"timeout_s": 0}, "--timeout 0")])
+def test_limits_out_of_range_are_clear_errors(kwargs, match):
+    port = kwargs.pop("port", 0)
+    with pytest.raises(ApexError, match=match):
+        make_server(RewardSuite(["brightness"]), "127.0.0.1", port, **kwargs)
 
 
 class InfiniteSuite:
@@ -309,3 +317,15 @@ def test_non_finite_scores_travel_as_null(bright_server):
         text = resp.read().decode()
     answer = json.loads(text, parse_constant=lambda c: pytest.fail(f"{c} in the answer"))
     assert answer["scores"] == [[None], [None], [None]] and answer["info"]["brightness"]["x"] == [None] * 3
+
+
+def test_ipv6_loopback(start_server):
+    if not socket.has_ipv6:
+        pytest.skip("no IPv6 here")
+    try:
+        srv = start_server(host="::1")
+    except ApexError as exc:
+        pytest.skip(f"no IPv6 loopback here ({exc})")
+    assert srv.url.startswith("http://[::1]:")
+    with urllib.request.urlopen(srv.url + "/health", timeout=HANG_GUARD_S) as resp:
+        assert json.loads(resp.read())["objectives"] == ["brightness"]

@@ -45,8 +45,8 @@ from rich.table import Table
 
 from apexcli.console import make_console
 from apexcli.errors import ApexError
-from apexcli.jsonsafe import dumps
 from apexcli.images import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, open_image
+from apexcli.jsonsafe import dumps
 from apexcli.rewards.config import RewardsConfig
 from apexcli.rewards.registry import REGISTRY, canonical_name
 
@@ -94,48 +94,51 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
     with reason). A folder's hidden entries and sidecar files are passed over silently; its other
     entries that are not image files (sub-folders, dangling symlinks, symlink loops, fifos,
     other extensions) are listed as skipped."""
-    matched: list[str] = []
+    matched: list[tuple[str, bool]] = []  # (path, found by a glob or in a folder, not named)
     for raw in paths:
-        matches = sorted(glob.glob(raw, recursive=True)) if glob.has_magic(raw) else [raw]
-        if not matches or not all(os.path.lexists(m) for m in matches):
+        if glob.has_magic(raw):
+            matches = sorted(glob.glob(raw, recursive=True))
+            if not matches:
+                raise ApexError(f"{raw!r} matches no file or folder")
+            matched += [(m, True) for m in matches]
+        elif os.path.lexists(raw):
+            matched.append((raw, False))
+        else:
             raise ApexError(f"{raw!r} matches no file or folder")
-        matched += matches
-    folders = {os.path.abspath(m) for m in matched if os.path.isdir(m)}
+    folders = {os.path.abspath(m) for m, _ in matched if os.path.isdir(m)}
+    entries: list[tuple[str, bool]] = []
+    for path, found in matched:
+        if os.path.isdir(path):
+            entries += [(os.path.join(path, name), True) for name in sorted(os.listdir(path))
+                        if not name.startswith(".") and os.path.abspath(os.path.join(path, name)) not in folders]
+        else:
+            entries.append((path, found))
     files: list[str] = []
     skipped: list[tuple[str, str]] = []
-    for path in matched:
-        if not os.path.isdir(path):
-            reason = _unusable(path)
-            if reason is None:
-                files.append(path)
-            else:
-                skipped.append((path, reason))
-            continue
-        for name in sorted(os.listdir(path)):
-            full = os.path.join(path, name)
-            ext = os.path.splitext(name)[1].lower()
-            if name.startswith(".") or os.path.abspath(full) in folders:
-                continue  # hidden, or an input folder of its own (a '**' glob)
-            reason = _unusable(full)
-            if reason is None and ext in SIDECAR_EXTENSIONS:
-                continue
-            if reason is None and not is_image_name(name):
-                reason = f"not an image file (extension {ext or 'none'})"
-            if reason is None:
-                files.append(full)
-            else:
-                skipped.append((full, reason))
+    for path, found in entries:
+        ext = os.path.splitext(path)[1].lower()
+        reason = _unusable(path)
+        if reason is None and found and ext in SIDECAR_EXTENSIONS:
+            continue  # metadata.jsonl and the like, beside the images
+        if reason is None and found and not is_image_name(path):
+            reason = f"not an image file (extension {ext or 'none'})"
+        if reason is None:
+            files.append(path)  # a file named on the command line is tried whatever its name
+        else:
+            skipped.append((path, reason))
+    return _unique(files, lambda f: f), _unique(skipped, lambda item: item[0])
+
+
+def _unique(items: list, path_of) -> list:
+    """`items` in order, without a second entry for the same absolute path."""
     seen: set[str] = set()
-    unique = []
-    for f in files:
-        key = os.path.abspath(f)
+    out = []
+    for item in items:
+        key = os.path.abspath(path_of(item))
         if key not in seen:
             seen.add(key)
-            unique.append(f)
-    seen_skipped: set[str] = set()
-    skipped = [(f, r) for f, r in skipped
-               if not (os.path.abspath(f) in seen_skipped or seen_skipped.add(os.path.abspath(f)))]
-    return unique, skipped
+            out.append(item)
+    return out
 
 
 def _read_mapping(path: str, bad_lines: list[str] | None = None) -> dict[str, str]:

@@ -25,6 +25,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import socket
 import sys
 import threading
@@ -60,6 +61,16 @@ def check_token(token: str) -> str:
     return token
 
 
+def check_limits(threads: int, timeout_s: float, port: int) -> None:
+    """ApexError naming the option that is out of range."""
+    if threads < 1:
+        raise ApexError(f"--threads {threads}: need at least 1")
+    if not (math.isfinite(timeout_s) and timeout_s > 0):
+        raise ApexError(f"--timeout {timeout_s}: need a positive, finite number of seconds")
+    if not 0 <= port <= 65535:
+        raise ApexError(f"--port {port}: must be in 0..65535")
+
+
 class RewardHTTPServer(ThreadingHTTPServer):
     """Threaded HTTP server owning one RewardSuite; scoring is serialised by a lock."""
 
@@ -69,10 +80,7 @@ class RewardHTTPServer(ThreadingHTTPServer):
     def __init__(self, suite: RewardSuite, host: str = "127.0.0.1", port: int = 18086,
                  max_pixels: int = DEFAULT_MAX_PIXELS, *, token: str = "",
                  threads: int = DEFAULT_THREADS, timeout_s: float = DEFAULT_TIMEOUT_S):
-        if threads < 1:
-            raise ApexError(f"--threads {threads}: need at least 1")
-        if not timeout_s > 0:
-            raise ApexError(f"--timeout {timeout_s}: need a positive number of seconds")
+        check_limits(threads, timeout_s, port)
         self.suite = suite
         self.max_pixels = max_pixels
         self.score_lock = threading.Lock()
@@ -229,8 +237,7 @@ def make_server(suite: RewardSuite, host: str = "127.0.0.1", port: int = 18086,
                 max_pixels: int = DEFAULT_MAX_PIXELS, *, token: str = "",
                 threads: int = DEFAULT_THREADS, timeout_s: float = DEFAULT_TIMEOUT_S) -> RewardHTTPServer:
     """Bind the server (port 0 picks a free port); call serve_forever() to run it."""
-    if not 0 <= port <= 65535:
-        raise ApexError(f"--port {port}: must be in 0..65535")
+    check_limits(threads, timeout_s, port)
     try:
         return RewardHTTPServer(suite, host, port, max_pixels, token=token, threads=threads, timeout_s=timeout_s)
     except OSError as exc:
@@ -248,12 +255,7 @@ def serve_rewards(objectives: list[str], *, host: str = "127.0.0.1", port: int =
     from apexcli.rewards.runtime import resolve_device_dtype
 
     check_token(token)
-    if threads < 1:
-        raise ApexError(f"--threads {threads}: need at least 1")
-    if not timeout_s > 0:
-        raise ApexError(f"--timeout {timeout_s}: need a positive number of seconds")
-    if not 0 <= port <= 65535:
-        raise ApexError(f"--port {port}: must be in 0..65535")
+    check_limits(threads, timeout_s, port)  # before the models load
     dev, dt = resolve_device_dtype(device, dtype)
     suite = RewardSuite(objectives, device=dev, dtype=dt, config=config)
     server = make_server(suite, host, port, token=token, threads=threads, timeout_s=timeout_s)

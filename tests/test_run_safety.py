@@ -205,6 +205,11 @@ def test_eval_log_refuses_another_runs_checkpoint(four_steps, tmp_path):
     line = _error_line(run_cli(["eval", str(run), "--checkpoint", str(other / "checkpoints" / "step-000002"), "--log"]))
     assert "--log" in line and "not one of this run's" in line
     assert (run / "metrics.jsonl").read_bytes() == before
+    # without --log it evaluates, into a folder that cannot pass for the run's own step 2
+    result = run_cli(["eval", str(run), "--checkpoint", str(other / "checkpoints" / "step-000002")])
+    assert result.code == 0, result.stderr[-2000:]
+    assert (run / "eval" / "other-other-step-000002" / "scores.jsonl").is_file()
+    assert not (run / "eval" / "step-000002").exists() and (run / "metrics.jsonl").read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------- item 5, 10 (--lora)

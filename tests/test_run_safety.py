@@ -12,7 +12,6 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from apexcli.errors import ApexError
 from apexcli.models.lora import resolve_lora_path
 from apexcli.runs import LORA_FILE, RunDir
 from apexcli.train.checkpoint import CheckpointError, TrainingState, load_training_state, save_checkpoint

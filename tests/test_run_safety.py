@@ -282,5 +282,7 @@ def test_bad_paths_are_one_line_errors(tmp_path):
     latin1.write_bytes("a caf\xe9 sign\n".encode("latin-1"))
     line = _error_line(_train_cli(tmp_path / "r", 1, f"prompts.train={latin1}"))
     assert "prompts.txt" in line and "UTF-8" in line and "line 1" in line
+    (config := tmp_path / "c.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8" in _error_line(run_cli(["train", "--config", str(config), "--out", str(tmp_path / "r")]))
     assert (run := run_cli(["serve", "-O", "brightness", "--port", "70000"])).code == 2 and "65535" in run.stderr
     assert "is a file" in _error_line(run_cli(["sample", "--preset", "tiny", "--prompt", "x", "--out", str(a_file)]))

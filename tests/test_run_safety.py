@@ -12,7 +12,6 @@ import torch
 import yaml
 from safetensors.torch import save_file
 
-from apexcli.errors import ApexError
 from apexcli.models.lora import resolve_lora_path
 from apexcli.runs import LORA_FILE, RunDir
 from apexcli.train.checkpoint import CheckpointError, TrainingState, load_training_state, save_checkpoint
@@ -205,6 +204,11 @@ def test_eval_log_refuses_another_runs_checkpoint(four_steps, tmp_path):
     line = _error_line(run_cli(["eval", str(run), "--checkpoint", str(other / "checkpoints" / "step-000002"), "--log"]))
     assert "--log" in line and "not one of this run's" in line
     assert (run / "metrics.jsonl").read_bytes() == before
+    # without --log it evaluates, into a folder that cannot pass for the run's own step 2
+    result = run_cli(["eval", str(run), "--checkpoint", str(other / "checkpoints" / "step-000002")])
+    assert result.code == 0, result.stderr[-2000:]
+    assert (run / "eval" / "other-other-step-000002" / "scores.jsonl").is_file()
+    assert not (run / "eval" / "step-000002").exists() and (run / "metrics.jsonl").read_bytes() == before
 
 
 # ---------------------------------------------------------------------------------- item 5, 10 (--lora)
@@ -278,5 +282,7 @@ def test_bad_paths_are_one_line_errors(tmp_path):
     latin1.write_bytes("a caf\xe9 sign\n".encode("latin-1"))
     line = _error_line(_train_cli(tmp_path / "r", 1, f"prompts.train={latin1}"))
     assert "prompts.txt" in line and "UTF-8" in line and "line 1" in line
+    (config := tmp_path / "c.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
+    assert "not UTF-8" in _error_line(run_cli(["train", "--config", str(config), "--out", str(tmp_path / "r")]))
     assert (run := run_cli(["serve", "-O", "brightness", "--port", "70000"])).code == 2 and "65535" in run.stderr
     assert "is a file" in _error_line(run_cli(["sample", "--preset", "tiny", "--prompt", "x", "--out", str(a_file)]))

@@ -98,7 +98,7 @@ def _newest_good(run: RunDir, below: int | None = None) -> tuple[Path | None, Tr
     for step, path in _step_dirs(run):
         if below is not None and step >= below:
             continue
-        if not (path / LORA_FILE).exists() and not (path / "state").exists() and not any(path.iterdir()):
+        if not any(path.iterdir()):
             continue  # an empty dir is no checkpoint at all
         try:
             return path, load_training_state(path), skipped
@@ -135,15 +135,9 @@ def resolve_resume(run: RunDir, resume: str) -> StartPlan:
             previous = _newest_good(owner, below=step)[0] if owner is not None and step is not None else None
             offer = f"; the previous good checkpoint is {previous} (--resume {previous})" if previous else "; no older readable checkpoint exists"
             raise ApexError(f"{exc}{offer}") from None
-    if path.is_dir() and RunDir(path).checkpoints_dir.is_dir():
-        return resolve_resume(RunDir(path), "auto") if path.resolve() == run.path.resolve() else _resolve_other_run(RunDir(path))
-    raise ApexError(f"--resume '{resume}' is not a checkpoint (no {LORA_FILE} + state/) nor a run with checkpoints")
-
-
-def _resolve_other_run(other: RunDir) -> StartPlan:
-    plan = resolve_resume(other, "auto")
+    plan = resolve_resume(RunDir(path), "auto") if path.is_dir() else StartPlan()
     if plan.checkpoint is None:
-        raise ApexError(f"--resume '{other.path}' is a run without checkpoints")
+        raise ApexError(f"--resume '{resume}' is not a checkpoint (no {LORA_FILE} + state/) nor a run with checkpoints")
     return plan
 
 

@@ -102,9 +102,10 @@ class RapidOcrEngine:
         if config.use_gpu:
             params["EngineConfig.onnxruntime.use_cuda"] = True
         self.engine = RapidOCR(params=params)
-        if self.drop_upside_down and not hasattr(self.engine, "run_ocr_steps"):
-            raise ApexError("this rapidocr cannot report upside-down lines; pip install 'rapidocr>=3.4', "
-                            "or set rewards.ocr.upside_down=rotate (or read)")
+        steps = ("load_img", "preprocess_img", "run_ocr_steps")
+        if self.drop_upside_down and not all(hasattr(self.engine, n) for n in steps):
+            raise ApexError("this rapidocr does not expose its OCR steps (needed to drop upside-down lines); "
+                            "pip install -U rapidocr (3.10 does), or set rewards.ocr.upside_down=rotate (or read)")
 
     def read(self, bgr: np.ndarray) -> str:
         if not self.drop_upside_down:
@@ -118,8 +119,9 @@ class RapidOcrEngine:
         texts, scores = rec.txts or (), rec.scores or ()
         verdicts = cls.cls_res or [("0", 0.0)] * len(texts)
         thresh = float(eng.cfg.Cls.cls_thresh)
+        min_score = float(getattr(eng, "text_score", 0.5))  # what RapidOCR.__call__ filters on
         return " ".join(t for t, s, (label, conf) in zip(texts, scores, verdicts)
-                        if t.strip() and s >= eng.text_score and not ("180" in label and conf > thresh))
+                        if t.strip() and s >= min_score and not ("180" in label and conf > thresh))
 
 
 class PaddleOcrEngine:

@@ -101,7 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=18086)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     p.add_argument("--dtype", default="float16",
-                   help="float16 (default: score() casts its inputs to half), bfloat16 or float32 fail inside score()")
+                   help="float16 (default); DeQA-Score's score() casts its inputs to half, so other dtypes fail there")
     p.add_argument("--batch-size", type=int, default=8, help="images per score() call")
     p.add_argument("--attn-implementation", default="eager", help="passed to from_pretrained ('' = library default)")
     p.add_argument("--jpeg-quality", type=int, default=0,

@@ -191,6 +191,10 @@ def test_refusals(deqa_dir, capsys):
     assert main(["--source", deqa_dir, "--device", "cpu", "--port", "0"]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "--trust-remote-code" in err
+    missing = os.path.join(deqa_dir, "no-such-model")
+    assert main(["--trust-remote-code", "--source", missing, "--device", "cpu", "--port", "0"]) == 2
+    err = capsys.readouterr().err
+    assert "no-such-model" in err and "pass --source DIR" in err and err.count("\n") == 1
     with pytest.raises(ApexError, match="--jpeg-quality 101"):
         build_suite(deqa_dir, device="cpu", trust_remote_code=True, jpeg_quality=101)
 

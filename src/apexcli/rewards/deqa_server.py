@@ -101,7 +101,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=18086)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     p.add_argument("--dtype", default="float16",
-                   help="float16 (default: score() casts its inputs to half), bfloat16 or float32 fail inside score()")
+                   help="float16 (default); DeQA-Score's score() casts its inputs to half, so other dtypes fail there")
     p.add_argument("--batch-size", type=int, default=8, help="images per score() call")
     p.add_argument("--attn-implementation", default="eager", help="passed to from_pretrained ('' = library default)")
     p.add_argument("--jpeg-quality", type=int, default=0,
@@ -111,13 +111,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    from apexcli.rewards.hub import override_hint
     from apexcli.rewards.server import LOOPBACK_HOSTS, make_server
 
     args = parse_args(argv)
     try:
-        suite = build_suite(args.source, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                            attn_implementation=args.attn_implementation, jpeg_quality=args.jpeg_quality,
-                            scale=args.scale, trust_remote_code=args.trust_remote_code)
+        with override_hint("pass --source DIR"):  # this command's syntax for rewards.deqa.source
+            suite = build_suite(args.source, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
+                                attn_implementation=args.attn_implementation, jpeg_quality=args.jpeg_quality,
+                                scale=args.scale, trust_remote_code=args.trust_remote_code)
         server = make_server(suite, args.host, args.port)  # type: ignore[arg-type]
     except ApexError as exc:
         print(f"error: {exc}", file=sys.stderr)

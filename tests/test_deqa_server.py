@@ -227,3 +227,13 @@ def test_make_target_builds_its_own_venv():
     out = subprocess.run(["make", "-n", "-B", "deqa-server"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
     assert "-m venv .venv-deqa" in out
     assert "-r requirements-deqa.txt" in out and "--no-deps -e ." in out
+
+
+def test_token_from_flag_or_the_clients_variable(monkeypatch):
+    from apexcli.rewards.deqa_server import parse_args
+
+    monkeypatch.delenv("APEX_SERVE_TOKEN", raising=False)
+    assert parse_args([]).token == ""
+    monkeypatch.setenv("APEX_SERVE_TOKEN", "s3cret")  # the variable the remote client sends
+    assert parse_args([]).token == "s3cret"
+    assert parse_args(["--token", "other"]).token == "other"

@@ -81,7 +81,7 @@ def test_server_down_is_a_clear_error():
     with pytest.raises(ApexError) as err:
         RewardSuite([f"deqa@{url}"], config=RewardsConfig(remote=FAST))
     msg = str(err.value)
-    assert url in msg and "apex serve --objectives deqa" in msg and "2 attempt" in msg and "\n" not in msg
+    assert url in msg and "apexcli.rewards.deqa_server" in msg and "2 attempt" in msg and "\n" not in msg
 
 
 def test_server_dying_mid_run_is_an_error_not_zeros(config):

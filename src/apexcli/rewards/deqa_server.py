@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import io
+import os
 import sys
 from typing import Any, Sequence
 
@@ -97,7 +98,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--source", default=DEFAULT_SOURCE, help="hub id or local dir of the DeQA-Score weights")
     p.add_argument("--trust-remote-code", action="store_true",
                    help="allow the Python code shipped with the weights to run (required)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default: no authentication)")
+    p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default; beyond it, set a token)")
+    p.add_argument("--token", default=os.environ.get("APEX_SERVE_TOKEN", ""),
+                   help="require 'Authorization: Bearer TOKEN' (default: $APEX_SERVE_TOKEN, which the client sends)")
     p.add_argument("--port", type=int, default=18086)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
     p.add_argument("--dtype", default="float16",
@@ -120,11 +123,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             suite = build_suite(args.source, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
                                 attn_implementation=args.attn_implementation, jpeg_quality=args.jpeg_quality,
                                 scale=args.scale, trust_remote_code=args.trust_remote_code)
-        server = make_server(suite, args.host, args.port)  # type: ignore[arg-type]
+        server = make_server(suite, args.host, args.port, token=args.token)  # type: ignore[arg-type]
     except ApexError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    if args.host not in LOOPBACK_HOSTS:
+    if args.host not in LOOPBACK_HOSTS and not args.token:
         print(f"warning: serving on {args.host}: anyone who can reach this port can run the model", file=sys.stderr)
     extras = [f"JPEG q{args.jpeg_quality} round trip"] * bool(args.jpeg_quality) + [f"scores x {args.scale:g}"] * (args.scale != 1.0)
     print(f"serving deqa on {server.url} ({args.device}, {args.dtype}{''.join(', ' + e for e in extras)}); "

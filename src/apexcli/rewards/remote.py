@@ -90,7 +90,14 @@ def request_json(url: str, payload: dict | None, config: RemoteConfig, what: str
         except ValueError:
             last = "answer is not JSON"
     raise ApexError(f"reward server {url} failed for {what} after {attempts} attempt(s) ({last}); "
-                    f"is `apex serve --objectives {what} --port PORT` running there?")
+                    f"is `{serve_command(what)}` running there?")
+
+
+def serve_command(name: str) -> str:
+    """The command that hosts reward `name`: DeQA has its own server in its own environment."""
+    if name == "deqa":
+        return "python -m apexcli.rewards.deqa_server --trust-remote-code --port PORT (make deqa-server)"
+    return f"apex serve --objectives {name} --port PORT"
 
 
 class RemoteReward(Reward):
@@ -111,7 +118,7 @@ class RemoteReward(Reward):
         served = health.get("objectives", [])
         if name not in served:
             raise ApexError(f"reward server {self.url} serves {', '.join(served) or 'nothing'}, not {name}; "
-                            f"start one with `apex serve --objectives {name}`")
+                            f"start one with `{serve_command(name)}`")
 
     def score(self, batch: ImageBatch, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
         payload = {"objectives": [self.name], "prompts": list(prompts),

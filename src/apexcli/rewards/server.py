@@ -1,8 +1,11 @@
 """Reward server: host rewards over HTTP so a heavy or conflicting model (DeQA's remote code
 pins an older transformers) runs in its own process or environment.
 
-    apex serve --objectives deqa --port 18086 --trust-remote-code
-    apex train --objectives pick,deqa@http://127.0.0.1:18086,...
+    apex serve --objectives pick,aes --port 18087
+    apex train --objectives pick@http://127.0.0.1:18087,aes@http://127.0.0.1:18087,...
+
+DeQA-Score's remote code needs transformers 4.36.1: it gets its own environment and entry point
+(`make deqa-server`, then `python -m apexcli.rewards.deqa_server`), which reuses this server.
 
 The wire format is documented in `apexcli.rewards.remote`. Binds to loopback unless told
 otherwise: the server runs models on whatever it is sent. With a token (`--token` or the

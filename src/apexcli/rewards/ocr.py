@@ -82,6 +82,8 @@ class RapidOcrEngine:
         }
         if config.use_gpu:
             params["EngineConfig.onnxruntime.use_cuda"] = True
+        if config.det_side > 0:
+            params["Det.limit_side_len"] = int(config.det_side)
         self.engine = RapidOCR(params=params)
 
     def read(self, bgr: np.ndarray) -> str:

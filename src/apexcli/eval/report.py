@@ -22,6 +22,7 @@ from apexcli.console import make_console
 from apexcli.errors import ApexError
 from apexcli.eval import plots
 from apexcli.eval.collect import PointTable, build_points, collect_runs
+from apexcli.eval.strip import Strip, write_strip
 from apexcli.eval.pareto import (
     NORMALISATIONS,
     Normalisation,
@@ -54,6 +55,7 @@ class ParetoResult:
     plots: list[plots.PlotFile]  # PNGs written
     json_path: Path
     report_path: Path
+    strip: Strip | None = None  # base model vs each run on the same eval prompts and seeds
 
 
 def run_pareto(
@@ -109,6 +111,10 @@ def run_pareto(
         report_path=out / REPORT_FILE,
     )
     result.plots = _write_plots(result, out)
+    final_steps = {run.name: int(table.steps[np.flatnonzero(table.run_index == r)[-1]]) for r, run in enumerate(table.runs)}
+    result.strip = write_strip(table.runs, final_steps, out)
+    if result.strip is not None:
+        table.warnings.extend(result.strip.warnings)
     atomic_write_text(result.json_path, json.dumps(_to_json(result, all_steps), indent=2) + "\n")
     atomic_write_text(result.report_path, _report_markdown(result, all_steps))
     _print_terminal(result, console)
@@ -166,6 +172,11 @@ def _to_json(result: ParetoResult, all_steps: bool) -> dict:
         "skipped": [{"path": str(s.path), "reason": s.reason} for s in t.skipped],
         "warnings": t.warnings,
         "plots": [p.path.name for p in result.plots],
+        "samples": None if result.strip is None else {
+            "file": result.strip.path.name,
+            "rows": result.strip.rows,
+            "columns": [{"prompt": p, "seed": s} for p, s in result.strip.prompts],
+        },
     }
 
 
@@ -292,6 +303,11 @@ def _report_markdown(result: ParetoResult, all_steps: bool) -> str:
     }
     for p in result.plots:
         lines += [f"## {captions[p.path.name]}", "", f"![{captions[p.path.name]}]({p.path.name})", ""]
+    if result.strip is not None:
+        lines += ["## Samples: the same eval prompts and seeds, base model and each run", "",
+                  f"![samples]({result.strip.path.name})", "",
+                  "Rows: " + "; ".join(result.strip.rows) + ". Columns:", ""]
+        lines += [f"{i}. {p} (seed {s})" for i, (p, s) in enumerate(result.strip.prompts, 1)] + [""]
     if t.skipped:
         lines += ["## Skipped runs", ""] + [f"- `{s.path}`: {s.reason}" for s in t.skipped] + [""]
     if t.warnings:

@@ -8,8 +8,8 @@ Layout (fractions of the image side S; the same for every size):
   - shapes: `count` objects of side 0.22 S on a line. left/right: a column at x = 0.25 S / 0.75 S;
     top/bottom: a row at y = 0.25 S / 0.75 S; center: a row at y = 0.5 S. Along the line the
     centres sit at 0.5 S + (i - (n-1)/2) * 0.3 S. An rng adds up to +-0.03 S of jitter.
-  - signs: sky background, a white board (0.06-0.94 S wide, 0.18-0.70 S high) on a brown post,
-    the word in black capitals centred on the board, as large as fits.
+  - signs: sky background, a white board (0.03-0.97 S wide, 0.18-0.70 S high) on a brown post,
+    the word in black capitals in fixed-pitch slots centred on the board, as large as fits.
 """
 
 from __future__ import annotations
@@ -29,6 +29,7 @@ from apexcli.world.grammar import (
     SIGN_INK,
     SIGN_POST,
     SIGN_SKY,
+    WORDS,
     Scene,
 )
 
@@ -44,7 +45,7 @@ _LINES: dict[str, tuple[str, float]] = {
     "bottom": ("x", 0.75),
     "center": ("x", 0.50),
 }
-BOARD = (0.06, 0.18, 0.94, 0.70)  # x0, y0, x1, y1 of the sign board
+BOARD = (0.03, 0.18, 0.97, 0.70)  # x0, y0, x1, y1 of the sign board
 POST = (0.45, 0.70, 0.55, 1.0)
 TEXT_HEIGHT = 0.30  # font size as a fraction of S (capped so the word fits the board)
 
@@ -100,28 +101,53 @@ def _font(pixels: int) -> ImageFont.FreeTypeFont:
     return ImageFont.load_default(size=pixels)
 
 
-def _fit_font(word: str, size: int) -> tuple[ImageFont.FreeTypeFont, tuple[int, int, int, int]]:
-    """The largest font (at most TEXT_HEIGHT * size) whose rendering of the word fits the board."""
+def _stroke(font: ImageFont.FreeTypeFont) -> int:
+    return max(1, round(font.size / 14))  # a touch of weight: strokes survive the 4x downsampling
+
+
+@lru_cache(maxsize=8)
+def _text_font(size: int) -> tuple[ImageFont.FreeTypeFont, float, float]:
+    """(font, pitch, glyph height) for signs drawn `size` pixels wide (supersampled size).
+
+    Text is set in fixed-pitch slots: character i of an n-letter word is centred in slot i of n
+    slots centred on the board, whatever the word. A letter's image then depends only on the
+    letter, its index and the word's length, so a model learns glyphs shared across words instead
+    of memorising each word as a picture. The font is the largest whose widest capital fits a slot
+    of the longest word (letters of WORDS).
+    """
     bx0, by0, bx1, by1 = BOARD
     max_w, max_h = (bx1 - bx0) * size * 0.92, (by1 - by0) * size * 0.85
+    longest = max(len(w) for w in WORDS)
     pixels = max(4, round(TEXT_HEIGHT * size))
     while True:
         font = _font(pixels)
-        bbox = font.getbbox(word, stroke_width=max(1, pixels // 14))
-        if (bbox[2] - bbox[0] <= max_w and bbox[3] - bbox[1] <= max_h) or pixels <= 4:
-            return font, bbox
+        stroke = _stroke(font)
+        boxes = [font.getbbox(c, stroke_width=stroke) for c in sorted(set("".join(WORDS)))]
+        pitch = max(b[2] - b[0] for b in boxes) * 0.92  # the widest letters may just touch
+        height = max(b[3] for b in boxes) - min(b[1] for b in boxes)
+        if (pitch * longest <= max_w and height <= max_h) or pixels <= 4:
+            return font, pitch, height
         pixels -= 1
+
+
+def _slots(word: str, size: int) -> list[tuple[float, float]]:
+    """Centre (x, y) of each character's slot, in pixels of an image `size` wide."""
+    _, pitch, _ = _text_font(size)
+    bx0, by0, bx1, by1 = (v * size for v in BOARD)
+    cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
+    return [(cx + (i - (len(word) - 1) / 2) * pitch, cy) for i in range(len(word))]
 
 
 def _sign_layout(word: str, size: int) -> list[Box]:
     bx0, by0, bx1, by1 = (v * size for v in BOARD)
-    _, bbox = _fit_font(word, size * SUPERSAMPLE)
-    w, h = (bbox[2] - bbox[0]) / SUPERSAMPLE, (bbox[3] - bbox[1]) / SUPERSAMPLE
+    _, pitch, height = _text_font(size * SUPERSAMPLE)
+    pitch, height = pitch / SUPERSAMPLE, height / SUPERSAMPLE
     cx, cy = (bx0 + bx1) / 2, (by0 + by1) / 2
+    w = pitch * len(word)
     px0, py0, px1, py1 = (v * size for v in POST)
     return [
         Box(bx0, by0, bx1, by1, "board"),
-        Box(cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2, "text"),
+        Box(cx - w / 2, cy - height / 2, cx + w / 2, cy + height / 2, "text"),
         Box(px0, py0, px1, py1, "post"),
     ]
 
@@ -133,14 +159,12 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> Im
         image = Image.new("RGB", (big, big), SIGN_SKY)
         draw = ImageDraw.Draw(image)
         s = SUPERSAMPLE
-        board, text, post = _sign_layout(scene.word, size)
+        board, _, post = _sign_layout(scene.word, size)
         draw.rectangle([post.x0 * s, post.y0 * s, post.x1 * s - 1, post.y1 * s - 1], fill=SIGN_POST)
         draw.rectangle([board.x0 * s, board.y0 * s, board.x1 * s - 1, board.y1 * s - 1], fill=SIGN_BOARD)
-        font, bbox = _fit_font(scene.word, big)
-        stroke = max(1, font.size // 14)  # a touch of weight: strokes survive the 4x downsampling
-        cx, cy = text.center
-        draw.text((cx * s - (bbox[0] + bbox[2]) / 2, cy * s - (bbox[1] + bbox[3]) / 2), scene.word,
-                  font=font, fill=SIGN_INK, stroke_width=stroke, stroke_fill=SIGN_INK)
+        font, _, _ = _text_font(big)
+        for char, (x, y) in zip(scene.word, _slots(scene.word, big)):
+            draw.text((x, y), char, font=font, anchor="mm", fill=SIGN_INK, stroke_width=_stroke(font), stroke_fill=SIGN_INK)
         return image.resize((size, size), Image.Resampling.BOX)
     background = BACKGROUND_COLORS[scene.background or DEFAULT_BACKGROUND]
     image = Image.new("RGB", (big, big), background)

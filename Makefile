@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO ?= runs/demo
 
-.PHONY: install demo test test-all bench clean
+.PHONY: install demo test test-all bench clean mini-weights
 
 install: $(VENV)/.installed
 
@@ -56,6 +56,11 @@ bench: install
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_balance.py --seeds 5
 	$(BIN)/python benchmarks/bench_score.py
+
+# Retrain the packaged `mini` pipeline from scratch (CPU, about 70 minutes; see docs/mini.md).
+MINI_MINUTES ?= 72
+mini-weights: install
+	$(BIN)/python -m apexcli.world.pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --minutes $(MINI_MINUTES) --seed 0
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -124,3 +124,30 @@ def test_rapidocr_reads_ground_truth_signs(rapidocr):
     # the same render against another word's prompt is not rewarded
     wrong, _ = rapidocr(images[:1], ['a sign that says "MILK"'])
     assert wrong.item() < 0.5
+
+
+def test_shipped_prompt_sets_are_the_grammars_output():
+    from importlib import resources
+
+    def lines(name):
+        text = (resources.files("apexcli.data") / f"{name}.txt").read_text()
+        return [x for x in text.splitlines() if x and not x.startswith("#")]
+
+    assert lines("mini") == prompts(256, 0, "train")
+    assert lines("mini_eval") == prompts(64, 0, "eval")
+
+
+def test_pixel_readback_of_ground_truth_and_of_a_wrong_prompt():
+    from apexcli.world.measure import attribute_matches, read_shapes
+
+    rng = random.Random(2)
+    for _ in range(60):
+        scene = sample_scene(rng, sign_fraction=0.0)
+        matches = attribute_matches(scene, read_shapes(render(scene, 64, rng)))
+        assert all(matches.values()), (scene_to_prompt(scene), matches)
+    image = render(parse_prompt("a red circle on the left on white"))
+    matches = attribute_matches(parse_prompt("two blue squares on the right on black"), read_shapes(image))
+    assert not any(matches.values()), matches
+    blank = render(Scene(kind="shapes", shape="circle", color="red", count=1)).copy()
+    blank.paste((245, 245, 245), (0, 0, 64, 64))
+    assert read_shapes(blank).count == 0 and read_shapes(blank).color is None

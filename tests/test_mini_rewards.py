@@ -1,4 +1,12 @@
-"""The mini world's objectives (adherence, quality, appeal, and OCR on signs) on constructed images."""
+"""The mini world's objectives (adherence, quality, appeal, and OCR on signs) on constructed images.
+
+The short RL check on `mini` (does training on an objective raise it?) is a benchmark, not a test:
+on the shared two-core machine one rollout of 8 images at the preset's 10 steps with CFG took
+17-26 s, so a run of a few steps with its step-0 and final evals takes minutes, and a margin
+over seed noise needs several seeds. `python benchmarks/bench_balance.py --mini --objectives
+adherence --strategies static --seeds 2 --steps 4` is that check; docs/mini_rewards.md has its
+numbers.
+"""
 
 import math
 import random

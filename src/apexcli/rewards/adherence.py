@@ -142,10 +142,11 @@ def adherence_parts(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch
     if sign_idx:
         imgs = images[sign_idx]
         board, ink, _ = _sign_masks(imgs)
+        n_board, n_ink = board.flatten(1).sum(dim=1).tolist(), ink.flatten(1).sum(dim=1).tolist()
         for j, i in enumerate(sign_idx):
             ref_board, ref_ink = _sign_reference(scenes[i].word, h)
-            s_board = min(1.0, float(board[j].sum()) / (0.6 * ref_board))
-            s_ink = min(1.0, float(ink[j].sum()) / (0.5 * max(ref_ink, 1.0)))
+            s_board = min(1.0, n_board[j] / (0.6 * ref_board))
+            s_ink = min(1.0, n_ink[j] / (0.5 * max(ref_ink, 1.0)))
             parts[i] = {"board": s_board, "writing": s_ink}
             a[i] = (s_board + s_ink) / 2
     return a, parts

@@ -96,6 +96,21 @@ def evaluate(pipe: StableDiffusion3Pipeline, n: int = 64, seed: int = 0, guidanc
     return result
 
 
+def sampling_speed(pipe: StableDiffusion3Pipeline, guidance: float, steps: int = 10, n: int = 8, repeats: int = 3) -> dict:
+    """Seconds to sample n images at `steps` steps: the best wall time of a few repeats, and the
+    process CPU time per repeat (on a shared machine, wall time includes waiting for a core)."""
+    texts = world_prompts(n, seed=1, split="eval")
+    sample_fixed(pipe, texts, seed=0, guidance=guidance, steps=2)  # warm-up
+    walls, cpus = [], []
+    for _ in range(repeats):
+        w, c = time.perf_counter(), time.process_time()
+        sample_fixed(pipe, texts, seed=0, guidance=guidance, steps=steps)
+        walls.append(time.perf_counter() - w)
+        cpus.append(time.process_time() - c)
+    return {"images": n, "steps": steps, "guidance": guidance, "threads": torch.get_num_threads(),
+            "best_wall_s": round(min(walls), 2), "cpu_s": round(float(np.mean(cpus)), 2)}
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Evaluate a pipeline on the world's held-out prompts.")
     parser.add_argument("--model", default="mini", help="mini, or a diffusers SD3 directory")
@@ -105,12 +120,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shift", type=float, nargs="+", default=[None])
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--out", type=Path, default=None, help="save sample grids here")
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--speed", action="store_true", help="only time sampling 8 images at --steps steps")
     args = parser.parse_args(argv)
     from apexcli.config import ModelConfig
     from apexcli.models.loading import load_pipeline
 
-    torch.set_num_threads(1)
+    torch.set_num_threads(args.threads)
     pipe = load_pipeline(ModelConfig(pretrained=args.model, dtype="float32"))
+    if args.speed:
+        for g in args.guidance:
+            print(json.dumps(sampling_speed(pipe, g, args.steps)), flush=True)
+        return
     for g in args.guidance:
         for s in args.shift:
             print(json.dumps(evaluate(pipe, args.prompts, args.seed, g, args.steps, s, args.out)), flush=True)

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO ?= runs/demo
 
-.PHONY: install demo test test-all bench clean deqa-server
+.PHONY: install demo test test-all bench clean deqa-server mini-weights
 
 install: $(VENV)/.installed
 
@@ -31,19 +31,24 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q -e ".[dev]"
 	touch $@
 
+# two short runs of the pretrained mini preset (apex vs static weights on its four objectives),
+# samples from the apex run, their scores, and the pareto report with the base-vs-runs image strip
+DEMO_STEPS ?= 8
+DEMO_SET ?= train.steps=$(DEMO_STEPS) eval.every=$(DEMO_STEPS) train.checkpoint_every=$(DEMO_STEPS)
+
 demo: install
 	rm -rf $(DEMO)
-	$(BIN)/apex train --preset tiny --out $(DEMO)/runs/apex
-	$(BIN)/apex train --preset tiny --out $(DEMO)/runs/static --balance static
-	$(BIN)/apex sample --preset tiny --lora $(DEMO)/runs/apex --prompt "a red apple on a wooden table" --num-images 4 --out $(DEMO)/samples
-	$(BIN)/apex score $(DEMO)/samples --objectives brightness,colorfulness,contrast --out $(DEMO)/scores
+	$(BIN)/apex train --preset mini --out $(DEMO)/runs/apex --balance apex $(DEMO_SET)
+	$(BIN)/apex train --preset mini --out $(DEMO)/runs/static --balance static $(DEMO_SET)
+	$(BIN)/apex sample --preset mini --lora $(DEMO)/runs/apex --prompt 'a sign that says "STOP"' --prompt "two red circles on the left on white" --num-images 4 --out $(DEMO)/samples
+	$(BIN)/apex score $(DEMO)/samples --objectives adherence,quality,appeal,ocr --set rewards.ocr.det_side=128 --out $(DEMO)/scores
 	$(BIN)/apex pareto $(DEMO)/runs --out $(DEMO)/pareto
 	@echo
 	@echo "demo outputs under $(DEMO)/:"
-	@echo "  runs/apex, runs/static   config.yaml, metrics.jsonl, checkpoints/, eval/ (two tiny training runs)"
+	@echo "  runs/apex, runs/static   config.yaml, metrics.jsonl, checkpoints/, eval/ (two mini training runs)"
 	@echo "  samples/                 PNGs + metadata.jsonl from the apex run's LoRA"
 	@echo "  scores/                  scores.jsonl, scores.csv"
-	@echo "  pareto/                  report.md, pareto.json, plots"
+	@echo "  pareto/                  report.md (samples.png: base model vs each run), pareto.json, plots"
 
 # the fast suite (markers slow, cuda, paddle, real_weights deselected in pyproject.toml);
 # --durations lists the slowest tests, so a test that grows shows up
@@ -77,6 +82,11 @@ $(DEQA_VENV)/.installed: requirements-deqa.txt pyproject.toml
 	$(DEQA_VENV)/bin/python -m pip install -q --no-deps -e .
 	$(DEQA_VENV)/bin/python -m apexcli.rewards.deqa_server --help >/dev/null
 	touch $@
+
+# Retrain the packaged `mini` pipeline from scratch (CPU, about 70 minutes; see docs/mini.md).
+MINI_MINUTES ?= 72
+mini-weights: install
+	$(BIN)/python -m apexcli.world.pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --minutes $(MINI_MINUTES) --seed 0
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -23,6 +23,17 @@ the toy rewards brightness, compressibility, contrast): every strategy at equal 
 seeds, evaluated with the held-out ODE evaluation at step 0 and at the end. There a gain is
 (eval mean at the end - at step 0) / (std of the step-0 eval scores across prompts), and the
 hypervolume is that of the final point with the step-0 point as reference, in the same units.
+
+    python benchmarks/bench_balance.py --mini --seeds 3 --steps 20
+    python benchmarks/bench_balance.py --mini --objectives ocr --strategies static --seeds 3
+
+does the same on the `mini` preset (the pretrained miniature world; objectives adherence,
+quality, appeal, ocr by default). Its JSON adds, per strategy: the raw eval means at step 0
+and at the end, the raw gain's mean and seed-to-seed std (`gain_raw`, `gain_raw_seed_std`:
+a single-objective run works when the mean gain clearly exceeds that noise), the per-seed
+gains, and `share`: each objective's mean `balance/share/{k}` over the training steps (its
+explained share of the advantage; a static run hijacked by one objective shows it near 1).
+`--set KEY=VALUE` (repeatable) overrides the preset in every run (e.g. a model snapshot).
 """
 
 from __future__ import annotations
@@ -45,10 +56,12 @@ def main() -> None:
     parser.add_argument("--strategies", default=",".join(BALANCERS), help="comma-separated strategies to compare")
     parser.add_argument("--apex-ablation", action="store_true", help="also run apex with each P³ term subset, dsan=false and probe_every=0")
     parser.add_argument("--tiny", action="store_true", help="compare on the tiny diffusion preset instead of the testbed")
-    parser.add_argument("--objectives", default="brightness,compressibility,contrast", help="--tiny: toy rewards to train on")
+    parser.add_argument("--objectives", default="", help="--tiny / --mini: rewards to train on (default: brightness,compressibility,contrast / adherence,quality,appeal,ocr)")
+    parser.add_argument("--mini", action="store_true", help="compare on the pretrained mini preset instead of the testbed")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="--tiny / --mini: config override for every run, repeatable")
     args = parser.parse_args()
-    if args.tiny:
-        tiny_main(args)
+    if args.tiny or args.mini:
+        tiny_main(args, "mini" if args.mini else "tiny")
         return
     torch.set_num_threads(1)
 
@@ -93,50 +106,74 @@ def main() -> None:
     print(json.dumps(summary))
 
 
-def tiny_main(args) -> None:
+def tiny_main(args, preset: str = "tiny") -> None:
     import tempfile
     from pathlib import Path
 
     import numpy as np
 
+    from apexcli.config import resolve_config
     from apexcli.eval.pareto import hypervolume as hv_of
     from apexcli.runs import RunDir
     from apexcli.train import run_training
 
-    steps = args.steps if args.steps != TrainSettings.steps else 30  # the tiny preset's default
-    names = [o.strip() for o in args.objectives.split(",") if o.strip()]
+    default_steps = resolve_config(preset=preset, overrides=args.set).train.steps
+    steps = args.steps if args.steps != TrainSettings.steps else default_steps
+    default_objectives = "adherence,quality,appeal,ocr" if preset == "mini" else "brightness,compressibility,contrast"
+    names = [o.strip() for o in (args.objectives or default_objectives).split(",") if o.strip()]
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    print(f"tiny preset, objectives {names}, {steps} steps, seeds 0..{args.seeds - 1}, eval at step 0 and {steps}\n")
+    print(f"{preset} preset, objectives {names}, {steps} steps, seeds 0..{args.seeds - 1}, eval at step 0 and {steps}\n")
     print(f"{'strategy':12s} {'hypervolume':>12s} " + " ".join(f"{'gain/' + n:>20s}" for n in names) + f" {'s/run':>7s}")
     summary: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         for strategy in strategies:
             t0 = time.perf_counter()
-            gains, hvs = [], []
+            gains, hvs, raw, shares, base_means, final_means = [], [], [], [], [], []
             for seed in range(args.seeds):
                 out = Path(tmp) / f"{strategy}-{seed}"
                 run_training(
-                    preset="tiny",
+                    preset=preset,
                     options={
                         "objectives": names, "seed": seed, "out": str(out),
                         "balance": {"strategy": strategy},
                         "train": {"steps": steps, "checkpoint_every": 0, "keep_checkpoints": 1},
                         "eval": {"every": steps}, "logging": {"progress": False},
                     },
-                    argv=["bench_balance", "--tiny"],
+                    overrides=args.set,
+                    argv=["bench_balance", f"--{preset}"],
                 )
-                rows = [r for r in RunDir(out).read_metrics().rows if r["kind"] == "eval"]
+                all_rows = RunDir(out).read_metrics().rows
+                rows = [r for r in all_rows if r["kind"] == "eval"]
                 base, final = rows[0], rows[-1]
                 scale = np.array([max(base[f"eval/{n}/std"], 1e-12) for n in names])
-                gain = np.array([final[f"eval/{n}/mean"] - base[f"eval/{n}/mean"] for n in names]) / scale
+                diff = np.array([final[f"eval/{n}/mean"] - base[f"eval/{n}/mean"] for n in names])
+                gain = diff / scale
                 gains.append(gain)
+                raw.append(diff)
+                base_means.append([base[f"eval/{n}/mean"] for n in names])
+                final_means.append([final[f"eval/{n}/mean"] for n in names])
+                train_rows = [r for r in all_rows if r["kind"] == "train"]
+                shares.append([np.nanmean([r.get(f"balance/share/{n}", np.nan) for r in train_rows] or [np.nan]) for n in names])
                 hvs.append(hv_of(gain[None, :], np.zeros(len(names))))
-            g = np.stack(gains)
+            g, d = np.stack(gains), np.stack(raw)
             summary[strategy] = {
                 "hypervolume": float(np.mean(hvs)),
                 "gains": {n: float(g[:, i].mean()) for i, n in enumerate(names)},
                 "all_improved_frac": float((g > 0).all(1).mean()),
             }
+            if preset == "mini":
+                sh = np.array(shares, dtype=float)
+                summary[strategy].update({
+                    "hypervolume_std": float(np.std(hvs)),
+                    "gains_per_seed": {n: [float(x) for x in g[:, i]] for i, n in enumerate(names)},
+                    "base_std": {n: float(scale[i]) for i, n in enumerate(names)},
+                    "eval_start": {n: float(np.mean(base_means, axis=0)[i]) for i, n in enumerate(names)},
+                    "eval_final": {n: float(np.mean(final_means, axis=0)[i]) for i, n in enumerate(names)},
+                    "gain_raw": {n: float(d[:, i].mean()) for i, n in enumerate(names)},
+                    "gain_raw_seed_std": {n: float(d[:, i].std(ddof=1)) if len(d) > 1 else None for i, n in enumerate(names)},
+                    "share": {n: float(np.nanmean(sh[:, i])) for i, n in enumerate(names)},
+                    "seconds_per_run": (time.perf_counter() - t0) / args.seeds,
+                })
             cells = " ".join(f"{summary[strategy]['gains'][n]:>20.3f}" for n in names)
             print(f"{strategy:12s} {np.mean(hvs):>12.4g} {cells} {(time.perf_counter() - t0) / args.seeds:>7.1f}")
     print(json.dumps(summary))

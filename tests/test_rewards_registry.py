@@ -8,7 +8,8 @@ from apexcli.rewards import REWARD_NAMES, RewardsConfig, RewardSuite, apply_over
 
 
 def test_names_and_aliases():
-    assert set(REWARD_NAMES) == {"pick", "aes", "deqa", "ocr", "brightness", "colorfulness", "compressibility", "contrast"}
+    assert set(REWARD_NAMES) == {"pick", "aes", "deqa", "ocr", "brightness", "colorfulness", "compressibility", "contrast",
+                                "adherence", "quality", "appeal"}
     assert canonical_name("pickscore") == "pick"
     assert canonical_name("Aesthetic") == "aes"
     assert canonical_name("deqa@http://127.0.0.1:18086") == "deqa"
@@ -19,7 +20,7 @@ def test_unknown_objective_is_one_line_listing_valid_names():
         RewardSuite(["brightness", "nosuch"])
     msg = str(err.value)
     assert "\n" not in msg and "'nosuch'" in msg
-    assert "valid: aes, brightness, colorfulness, compressibility, contrast, deqa, ocr, pick" in msg
+    assert "valid: adherence, aes, appeal, brightness, colorfulness, compressibility, contrast, deqa, ocr, pick, quality" in msg
 
 
 def test_suite_resolves_aliases_keeps_order_and_refuses_duplicates():

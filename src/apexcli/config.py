@@ -36,7 +36,8 @@ SD3_JOINT_ATTENTION_PROJECTIONS = [
 @dataclass
 class ModelConfig:
     pretrained: str = setting("stabilityai/stable-diffusion-3.5-medium", nonempty=True, resume="refuse")
-    """Hub id or local directory of a diffusers SD3 pipeline; ``tiny`` builds a random tiny one in code."""
+    """Hub id or local directory of a diffusers SD3 pipeline; ``tiny`` builds a random tiny one in code;
+    ``mini`` loads the small pipeline pretrained on the procedural world, shipped in the package."""
     revision: str | None = setting(None, resume="refuse")
     """Hub revision (branch, tag or commit) to load."""
     variant: str | None = setting(None, resume="refuse")

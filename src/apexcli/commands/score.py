@@ -12,7 +12,7 @@ from apexcli.rewards.config import RewardsConfig, apply_overrides
 
 def score(
     paths: Annotated[list[str], typer.Argument(help="Image folders, files or globs (quote globs: 'imgs/*.png').")],
-    objectives: Annotated[str, typer.Option("--objectives", "-O", help="Comma-separated rewards: pick, aes, deqa, ocr, brightness, colorfulness, compressibility, contrast; NAME@http://host:port scores NAME on a reward server.")] = "pick,aes,ocr",
+    objectives: Annotated[str, typer.Option("--objectives", "-O", help="Comma-separated rewards: pick, aes, deqa, ocr, brightness, colorfulness, compressibility, contrast, and the mini world's adherence, quality, appeal; NAME@http://host:port scores NAME on a reward server.")] = "pick,aes,ocr",
     out: Annotated[str, typer.Option("--out", "-o", help="Folder for scores.jsonl and scores.csv.")] = ".",
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="One prompt for every image.")] = None,
     prompts: Annotated[Optional[str], typer.Option("--prompts", help="A .jsonl or .csv file with 'file' and 'prompt' per image (default: metadata.jsonl beside the images).")] = None,

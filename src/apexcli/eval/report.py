@@ -23,6 +23,7 @@ from apexcli.errors import ApexError
 from apexcli.eval import paired as paired_stats
 from apexcli.eval import plots
 from apexcli.eval.collect import PointTable, soup_info, build_points, collect_runs
+from apexcli.eval.strip import Strip, write_strip
 from apexcli.eval.pareto import (
     NORMALISATIONS,
     Normalisation,
@@ -58,6 +59,7 @@ class ParetoResult:
     report_path: Path
     paired: paired_stats.PairedReport | None = None  # per-prompt paired statistics (eval.paired)
     soups: SoupFronts | None = None  # soup front beside the sweep front, when soup runs are compared
+    strip: Strip | None = None  # base model vs each run on the same eval prompts and seeds
 
 
 @dataclass
@@ -126,6 +128,10 @@ def run_pareto(
     result.paired = paired_stats.analyse(table, norm.scale, run_hv, normalised)
     result.soups = _soup_fronts(result)
     result.plots = _write_plots(result, out)
+    final_steps = {run.name: int(table.steps[np.flatnonzero(table.run_index == r)[-1]]) for r, run in enumerate(table.runs)}
+    result.strip = write_strip(table.runs, final_steps, out)
+    if result.strip is not None:
+        table.warnings.extend(result.strip.warnings)
     atomic_write_text(result.json_path, json.dumps(_to_json(result, all_steps), indent=2) + "\n")
     atomic_write_text(result.report_path, _report_markdown(result, all_steps))
     _print_terminal(result, console)
@@ -185,6 +191,11 @@ def _to_json(result: ParetoResult, all_steps: bool) -> dict:
         "plots": [p.path.name for p in result.plots],
         "paired": result.paired.to_json() if result.paired is not None else None,
         "soups": _soups_json(result.soups),
+        "samples": None if result.strip is None else {
+            "file": result.strip.path.name,
+            "rows": result.strip.rows,
+            "columns": [{"prompt": p, "seed": s} for p, s in result.strip.prompts],
+        },
     }
 
 
@@ -311,6 +322,11 @@ def _report_markdown(result: ParetoResult, all_steps: bool) -> str:
     }
     for p in result.plots:
         lines += [f"## {captions[p.path.name]}", "", f"![{captions[p.path.name]}]({p.path.name})", ""]
+    if result.strip is not None:
+        lines += ["## Samples: the same eval prompts and seeds, base model and each run", "",
+                  f"![samples]({result.strip.path.name})", "",
+                  "Rows: " + "; ".join(result.strip.rows) + ". Columns:", ""]
+        lines += [f"{i}. {p} (seed {s})" for i, (p, s) in enumerate(result.strip.prompts, 1)] + [""]
     lines += _paired_markdown(result) + _soups_markdown(result.soups)
     if t.skipped:
         lines += ["## Skipped runs", ""] + [f"- `{s.path}`: {s.reason}" for s in t.skipped] + [""]

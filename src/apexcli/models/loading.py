@@ -1,4 +1,4 @@
-"""Load the SD3 pipeline from a hub id, a local directory, or build the tiny one in code."""
+"""Load the SD3 pipeline from a hub id, a local directory, the packaged `mini` one, or build the tiny one in code."""
 
 from __future__ import annotations
 
@@ -10,6 +10,8 @@ from diffusers import StableDiffusion3Pipeline
 
 from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
+
+MINI_DIR = Path(__file__).resolve().parent / "mini"  # written by `python -m apexcli.world.pretrain`
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -75,6 +77,8 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype | None = None) -> StableD
 
         return build_tiny_pipeline(seed=cfg.tiny_seed, dtype=dtype)
     source = cfg.pretrained
+    if source == "mini":  # the pretrained miniature pipeline shipped inside the package
+        source = str(MINI_DIR)
     if _looks_like_path(source):
         path = Path(source).expanduser()
         if not (path / "model_index.json").is_file():

@@ -1,4 +1,5 @@
-"""Rewards: a registry of scorers (pick, aes, deqa, ocr, toy metrics) and the fused RewardSuite.
+"""Rewards: a registry of scorers (pick, aes, deqa, ocr, toy metrics, the mini world's adherence,
+quality and appeal) and the fused RewardSuite.
 
 Names resolve lazily so that reading the reward options (``apexcli.rewards.config``, used by
 the CLI's option parsing) does not import torch and the model code.

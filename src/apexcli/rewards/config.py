@@ -67,6 +67,9 @@ class OcrConfig:
     # no classifier and keeps whatever the recogniser makes of them.
     upside_down: str = setting("drop", choices=("drop", "rotate", "read"))
     use_gpu: bool = False  # run the OCR engine on the GPU (rapidocr: onnxruntime CUDA EP; paddleocr 2.x: use_gpu)
+    # rapidocr text detection scales the image's shorter side to this many pixels; 0 = RapidOCR's
+    # default (736). Small renders (the mini world's 64 px) read as well at 128, about 10x faster.
+    det_side: int = 0
     url: str = ""  # reward-server URL for remote scoring
 
 

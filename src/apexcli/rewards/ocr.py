@@ -103,6 +103,8 @@ class RapidOcrEngine:
         }
         if config.use_gpu:
             params["EngineConfig.onnxruntime.use_cuda"] = True
+        if config.det_side > 0:
+            params["Det.limit_side_len"] = int(config.det_side)
         self.engine = RapidOCR(params=params)
         steps = ("load_img", "preprocess_img", "run_ocr_steps")
         if self.drop_upside_down and not all(hasattr(self.engine, n) for n in steps):

@@ -83,8 +83,8 @@ $(DEQA_VENV)/.installed: requirements-deqa.txt pyproject.toml
 	$(DEQA_VENV)/bin/python -m apexcli.rewards.deqa_server --help >/dev/null
 	touch $@
 
-# Retrain the packaged `mini` pipeline from scratch (CPU, about 70 minutes; see docs/mini.md).
-MINI_MINUTES ?= 72
+# Retrain the packaged `mini` pipeline from scratch (CPU, about an hour; see docs/mini.md).
+MINI_MINUTES ?= 53
 mini-weights: install
 	$(BIN)/python -m apexcli.world.pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --minutes $(MINI_MINUTES) --seed 0
 

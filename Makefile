@@ -62,8 +62,8 @@ bench: install
 	$(BIN)/python benchmarks/bench_balance.py --seeds 5
 	$(BIN)/python benchmarks/bench_score.py
 
-# Retrain the packaged `mini` pipeline from scratch (CPU, about 70 minutes; see docs/mini.md).
-MINI_MINUTES ?= 72
+# Retrain the packaged `mini` pipeline from scratch (CPU, about an hour; see docs/mini.md).
+MINI_MINUTES ?= 53
 mini-weights: install
 	$(BIN)/python -m apexcli.world.pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --minutes $(MINI_MINUTES) --seed 0
 

@@ -1,6 +1,6 @@
 """Pretrain the `mini` SD3-architecture pipeline on the procedural world, on a CPU.
 
-    python -m apexcli.world.pretrain --out runs/mini-pretrain --minutes 55 --seed 0 \
+    python -m apexcli.world.pretrain --out runs/mini-pretrain --minutes 53 --seed 0 \
         --export src/apexcli/models/mini
 
 Two phases, one process, deterministic from the seed (given the number of steps reached):
@@ -55,7 +55,7 @@ class MiniConfig:
     """Sizes and training settings of the mini pipeline (defaults: the shipped model)."""
 
     seed: int = 0
-    minutes: float = 55.0  # wall-clock budget for both phases together
+    minutes: float = 53.0  # wall-clock budget for both phases together
     # VAE
     vae_channels: tuple[int, ...] = (16, 32)  # 2 blocks: one downsampling, 64 px -> 32x32 latents
     latent_channels: int = 4

@@ -175,7 +175,7 @@ def test_command_parses_and_calls_the_core(mixed, tmp_path):
     row = json.loads((out / "scores.jsonl").read_text())
     assert row["ocr"] == 1.0 and row["contrast"] > 0
     bad = runner.invoke(app, ["score", str(mixed), "--objectives", "nosuch", "--device", "cpu"])
-    assert isinstance(bad.exception, ApexError) and "valid: aes" in str(bad.exception)
+    assert isinstance(bad.exception, ApexError) and "valid: adherence, aes, appeal" in str(bad.exception)
 
 
 def test_folder_lists_dangling_links_loops_subfolders_and_fifos(tmp_path):

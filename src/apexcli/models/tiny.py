@@ -51,6 +51,21 @@ def build_char_tokenizer(max_length: int = TINY_MAX_TOKENS) -> PreTrainedTokeniz
     )
 
 
+def assemble_sd3_pipeline(transformer, vae, clip_l, clip_g, t5, tokenizer, shift: float) -> StableDiffusion3Pipeline:
+    """An SD3 pipeline from its modules, one character tokenizer serving all three encoders."""
+    return StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=shift),
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=tokenizer,
+        text_encoder_2=clip_g,
+        tokenizer_2=tokenizer,
+        text_encoder_3=t5,
+        tokenizer_3=tokenizer,
+    )
+
+
 def _clip_text_encoder(vocab_size: int, hidden: int) -> CLIPTextModelWithProjection:
     cfg = CLIPTextConfig(
         vocab_size=vocab_size,
@@ -118,18 +133,7 @@ def build_tiny_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> St
             use_quant_conv=False,
             use_post_quant_conv=False,
         )
-    scheduler = FlowMatchEulerDiscreteScheduler(shift=3.0)
-    pipe = StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=scheduler,
-        vae=vae,
-        text_encoder=clip_l,
-        tokenizer=tokenizer,
-        text_encoder_2=clip_g,
-        tokenizer_2=tokenizer,
-        text_encoder_3=t5,
-        tokenizer_3=tokenizer,
-    )
+    pipe = assemble_sd3_pipeline(transformer, vae, clip_l, clip_g, t5, tokenizer, shift=3.0)
     for module in (transformer, vae, clip_l, clip_g, t5):
         module.eval()  # T5 and CLIP carry dropout; encodings must be deterministic
     return pipe if dtype == torch.float32 else pipe.to(dtype=dtype)

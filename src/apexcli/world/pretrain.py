@@ -34,14 +34,13 @@ import torch
 import torch.nn.functional as F
 from diffusers import (
     AutoencoderKL,
-    FlowMatchEulerDiscreteScheduler,
     SD3Transformer2DModel,
     StableDiffusion3Pipeline,
 )
 from PIL import Image
 from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
 
-from apexcli.models.tiny import build_char_tokenizer
+from apexcli.models.tiny import assemble_sd3_pipeline, build_char_tokenizer
 from apexcli.world.grammar import prompts as world_prompts
 from apexcli.world.grammar import parse_prompt, sample_split_scene
 from apexcli.world.render import render
@@ -137,17 +136,7 @@ def build_mini_pipeline(cfg: MiniConfig) -> StableDiffusion3Pipeline:
         use_quant_conv=False,
         use_post_quant_conv=False,
     )
-    return StableDiffusion3Pipeline(
-        transformer=transformer,
-        scheduler=FlowMatchEulerDiscreteScheduler(shift=cfg.shift),
-        vae=vae,
-        text_encoder=clip_l,
-        tokenizer=tokenizer,
-        text_encoder_2=clip_g,
-        tokenizer_2=tokenizer,
-        text_encoder_3=t5,
-        tokenizer_3=tokenizer,
-    )
+    return assemble_sd3_pipeline(transformer, vae, clip_l, clip_g, t5, tokenizer, shift=cfg.shift)
 
 
 class WorldData:
@@ -356,20 +345,6 @@ def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: 
             snapshot(ema_pipe, cfg, out, export_dir, grid_prompts, tag=f"step{step:06d}")
             log.log(phase="export", step=step)
             next_export = time.monotonic() + cfg.export_every * 60
-    sign_latents: dict[str, torch.Tensor] = {}  # a sign's render never varies: encode it once
-
-    @torch.no_grad()
-    def latents(texts: list[str], x: torch.Tensor) -> torch.Tensor:
-        fresh = [i for i, t in enumerate(texts) if t not in sign_latents]
-        out = torch.empty(x.shape[0], vae.config.latent_channels, *(d // pipe.vae_scale_factor for d in x.shape[2:]))
-        if fresh:
-            out[fresh] = vae.encode(x[fresh]).latent_dist.mode()
-        for i, t in enumerate(texts):
-            if t in sign_latents:
-                out[i] = sign_latents[t]
-            elif t.startswith("a sign"):
-                sign_latents[t] = out[i].clone()
-        return out
     log.log(phase="flow_done", step=step, loss_avg=running)
     return ema_pipe
 

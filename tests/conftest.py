@@ -110,3 +110,14 @@ def tiny_run(tmp_path_factory) -> Path:
     """A finished 3-step tiny run (brightness + colorfulness), shared read-only by several tests."""
     out = tmp_path_factory.mktemp("tiny_run") / "run"
     return train_tiny(out, 3, "--objectives", "brightness,colorfulness")
+
+
+@pytest.fixture(scope="module")
+def rapidocr():
+    """The real OCR reward (RapidOCR ships its models: offline), one engine per test module."""
+    from apexcli.rewards import OcrConfig
+    from apexcli.rewards.ocr import OcrReward
+
+    reward = OcrReward(OcrConfig(backend="rapidocr", workers=2))
+    yield reward
+    reward.close()

@@ -40,13 +40,6 @@ def test_preprocessing_converts_every_mode_to_rgb_then_bgr():
     assert tuple(bgr[0, 0]) == (0, 0, 255)
 
 
-@pytest.fixture(scope="module")
-def rapidocr():
-    reward = OcrReward(OcrConfig(backend="rapidocr", workers=2))
-    yield reward
-    reward.close()
-
-
 def test_rapidocr_reads_hello_world_exactly(rapidocr):
     img = text_image("HELLO WORLD")
     prompts = ['a sign that says "HELLO WORLD"', 'a sign that says "HELLO WORLDS"', 'a sign "hello"', "no quote"]

@@ -106,16 +106,6 @@ def test_sign_layout_and_ink():
     assert 0.15 < dark < 0.7  # ink, not an empty board nor a black box
 
 
-@pytest.fixture(scope="module")
-def rapidocr():
-    from apexcli.rewards import OcrConfig
-    from apexcli.rewards.ocr import OcrReward
-
-    reward = OcrReward(OcrConfig(backend="rapidocr", workers=2))
-    yield reward
-    reward.close()
-
-
 def test_rapidocr_reads_ground_truth_signs(rapidocr):
     words = ["CAT", "STOP", "FISH", "ZOO"]
     images = [render(Scene(kind="sign", word=w), 64) for w in words]

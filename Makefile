@@ -33,7 +33,7 @@ $(VENV)/.installed: pyproject.toml
 
 # two short runs of the pretrained mini preset (apex vs static weights on its four objectives),
 # samples from the apex run, their scores, and the pareto report with the base-vs-runs image strip
-DEMO_STEPS ?= 8
+DEMO_STEPS ?= 20
 DEMO_SET ?= train.steps=$(DEMO_STEPS) eval.every=$(DEMO_STEPS) train.checkpoint_every=$(DEMO_STEPS)
 
 demo: install

@@ -14,6 +14,10 @@ Two views, both from the preset's own settings:
          per objective the mean within-group std (what GRPO learns from, and what decides
          who hijacks a static weighted sum) and the correlation of the within-group deviations
          r - mean_group(r) (the conflict a shared update faces).
+  steps  with --per-step: the group view again once per step k, only step k stochastic (the
+         rest ODE, one starting noise per group): which step's noise makes the within-group spread
+         GRPO learns from. The steps that make none of it only add noise to the gradient, which
+         is what `train.window_start` / `train.window_size` leave out.
 
 Prints tables and, as its last line, one JSON object with every number.
 """
@@ -66,6 +70,7 @@ def main() -> None:
     parser.add_argument("--objectives", default="", help="comma-separated; default: the preset's objectives")
     parser.add_argument("--prompts", type=int, default=64, help="eval view: held-out prompts (0 skips the view)")
     parser.add_argument("--groups", type=int, default=16, help="group view: training prompts (0 skips the view)")
+    parser.add_argument("--per-step", action="store_true", help="also the within-group std with one stochastic step at a time")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     args = parser.parse_args()
 
@@ -92,7 +97,7 @@ def main() -> None:
     print(f"model {cfg.model.pretrained}, objectives {', '.join(suite.objectives)}\n")
 
     def sample(prompts: list[str], noise: torch.Tensor, *, steps: int, guidance: float, sampler: str,
-               generator: torch.Generator | None = None) -> tuple[np.ndarray, float]:
+               generator: torch.Generator | None = None, sde_steps: list[int] | None = None) -> tuple[np.ndarray, float]:
         cond = encode_prompts(pipe, prompts, max_sequence_length=seq, device=device)
         rows, t_score = [], 0.0
         bs = cfg.eval.batch_size
@@ -101,7 +106,7 @@ def main() -> None:
             traj = rollout(pipe.transformer, pipe.scheduler, cond.index(idx), num_steps=steps, height=res, width=res,
                            vae_scale_factor=pipe.vae_scale_factor, guidance_scale=guidance, uncond=uncond,
                            sampler=sampler, noise_level=cfg.sampling.noise_level, initial_noise=noise[idx],
-                           generator=generator)
+                           generator=generator, sde_steps=sde_steps)
             images = decode_latents(pipe.vae, traj.final)
             t0 = time.perf_counter()
             r, _ = suite(images, [prompts[i] for i in idx])
@@ -162,6 +167,22 @@ def main() -> None:
         print_matrix("correlation of within-group deviations", suite.objectives, corr_w)
         summary["group"] = {"prompts": len(chosen), "group_size": g, "within_std": within_std,
                             "flat_group_frac": flat_groups, "std_ratio": ratio, "corr": corr_w}
+        if args.per_step:
+            # one starting noise per group whatever the config says: only the one step differs
+            shared = initial_noise(len(prompts), shape, generator=torch.Generator().manual_seed(cfg.seed),
+                                   group_ids=group_ids, share_within_group=True, device="cpu")
+            per_step = {}
+            print(f"{'stochastic step':>15s}" + "".join(f"{n:>11s}" for n in suite.objectives))
+            for step in range(cfg.sampling.num_steps - 1):  # the last step is never stochastic in training
+                gen = torch.Generator().manual_seed(cfg.seed + 1 + step)
+                R, _ = sample(prompts, shared, steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance_scale,
+                              sampler=cfg.sampling.sampler, generator=gen, sde_steps=[step])
+                with np.errstate(invalid="ignore"):
+                    spread = np.nanstd(R.reshape(len(chosen), g, k), axis=1)
+                per_step[step] = {n: float(np.nanmean(spread[:, j])) for j, n in enumerate(suite.objectives)}
+                print(f"{step:>15d}" + "".join(f"{per_step[step][n]:>11.4f}" for n in suite.objectives))
+            print()
+            summary["group"]["within_std_one_stochastic_step"] = per_step
     suite.close()
     print(json.dumps(summary))
 

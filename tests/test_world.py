@@ -127,6 +127,16 @@ def test_shipped_prompt_sets_are_the_grammars_output():
     assert lines("mini_eval") == prompts(64, 0, "eval")
 
 
+def test_single_objective_prompt_sets_split_the_mini_sets_by_kind():
+    from apexcli.prompts import load_prompts
+
+    for split in ("", "_eval"):
+        signs, shapes = load_prompts(f"builtin:mini_signs{split}"), load_prompts(f"builtin:mini_shapes{split}")
+        assert all(parse_prompt(p).kind == "sign" for p in signs)
+        assert all(parse_prompt(p).kind == "shapes" for p in shapes)
+        assert sorted(signs + shapes) == sorted(load_prompts(f"builtin:mini{split}"))
+
+
 def test_pixel_readback_of_ground_truth_and_of_a_wrong_prompt():
     from apexcli.world.measure import attribute_matches, read_shapes
 

@@ -1,6 +1,9 @@
 """Prompt sets: a .txt file (one prompt per line), a .jsonl file ({"prompt": ...} per line), or a
 set that ships with apex (``builtin:general``, ``builtin:eval``, ``builtin:ocr``, ``builtin:ocr_eval``;
-``builtin:mixed`` = general + ocr, for the four-objective recipe)."""
+``builtin:mixed`` = general + ocr, for the four-objective recipe; ``builtin:mini`` and
+``builtin:mini_eval`` for the mini world, and their halves ``builtin:mini_signs``,
+``builtin:mini_shapes``, ``builtin:mini_signs_eval``, ``builtin:mini_shapes_eval`` for the
+single-objective runs of ocr and adherence)."""
 
 from __future__ import annotations
 
@@ -13,14 +16,30 @@ from apexcli.errors import ApexError
 _COMBINED = {"mixed": ["general", "ocr"], "mixed_eval": ["eval", "ocr_eval"]}
 
 
+def _is_sign(prompt: str) -> bool:
+    return prompt.startswith("a sign that says ")
+
+
+# subsets of a shipped set: (set, keep this prompt?)
+_FILTERED = {
+    "mini_signs": ("mini", _is_sign),
+    "mini_shapes": ("mini", lambda p: not _is_sign(p)),
+    "mini_signs_eval": ("mini_eval", _is_sign),
+    "mini_shapes_eval": ("mini_eval", lambda p: not _is_sign(p)),
+}
+
+
 def builtin_names() -> list[str]:
     files = resources.files("apexcli.data")
-    return sorted([p.name[:-4] for p in files.iterdir() if p.name.endswith(".txt")] + list(_COMBINED))
+    return sorted([p.name[:-4] for p in files.iterdir() if p.name.endswith(".txt")] + list(_COMBINED) + list(_FILTERED))
 
 
 def _read_builtin(name: str) -> list[str]:
     if name in _COMBINED:
         return [p for part in _COMBINED[name] for p in _read_builtin(part)]
+    if name in _FILTERED:
+        source, keep = _FILTERED[name]
+        return [p for p in _read_builtin(source) if keep(p)]
     path = resources.files("apexcli.data") / f"{name}.txt"
     if not path.is_file():
         raise ApexError(f"unknown prompt set 'builtin:{name}'; valid: {', '.join('builtin:' + n for n in builtin_names())}")

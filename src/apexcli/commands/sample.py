@@ -13,7 +13,7 @@ def sample(
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
     out: Annotated[Path, typer.Option(help="Output folder for PNGs and metadata.jsonl.")] = Path("samples"),
     lora: Annotated[Optional[str], typer.Option(help="LoRA: a checkpoint dir, a run dir (its latest checkpoint) or a .safetensors file.")] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset giving the base model and sampling defaults (tiny, sd35m, ...).")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset giving the base model and sampling defaults (tiny, mini, sd35m, ...).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML config giving the base model (e.g. a run's config.yaml).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Hub id or local directory of the SD3 pipeline (overrides the preset).")] = None,
     num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,

@@ -12,7 +12,7 @@ import typer
 
 def train(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, dotted, e.g. train.lr=1e-4 balance.apex.tau=0.5.", show_default=False)] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset to start from: tiny, sd35m, sd35m-1gpu, sd35l.")] = None,
+    preset: Annotated[Optional[str], typer.Option(help="Preset to start from: tiny, mini, sd35m, sd35m-1gpu, sd35l.")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file, applied over the preset.")] = None,
     objectives: Annotated[Optional[str], typer.Option(help="Comma-separated rewards to optimise, e.g. pick,deqa,aes,ocr (name@URL for a reward server).")] = None,
     balance: Annotated[Optional[str], typer.Option(help="Balancing strategy: apex, gdpo, static, dwa, mgda, random, pareto.")] = None,

@@ -156,16 +156,9 @@ def hypervolume_interval(
     Only prompts finite everywhere (every step and the reference) are used. Returns the
     interval and that number of prompts.
     """
-    mats = [np.asarray(m, dtype=float) for m in run_steps]
-    ref = np.asarray(ref, dtype=float)
-    scale = np.asarray(scale, dtype=float).reshape(-1)
-    complete = np.isfinite(ref).all(axis=1)
-    for m in mats:
-        complete &= np.isfinite(m).all(axis=1)
-    n = int(complete.sum())
-    if n == 0 or not mats:
+    (gains,), n = _paired_gains([run_steps], ref, scale)
+    if gains is None:
         return NAN_INTERVAL, n
-    gains = np.stack([(m[complete] - ref[complete]) / scale for m in mats])  # [S, n, K]
     estimate = _hv_of(gains.mean(axis=1))
     idx = bootstrap_indices(n, n_boot, seed)
     reps = _hv_replicates(gains[:, idx, :].mean(axis=2))
@@ -182,23 +175,31 @@ def hypervolume_difference(
     seed: int = DEFAULT_SEED,
 ) -> tuple[Interval, int]:
     """HV(a) - HV(b) with a CI: both recomputed on the same prompt resamples (paired)."""
-    mats_a = [np.asarray(m, dtype=float) for m in a_steps]
-    mats_b = [np.asarray(m, dtype=float) for m in b_steps]
-    ref = np.asarray(ref, dtype=float)
-    scale = np.asarray(scale, dtype=float).reshape(-1)
-    complete = np.isfinite(ref).all(axis=1)
-    for m in mats_a + mats_b:
-        complete &= np.isfinite(m).all(axis=1)
-    n = int(complete.sum())
-    if n == 0:
-        return NAN_INTERVAL, 0
-    ga = np.stack([(m[complete] - ref[complete]) / scale for m in mats_a])
-    gb = np.stack([(m[complete] - ref[complete]) / scale for m in mats_b])
+    (ga, gb), n = _paired_gains([a_steps, b_steps], ref, scale)
+    if ga is None:
+        return NAN_INTERVAL, n
     estimate = _hv_of(ga.mean(axis=1)) - _hv_of(gb.mean(axis=1))
     idx = bootstrap_indices(n, n_boot, seed)
     reps = _hv_replicates(ga[:, idx, :].mean(axis=2)) - _hv_replicates(gb[:, idx, :].mean(axis=2))
     low, high = percentile_interval(reps)
     return Interval(estimate, low, high), n
+
+
+def _paired_gains(runs: Sequence[Sequence[np.ndarray]], ref: np.ndarray, scale: np.ndarray
+                  ) -> tuple[list[np.ndarray | None], int]:
+    """Per run, its points' gains ``(m - ref) / scale`` as one [S, n, K] array, over the n prompts
+    finite in every matrix of every run and in the reference; all None when n is 0 or a run has
+    no point."""
+    mats = [[np.asarray(m, dtype=float) for m in steps] for steps in runs]
+    ref = np.asarray(ref, dtype=float)
+    scale = np.asarray(scale, dtype=float).reshape(-1)
+    complete = np.isfinite(ref).all(axis=1)
+    for m in (m for steps in mats for m in steps):
+        complete &= np.isfinite(m).all(axis=1)
+    n = int(complete.sum())
+    if n == 0 or not all(mats):
+        return [None] * len(mats), n
+    return [np.stack([(m[complete] - ref[complete]) / scale for m in steps]) for steps in mats], n
 
 
 def seed_spread(values: np.ndarray) -> tuple[float, float]:

@@ -12,20 +12,22 @@ from importlib import resources
 from pathlib import Path
 
 from apexcli.errors import ApexError
+from apexcli.world.grammar import parse_prompt
 
 _COMBINED = {"mixed": ["general", "ocr"], "mixed_eval": ["eval", "ocr_eval"]}
 
 
-def _is_sign(prompt: str) -> bool:
-    return prompt.startswith("a sign that says ")
+def _of_kind(kind: str):
+    """Keep the mini world's prompts of one kind ("sign" or "shapes"), as its grammar parses them."""
+    return lambda prompt: (scene := parse_prompt(prompt)) is not None and scene.kind == kind
 
 
 # subsets of a shipped set: (set, keep this prompt?)
 _FILTERED = {
-    "mini_signs": ("mini", _is_sign),
-    "mini_shapes": ("mini", lambda p: not _is_sign(p)),
-    "mini_signs_eval": ("mini_eval", _is_sign),
-    "mini_shapes_eval": ("mini_eval", lambda p: not _is_sign(p)),
+    "mini_signs": ("mini", _of_kind("sign")),
+    "mini_shapes": ("mini", _of_kind("shapes")),
+    "mini_signs_eval": ("mini_eval", _of_kind("sign")),
+    "mini_shapes_eval": ("mini_eval", _of_kind("shapes")),
 }
 
 

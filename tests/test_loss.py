@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from apexcli.train.loss import clip_advantages, grpo_policy_loss
+from apexcli.train.loss import clip_advantages, grpo_policy_loss, velocity_anchor
 
 # eps = 0.2; per sample (A, ratio) and the PPO-clip term max(-A r, -A clip(r, 0.8, 1.2)):
 #   (+1, 1.1) inside           -> max(-1.1, -1.1) = -1.1   grad d/dlogp = -A r = -1.1
@@ -88,3 +88,10 @@ def test_clip_advantages():
     torch.testing.assert_close(clip_advantages(a, 5.0), torch.tensor([-5.0, -5.0, 0.3, 5.0, 5.0]))
     torch.testing.assert_close(clip_advantages(a, 0.0), a)  # 0 disables the clip
 
+
+
+def test_velocity_anchor_is_the_per_sample_mean_squared_difference():
+    ref = torch.zeros(2, 1, 2, 2)
+    v = torch.tensor([[[[1.0, -1.0], [0.0, 0.0]]], [[[2.0, 2.0], [2.0, 2.0]]]])
+    torch.testing.assert_close(velocity_anchor(v, ref), torch.tensor([0.5, 4.0]))
+    assert torch.all(velocity_anchor(ref, ref) == 0)

@@ -152,3 +152,14 @@ def test_logged_lr_is_the_one_applied_during_warmup(tmp_path):
     """Linear warm-up over 4 optimizer steps, one optimizer step per iteration: lr = 1e-2 x n / 4."""
     run = train_tiny(tmp_path / "run", 2, "train.warmup_steps=4", "train.checkpoint_every=0")
     assert [r["lr"] for r in read_metrics(run)] == pytest.approx([1e-2 * 1 / 4, 1e-2 * 2 / 4])
+
+
+def test_anchor_holds_the_untrained_steps_near_the_base_model(tmp_path):
+    """With one trained step, the anchor penalises the velocity drift at the other: 0 while the
+    LoRA is still the identity, and a heavy anchor_beta keeps that drift far below a negligible one."""
+    base = ["train.window_size=1", "train.lr=3e-2", "--objectives", "brightness"]
+    light = read_metrics(train_tiny(tmp_path / "light", 4, *base, "train.anchor_beta=1e-9"))
+    heavy = read_metrics(train_tiny(tmp_path / "heavy", 4, *base, "train.anchor_beta=1e3"))
+    assert light[0]["anchor"] == 0.0 and heavy[0]["anchor"] == 0.0  # LoRA B = 0 on the first update
+    assert light[-1]["anchor"] > 0
+    assert heavy[-1]["anchor"] < 0.2 * light[-1]["anchor"]

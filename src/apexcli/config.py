@@ -149,6 +149,11 @@ class TrainConfig:
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = setting(3, ge=0)
     """Keep the N most recent checkpoints; 0 = keep all."""
+    anchor_beta: float = setting(0.0, ge=0)
+    """Weight of a penalty ``mean (v_theta - v_base)^2`` on the velocity at one random step outside
+    the trained window per sample (0 = off), relative to the policy loss's mean over trained steps.
+    A LoRA moves every timestep but the GRPO and KL terms see only the window; this keeps the
+    untrained steps near the base model (docs/method.md, "the anchor")."""
     kl_form: str = setting("exact", choices=("exact", "reference"))
     """KL penalty per step: exact (divides by the step variance sig_t^2 |dt|) or reference
     (divides by sig_t^2, as Flow-GRPO: 1/|dt| weaker, 13x on average over SD3.5-M's 10 steps).

@@ -47,6 +47,15 @@ def step_kl(out: StepOutput, ref: StepOutput, form: str = "exact") -> torch.Tens
     raise ValueError(f"KL form must be one of {', '.join(KL_FORMS)}, got '{form}'")
 
 
+def velocity_anchor(velocity: torch.Tensor, velocity_ref: torch.Tensor) -> torch.Tensor:
+    """``[B]`` mean squared difference between the policy's and the base model's velocity.
+
+    Used at steps outside the trained window, which are sampled by the ODE and carry no log-prob:
+    a LoRA trained at one step still moves every other, and nothing else there holds it back.
+    """
+    return (velocity - velocity_ref).square().flatten(1).mean(dim=1)
+
+
 def clip_advantages(advantages: torch.Tensor, limit: float) -> torch.Tensor:
     return advantages.clamp(-limit, limit) if limit > 0 else advantages
 

@@ -36,6 +36,7 @@ from apexcli.errors import ApexError
 from apexcli.flow.rollout import (
     decode_latents,
     initial_noise,
+    predict_velocity,
     rollout,
     step_log_prob,
     unwrap_model,
@@ -62,7 +63,7 @@ from apexcli.sharding import full_state, is_sharded, load_optimizer_state_by_nam
 from apexcli.train.checkpoint import TrainingState, save_checkpoint
 from apexcli.train.run_start import abandon_after, ensure_writable, plan_start, prepare_directory, warn
 from apexcli.train.ema import LoraEMA
-from apexcli.train.loss import clip_advantages, grpo_policy_loss, step_kl
+from apexcli.train.loss import clip_advantages, grpo_policy_loss, step_kl, velocity_anchor
 from apexcli.train.progress import TrainProgress
 from apexcli.train.sampler import mix_seed, plan_step
 
@@ -331,7 +332,9 @@ class Trainer:
         # drains, and the next forward's kernels would then be launched onto an idle GPU.
         dev = traj.latents.device
         sigmas = traj.sigmas.to(dev)
-        stats: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": []}
+        stats: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": [], "anchor": []}
+        # steps outside the window (the last excepted: it only jumps to x0) for the anchor penalty
+        outside = [i for i in range(traj.num_steps - 1) if i not in self.steps_trained] if t.anchor_beta > 0 else []
         ratio_dev: list[torch.Tensor] = []
         grad_norms: list[float] = []
         first_ratio = None
@@ -376,13 +379,19 @@ class Trainer:
                         result = grpo_policy_loss(
                             out.log_prob, old_logp, adv[rows.to(adv.device)], clip_range=t.clip_range, kl=kl, kl_beta=t.kl_beta
                         )
-                        acc.backward(result.loss / units)
+                        loss = result.loss
+                        if outside and j == 0:  # once per sample and micro-batch, in the same backward
+                            anchor = self._anchor(traj, sigmas, rows, cond, outside, gen, model_for_ref)
+                            stats["anchor"].append(anchor.detach())
+                            # x n_train_t: weighed against the policy loss's mean over trained steps
+                            loss = loss + t.anchor_beta * n_train_t * anchor
+                        acc.backward(loss / units)
                     if first_ratio is None:
                         first_ratio = result.ratio_mean
                     for key in ("kl", "ratio_mean", "clip_frac"):
                         stats[key].append(getattr(result, key))
                     ratio_dev.append((out.log_prob.detach() - old_logp).exp().sub(1).abs().max())
-                    stats["loss"].append(result.loss.detach())
+                    stats["loss"].append(loss.detach())
                 if last_micro_of_update:
                     if t.max_grad_norm > 0:
                         norm = acc.clip_grad_norm_(self.lora_params, t.max_grad_norm)
@@ -409,7 +418,7 @@ class Trainer:
         if acc.num_processes > 1:
             # every process trains as many micro-batches (equal shards), so the mean of the
             # per-process means is the mean over the global batch; grad_norm is already global
-            keys = [k for k in ("loss", "kl", "ratio_mean", "clip_frac") if k in out]
+            keys = [k for k in ("loss", "kl", "ratio_mean", "clip_frac", "anchor") if k in out]
             local = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
             out.update(zip(keys, acc.reduce(local, reduction="mean").tolist()))
         if acc.num_processes > 1:
@@ -421,6 +430,17 @@ class Trainer:
         out["ratio_first"] = first_ratio
         out["lr"] = lr_applied  # of the iteration's last optimizer step (not the next one's)
         return out
+
+    def _anchor(self, traj, sigmas: torch.Tensor, rows: torch.Tensor, cond, outside: list[int], gen: torch.Generator,
+                model_for_ref: torch.nn.Module) -> torch.Tensor:
+        """Mean over the micro-batch of ``velocity_anchor`` at one random outside step per sample."""
+        picks = torch.tensor(outside)[torch.randint(len(outside), (len(rows),), generator=gen)].to(rows.device)
+        x, sigma = traj.latents[rows, picks], sigmas[picks]
+        guidance = dict(guidance_scale=self.cfg.sampling.guidance_scale, uncond=self.uncond)
+        v = predict_velocity(self.transformer, x, sigma, cond, **guidance)
+        with torch.no_grad(), adapters_disabled(self.adapter_layers):
+            v_ref = predict_velocity(model_for_ref, x, sigma, cond, **guidance)
+        return velocity_anchor(v, v_ref).mean()
 
     def _selected_samples(self, advantages: torch.Tensor, micro: int) -> torch.Tensor:
         """Local sample indices to train on, a multiple of ``micro`` long.

@@ -84,9 +84,8 @@ $(DEQA_VENV)/.installed: requirements-deqa.txt pyproject.toml
 	touch $@
 
 # Retrain the packaged `mini` pipeline from scratch (CPU, about an hour; see docs/mini.md).
-MINI_MINUTES ?= 53
 mini-weights: install
-	$(BIN)/python -m apexcli.world.pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --minutes $(MINI_MINUTES) --seed 0
+	$(BIN)/python -m apexcli.world.pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --seed 0
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

@@ -128,3 +128,17 @@ def test_sharded_evaluation_equals_one_process(two_process_run):
     for key, value in base.items():
         if key.startswith("eval/"):
             assert evals[0][key] == pytest.approx(value, rel=1e-5, abs=1e-7), key
+
+
+def test_anchor_under_ddp_keeps_the_ranks_identical(tmp_path):
+    """The anchor adds a second forward with grad before the backward: its gradient must be
+    all-reduced with the policy term's, or the ranks (different samples) would drift apart."""
+    out = tmp_path / "run"
+    argv = ["train", "--preset", "tiny", "--steps", "2", "--out", str(out), "--objectives", "brightness", *TINY_OVERRIDES,
+            "train.window_size=1", "train.anchor_beta=1.0", "train.lr=3e-2"]
+    proc = _torchrun(tmp_path, 2, argv)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert read_metrics(out)[-1]["anchor"] > 0  # the second update saw a moved LoRA

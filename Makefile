@@ -83,7 +83,7 @@ $(DEQA_VENV)/.installed: requirements-deqa.txt pyproject.toml
 	$(DEQA_VENV)/bin/python -m apexcli.rewards.deqa_server --help >/dev/null
 	touch $@
 
-# Retrain the packaged `mini` pipeline from scratch (CPU, about an hour; see docs/mini.md).
+# Retrain the packaged `mini` pipeline from scratch (CPU, about 50 min on one idle core; see docs/mini.md).
 mini-weights: install
 	$(BIN)/python -m apexcli.world.pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --seed 0
 

@@ -8,7 +8,9 @@ to get darker as brighter, and at least 7 of 8 brighter would happen with probab
 (measured on the shipped weights: 0.659 -> 0.831, 1.3 std, all 8 images brighter, in 6 updates of
 8 samples each). The lr is set for these weights: 3e-2 overshot on them (the mean fell to 0.627,
 5 of 8 brighter; on the previous weights it gave 0.636 -> 0.896), 1e-2 passed the sign test but
-rose by only 0.3 std. The anchor is off here: it is measured in docs/method.md.
+rose by only 0.3 std. The anchor is off here: it is measured in docs/method.md. The sign test
+treats the images as independent, and a drift that moved every image the same way would break
+that; the one-std margin asks for more than a small drift, not for a proof against a large one.
 
 Brightness rather than one of the world's four objectives: a global image statistic's gradient
 stands out of the SDE noise within a test's budget of samples (48 here). Of the world's

@@ -106,7 +106,8 @@ def main() -> None:
             traj = rollout(pipe.transformer, pipe.scheduler, cond.index(idx), num_steps=steps, height=res, width=res,
                            vae_scale_factor=pipe.vae_scale_factor, guidance_scale=guidance, uncond=uncond,
                            sampler=sampler, noise_level=cfg.sampling.noise_level, initial_noise=noise[idx],
-                           generator=generator, sde_steps=sde_steps)
+                           generator=generator, sde_steps=sde_steps,
+                           noise_block=cfg.sampling.noise_block if sampler == "sde" else 1)
             images = decode_latents(pipe.vae, traj.final)
             t0 = time.perf_counter()
             r, _ = suite(images, [prompts[i] for i in idx])

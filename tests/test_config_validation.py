@@ -48,6 +48,13 @@ def test_bad_values_name_the_dotted_key(override, key, expected):
     assert f"'{key}'" in message and expected in message, message
 
 
+def test_block_noise_needs_the_sde_sampler():
+    message = _error("sampling.noise_block=4", "sampling.sampler=cps")
+    assert "'sampling.noise_block'" in message and "sampler=sde" in message, message
+    assert _error("sampling.noise_block=0").count("'sampling.noise_block'") == 1
+    assert resolve_config(preset="tiny", overrides=["sampling.noise_block=4"]).sampling.noise_block == 4
+
+
 def test_rules_are_declared_beside_the_fields():
     rules = {key: rule for key, _, rule in iter_fields(Config())}
     assert rules["train.lr"] == Rule(gt=0)

@@ -177,3 +177,62 @@ def test_same_generator_same_sample_and_low_precision_inputs():
     assert out.prev_sample.dtype == torch.bfloat16 and out.log_prob.dtype == torch.float32
     again = sde_step_with_logprob(v.bfloat16(), x.bfloat16(), 0.6, 0.5, prev_sample=out.prev_sample)
     assert torch.equal(out.log_prob, again.log_prob)
+
+
+def _blocks_of(x, b):
+    return torch.nn.functional.avg_pool2d(x, b).repeat_interleave(b, -2).repeat_interleave(b, -1)
+
+
+def test_block_noise_is_constant_on_blocks_and_scored_in_block_coordinates():
+    g = torch.Generator().manual_seed(0)
+    x, v = torch.randn(3, 4, 8, 8, generator=g), torch.randn(3, 4, 8, 8, generator=g)
+    out = sde_step_with_logprob(v, x, 0.8, 0.6, noise_block=4, generator=torch.Generator().manual_seed(1))
+    noise = out.prev_sample - out.mean
+    torch.testing.assert_close(noise, _blocks_of(noise, 4), rtol=0, atol=1e-6)
+    assert noise.abs().min() > 0  # and it is noise: every element moved
+    # log-prob: the Gaussian density of the 3 x 4 x 2 x 2 block coordinates 4 * patch mean
+    coords = lambda t: torch.nn.functional.avg_pool2d(t, 4) * 4  # noqa: E731
+    expected = _normal_logp(coords(out.prev_sample), coords(out.mean), out.std)
+    torch.testing.assert_close(out.log_prob, expected, rtol=0, atol=1e-5)
+    again = sde_step_with_logprob(v, x, 0.8, 0.6, noise_block=4, prev_sample=out.prev_sample)
+    assert torch.equal(again.log_prob, out.log_prob)
+    # block 1 is Flow-GRPO's step, bit for bit
+    plain = sde_step_with_logprob(v, x, 0.8, 0.6, generator=torch.Generator().manual_seed(1))
+    one = sde_step_with_logprob(v, x, 0.8, 0.6, noise_block=1, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(plain.prev_sample, one.prev_sample) and torch.equal(plain.log_prob, one.log_prob)
+    with pytest.raises(ValueError, match="noise_block 3"):
+        sde_step_with_logprob(v, x, 0.8, 0.6, noise_block=3)
+
+
+def test_block_noise_kl_sees_only_the_block_coordinates():
+    g = torch.Generator().manual_seed(2)
+    mean, std = torch.randn(2, 4, 8, 8, generator=g), torch.full((2, 1, 1, 1), 0.3)
+    inside = torch.randn(2, 4, 8, 8, generator=g)
+    inside = inside - _blocks_of(inside, 4)  # sums to 0 on every block: invisible to the step's noise
+    assert torch.allclose(gaussian_kl(mean + inside, mean, std, noise_block=4), torch.zeros(2), atol=1e-10)
+    shift = torch.full_like(mean, 0.1)  # block-constant: a shift of every block coordinate by 0.4
+    torch.testing.assert_close(gaussian_kl(mean + shift, mean, std, noise_block=4),
+                               torch.full((2,), 0.4**2 / (2 * 0.3**2)), rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("block", [1, 4])
+def test_sde_with_block_noise_samples_the_data_distribution(block):
+    # Data x0 ~ N(0, c^2 I), whose exact velocity is linear: v(x, s) = (s - (1-s) c^2) x / V(s),
+    # V(s) = (1-s)^2 c^2 + s^2. Integrating the SDE from pure noise must end at std c whether the
+    # noise is per element or per block: the projected score correction keeps the marginals
+    # (flow/sde.py). Without the projection the block run would over-correct the in-block
+    # directions and end too narrow.
+    c, n, steps = 0.5, 4000, 100
+    sigmas = torch.linspace(1.0, 0.0, steps + 1)
+    x = torch.randn(n, 1, 8, 8, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    for i in range(steps):
+        s, s_next = float(sigmas[i]), float(sigmas[i + 1])
+        v = (s - (1 - s) * c * c) * x / ((1 - s) ** 2 * c * c + s * s)
+        if s >= 1.0 or s_next == 0.0:  # the endpoints are ODE steps, as in a rollout
+            x = x + v * (s_next - s)
+        else:
+            x = sde_step_with_logprob(v, x, s, s_next, noise_level=0.7, noise_block=block, generator=g).prev_sample
+    inside = x - _blocks_of(x, 4)
+    assert x.std().item() == pytest.approx(c, rel=0.02)
+    assert (inside.std() / math.sqrt(15 / 16)).item() == pytest.approx(c, rel=0.02)  # the noise-free directions too

@@ -104,7 +104,7 @@ def _recompute(pipe, traj, cond, guidance, uncond):
         x, x_next, s, s_next = traj.transition(t)
         out[:, t] = step_log_prob(
             pipe.transformer, x, x_next, s, s_next, cond, guidance_scale=guidance, uncond=uncond,
-            sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+            sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max, noise_block=traj.noise_block,
         ).log_prob
     return out
 
@@ -120,6 +120,24 @@ def test_recomputed_log_probs_match_the_rollout(pipe, embeds, sampler, guidance)
     shuffled = cond[[1, 2, 3, 0]]
     wrong = _recompute(pipe, traj, shuffled, guidance, uncond)
     assert (wrong - traj.log_probs)[:, traj.sde_mask].abs().max() > 1e-4  # 10x the tolerance
+
+
+def test_block_noise_rollout_recomputes_and_moves_only_block_directions(pipe, embeds):
+    cond, uncond = embeds
+    noise = torch.randn(4, 4, 32, 32, generator=torch.Generator().manual_seed(3))
+    a = _run(pipe, cond, sde_steps=[1], initial_noise=noise, noise_block=4, generator=torch.Generator().manual_seed(1))
+    b = _run(pipe, cond, sde_steps=[1], initial_noise=noise, noise_block=4, generator=torch.Generator().manual_seed(2))
+    assert a.noise_block == 4
+    torch.testing.assert_close(_recompute(pipe, a, cond, 1.0, None), a.log_probs, rtol=0, atol=1e-5)
+    # two rollouts from one noise differ after the stochastic step only by a block-constant image
+    gap = a.latents[:, 2] - b.latents[:, 2]
+    blocks = torch.nn.functional.avg_pool2d(gap, 4).repeat_interleave(4, -2).repeat_interleave(4, -1)
+    assert gap.abs().max() > 1e-2
+    torch.testing.assert_close(gap, blocks, rtol=0, atol=1e-5)
+    with pytest.raises(ApexError, match="noise_block=3"):
+        _run(pipe, cond, noise_block=3)
+    with pytest.raises(ApexError, match="sampler=sde"):
+        _run(pipe, cond, sampler="cps", noise_block=4)
 
 
 def test_recompute_with_per_sample_timesteps_and_micro_batches(pipe, embeds):

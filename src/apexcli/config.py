@@ -94,6 +94,11 @@ class SamplingConfig:
     with the full Gaussian density: the last trained step then dominates the gradient)."""
     noise_level: float = setting(0.7, gt=0, le=1.5)
     """The SDE noise level a (sigma_t = a * sqrt(s / (1 - s)))."""
+    noise_block: int = setting(1, ge=1)
+    """sde only: the trained steps' noise is constant on latent blocks of this side (1 = per
+    element, Flow-GRPO); must divide the latent size. The marginals stay exact, and the noise
+    dimensions a reward ignores leave the gradient (docs/method.md, "Exploration on latent
+    blocks")."""
     share_group_noise: bool = False
     """Start every sample of a prompt group from the same initial noise."""
     negative_prompt: str = ""
@@ -344,6 +349,8 @@ def validate(cfg: Config) -> None:
         "train.optimizer_steps_per_epoch",
         "and train.gradient_accumulation are two ways to set the same thing; set one of them to 0",
     )
+    _check(s.noise_block == 1 or s.sampler == "sde", "sampling.noise_block",
+           f"({s.noise_block}) needs sampling.sampler=sde, got {s.sampler}; set sampling.noise_block=1")
     cfg.balance.validate(len(cfg.objectives))
 
 

@@ -194,6 +194,8 @@ class Trajectory:
     """The noise level ``a`` of the stochastic steps."""
     sigma_max: float
     """First scheduler sigma below 1 (stands in for the SDE's ``1 - s`` denominator at ``s == 1``)."""
+    noise_block: int = 1
+    """Latent block side the SDE steps' noise is constant on (``flow.sde``; 1 = per element)."""
 
     @property
     def final(self) -> torch.Tensor:
@@ -328,6 +330,7 @@ def rollout(
     sde_steps: Sequence[int] | None = None,
     initial_noise: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
+    noise_block: int = 1,
 ) -> Trajectory:
     """Sample ``len(cond)`` latents with ``num_steps`` steps and keep the whole trajectory.
 
@@ -337,16 +340,22 @@ def rollout(
     everywhere); ``sde_steps`` lists the step indices that are stochastic (None: all), the rest
     run the ODE step (the "fast"/MixGRPO window). ``initial_noise`` ``[B, C, h, w]`` overrides
     the starting latent (see ``initial_noise()`` for group-shared noise); otherwise it is drawn
-    from ``generator``, which also drives the step noise.
+    from ``generator``, which also drives the step noise. ``noise_block`` > 1 (``sde`` only)
+    makes the step noise constant on latent blocks of that side (``flow.sde``).
     """
     if sampler not in SAMPLERS:
         raise ApexError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
+    block = {"noise_block": noise_block} if noise_block != 1 else {}
+    if block and sampler != "sde":
+        raise ApexError(f"sampling.noise_block={noise_block} needs sampling.sampler=sde (got {sampler})")
     config = unwrap_model(transformer).config
     patch = int(config.patch_size)
     multiple = vae_scale_factor * patch
     if height % multiple or width % multiple:
         raise ApexError(f"image size {height}x{width} must be a multiple of {multiple} (VAE factor x patch size)")
     latent_hw = (height // vae_scale_factor, width // vae_scale_factor)
+    if latent_hw[0] % noise_block or latent_hw[1] % noise_block:
+        raise ApexError(f"sampling.noise_block={noise_block} must divide the latent size {latent_hw[0]}x{latent_hw[1]}")
     batch = len(cond)
     device = cond.prompt_embeds.device
 
@@ -374,7 +383,7 @@ def rollout(
         s, s_next = sigmas_on_device[i], sigmas_on_device[i + 1]
         v = predict_velocity(transformer, x, s, cond, guidance_scale=guidance_scale, uncond=uncond)
         if mask[i]:
-            out = step_fn(v, x, s, s_next, noise_level=noise_level, sigma_max=sigma_max, generator=generator)
+            out = step_fn(v, x, s, s_next, noise_level=noise_level, sigma_max=sigma_max, generator=generator, **block)
             x = out.prev_sample
             log_probs[:, i] = out.log_prob
         else:
@@ -388,6 +397,7 @@ def rollout(
         sampler=sampler,
         noise_level=float(noise_level),
         sigma_max=sigma_max,
+        noise_block=int(noise_block),
     )
 
 
@@ -404,19 +414,21 @@ def step_log_prob(
     sampler: str = "sde",
     noise_level: float = 0.7,
     sigma_max: float | None = None,
+    noise_block: int = 1,
 ) -> StepOutput:
     """Training-side recompute (with grad) of the log-prob of the stored transition ``x -> x_next``.
 
     Same velocity and step math as ``rollout``, so on-policy ``exp(logp - logp_old) == 1``.
     ``sigma``/``sigma_next`` scalar or ``[B]`` (per-sample timesteps); pass the trajectory's
-    ``sampler``, ``noise_level`` and ``sigma_max``. ``StepOutput.mean`` / ``.std`` feed
+    ``sampler``, ``noise_level``, ``sigma_max`` and ``noise_block``. ``StepOutput.mean`` / ``.std`` feed
     ``gaussian_kl`` against the same call made with the LoRA disabled.
     """
     if sampler not in STEP_FUNCTIONS:
         raise ValueError(f"sampler '{sampler}' has no log-prob; use one of {', '.join(STEP_FUNCTIONS)}")
     v = predict_velocity(transformer, x, sigma, cond, guidance_scale=guidance_scale, uncond=uncond)
+    block = {"noise_block": noise_block} if noise_block != 1 else {}
     return STEP_FUNCTIONS[sampler](
-        v, x, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max, prev_sample=x_next
+        v, x, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max, prev_sample=x_next, **block
     )
 
 

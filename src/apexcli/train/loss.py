@@ -41,9 +41,9 @@ def step_kl(out: StepOutput, ref: StepOutput, form: str = "exact") -> torch.Tens
     Flow-GRPO means the ``reference`` form. For CPS both forms divide by the step's std.
     """
     if form == "exact" or out.noise_scale is None:
-        return gaussian_kl(out.mean, ref.mean, out.std)
+        return gaussian_kl(out.mean, ref.mean, out.std, out.noise_block)
     if form == "reference":
-        return gaussian_kl(out.mean, ref.mean, out.noise_scale)
+        return gaussian_kl(out.mean, ref.mean, out.noise_scale, out.noise_block)
     raise ValueError(f"KL form must be one of {', '.join(KL_FORMS)}, got '{form}'")
 
 

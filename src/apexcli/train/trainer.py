@@ -245,6 +245,7 @@ class Trainer:
                 uncond=self.uncond,
                 sampler=s.sampler,
                 noise_level=s.noise_level,
+                noise_block=s.noise_block,
                 sde_steps=self.steps_trained,
                 initial_noise=noise,
                 generator=generator,
@@ -285,7 +286,7 @@ class Trainer:
             out = step_log_prob(
                 model, x, x_next, sigma, sigma_next, cond,
                 guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
-                sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+                sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max, noise_block=traj.noise_block,
             )
             return torch.exp(out.log_prob - traj.log_probs[:, t])
 
@@ -365,7 +366,7 @@ class Trainer:
                         out = step_log_prob(
                             self.transformer, x, x_next, sigma, sigma_next, cond,
                             guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
-                            sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+                            sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max, noise_block=traj.noise_block,
                         )
                         kl = None
                         if t.kl_beta > 0:
@@ -373,7 +374,7 @@ class Trainer:
                                 ref = step_log_prob(
                                     model_for_ref, x, x_next, sigma, sigma_next, cond,
                                     guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
-                                    sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+                                    sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max, noise_block=traj.noise_block,
                                 )
                             kl = step_kl(out, ref, t.kl_form)
                         result = grpo_policy_loss(

@@ -16,9 +16,8 @@ the LoRA by about lr per step whatever the gradient, so the expected direction o
 the random walk after roughly 1/rho updates (``updates_needed``), and more samples per update
 raise rho (noise falls as 1/samples). ``rho_se`` is its jackknife standard error over the
 updates. (Cosines rather than inner products: a few updates with large gradients would
-otherwise decide the estimate.)
-Also printed: the cosine between the mean gradients of the two halves of the updates, an
-estimate that needs no noise model. An iteration whose groups are all flat (every advantage 0)
+otherwise decide the estimate.) Also printed: the cosine between the mean gradients of the two
+halves of the updates, an estimate that needs no noise model. An iteration whose groups are all flat (every advantage 0)
 has no gradient and is not counted, so ``updates`` can be below ``--updates``.
 
 Each objective trains on the prompts it can score (``ocr``: the signs; ``adherence``: the

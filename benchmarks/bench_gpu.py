@@ -428,8 +428,7 @@ def make_update(b: Bench, n: int, guidance: float):
         ratio = None
         for i in steps:
             x, x_next = traj.latents[:, i], traj.latents[:, i + 1]
-            kw = dict(guidance_scale=guidance, uncond=uncond, sampler=traj.sampler,
-                      noise_level=traj.noise_level, sigma_max=traj.sigma_max)
+            kw = dict(guidance_scale=guidance, uncond=uncond, **traj.step_options)
             out = step_log_prob(b.transformer, x, x_next, sigmas[i], sigmas[i + 1], cond, **kw)
             with torch.no_grad(), adapters_disabled(layers):
                 ref = step_log_prob(b.transformer, x, x_next, sigmas[i], sigmas[i + 1], cond, **kw)

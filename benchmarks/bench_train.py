@@ -199,8 +199,7 @@ def step_gradient_shares(trainer: Trainer) -> dict[int, float]:
         for t in trainer.steps_trained:
             x, x_next, sigma, sigma_next = traj.transition(t)
             out = step_log_prob(model, x, x_next, sigma, sigma_next, cond, guidance_scale=cfg.sampling.guidance_scale,
-                                uncond=trainer.uncond, sampler=traj.sampler, noise_level=traj.noise_level,
-                                sigma_max=traj.sigma_max)
+                                uncond=trainer.uncond, **traj.step_options)
             loss = -(adv * torch.exp(out.log_prob - traj.log_probs[:, t])).sum() / n
             grads = torch.autograd.grad(loss, trainer.lora_params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(trainer.lora_params, grads)]

@@ -202,6 +202,8 @@ def test_block_noise_is_constant_on_blocks_and_scored_in_block_coordinates():
     assert torch.equal(plain.prev_sample, one.prev_sample) and torch.equal(plain.log_prob, one.log_prob)
     with pytest.raises(ValueError, match="noise_block 3"):
         sde_step_with_logprob(v, x, 0.8, 0.6, noise_block=3)
+    with pytest.raises(ValueError, match="needs the sde step"):
+        cps_step_with_logprob(v, x, 0.8, 0.6, noise_block=4)
 
 
 def test_block_noise_kl_sees_only_the_block_coordinates():

@@ -104,7 +104,7 @@ def _recompute(pipe, traj, cond, guidance, uncond):
         x, x_next, s, s_next = traj.transition(t)
         out[:, t] = step_log_prob(
             pipe.transformer, x, x_next, s, s_next, cond, guidance_scale=guidance, uncond=uncond,
-            sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max, noise_block=traj.noise_block,
+            **traj.step_options,
         ).log_prob
     return out
 

@@ -49,13 +49,11 @@ def test_first_update_is_on_policy(tmp_path):
                 sig_next = torch.full((len(traj),), sigma_next)
                 with torch.no_grad():
                     out = step_log_prob(
-                        trainer.transformer, x, x_next, sig, sig_next, cond, sampler=traj.sampler,
-                        noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+                        trainer.transformer, x, x_next, sig, sig_next, cond, **traj.step_options,
                     )
                     model.disable_adapters()
                     ref = step_log_prob(
-                        model, x, x_next, sig, sig_next, cond, sampler=traj.sampler,
-                        noise_level=traj.noise_level, sigma_max=traj.sigma_max,
+                        model, x, x_next, sig, sig_next, cond, **traj.step_options,
                     )
                     model.enable_adapters()
                 ratio = torch.exp(out.log_prob - traj.log_probs[:, t])

@@ -198,6 +198,12 @@ class Trajectory:
     """Latent block side the SDE steps' noise is constant on (``flow.sde``; 1 = per element)."""
 
     @property
+    def step_options(self) -> dict:
+        """What ``step_log_prob`` needs to score this trajectory's steps: ``**traj.step_options``."""
+        return {"sampler": self.sampler, "noise_level": self.noise_level, "sigma_max": self.sigma_max,
+                "noise_block": self.noise_block}
+
+    @property
     def final(self) -> torch.Tensor:
         """``[B, C, h, w]`` the denoised latent (decode it with ``decode_latents``)."""
         return self.latents[:, -1]
@@ -345,8 +351,7 @@ def rollout(
     """
     if sampler not in SAMPLERS:
         raise ApexError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
-    block = {"noise_block": noise_block} if noise_block != 1 else {}
-    if block and sampler != "sde":
+    if noise_block != 1 and sampler != "sde":
         raise ApexError(f"sampling.noise_block={noise_block} needs sampling.sampler=sde (got {sampler})")
     config = unwrap_model(transformer).config
     patch = int(config.patch_size)
@@ -383,7 +388,8 @@ def rollout(
         s, s_next = sigmas_on_device[i], sigmas_on_device[i + 1]
         v = predict_velocity(transformer, x, s, cond, guidance_scale=guidance_scale, uncond=uncond)
         if mask[i]:
-            out = step_fn(v, x, s, s_next, noise_level=noise_level, sigma_max=sigma_max, generator=generator, **block)
+            out = step_fn(v, x, s, s_next, noise_level=noise_level, sigma_max=sigma_max, generator=generator,
+                          noise_block=noise_block)
             x = out.prev_sample
             log_probs[:, i] = out.log_prob
         else:
@@ -420,15 +426,14 @@ def step_log_prob(
 
     Same velocity and step math as ``rollout``, so on-policy ``exp(logp - logp_old) == 1``.
     ``sigma``/``sigma_next`` scalar or ``[B]`` (per-sample timesteps); pass the trajectory's
-    ``sampler``, ``noise_level``, ``sigma_max`` and ``noise_block``. ``StepOutput.mean`` / ``.std`` feed
+    ``step_options`` (sampler, noise level, ``sigma_max``, ``noise_block``). ``StepOutput.mean`` / ``.std`` feed
     ``gaussian_kl`` against the same call made with the LoRA disabled.
     """
     if sampler not in STEP_FUNCTIONS:
         raise ValueError(f"sampler '{sampler}' has no log-prob; use one of {', '.join(STEP_FUNCTIONS)}")
     v = predict_velocity(transformer, x, sigma, cond, guidance_scale=guidance_scale, uncond=uncond)
-    block = {"noise_block": noise_block} if noise_block != 1 else {}
     return STEP_FUNCTIONS[sampler](
-        v, x, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max, prev_sample=x_next, **block
+        v, x, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max, prev_sample=x_next, noise_block=noise_block
     )
 
 

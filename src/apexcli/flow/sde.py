@@ -227,6 +227,7 @@ def cps_step_with_logprob(
     prev_sample: torch.Tensor | None = None,
     generator: torch.Generator | None = None,
     log_prob_form: str = "squared_error",
+    noise_block: int = 1,
 ) -> StepOutput:
     """Coefficient-preserving sampling (CPS) step::
 
@@ -245,9 +246,12 @@ def cps_step_with_logprob(
     ``-log sqrt(2 pi)`` cancel in the ratio in either form. The two forms need different PPO
     clip ranges (Flow-GRPO uses 1e-5 with this one). ``sigma_max`` is accepted for a uniform
     signature and unused. At ``s' = 0`` the std is 0 and the step is the deterministic
-    ``x0hat`` (log-prob reported as 0).
+    ``x0hat`` (log-prob reported as 0). ``noise_block`` exists for a uniform signature: CPS
+    draws per-element noise only.
     """
     del sigma_max  # CPS has no singularity at s == 1
+    if noise_block != 1:
+        raise ValueError(f"noise_block {noise_block} needs the sde step; CPS draws per-element noise")
     s, s_next = _column(sigma, x), _column(sigma_next, x)
     xf, v = x.float(), velocity.float()
     x0_hat = xf - s * v

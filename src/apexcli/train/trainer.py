@@ -286,7 +286,7 @@ class Trainer:
             out = step_log_prob(
                 model, x, x_next, sigma, sigma_next, cond,
                 guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
-                sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max, noise_block=traj.noise_block,
+                **traj.step_options,
             )
             return torch.exp(out.log_prob - traj.log_probs[:, t])
 
@@ -366,7 +366,7 @@ class Trainer:
                         out = step_log_prob(
                             self.transformer, x, x_next, sigma, sigma_next, cond,
                             guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
-                            sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max, noise_block=traj.noise_block,
+                            **traj.step_options,
                         )
                         kl = None
                         if t.kl_beta > 0:
@@ -374,7 +374,7 @@ class Trainer:
                                 ref = step_log_prob(
                                     model_for_ref, x, x_next, sigma, sigma_next, cond,
                                     guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
-                                    sampler=traj.sampler, noise_level=traj.noise_level, sigma_max=traj.sigma_max, noise_block=traj.noise_block,
+                                    **traj.step_options,
                                 )
                             kl = step_kl(out, ref, t.kl_form)
                         result = grpo_policy_loss(

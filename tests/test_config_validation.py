@@ -55,6 +55,16 @@ def test_block_noise_needs_the_sde_sampler():
     assert resolve_config(preset="tiny", overrides=["sampling.noise_block=4"]).sampling.noise_block == 4
 
 
+def test_nft_loss_settings():
+    message = _error("train.loss=nft", "train.anchor_beta=1.0")
+    assert "'train.anchor_beta'" in message and "train.anchor_beta=0" in message, message
+    message = _error("train.loss=nft", "train.nft_timesteps=9", "sampling.num_steps=3")
+    assert "'train.nft_timesteps'" in message and "<=3" in message, message
+    assert "'train.loss'" in _error("train.loss=dpo")
+    cfg = resolve_config(preset="mini", overrides=["train.loss=nft", "train.anchor_beta=0"])
+    assert cfg.train.loss == "nft" and cfg.train.nft_adv_scale == cfg.train.adv_clip
+
+
 def test_rules_are_declared_beside_the_fields():
     rules = {key: rule for key, _, rule in iter_fields(Config())}
     assert rules["train.lr"] == Rule(gt=0)

@@ -161,3 +161,22 @@ def test_anchor_holds_the_untrained_steps_near_the_base_model(tmp_path):
     assert light[0]["anchor"] == 0.0 and heavy[0]["anchor"] == 0.0  # LoRA B = 0 on the first update
     assert light[-1]["anchor"] > 0
     assert heavy[-1]["anchor"] < 0.2 * light[-1]["anchor"]
+
+
+def test_nft_loss_trains_from_the_rollout_policy(tmp_path):
+    """train.loss=nft: one optimizer step per iteration is on-policy (drift 0 on the first update)
+    and moves the LoRA; with two epochs the reference velocities are the rollout policy's, taken
+    before any step (a tiny lr leaves the drift ~0, a large one does not); no ratio statistics."""
+    nft = ["train.loss=nft", "train.nft_timesteps=2"]
+    rows = read_metrics(train_tiny(tmp_path / "one", 2, *nft, "train.lr=3e-2"))
+    assert rows[0]["nft_drift"] == 0.0 and rows[0]["grad_norm"] > 0
+    assert "ratio_first" not in rows[0] and "ratio_max_dev" not in rows[0]
+    assert rows[1]["nft_drift"] == 0.0 and rows[1]["nft_flow_error"] > 0
+    lora = load_lora_file(tmp_path / "one" / "checkpoints" / "step-000002")
+    assert max(float(v.abs().max()) for k, v in lora.items() if "lora_B" in k) > 0  # B starts at 0
+    two_epochs = [*nft, "train.inner_epochs=2"]
+    still = read_metrics(train_tiny(tmp_path / "still", 1, *two_epochs, "train.lr=1e-12"))
+    moved = read_metrics(train_tiny(tmp_path / "moved", 1, *two_epochs, "train.lr=3e-2"))
+    assert still[0]["nft_drift"] < 1e-12
+    assert moved[0]["nft_drift"] > 1e-8
+    assert moved[0]["optimizer_steps"] == 2

@@ -171,6 +171,20 @@ class TrainConfig:
     ema_warmup: bool = False
     """EMA decay min(ema_decay, (1 + n) / (10 + n)) at optimizer step n (Flow-GRPO's warm-up), so
     early EMA weights follow the policy instead of staying near the initial LoRA."""
+    loss: str = setting("grpo", choices=("grpo", "nft"))
+    """Policy loss. grpo: PPO-clip on the trained steps' log-probs (Flow-GRPO). nft: negative-aware
+    flow matching on the final samples at random steps of the sampler's grid (DiffusionNFT's idea,
+    docs/method.md "The nft loss"): first-order in the model, needs no log-probs, and any sampler's
+    samples train it; kl_beta then weighs ``mean (v_theta - v_base)^2`` at the trained point."""
+    nft_beta: float = setting(1.0, gt=0)
+    """nft: trust-region strength; the loss's minimiser is ``d = -w (v_old - target) / nft_beta``."""
+    nft_adv_scale: float = setting(5.0, gt=0)
+    """nft: a sample's weight is ``clamp(A / nft_adv_scale, -1, 1)``. At train.adv_clip (5) nothing is
+    clamped, so a group's weights still sum to 0 and what its samples share cancels; DiffusionNFT
+    clamps at 1 std."""
+    nft_timesteps: int = setting(1, ge=1)
+    """nft: grid steps trained per sample and epoch (distinct, random; shared within a group, with
+    one noise per group and step, so a group's samples differ only in their x0)."""
 
 
 @dataclass
@@ -351,6 +365,11 @@ def validate(cfg: Config) -> None:
     )
     _check(s.noise_block == 1 or s.sampler == "sde", "sampling.noise_block",
            f"({s.noise_block}) needs sampling.sampler=sde, got {s.sampler}; set sampling.noise_block=1")
+    if t.loss == "nft":
+        _check(t.anchor_beta == 0, "train.anchor_beta",
+               f"({t.anchor_beta}) holds the steps grpo does not train; train.loss=nft trains every step: set train.anchor_beta=0")
+        _check(t.nft_timesteps <= s.num_steps, "train.nft_timesteps",
+               f"({t.nft_timesteps}) exceeds the sampler's {s.num_steps} steps; set train.nft_timesteps<={s.num_steps}")
     cfg.balance.validate(len(cfg.objectives))
 
 

@@ -8,7 +8,8 @@ One iteration (DESIGN.md §1):
    batch i overlaps sampling batch i+1;
 3. rewards R [n, K] are gathered from all processes, and every process runs the (deterministic)
    balancer on the same global R, so advantages and balancer state agree everywhere;
-4. PPO-clip updates on the trained steps (+ KL to the LoRA-disabled base), accumulated over
+4. PPO-clip updates on the trained steps (+ KL to the LoRA-disabled base), or with
+   ``train.loss=nft`` negative-aware flow matching on the final samples, accumulated over
    micro-batches and steps, one optimizer step per ``gradient_accumulation`` micro-batches.
 
 All randomness is derived from (seed, step, sample index), so a resumed run continues exactly as
@@ -63,8 +64,9 @@ from apexcli.sharding import full_state, is_sharded, load_optimizer_state_by_nam
 from apexcli.train.checkpoint import TrainingState, save_checkpoint
 from apexcli.train.run_start import abandon_after, ensure_writable, plan_start, prepare_directory, warn
 from apexcli.train.ema import LoraEMA
-from apexcli.train.loss import clip_advantages, grpo_policy_loss, step_kl, velocity_anchor
+from apexcli.train.loss import clip_advantages, grpo_policy_loss, nft_loss, nft_weight, step_kl, velocity_anchor
 from apexcli.train.progress import TrainProgress
+from apexcli.train.nft_points import NftPoints, draw_nft_points, flow_matching_point
 from apexcli.train.sampler import mix_seed, plan_step
 
 
@@ -282,17 +284,32 @@ class Trainer:
         cond = self.embeds.index(cond_ids[:n]).to(self.device)
         advantages = per_objective_local[:n].to(self.device)
 
-        def ratio() -> torch.Tensor:
-            out = step_log_prob(
-                model, x, x_next, sigma, sigma_next, cond,
-                guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
-                **traj.step_options,
-            )
-            return torch.exp(out.log_prob - traj.log_probs[:, t])
+        if cfg.train.loss == "nft":
+            # the on-policy nft gradient per unit weight: 2 <v - target, grad v> (loss.nft_loss)
+            x_t, sigma_t, target = self._nft_point(traj.final, traj.sigmas, gen)
+
+            def terms() -> torch.Tensor:
+                v = predict_velocity(model, x_t, sigma_t, cond, guidance_scale=cfg.sampling.guidance_scale,
+                                     uncond=self.uncond)
+                return 2.0 * ((v.detach() - target) * v).flatten(1).mean(dim=1)
+
+            def weight(adv: torch.Tensor) -> torch.Tensor:
+                return nft_weight(adv, cfg.train.nft_adv_scale)
+        else:
+            def terms() -> torch.Tensor:  # the importance ratio
+                out = step_log_prob(
+                    model, x, x_next, sigma, sigma_next, cond,
+                    guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond,
+                    **traj.step_options,
+                )
+                return torch.exp(out.log_prob - traj.log_probs[:, t])
+
+            def weight(adv: torch.Tensor) -> torch.Tensor:
+                return -adv
 
         if self.sharded:
             gram = gradient_gram_by_backward(
-                lambda adv: -(adv * ratio()).mean(), advantages, self.lora_params,
+                lambda adv: (weight(adv) * terms()).mean(), advantages, self.lora_params,
                 all_reduce_sum=lambda g: self.accelerator.reduce(g, reduction="sum"),
             )
         else:
@@ -300,14 +317,17 @@ class Trainer:
             # the global gradients (a mean of per-rank Grams would not be)
             reduce = (lambda g: self.accelerator.reduce(g, reduction="mean")) if self.accelerator.num_processes > 1 else None
             if cfg.model.compile:  # compiled backward passes cannot share one retained graph
-                gram = gradient_gram(lambda adv: -(adv * ratio()).mean(), advantages, self.lora_params, reduce=reduce,
-                                     shared_graph=False)
+                gram = gradient_gram(lambda adv: (weight(adv) * terms()).mean(), advantages, self.lora_params,
+                                     reduce=reduce, shared_graph=False)
             else:
-                r = ratio()  # one forward, K backward passes
-                gram = gradient_gram(lambda adv: -(adv * r).mean(), advantages, self.lora_params, reduce=reduce)
+                r = terms()  # one forward, K backward passes
+                gram = gradient_gram(lambda adv: (weight(adv) * r).mean(), advantages, self.lora_params, reduce=reduce)
         self.balancer.set_gradient_gram(gram)
 
-    def _update(self, trajectories, advantages: torch.Tensor, cond_ids: list[int]) -> dict:
+    def _update(self, trajectories, advantages: torch.Tensor, cond_ids: list[int],
+                group_ids: torch.Tensor | None = None) -> dict:
+        """The policy update on this process's samples; ``group_ids`` ``[n]`` (global group of each
+        sample) lets ``train.loss=nft`` share its noise within a group (None: one group a sample)."""
         cfg, t = self.cfg, self.cfg.train
         acc = self.accelerator
         traj = _cat_traj(trajectories)
@@ -315,7 +335,8 @@ class Trainer:
         adv = clip_advantages(advantages.to(self.device), t.adv_clip)
         cond_all = self.embeds.index(cond_ids).to(self.device)
         window = torch.tensor(self.steps_trained)
-        n_train_t = max(1, int(math.ceil(len(window) * t.timestep_fraction)))
+        nft = t.loss == "nft"
+        n_train_t = t.nft_timesteps if nft else max(1, int(math.ceil(len(window) * t.timestep_fraction)))
         micro = t.train_batch_size
         selected = self._selected_samples(advantages, micro)  # every sample, or those with A != 0
         n_micro = len(selected) // micro
@@ -333,7 +354,13 @@ class Trainer:
         # drains, and the next forward's kernels would then be launched onto an idle GPU.
         dev = traj.latents.device
         sigmas = traj.sigmas.to(dev)
-        stats: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": [], "anchor": []}
+        stats: dict[str, list[torch.Tensor]] = {"loss": [], "kl": [], "ratio_mean": [], "clip_frac": [], "anchor": [],
+                                                "nft_flow_error": [], "nft_drift": []}
+        if nft:
+            points = self._nft_points(traj, group_ids, n_train_t)
+            # one optimizer step over one epoch: the policy is the rollout's at every micro-batch
+            on_policy = t.inner_epochs == 1 and per_update >= n_micro
+            v_old = None if on_policy else self._nft_old_velocities(traj, points, cond_all)
         # steps outside the window (the last excepted: it only jumps to x0) for the anchor penalty
         outside = [i for i in range(traj.num_steps - 1) if i not in self.steps_trained] if t.anchor_beta > 0 else []
         ratio_dev: list[torch.Tensor] = []
@@ -356,12 +383,31 @@ class Trainer:
                 last_micro_of_update = (m + 1) % per_update == 0 or m == n_micro - 1
                 units = min(per_update, n_micro - (m // per_update) * per_update) * n_train_t
                 for j in range(n_train_t):
+                    cond = cond_all.index(rows)
+                    sync = last_micro_of_update and j == n_train_t - 1
+                    if nft:
+                        x_t, sigma_t, target = points.at(epoch, rows, j, sigmas, traj.final)
+                        with nullcontext() if sync else acc.no_sync(self.transformer):
+                            guidance = dict(guidance_scale=cfg.sampling.guidance_scale, uncond=self.uncond)
+                            v = predict_velocity(self.transformer, x_t, sigma_t, cond, **guidance)
+                            result = nft_loss(v, v if v_old is None else v_old[epoch, j][rows], target,
+                                              adv[rows.to(adv.device)], beta=t.nft_beta, adv_scale=t.nft_adv_scale)
+                            loss = result.loss
+                            if t.kl_beta > 0:
+                                with torch.no_grad(), adapters_disabled(self.adapter_layers):
+                                    v_ref = predict_velocity(model_for_ref, x_t, sigma_t, cond, **guidance)
+                                kl = velocity_anchor(v, v_ref).mean()
+                                stats["kl"].append(kl.detach())
+                                loss = loss + t.kl_beta * kl
+                            acc.backward(loss / units)
+                        stats["nft_flow_error"].append(result.flow_error)
+                        stats["nft_drift"].append(result.drift)
+                        stats["loss"].append(loss.detach())
+                        continue
                     ts = step_order[rows, j]
                     x, x_next = traj.latents[rows, ts], traj.latents[rows, ts + 1]
                     sigma, sigma_next = sigmas[ts], sigmas[ts + 1]
                     old_logp = traj.log_probs[rows, ts]
-                    cond = cond_all.index(rows)
-                    sync = last_micro_of_update and j == n_train_t - 1
                     with nullcontext() if sync else acc.no_sync(self.transformer):
                         out = step_log_prob(
                             self.transformer, x, x_next, sigma, sigma_next, cond,
@@ -410,27 +456,60 @@ class Trainer:
                     self.optimizer.zero_grad(set_to_none=True)
         # one device-to-host copy for all of the update's statistics
         keys = [k for k, v in stats.items() if v]
-        means = torch.stack(
-            [torch.stack(stats[k]).double().mean() for k in keys] + [first_ratio.double(), torch.stack(ratio_dev).double().max()]
-        ).tolist()
-        out = dict(zip(keys, means[:-2]))
-        first_ratio, max_dev = means[-2:]
+        ratios = [first_ratio.double(), torch.stack(ratio_dev).double().max()] if ratio_dev else []
+        means = torch.stack([torch.stack(stats[k]).double().mean() for k in keys] + ratios).tolist()
+        out = dict(zip(keys, means[: len(keys)]))
+        first_ratio, max_dev = means[len(keys):] if ratios else (None, None)
         out["grad_norm"] = sum(grad_norms) / len(grad_norms)
         if acc.num_processes > 1:
             # every process trains as many micro-batches (equal shards), so the mean of the
             # per-process means is the mean over the global batch; grad_norm is already global
-            keys = [k for k in ("loss", "kl", "ratio_mean", "clip_frac", "anchor") if k in out]
+            keys = [k for k in ("loss", "kl", "ratio_mean", "clip_frac", "anchor", "nft_flow_error", "nft_drift") if k in out]
             local = torch.tensor([out[k] for k in keys], dtype=torch.float64, device=self.device)
             out.update(zip(keys, acc.reduce(local, reduction="mean").tolist()))
-        if acc.num_processes > 1:
-            max_dev = float(acc.gather(torch.tensor([max_dev], dtype=torch.float64, device=self.device)).max())
-        out["ratio_max_dev"] = max_dev  # max |ratio - 1| over trained samples: > clip_range once updates go off-policy
+        if ratios:  # grpo: max |ratio - 1| over trained samples, > clip_range once updates go off-policy
+            if acc.num_processes > 1:
+                max_dev = float(acc.gather(torch.tensor([max_dev], dtype=torch.float64, device=self.device)).max())
+            out["ratio_max_dev"] = max_dev
+            out["ratio_first"] = first_ratio
         out["skipped_updates"] = skipped
         out["optimizer_steps"] = len(grad_norms)
         out["samples_trained"] = len(selected) * acc.num_processes
-        out["ratio_first"] = first_ratio
         out["lr"] = lr_applied  # of the iteration's last optimizer step (not the next one's)
         return out
+
+    def _nft_points(self, traj, group_ids: torch.Tensor | None, points_per_sample: int) -> NftPoints:
+        n = len(traj)
+        return draw_nft_points(
+            torch.arange(n) if group_ids is None else group_ids,
+            seed=self.cfg.seed, step=self.step, epochs=self.cfg.train.inner_epochs, points_per_sample=points_per_sample,
+            grid_steps=traj.num_steps, latent_shape=tuple(traj.final.shape[1:]), device=traj.latents.device,
+        )
+
+    @torch.no_grad()
+    def _nft_old_velocities(self, traj, points: NftPoints, cond_all) -> torch.Tensor:
+        """``[E, J, n, C, h, w]`` the rollout policy's velocity at every nft point, before any
+        optimizer step moves it (the reference of nft's trust region)."""
+        epochs, _, per_sample = points.steps.shape
+        sigmas = traj.sigmas.to(traj.latents.device)
+        micro = self.cfg.train.train_batch_size
+        out = torch.empty(epochs, per_sample, *traj.final.shape, device=traj.latents.device)
+        for e in range(epochs):
+            for j in range(per_sample):
+                for start in range(0, len(traj), micro):
+                    rows = torch.arange(start, min(start + micro, len(traj)), device=traj.latents.device)
+                    x_t, sigma_t, _ = points.at(e, rows, j, sigmas, traj.final)
+                    out[e, j, rows] = predict_velocity(self.transformer, x_t, sigma_t, cond_all.index(rows),
+                                                       guidance_scale=self.cfg.sampling.guidance_scale, uncond=self.uncond)
+        return out
+
+    def _nft_point(self, final: torch.Tensor, sigmas: torch.Tensor, gen: torch.Generator):
+        """One random grid step and noise per sample (the probe's nft point)."""
+        steps = torch.randint(len(sigmas) - 1, (final.shape[0],), generator=gen)
+        noise = torch.randn(final.shape, generator=gen).to(final.device)
+        sigma = sigmas[steps].to(final.device)
+        x_t, target = flow_matching_point(final, sigma, noise)
+        return x_t, sigma, target
 
     def _anchor(self, traj, sigmas: torch.Tensor, rows: torch.Tensor, cond, outside: list[int], gen: torch.Generator,
                 model_for_ref: torch.nn.Module) -> torch.Tensor:
@@ -494,7 +573,7 @@ class Trainer:
             self._probe(trajectories, info["per_objective"][plan.shard], local_ids)
             probe_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
-        update = self._update(trajectories, advantages[plan.shard], local_ids)
+        update = self._update(trajectories, advantages[plan.shard], local_ids, plan.group_ids[plan.shard])
         train_seconds = time.perf_counter() - t0
 
         row.update(reward_summary(rewards, self.objectives, "reward"))

@@ -142,3 +142,23 @@ def test_anchor_under_ddp_keeps_the_ranks_identical(tmp_path):
     rank1 = load_file(str(tmp_path / "rank1.safetensors"))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert read_metrics(out)[-1]["anchor"] > 0  # the second update saw a moved LoRA
+
+
+def test_nft_under_ddp_is_the_one_process_update(tmp_path):
+    """train.loss=nft draws its points per group, so two ranks holding one group each compute the
+    one-process gradient: same first-update grad norm and flow error, identical LoRA on both ranks.
+    With kl_beta the reference forward runs between the policy forward and the backward."""
+    from conftest import train_tiny
+
+    nft = ["--objectives", "brightness", "train.loss=nft", "train.nft_timesteps=2", "train.kl_beta=0.1", "train.lr=3e-2"]
+    one = read_metrics(train_tiny(tmp_path / "one", 2, *nft))
+    out = tmp_path / "two"
+    proc = _torchrun(tmp_path, 2, ["train", "--preset", "tiny", "--steps", "2", "--out", str(out), *TINY_OVERRIDES, *nft])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = read_metrics(out)
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)
+    assert two[0]["nft_flow_error"] == pytest.approx(one[0]["nft_flow_error"], rel=1e-5)
+    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
+    assert two[1]["nft_drift"] == 0.0 and two[1]["kl"] > 0  # the second update starts from a moved LoRA

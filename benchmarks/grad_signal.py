@@ -3,6 +3,8 @@ objective needs before GRPO can move it.
 
     python benchmarks/grad_signal.py                               # mini: brightness, appeal, adherence, ocr
     python benchmarks/grad_signal.py --objectives ocr --updates 24 --set train.prompts_per_step=4
+    python benchmarks/grad_signal.py --objectives brightness --updates 32 --set train.loss=nft \
+        --set sampling.share_group_noise=false --set train.nft_timesteps=4   # the nft loss's gradient
 
 For each objective alone, the preset's training iteration is run ``--updates`` times at the *base*
 model (the optimizer step is intercepted, so the LoRA never moves; anchor and KL are off, as both

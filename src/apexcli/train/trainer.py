@@ -66,7 +66,7 @@ from apexcli.train.run_start import abandon_after, ensure_writable, plan_start, 
 from apexcli.train.ema import LoraEMA
 from apexcli.train.loss import clip_advantages, grpo_policy_loss, nft_loss, nft_weight, step_kl, velocity_anchor
 from apexcli.train.progress import TrainProgress
-from apexcli.train.nft_points import NftPoints, draw_nft_points, flow_matching_point
+from apexcli.train.nft_points import NftPoints, draw_nft_points
 from apexcli.train.sampler import mix_seed, plan_step
 
 
@@ -286,7 +286,10 @@ class Trainer:
 
         if cfg.train.loss == "nft":
             # the on-policy nft gradient per unit weight: 2 <v - target, grad v> (loss.nft_loss)
-            x_t, sigma_t, target = self._nft_point(traj.final, traj.sigmas, gen)
+            # one point per sample, drawn as the update draws them (each sample its own group here)
+            points = self._nft_points(traj, None, 1)
+            rows = torch.arange(len(traj), device=traj.latents.device)
+            x_t, sigma_t, target = points.at(0, rows, 0, traj.sigmas.to(traj.latents.device), traj.final)
 
             def terms() -> torch.Tensor:
                 v = predict_velocity(model, x_t, sigma_t, cond, guidance_scale=cfg.sampling.guidance_scale,
@@ -502,14 +505,6 @@ class Trainer:
                     out[e, j, rows] = predict_velocity(self.transformer, x_t, sigma_t, cond_all.index(rows),
                                                        guidance_scale=self.cfg.sampling.guidance_scale, uncond=self.uncond)
         return out
-
-    def _nft_point(self, final: torch.Tensor, sigmas: torch.Tensor, gen: torch.Generator):
-        """One random grid step and noise per sample (the probe's nft point)."""
-        steps = torch.randint(len(sigmas) - 1, (final.shape[0],), generator=gen)
-        noise = torch.randn(final.shape, generator=gen).to(final.device)
-        sigma = sigmas[steps].to(final.device)
-        x_t, target = flow_matching_point(final, sigma, noise)
-        return x_t, sigma, target
 
     def _anchor(self, traj, sigmas: torch.Tensor, rows: torch.Tensor, cond, outside: list[int], gen: torch.Generator,
                 model_for_ref: torch.nn.Module) -> torch.Tensor:

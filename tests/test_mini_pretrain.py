@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -21,10 +22,19 @@ def _weights(export):
     return load_file(export / "transformer" / "diffusion_pytorch_model.safetensors")
 
 
-def test_pretrain_is_deterministic_and_its_export_loads(tmp_path, monkeypatch):
-    monkeypatch.setenv("APEX_MINI_THREADS", "1")
-    for name in ("a", "b"):
-        pretrain_main(["--out", str(tmp_path / name), "--export", str(tmp_path / f"{name}-model"), "--seed", "3", *QUICK])
+@pytest.fixture(scope="module")
+def clean_runs(tmp_path_factory):
+    """Two quick runs of the clean phases from one seed: a/, a-model/, b/, b-model/."""
+    tmp_path = tmp_path_factory.mktemp("pretrain")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("APEX_MINI_THREADS", "1")
+        for name in ("a", "b"):
+            pretrain_main(["--out", str(tmp_path / name), "--export", str(tmp_path / f"{name}-model"), "--seed", "3", *QUICK])
+    return tmp_path
+
+
+def test_pretrain_is_deterministic_and_its_export_loads(clean_runs):
+    tmp_path = clean_runs
     first, second = _weights(tmp_path / "a-model"), _weights(tmp_path / "b-model")
     assert first.keys() == second.keys() and all(torch.equal(first[k], second[k]) for k in first)
     rows = [json.loads(line) for line in (tmp_path / "a" / "loss.jsonl").read_text().splitlines()]
@@ -32,3 +42,21 @@ def test_pretrain_is_deterministic_and_its_export_loads(tmp_path, monkeypatch):
     pipe = load_pipeline(ModelConfig(pretrained=str(tmp_path / "a-model"), dtype="float32", device="cpu"))
     assert type(pipe).__name__ == "StableDiffusion3Pipeline"
     assert pipe.transformer.dtype == torch.float32 and pipe.scheduler.config.shift == 2.0
+
+
+def test_caption_noise_phase_from_an_export_is_deterministic(clean_runs, tmp_path, monkeypatch):
+    """--init runs only the caption-noise phase on a clean export: deterministic, it moves the
+    weights, and what it exports loads like any SD3 directory."""
+    monkeypatch.setenv("APEX_MINI_THREADS", "1")
+    noisy = ["--set", "noisy_steps=3", "--set", "attribute_noise=0.5", "--set", "letter_noise=0.5"]
+    for name in ("a", "b"):
+        pretrain_main(["--out", str(tmp_path / name), "--export", str(tmp_path / f"{name}-model"), "--seed", "3",
+                       "--init", str(clean_runs / "a-model"), *QUICK, *noisy])
+    clean = _weights(clean_runs / "a-model")
+    first, second = (_weights(tmp_path / d) for d in ("a-model", "b-model"))
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    assert any(not torch.equal(first[k], clean[k]) for k in first)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "loss.jsonl").read_text().splitlines()]
+    assert {r["phase"] for r in rows} == {"noisy", "noisy_done"}  # no VAE or clean flow phase
+    pipe = load_pipeline(ModelConfig(pretrained=str(tmp_path / "a-model"), dtype="float32", device="cpu"))
+    assert pipe.transformer.dtype == torch.float32

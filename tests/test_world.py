@@ -12,8 +12,10 @@ from apexcli.world.grammar import (
     COLORS,
     POSITIONS,
     SHAPES,
+    WORD_LETTERS,
     WORDS,
     Scene,
+    mislabel,
     parse_prompt,
     prompts,
     sample_scene,
@@ -151,3 +153,23 @@ def test_pixel_readback_of_ground_truth_and_of_a_wrong_prompt():
     blank = render(Scene(kind="shapes", shape="circle", color="red", count=1)).copy()
     blank.paste((245, 245, 245), (0, 0, 64, 64))
     assert read_shapes(blank).count == 0 and read_shapes(blank).color is None
+
+
+def test_mislabel_changes_attributes_at_the_stated_rates():
+    rng = random.Random(3)
+    scenes = [sample_scene(rng, sign_fraction=0.5) for _ in range(4000)]
+    assert mislabel(scenes[0], random.Random(0), 0.0, 0.0) == scenes[0]
+    noisy = [mislabel(s, rng, attribute_noise=0.3, letter_noise=0.15) for s in scenes]
+    changed: dict[str, list[bool]] = {}
+    for clean, shown in zip(scenes, noisy):
+        assert shown.kind == clean.kind
+        if clean.kind == "sign":
+            assert len(shown.word) == len(clean.word) and set(shown.word) <= set(WORD_LETTERS)
+            changed.setdefault("letter", []).extend(a != b for a, b in zip(clean.word, shown.word))
+        else:
+            for name in ("shape", "color", "count", "position", "background"):
+                changed.setdefault(name, []).append(getattr(clean, name) != getattr(shown, name))
+    rates = {name: np.mean(flags) for name, flags in changed.items()}
+    # a changed attribute always differs (never redrawn as itself), so the rates are the noise levels
+    assert rates.pop("letter") == pytest.approx(0.15, abs=0.02)
+    assert all(r == pytest.approx(0.3, abs=0.03) for r in rates.values()), rates

@@ -109,6 +109,36 @@ def sample_scene(rng: random.Random, sign_fraction: float = 0.5) -> Scene:
     )
 
 
+# The letters the words use: a mislabelled sign swaps in one of these, so its glyphs stay ones
+# the model draws anyway.
+WORD_LETTERS: tuple[str, ...] = tuple(sorted(set("".join(WORDS))))
+
+
+def mislabel(scene: Scene, rng: random.Random, attribute_noise: float, letter_noise: float) -> Scene:
+    """The scene a noisy caption of `scene` may show: web captions are often wrong, and this is
+    what makes a model follow prompts only partly. Each stated attribute of a shapes scene
+    (shape, colour, count, position, background) is, with probability `attribute_noise`, replaced
+    by another value; each letter of a sign, with probability `letter_noise`, by another letter."""
+    if scene.kind == "sign":
+        letters = [rng.choice([c for c in WORD_LETTERS if c != ch]) if rng.random() < letter_noise else ch
+                   for ch in scene.word]
+        return Scene(kind="sign", word="".join(letters))
+
+    def other(value, choices):
+        if value is None or rng.random() >= attribute_noise:
+            return value
+        return rng.choice([c for c in choices if c != value])
+
+    return Scene(
+        kind="shapes",
+        shape=other(scene.shape, SHAPES),
+        color=other(scene.color, tuple(COLORS)),
+        count=other(scene.count, tuple(COUNT_WORDS)),
+        position=other(scene.position, POSITIONS),
+        background=other(scene.background, BACKGROUNDS),
+    )
+
+
 def scene_to_prompt(scene: Scene) -> str:
     if scene.kind == "sign":
         return f'a sign that says "{scene.word}"'

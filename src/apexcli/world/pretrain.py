@@ -42,7 +42,7 @@ from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, 
 
 from apexcli.models.tiny import assemble_sd3_pipeline, build_char_tokenizer
 from apexcli.world.grammar import prompts as world_prompts
-from apexcli.world.grammar import parse_prompt, sample_split_scene
+from apexcli.world.grammar import mislabel, parse_prompt, sample_split_scene, scene_to_prompt
 from apexcli.world.render import render
 
 RESOLUTION = 64
@@ -81,6 +81,13 @@ class MiniConfig:
     ema: float = 0.995  # a horizon of ~200 steps: a CPU run makes only a few thousand
     prompt_dropout: float = 0.1
     sign_fraction: float = 0.5  # 0.6 left shapes as fragments after 2 672 steps
+    # caption noise: after the clean phase, the EMA model (rounded to fp16, as shipped) trains on
+    # for noisy_steps on renders that contradict their prompts now and then (grammar.mislabel),
+    # as web captions do; so the base model follows prompts only partly, and RL has a choice of
+    # the right mode to reinforce rather than a skill to invent (docs/mini.md)
+    noisy_steps: int = 0
+    attribute_noise: float = 0.3  # each stated shapes attribute wrong with this probability
+    letter_noise: float = 0.15  # each letter of a sign wrong with this probability
     # sampling defaults written into the scheduler / used for grids
     shift: float = 2.0
     guidance: float = 4.0
@@ -143,31 +150,40 @@ def build_mini_pipeline(cfg: MiniConfig) -> StableDiffusion3Pipeline:
 
 
 class WorldData:
-    """An endless, seeded stream of (prompt, image tensor in [-1, 1]) batches from the train split."""
+    """An endless, seeded stream of (prompt, image tensor in [-1, 1]) batches from the train split.
+    With noise, an image shows `mislabel(scene)` while its prompt still states the scene."""
 
-    def __init__(self, seed: int, sign_fraction: float):
+    def __init__(self, seed: int, sign_fraction: float, attribute_noise: float = 0.0, letter_noise: float = 0.0):
         self.rng = random.Random(f"apex-mini-data/{seed}")
+        self.noise_rng = random.Random(f"apex-mini-noise/{seed}")  # apart, so prompts do not depend on noise
         self.sign_fraction = sign_fraction
+        self.attribute_noise, self.letter_noise = attribute_noise, letter_noise
         self._signs: dict[str, torch.Tensor] = {}  # sign renders have no jitter: cache them
 
     def _tensor(self, image: Image.Image) -> torch.Tensor:
         return torch.from_numpy(np.asarray(image, dtype=np.float32)).permute(2, 0, 1) / 127.5 - 1.0
 
     def batch(self, n: int) -> tuple[list[str], torch.Tensor]:
-        from apexcli.world.grammar import scene_to_prompt
+        texts, images, _ = self.keyed_batch(n)
+        return texts, images
 
-        texts, images = [], []
+    def keyed_batch(self, n: int) -> tuple[list[str], torch.Tensor, list[str | None]]:
+        """Also each image's cache key: the word a sign shows (None for shapes, which jitter)."""
+        texts, images, keys = [], [], []
         for _ in range(n):
             scene = sample_split_scene(self.rng, "train", self.sign_fraction)
-            prompt = scene_to_prompt(scene)
+            texts.append(scene_to_prompt(scene))
+            if self.attribute_noise > 0 or self.letter_noise > 0:
+                scene = mislabel(scene, self.noise_rng, self.attribute_noise, self.letter_noise)
             if scene.kind == "sign":
-                if prompt not in self._signs:
-                    self._signs[prompt] = self._tensor(render(scene, RESOLUTION))
-                images.append(self._signs[prompt])
+                if scene.word not in self._signs:
+                    self._signs[scene.word] = self._tensor(render(scene, RESOLUTION))
+                images.append(self._signs[scene.word])
+                keys.append(scene.word)
             else:
                 images.append(self._tensor(render(scene, RESOLUTION, self.rng)))
-            texts.append(prompt)
-        return texts, torch.stack(images)
+                keys.append(None)
+        return texts, torch.stack(images), keys
 
 
 class Logger:
@@ -288,46 +304,49 @@ def export(pipe: StableDiffusion3Pipeline, target: Path) -> None:
 
 
 def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: Logger, deadline: float,
-               export_dir: Path | None) -> StableDiffusion3Pipeline:
-    """Train transformer + text encoders; returns the EMA pipeline."""
+               export_dir: Path | None, *, noisy: bool = False) -> StableDiffusion3Pipeline:
+    """Train transformer + text encoders; returns the EMA pipeline. `noisy`: the caption-noise
+    phase (cfg.noisy_steps on mislabelled renders, its own data and noise seeds) instead of
+    the clean one (cfg.flow_steps)."""
+    phase, steps, seed = ("noisy", cfg.noisy_steps, cfg.seed + 10) if noisy else ("flow", cfg.flow_steps, cfg.seed + 3)
     vae = pipe.vae
     vae.requires_grad_(False)
     shift, scale = vae.config.shift_factor, vae.config.scaling_factor
     modules = [getattr(pipe, name) for name in TRAINED]
     params = [p for m in modules for p in m.parameters()]
     for m in modules:
-        m.train()
+        m.train().requires_grad_(True)  # an EMA pipeline (the noisy phase's start) comes frozen
     ema_pipe = copy.deepcopy(pipe)
     for name in TRAINED:
         getattr(ema_pipe, name).eval().requires_grad_(False)
     ema_params = [p for name in TRAINED for p in getattr(ema_pipe, name).parameters()]
     opt = torch.optim.AdamW(params, lr=cfg.flow_lr, weight_decay=0.0, betas=(0.9, 0.99))
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: min(1.0, (s + 1) / cfg.warmup))
-    data = WorldData(cfg.seed + 3, cfg.sign_fraction)
-    gen = torch.Generator().manual_seed(cfg.seed + 4)
-    drop_rng = random.Random(cfg.seed + 5)
+    data = WorldData(seed, cfg.sign_fraction, *((cfg.attribute_noise, cfg.letter_noise) if noisy else ()))
+    gen = torch.Generator().manual_seed(seed + 1)
+    drop_rng = random.Random(seed + 2)
     grid_prompts = world_prompts(16, seed=0, split="eval", sign_fraction=0.5)
     next_export = time.monotonic() + cfg.export_every * 60
     sign_latents: dict[str, torch.Tensor] = {}  # a sign's render never varies: encode it once
 
     @torch.no_grad()
-    def latents(texts: list[str], x: torch.Tensor) -> torch.Tensor:
-        fresh = [i for i, t in enumerate(texts) if t not in sign_latents]
+    def latents(keys: list[str | None], x: torch.Tensor) -> torch.Tensor:
+        fresh = [i for i, k in enumerate(keys) if k not in sign_latents]
         out = torch.empty(x.shape[0], vae.config.latent_channels, *(d // pipe.vae_scale_factor for d in x.shape[2:]))
         if fresh:
             out[fresh] = vae.encode(x[fresh]).latent_dist.mode()
-        for i, t in enumerate(texts):
-            if t in sign_latents:
-                out[i] = sign_latents[t]
-            elif t.startswith("a sign"):
-                sign_latents[t] = out[i].clone()
+        for i, k in enumerate(keys):
+            if k in sign_latents:
+                out[i] = sign_latents[k]
+            elif k is not None:
+                sign_latents[k] = out[i].clone()
         return out
     running = None
-    for step in range(cfg.flow_steps):
+    for step in range(steps):
         if time.monotonic() > deadline:
             break
-        texts, x = data.batch(cfg.flow_batch)
-        x0 = (latents(texts, x) - shift) * scale
+        texts, x, keys = data.keyed_batch(cfg.flow_batch)
+        x0 = (latents(keys, x) - shift) * scale
         texts = ["" if drop_rng.random() < cfg.prompt_dropout else t for t in texts]
         eps = torch.randn(x0.shape, generator=gen)
         t = logit_normal(x0.shape[0], gen)
@@ -346,12 +365,12 @@ def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: 
             torch._foreach_lerp_(ema_params, [p.detach() for p in params], 1 - decay)
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         if step % 10 == 0:
-            log.log(phase="flow", step=step, loss=round(loss.item(), 5), loss_avg=round(running, 5))
+            log.log(phase=phase, step=step, loss=round(loss.item(), 5), loss_avg=round(running, 5))
         if time.monotonic() > next_export:
-            snapshot(ema_pipe, cfg, out, export_dir, grid_prompts, tag=f"step{step:06d}")
-            log.log(phase="export", step=step)
+            snapshot(ema_pipe, cfg, out, export_dir, grid_prompts, tag=f"{phase}{step:06d}" if noisy else f"step{step:06d}")
+            log.log(phase="export", step=step, of=phase)
             next_export = time.monotonic() + cfg.export_every * 60
-    log.log(phase="flow_done", step=step, loss_avg=running)
+    log.log(phase=f"{phase}_done", step=step, loss_avg=running)
     return ema_pipe
 
 
@@ -363,7 +382,16 @@ def snapshot(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, export_
         export(pipe, export_dir)
 
 
-def pretrain(cfg: MiniConfig, out: Path, export_dir: Path | None = None) -> StableDiffusion3Pipeline:
+def as_shipped(pipe: StableDiffusion3Pipeline) -> StableDiffusion3Pipeline:
+    """Round the weights to fp16 and back, in place: the pipeline a load of its export gives."""
+    for name in (*TRAINED, "vae"):
+        getattr(pipe, name).to(torch.float16).to(torch.float32)
+    return pipe
+
+
+def pretrain(cfg: MiniConfig, out: Path, export_dir: Path | None = None, init: Path | None = None) -> StableDiffusion3Pipeline:
+    """All phases; with `init` (a pipeline the clean phases made, e.g. an earlier export), only
+    the caption-noise phase, from it."""
     # One thread by default: on a shared, loaded CPU two OpenMP threads spend most of their time
     # waiting for each other (measured 5-10x slower per step than one thread under load).
     torch.set_num_threads(int(os.environ.get("APEX_MINI_THREADS", "1")))
@@ -371,17 +399,29 @@ def pretrain(cfg: MiniConfig, out: Path, export_dir: Path | None = None) -> Stab
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     log = Logger(out / "loss.jsonl")
     deadline = time.monotonic() + cfg.minutes * 60
-    pipe = build_mini_pipeline(cfg)
-    train_vae(pipe.vae, cfg, log, deadline)
-    # reconstructions of ground truth: how much of the detail the latents keep
-    with torch.no_grad():
-        texts, x = WorldData(cfg.seed + 6, 0.5).batch(16)
-        recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
-    to_pil = lambda t: Image.fromarray(((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-    grid([to_pil(t) for t in torch.cat([x, recon])]).save(out / "vae_recon.png")
-    log.log(phase="vae_recon", **recon_adherence(pipe.vae, cfg.seed + 7))
-    ema_pipe = train_flow(pipe, cfg, out, log, deadline, export_dir)
-    snapshot(ema_pipe, cfg, out, export_dir, world_prompts(16, seed=0, split="eval", sign_fraction=0.5), tag="final")
+    grid_prompts = world_prompts(16, seed=0, split="eval", sign_fraction=0.5)
+    if init is None:
+        pipe = build_mini_pipeline(cfg)
+        train_vae(pipe.vae, cfg, log, deadline)
+        # reconstructions of ground truth: how much of the detail the latents keep
+        with torch.no_grad():
+            texts, x = WorldData(cfg.seed + 6, 0.5).batch(16)
+            recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
+        to_pil = lambda t: Image.fromarray(((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
+        grid([to_pil(t) for t in torch.cat([x, recon])]).save(out / "vae_recon.png")
+        log.log(phase="vae_recon", **recon_adherence(pipe.vae, cfg.seed + 7))
+        ema_pipe = train_flow(pipe, cfg, out, log, deadline, export_dir if cfg.noisy_steps == 0 else None)
+        if cfg.noisy_steps == 0:
+            snapshot(ema_pipe, cfg, out, export_dir, grid_prompts, tag="final")
+            return ema_pipe
+        snapshot(ema_pipe, cfg, out, None, grid_prompts, tag="clean")
+        ema_pipe = as_shipped(ema_pipe)
+    else:
+        ema_pipe = StableDiffusion3Pipeline.from_pretrained(init, torch_dtype=torch.float32)
+    # T5's dropout draws from the global generator: seed it here, so both routes train alike
+    torch.manual_seed(cfg.seed + 10)
+    ema_pipe = train_flow(ema_pipe, cfg, out, log, deadline, export_dir, noisy=True)
+    snapshot(ema_pipe, cfg, out, export_dir, grid_prompts, tag="final")
     return ema_pipe
 
 
@@ -391,6 +431,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--export", type=Path, default=None, help="write the diffusers pipeline here (e.g. src/apexcli/models/mini)")
     parser.add_argument("--minutes", type=float, default=MiniConfig.minutes)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", type=Path, default=None,
+                        help="start from this pipeline (made by the clean phases) and run only the caption-noise phase")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a MiniConfig field")
     args = parser.parse_args(argv)
     cfg = MiniConfig(seed=args.seed, minutes=args.minutes)
@@ -398,7 +440,7 @@ def main(argv: list[str] | None = None) -> None:
         key, value = item.split("=", 1)
         current = getattr(cfg, key)
         setattr(cfg, key, type(current)(json.loads(value)) if not isinstance(current, str) else value)
-    pretrain(cfg, args.out, args.export)
+    pretrain(cfg, args.out, args.export, args.init)
 
 
 if __name__ == "__main__":

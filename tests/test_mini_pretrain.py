@@ -60,3 +60,16 @@ def test_caption_noise_phase_from_an_export_is_deterministic(clean_runs, tmp_pat
     assert {r["phase"] for r in rows} == {"noisy", "noisy_done"}  # no VAE or clean flow phase
     pipe = load_pipeline(ModelConfig(pretrained=str(tmp_path / "a-model"), dtype="float32", device="cpu"))
     assert pipe.transformer.dtype == torch.float32
+
+
+def test_init_without_noisy_steps_or_an_export_is_a_one_line_error(tmp_path, capsys):
+    cases = [
+        (["--init", str(tmp_path)], "noisy_steps"),
+        (["--init", str(tmp_path), "--set", "noisy_steps=2"], "model_index.json"),
+    ]
+    for args, culprit in cases:
+        with pytest.raises(SystemExit):
+            pretrain_main(["--out", str(tmp_path / "run"), *args])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert "--init" in err and culprit in err
+    assert not (tmp_path / "run").exists()  # nothing written before the check

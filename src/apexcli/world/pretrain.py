@@ -3,13 +3,17 @@
     python -m apexcli.world.pretrain --out runs/mini-pretrain --minutes 53 --seed 0 \
         --export src/apexcli/models/mini
 
-Two phases, one process, deterministic from the seed (given the number of steps reached):
+Two phases and an optional third, one process, deterministic from the seed (given the number of
+steps reached):
   1. the VAE (AutoencoderKL, 4x downsampling) on ground-truth renders: L1 + MSE + a tiny KL
      term; then its latent shift/scale are measured as SD3 does (mean and 1/std of latents);
   2. the flow transformer (SD3Transformer2DModel) and the three text encoders jointly, by
      rectified-flow matching: x_t = (1-t) x0 + t eps, target eps - x0, t ~ logit-normal(0, 1),
      with the prompt dropped (replaced by "") 10% of the time so classifier-free guidance works,
-     and an EMA of the weights, which is what is exported.
+     and an EMA of the weights, which is what is exported;
+  3. optional (`noisy_steps` > 0, off for the shipped model): the EMA model, rounded to fp16,
+     trains on with renders that contradict their prompts now and then (`grammar.mislabel`),
+     as noisy web captions do; `--init DIR` runs only this phase, from an existing export.
 The learning rate is constant after a warm-up, so a run cut by --minutes holds exactly the
 weights a run with --flow-steps set to the same count would; `loss.jsonl` records every step.
 Every --export-every minutes (and at the end) the EMA pipeline is written in diffusers' layout
@@ -440,6 +444,10 @@ def main(argv: list[str] | None = None) -> None:
         key, value = item.split("=", 1)
         current = getattr(cfg, key)
         setattr(cfg, key, type(current)(json.loads(value)) if not isinstance(current, str) else value)
+    if args.init is not None and cfg.noisy_steps <= 0:
+        parser.error("--init runs only the caption-noise phase: add --set noisy_steps=N (N > 0)")
+    if args.init is not None and not (args.init / "model_index.json").is_file():
+        parser.error(f"--init {args.init}: no model_index.json there; give a diffusers export such as src/apexcli/models/mini")
     pretrain(cfg, args.out, args.export, args.init)
 
 

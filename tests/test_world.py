@@ -127,12 +127,13 @@ def test_shipped_prompt_sets_are_the_grammars_output():
 
     assert lines("mini") == prompts(256, 0, "train")
     assert lines("mini_eval") == prompts(64, 0, "eval")
+    assert lines("mini_eval_large") == prompts(320, 0, "eval")
 
 
 def test_single_objective_prompt_sets_split_the_mini_sets_by_kind():
     from apexcli.prompts import load_prompts
 
-    for split in ("", "_eval"):
+    for split in ("", "_eval", "_eval_large"):
         signs, shapes = load_prompts(f"builtin:mini_signs{split}"), load_prompts(f"builtin:mini_shapes{split}")
         assert all(parse_prompt(p).kind == "sign" for p in signs)
         assert all(parse_prompt(p).kind == "shapes" for p in shapes)

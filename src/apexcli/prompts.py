@@ -3,7 +3,9 @@ set that ships with apex (``builtin:general``, ``builtin:eval``, ``builtin:ocr``
 ``builtin:mixed`` = general + ocr, for the four-objective recipe; ``builtin:mini`` and
 ``builtin:mini_eval`` for the mini world, and their halves ``builtin:mini_signs``,
 ``builtin:mini_shapes``, ``builtin:mini_signs_eval``, ``builtin:mini_shapes_eval`` for the
-single-objective runs of ocr and adherence)."""
+single-objective runs of ocr and adherence; ``builtin:mini_eval_large`` (320 held-out prompts, the
+first 64 are ``mini_eval``) and its halves ``builtin:mini_signs_eval_large``,
+``builtin:mini_shapes_eval_large``, to measure gains smaller than ``mini_eval`` can resolve)."""
 
 from __future__ import annotations
 
@@ -28,6 +30,8 @@ _FILTERED = {
     "mini_shapes": ("mini", _of_kind("shapes")),
     "mini_signs_eval": ("mini_eval", _of_kind("sign")),
     "mini_shapes_eval": ("mini_eval", _of_kind("shapes")),
+    "mini_signs_eval_large": ("mini_eval_large", _of_kind("sign")),
+    "mini_shapes_eval_large": ("mini_eval_large", _of_kind("shapes")),
 }
 
 

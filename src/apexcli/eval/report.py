@@ -194,6 +194,7 @@ def _to_json(result: ParetoResult, all_steps: bool) -> dict:
         "samples": None if result.strip is None else {
             "file": result.strip.path.name,
             "rows": result.strip.rows,
+            "objectives": result.strip.objectives,
             "columns": [{"prompt": p, "seed": s} for p, s in result.strip.prompts],
         },
     }
@@ -325,7 +326,10 @@ def _report_markdown(result: ParetoResult, all_steps: bool) -> str:
     if result.strip is not None:
         lines += ["## Samples: the same eval prompts and seeds, base model and each run", "",
                   f"![samples]({result.strip.path.name})", "",
-                  "Rows: " + "; ".join(result.strip.rows) + ". Columns:", ""]
+                  "Rows: " + "; ".join(result.strip.rows) + "."
+                  + (" Under each tile its scores (" + ", ".join(result.strip.objectives) + "): the base model's"
+                     " values, and each run's change from them, green up and red down." if result.strip.objectives else "")
+                  + " Columns:", ""]
         lines += [f"{i}. {p} (seed {s})" for i, (p, s) in enumerate(result.strip.prompts, 1)] + [""]
     lines += _paired_markdown(result) + _soups_markdown(result.soups)
     if t.skipped:

@@ -31,10 +31,12 @@ MINI_RL = {
     "objectives": ["brightness"],
     "seed": 0,
     "balance": {"strategy": "static"},
-    "sampling": {"num_steps": 6, "guidance_scale": 1.0},
+    # GRPO's settings as measured, whatever the preset's loss: one starting noise per group
+    "sampling": {"num_steps": 6, "guidance_scale": 1.0, "share_group_noise": True},
     "train": {
-        "steps": STEPS, "prompts_per_step": 2, "group_size": 4, "rollout_batch_size": 8, "train_batch_size": 8,
-        "lr": 2e-2, "window_size": 3, "anchor_beta": 0.0, "checkpoint_every": 0,
+        "loss": "grpo", "steps": STEPS, "prompts_per_step": 2, "group_size": 4, "rollout_batch_size": 8,
+        "train_batch_size": 8, "lr": 2e-2, "window_size": 3, "kl_beta": 0.001, "anchor_beta": 0.0,
+        "checkpoint_every": 0,
     },
     "eval": {"every": STEPS, "num_prompts": 8, "num_steps": 6, "guidance_scale": 1.0, "batch_size": 8},
     "logging": {"progress": False},

@@ -133,7 +133,7 @@ def write_strip(runs: list, steps: dict[str, int], out: Path) -> Strip | None:
     tile = side * scale
     font = ImageFont.load_default(size=14)
     small = ImageFont.load_default(size=CAPTION_FONT)
-    caption_h = CAPTION_LINE * max((len(caption_lines(t, None, objectives)) for _, _, s in rows for t in s), default=0)
+    caption_h = CAPTION_LINE * max((len(tile) for _, _, scores in rows for tile in scores), default=0)  # a line a score
     pitch = tile + 4 + caption_h
     label_w = 12 + max(int(font.getlength(label)) for label, _, _ in rows)
     canvas = Image.new("RGB", (label_w + n * (tile + 4), len(rows) * pitch + 20), "white")

@@ -307,6 +307,11 @@ def export(pipe: StableDiffusion3Pipeline, target: Path) -> None:
         shutil.rmtree(old)
 
 
+def grid_prompts() -> list[str]:
+    """The 16 held-out prompts of every sample grid the pretraining writes."""
+    return world_prompts(16, seed=0, split="eval", sign_fraction=0.5)
+
+
 def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: Logger, deadline: float,
                export_dir: Path | None, *, noisy: bool = False) -> StableDiffusion3Pipeline:
     """Train transformer + text encoders; returns the EMA pipeline. `noisy`: the caption-noise
@@ -329,7 +334,6 @@ def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: 
     data = WorldData(seed, cfg.sign_fraction, *((cfg.attribute_noise, cfg.letter_noise) if noisy else ()))
     gen = torch.Generator().manual_seed(seed + 1)
     drop_rng = random.Random(seed + 2)
-    grid_prompts = world_prompts(16, seed=0, split="eval", sign_fraction=0.5)
     next_export = time.monotonic() + cfg.export_every * 60
     sign_latents: dict[str, torch.Tensor] = {}  # a sign's render never varies: encode it once
 
@@ -371,16 +375,15 @@ def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: 
         if step % 10 == 0:
             log.log(phase=phase, step=step, loss=round(loss.item(), 5), loss_avg=round(running, 5))
         if time.monotonic() > next_export:
-            snapshot(ema_pipe, cfg, out, export_dir, grid_prompts, tag=f"{phase}{step:06d}" if noisy else f"step{step:06d}")
+            snapshot(ema_pipe, cfg, out, export_dir, tag=f"{phase}{step:06d}" if noisy else f"step{step:06d}")
             log.log(phase="export", step=step, of=phase)
             next_export = time.monotonic() + cfg.export_every * 60
     log.log(phase=f"{phase}_done", step=step, loss_avg=running)
     return ema_pipe
 
 
-def snapshot(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, export_dir: Path | None,
-             grid_prompts: list[str], tag: str) -> None:
-    images = sample(pipe, grid_prompts, seed=cfg.seed, guidance=cfg.guidance, steps=cfg.sample_steps)
+def snapshot(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, export_dir: Path | None, tag: str) -> None:
+    images = sample(pipe, grid_prompts(), seed=cfg.seed, guidance=cfg.guidance, steps=cfg.sample_steps)
     grid(images).save(out / f"grid_{tag}.png")
     if export_dir is not None:
         export(pipe, export_dir)
@@ -403,7 +406,6 @@ def pretrain(cfg: MiniConfig, out: Path, export_dir: Path | None = None, init: P
     (out / "config.json").write_text(json.dumps(asdict(cfg), indent=1))
     log = Logger(out / "loss.jsonl")
     deadline = time.monotonic() + cfg.minutes * 60
-    grid_prompts = world_prompts(16, seed=0, split="eval", sign_fraction=0.5)
     if init is None:
         pipe = build_mini_pipeline(cfg)
         train_vae(pipe.vae, cfg, log, deadline)
@@ -416,16 +418,16 @@ def pretrain(cfg: MiniConfig, out: Path, export_dir: Path | None = None, init: P
         log.log(phase="vae_recon", **recon_adherence(pipe.vae, cfg.seed + 7))
         ema_pipe = train_flow(pipe, cfg, out, log, deadline, export_dir if cfg.noisy_steps == 0 else None)
         if cfg.noisy_steps == 0:
-            snapshot(ema_pipe, cfg, out, export_dir, grid_prompts, tag="final")
+            snapshot(ema_pipe, cfg, out, export_dir, tag="final")
             return ema_pipe
-        snapshot(ema_pipe, cfg, out, None, grid_prompts, tag="clean")
+        snapshot(ema_pipe, cfg, out, None, tag="clean")
         ema_pipe = as_shipped(ema_pipe)
     else:
         ema_pipe = StableDiffusion3Pipeline.from_pretrained(init, torch_dtype=torch.float32)
     # T5's dropout draws from the global generator: seed it here, so both routes train alike
     torch.manual_seed(cfg.seed + 10)
     ema_pipe = train_flow(ema_pipe, cfg, out, log, deadline, export_dir, noisy=True)
-    snapshot(ema_pipe, cfg, out, export_dir, grid_prompts, tag="final")
+    snapshot(ema_pipe, cfg, out, export_dir, tag="final")
     return ema_pipe
 
 

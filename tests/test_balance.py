@@ -182,6 +182,27 @@ def test_apex_lp_zero_for_flat_objective_and_pn_for_laggard():
     assert m["balance/weight/noisy"] > m["balance/weight/rising"]
 
 
+def test_apex_progress_from_the_probe_not_from_the_batches():
+    b = make("apex", objectives=["a", "b", "c"], progress_prompts=8, probe_every=2)
+    assert b.wants_progress(0) and not b.wants_progress(1) and b.wants_progress(2)
+    r, g = noisy_batch(3, k=3)
+    b.set_progress_means(torch.tensor([1.0, 5.0, float("nan")]), torch.tensor([0.5, 2.0, float("nan")]))  # the base
+    b.set_progress_means(torch.tensor([1.5, 4.0, float("nan")]), torch.tensor([0.4, 2.0, float("nan")]))
+    # the batches' means rise by 10 per step: progress read from them would make b the leader
+    for step in range(3):
+        _, info = b(r + torch.tensor([0.0, 10.0 * step, 0.0], dtype=torch.float64), g)
+    m = info["metrics"]
+    assert m["balance/progress/a"] == pytest.approx((1.5 - 1.0) / 0.5)  # in the probe's first std
+    assert m["balance/progress/b"] == pytest.approx((4.0 - 5.0) / 2.0)
+    assert m["balance/progress/c"] == 0.0 and m["balance/pn/c"] == 0.0  # never measured: no need
+    assert m["balance/pn/a"] == 0.0 and m["balance/pn/b"] == pytest.approx(1.0)
+    restored = make("apex", objectives=["a", "b", "c"], progress_prompts=8, probe_every=2)
+    restored.load_state_dict(b.state_dict())
+    _, i1 = b(r, g)
+    _, i2 = restored(r, g)
+    assert i1["metrics"] == i2["metrics"]
+
+
 def test_apex_conflict_proxy_identical_vs_opposed():
     r, g = noisy_batch(1, k=1)
     same = torch.cat([r, 2 * r + 1], 1)
@@ -336,6 +357,8 @@ def test_build_balancer_errors():
         build_balancer("apex", ["a", "b"], tau=0)
     with pytest.raises(ApexError, match="unknown option 'temperature' for balance strategy 'apex'"):
         build_balancer("apex", ["a", "b"], temperature=2.0)
+    with pytest.raises(ApexError, match="balance.progress_prompts needs balance.probe_every > 0"):
+        build_balancer("apex", ["a", "b"], progress_prompts=4, probe_every=0)
     with pytest.raises(ApexError, match="balance.apex.terms has unknown term 'xx'"):
         build_balancer("apex", ["a", "b"], terms="lp,xx")
     with pytest.raises(ApexError, match="rewards have shape"):

@@ -18,7 +18,7 @@ from apexcli.balance.priorities import (
     progress_need,
     softmax_weights,
 )
-from apexcli.balance.probe import gradient_gram, gram_to_cosine
+from apexcli.balance.probe import gradient_gram, gram_to_cosine, spread_over_groups
 
 D = torch.float64
 
@@ -135,3 +135,14 @@ def test_gradient_gram_on_a_linear_model_matches_hand_dot_products():
     # reduce hook sees the stacked [K, P] gradients
     doubled = gradient_gram(loss_for, adv, [w, b], reduce=lambda t: 2 * t)
     assert torch.allclose(doubled, 4 * expected, atol=1e-6)
+
+
+def test_probe_sub_batch_spreads_over_the_prompts():
+    groups = [7, 7, 7, 7, 3, 3, 3, 3, 9, 9]
+    # round-robin in order of appearance: one of each prompt first, then the second of each
+    assert spread_over_groups(groups, 4) == [0, 1, 4, 8]
+    assert spread_over_groups(groups, 6) == [0, 1, 4, 5, 8, 9]
+    assert spread_over_groups(groups, 100) == list(range(10))
+    assert spread_over_groups([], 4) == []
+    # the trainer's old choice, the first n samples, would have held one prompt only
+    assert len({groups[i] for i in spread_over_groups(groups, 3)}) == 3

@@ -70,13 +70,15 @@ main(sys.argv[3:])
 '''
 
 # 3 eval prompts in batches of 1: rank 0 has two, rank 1 one, so FSDP pads rank 1 with a batch;
-# EMA and a probe every step exercise the gathers of shadow weights and of the Gram.
+# EMA, a gradient probe and a progress probe (3 prompts) every step exercise the gathers of shadow
+# weights, of the Gram and of the progress scores (padded and broadcast like the eval's).
 ARGV = [
     "train", "--preset", "tiny", "--objectives", "brightness,colorfulness", *TINY_OVERRIDES,
     "eval.every=3", "eval.num_prompts=3", "eval.num_steps=3", "eval.batch_size=1",
-    "train.ema_decay=0.9", "balance.probe_every=1",
+    "train.ema_decay=0.9", "balance.probe_every=1", "balance.progress_prompts=3",
 ]
 COMPARED = ("loss", "kl", "ratio_mean", "grad_norm", "balance/weight/brightness", "balance/weight/colorfulness",
+            "balance/progress/brightness", "balance/progress/colorfulness",
             "reward/brightness/mean", "reward/colorfulness/mean")
 
 

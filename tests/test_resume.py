@@ -21,11 +21,11 @@ def _without_times(row: dict) -> dict:
 
 # Besides the plain tiny run: every piece of state a resume must restore at once (EMA and its
 # update count under a schedule, Adam moments under accumulation, LR warm-up, the apex balancer
-# with a gradient probe each step, per-epoch timestep subsets) and the other sampling paths
+# with a gradient probe and a progress probe each step, per-epoch timestep subsets) and the other sampling paths
 # (CPS, CFG, shared group noise).
 EVERYTHING = (
     "train.ema_decay=0.9", "train.gradient_accumulation=1", "train.timestep_fraction=0.5", "train.inner_epochs=2",
-    "train.warmup_steps=3", "balance.probe_every=1", "balance.apex.warmup=0", "sampling.share_group_noise=true",
+    "train.warmup_steps=3", "balance.probe_every=1", "balance.progress_prompts=2", "balance.apex.warmup=0", "sampling.share_group_noise=true",
     "sampling.sampler=cps", "sampling.guidance_scale=2.0",
     "train.ema_every=3", "train.ema_warmup=true", "lora.init=gaussian", "train.kl_form=reference",
 )

@@ -35,6 +35,8 @@ class ApexBalancer(Balancer):
         CP_k = mean_{j!=k} max(0, -cos(k, j))                 conflict penalty; cos from the
                probe's gradient Gram on the step after a probe, else cos(z_k, z_j) over the batch
         p_k  = (M_k - M_k(0)) / S_k(0)   [or (M_k - M_k(0)) / (T_k - M_k(0)) with targets]
+               with ``progress_prompts`` > 0, M_k and S_k(0) are the progress probe's mean and
+               first std instead: the same prompts and noise every time, so p_k follows the policy
         PN_k = (max_j p_j - p_k) / (max_j p_j - min_j p_j + eps)   progress need
         s_k  = log u_k + b_L LP_k + b_N PN_k - b_C CP_k       (u = user weights, sum K;
                                                                 a term outside ``terms`` has coefficient 0)
@@ -58,6 +60,11 @@ class ApexBalancer(Balancer):
         self.mean0 = torch.zeros(k, dtype=torch.float64)
         self.weights = self.user_weights.clone()
         self.pending_gram: torch.Tensor | None = None
+        # the progress probe's readings (used for p_k when cfg.progress_prompts > 0)
+        self.probe_seen = torch.zeros(k, dtype=torch.bool)
+        self.probe_mean = torch.zeros(k, dtype=torch.float64)
+        self.probe_mean0 = torch.zeros(k, dtype=torch.float64)
+        self.probe_scale0 = torch.zeros(k, dtype=torch.float64)
 
     # ------------------------------------------------------------------ probe
     def wants_probe(self, step: int) -> bool:
@@ -68,6 +75,21 @@ class ApexBalancer(Balancer):
         g = self._checked_gram(gram)
         if g is not None:
             self.pending_gram = g
+
+    def wants_progress(self, step: int) -> bool:
+        return self.cfg.progress_prompts > 0 and "pn" in self.terms and self.cfg.apex.b_pn > 0 and self._probe_due(step)
+
+    def set_progress_means(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        m = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
+        s = torch.as_tensor(std, dtype=torch.float64).reshape(-1)
+        if m.shape != (self.k,) or s.shape != (self.k,):
+            raise ValueError(f"progress means/stds need shape ({self.k},), got {tuple(m.shape)} and {tuple(s.shape)}")
+        ok = torch.isfinite(m) & torch.isfinite(s)
+        first = ok & ~self.probe_seen
+        self.probe_mean0 = torch.where(first, m, self.probe_mean0)
+        self.probe_scale0 = torch.where(first, s, self.probe_scale0)
+        self.probe_mean = torch.where(ok, m, self.probe_mean)
+        self.probe_seen = self.probe_seen | ok
 
     # ------------------------------------------------------------------ step
     def _update_running(self, batch: Batch) -> None:
@@ -98,9 +120,14 @@ class ApexBalancer(Balancer):
         self.pending_gram = None  # an exact Gram serves the step right after its probe
         cp = conflict_penalty(cos)
         targets = None if a.targets is None else torch.tensor(a.targets, dtype=torch.float64)
-        p = progress(self.mean, self.mean0, self.scale0, targets)
-        p = torch.where(self.seen, p, torch.zeros_like(p))
-        pn = progress_need(p, self.seen, self.cfg.eps)
+        if self.cfg.progress_prompts > 0:
+            measured = self.probe_seen
+            p = progress(self.probe_mean, self.probe_mean0, self.probe_scale0, targets)
+        else:
+            measured = self.seen
+            p = progress(self.mean, self.mean0, self.scale0, targets)
+        p = torch.where(measured, p, torch.zeros_like(p))
+        pn = progress_need(p, measured, self.cfg.eps)
 
         if self.step < a.warmup:
             w = self.user_weights.clone()
@@ -133,6 +160,10 @@ class ApexBalancer(Balancer):
             "mean0": tensor_to_list(self.mean0),
             "weights": tensor_to_list(self.weights),
             "pending_gram": tensor_to_list(self.pending_gram),
+            "probe_seen": [bool(x) for x in self.probe_seen.tolist()],
+            "probe_mean": tensor_to_list(self.probe_mean),
+            "probe_mean0": tensor_to_list(self.probe_mean0),
+            "probe_scale0": tensor_to_list(self.probe_scale0),
         }
 
     def _load_extra_state(self, state: dict) -> None:
@@ -143,3 +174,8 @@ class ApexBalancer(Balancer):
         self.mean0 = list_to_tensor(state["mean0"])
         self.weights = list_to_tensor(state["weights"])
         self.pending_gram = list_to_tensor(state.get("pending_gram"))
+        if "probe_seen" in state:  # absent in checkpoints from before the progress probe
+            self.probe_seen = torch.tensor(state["probe_seen"], dtype=torch.bool)
+            self.probe_mean = list_to_tensor(state["probe_mean"])
+            self.probe_mean0 = list_to_tensor(state["probe_mean0"])
+            self.probe_scale0 = list_to_tensor(state["probe_scale0"])

@@ -101,6 +101,13 @@ class Balancer:
     def set_gradient_gram(self, gram: torch.Tensor) -> None:
         """Receive the probe's Gram matrix [K, K]. Strategies that do not use it ignore it."""
 
+    def wants_progress(self, step: int) -> bool:
+        """True when this strategy wants the progress probe's mean rewards at ``step`` (default: never)."""
+        return False
+
+    def set_progress_means(self, mean: torch.Tensor, std: torch.Tensor) -> None:
+        """Receive the progress probe's per-objective mean and std [K] (NaN: no valid reward)."""
+
     def _probe_due(self, step: int) -> bool:
         every = self.cfg.probe_every
         return every > 0 and step % every == 0

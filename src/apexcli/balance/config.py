@@ -118,7 +118,11 @@ class BalanceConfig:
     probe_every: int = 10
     """Gradient probe period in steps for apex (exact conflict term) and mgda; 0 = never (apex then uses the proxy)."""
     probe_samples: int = 4
-    """Samples of the sub-batch the gradient probe backpropagates through (one sampled timestep)."""
+    """Samples of the sub-batch the gradient probe backpropagates through (one sampled timestep), taken round-robin over the step's prompts."""
+    progress_prompts: int = 0
+    """apex: training prompts (spread over the list) sampled every probe_every steps with fixed noise and the
+    ODE sampler, whose mean rewards measure progress p_k; 0 = the running mean of the training batches, which
+    follows which prompts were drawn as much as the policy."""
     apex: ApexConfig = field(default_factory=ApexConfig)
     """APEX options (balance.apex.*)."""
     dwa: DwaConfig = field(default_factory=DwaConfig)
@@ -179,6 +183,14 @@ def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None,
     _check(_finite(cfg.eps) and cfg.eps > 0, f"{p}.eps", f"must be > 0, got {cfg.eps}")
     _check(isinstance(cfg.probe_every, int) and cfg.probe_every >= 0, f"{p}.probe_every", f"must be an integer >= 0, got {cfg.probe_every}")
     _check(isinstance(cfg.probe_samples, int) and cfg.probe_samples >= 1, f"{p}.probe_samples", f"must be an integer >= 1, got {cfg.probe_samples}")
+    _check(
+        isinstance(cfg.progress_prompts, int) and cfg.progress_prompts >= 0,
+        f"{p}.progress_prompts", f"must be an integer >= 0, got {cfg.progress_prompts}",
+    )
+    _check(
+        cfg.progress_prompts == 0 or cfg.probe_every > 0,
+        f"{p}.progress_prompts", f"needs {p}.probe_every > 0 (its period), got probe_every {cfg.probe_every}; set one or progress_prompts=0",
+    )
 
     a, q = cfg.apex, f"{p}.apex"
     for name in ("b_lp", "b_cp", "b_pn"):

@@ -17,7 +17,25 @@ import torch
 
 from apexcli.balance.priorities import gram_to_cosine
 
-__all__ = ["gradient_gram", "gradient_gram_by_backward", "gram_to_cosine"]
+__all__ = ["gradient_gram", "gradient_gram_by_backward", "gram_to_cosine", "spread_over_groups"]
+
+
+def spread_over_groups(group_ids: Sequence[int], n: int) -> list[int]:
+    """The indices of ``n`` samples taken round-robin over the groups (in order of appearance).
+
+    The probe's sub-batch must hold several prompts: gradients from one prompt cannot show the
+    conflict between objectives learned on different prompts (quality taught on shapes, ocr on
+    signs), and an objective masked on that prompt has a zero gradient there.
+    """
+    members: dict[int, list[int]] = {}
+    for i, g in enumerate(int(x) for x in group_ids):
+        members.setdefault(g, []).append(i)
+    picked: list[int] = []
+    for rank in range(max((len(m) for m in members.values()), default=0)):
+        for m in members.values():
+            if rank < len(m) and len(picked) < n:
+                picked.append(m[rank])
+    return sorted(picked)
 
 
 def gradient_gram(

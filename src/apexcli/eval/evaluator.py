@@ -38,12 +38,18 @@ def image_grid(images: torch.Tensor, columns: int = 8) -> Image.Image:
 
 
 class Evaluator:
-    def __init__(self, cfg: Config, pipe, cache, train_objectives: list[str], *, device: torch.device, accelerator=None):
+    def __init__(
+        self, cfg: Config, pipe, cache, train_objectives: list[str], *, device: torch.device, accelerator=None,
+        prompts: list[str] | None = None, seed: int | None = None, suite: RewardSuite | None = None,
+    ):
+        """``prompts``, ``seed`` and ``suite`` replace the eval prompts, ``eval.seed`` and a reward suite
+        of its own (apex's progress probe passes training prompts and the trainer's suite)."""
         self.cfg = cfg
         self.device = device
         self.accelerator = accelerator
-        self.objectives_requested = cfg.eval.objectives or list(train_objectives)
-        self.prompts = load_prompts(cfg.prompts.eval)[: cfg.eval.num_prompts]
+        self.seed = cfg.eval.seed if seed is None else seed
+        self.objectives_requested = list(suite.objectives) if suite is not None else (cfg.eval.objectives or list(train_objectives))
+        self.prompts = list(prompts) if prompts is not None else load_prompts(cfg.prompts.eval)[: cfg.eval.num_prompts]
         seq = cfg.model.max_sequence_length
         self.cond = encode_prompts(pipe, self.prompts, max_sequence_length=seq, device="cpu", cache=cache)
         self.uncond = encode_prompts(pipe, [cfg.sampling.negative_prompt], max_sequence_length=seq, device=device, cache=cache)
@@ -51,9 +57,10 @@ class Evaluator:
         shape = (pipe.transformer.config.in_channels, latent, latent)
         # one generator per prompt: the noise of prompt i never depends on batch size or count
         self.noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(cfg.eval.seed, i))) for i in range(len(self.prompts))]
+            [torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(self.seed, i))) for i in range(len(self.prompts))]
         )
-        self._suite = None
+        self._suite = suite
+        self._owns_suite = suite is None
 
     @property
     def suite(self) -> RewardSuite:
@@ -119,7 +126,7 @@ class Evaluator:
         image_grid(images).save(directory / "grid.png")
         lines = []
         for i, prompt in enumerate(self.prompts):
-            row = {"index": i, "prompt": prompt, "seed": mix_seed(self.cfg.eval.seed, i)}
+            row = {"index": i, "prompt": prompt, "seed": mix_seed(self.seed, i)}
             for k, name in enumerate(self.suite.objectives):
                 v = float(rewards[i, k])
                 row[name] = v if math.isfinite(v) else None
@@ -127,7 +134,7 @@ class Evaluator:
         atomic_write_text(directory / "scores.jsonl", "".join(lines))
 
     def close(self) -> None:
-        if self._suite is not None:
+        if self._suite is not None and self._owns_suite:
             self._suite.close()
 
 

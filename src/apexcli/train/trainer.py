@@ -31,7 +31,7 @@ from accelerate import Accelerator
 from accelerate.utils import set_seed
 
 from apexcli.balance import build_balancer_from_config
-from apexcli.balance.probe import gradient_gram, gradient_gram_by_backward
+from apexcli.balance.probe import gradient_gram, gradient_gram_by_backward, spread_over_groups
 from apexcli.config import Config, config_to_dict, trained_steps
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import (
@@ -131,6 +131,16 @@ class Trainer:
             from apexcli.eval.evaluator import Evaluator
 
             self.evaluator = Evaluator(cfg, pipe, cache, self.objectives, device=self.device, accelerator=acc)
+        self.progress_probe = None
+        if cfg.balance.progress_prompts > 0 and cfg.balance.strategy == "apex":
+            from apexcli.eval.evaluator import Evaluator
+
+            # training prompts, not the eval set: weights tuned on eval scores would leave no held-out eval
+            self.progress_probe = Evaluator(
+                cfg, pipe, cache, self.objectives, device=self.device, accelerator=acc,
+                prompts=spread_prompts(self.prompts, cfg.balance.progress_prompts),
+                seed=mix_seed(cfg.seed, PROGRESS_NOISE_STREAM), suite=self.suite,
+            )
         if cfg.model.free_text_encoders:
             free_text_encoders(pipe)
         self.text_cache = cache
@@ -270,26 +280,40 @@ class Trainer:
         rewards = torch.cat([r for r, _ in results]).float()
         return trajectories, rewards, timings
 
-    def _probe(self, trajectories, per_objective_local: torch.Tensor, cond_ids: list[int]) -> None:
+    def _measure_progress(self) -> None:
+        """apex's progress probe: the live policy on fixed training prompts and noise (ODE, eval
+        settings); every rank hands the same means to its balancer."""
+        with attention_kernels(self.cfg.model.attention):
+            row = self.progress_probe.run(unwrap_model(self.transformer), self.vae, self.scheduler, self.vae_scale_factor,
+                                          self.step, None, lockstep=self.sharded)
+        if self.accelerator.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            row = broadcast_object_list([row])[0]  # only the main process gathered the scores
+        mean = torch.tensor([row[f"eval/{k}/mean"] for k in self.objectives], dtype=torch.float64)
+        std = torch.tensor([row[f"eval/{k}/std"] for k in self.objectives], dtype=torch.float64)
+        self.balancer.set_progress_means(mean, std)
+
+    def _probe(self, trajectories, per_objective_local: torch.Tensor, cond_ids: list[int], group_ids: torch.Tensor) -> None:
         """Per-objective policy gradients on a small sub-batch at one sampled step -> Gram [K, K]."""
         cfg = self.cfg
-        n = min(cfg.balance.probe_samples, per_objective_local.shape[0])
-        traj = trajectories[0].index(slice(0, n)) if len(trajectories[0]) >= n else _cat_traj(trajectories).index(slice(0, n))
+        rows = spread_over_groups(group_ids.tolist(), cfg.balance.probe_samples)
+        traj = _cat_traj(trajectories).index(rows)
         gen = torch.Generator().manual_seed(mix_seed(cfg.seed, self.step, 7))
         t = self.steps_trained[int(torch.randint(len(self.steps_trained), (1,), generator=gen))]
         x, x_next, sigma, sigma_next = traj.transition(t)
         # the model without DDP's wrapper (its hooks expect one backward per forward); FSDP2
         # shards in place, so there this is the sharded model and its gathers still run
         model = unwrap_model(self.transformer)
-        cond = self.embeds.index(cond_ids[:n]).to(self.device)
-        advantages = per_objective_local[:n].to(self.device)
+        cond = self.embeds.index([cond_ids[i] for i in rows]).to(self.device)
+        advantages = per_objective_local[rows].to(self.device)
 
         if cfg.train.loss == "nft":
             # the on-policy nft gradient per unit weight: 2 <v - target, grad v> (loss.nft_loss)
             # one point per sample, drawn as the update draws them (each sample its own group here)
             points = self._nft_points(traj, None, 1)
-            rows = torch.arange(len(traj), device=traj.latents.device)
-            x_t, sigma_t, target = points.at(0, rows, 0, traj.sigmas.to(traj.latents.device), traj.final)
+            every = torch.arange(len(traj), device=traj.latents.device)
+            x_t, sigma_t, target = points.at(0, every, 0, traj.sigmas.to(traj.latents.device), traj.final)
 
             def terms() -> torch.Tensor:
                 v = predict_velocity(model, x_t, sigma_t, cond, guidance_scale=cfg.sampling.guidance_scale,
@@ -554,6 +578,11 @@ class Trainer:
             rank=acc.process_index,
             world_size=acc.num_processes,
         )
+        progress_seconds = 0.0
+        if self.progress_probe is not None and self.balancer.wants_progress(self.step - 1):
+            t0 = time.perf_counter()
+            self._measure_progress()
+            progress_seconds = time.perf_counter() - t0
         self.transformer.eval()
         trajectories, rewards_local, timings = self._sample(plan)
         rewards = acc.gather(rewards_local.to(self.device)).cpu()  # [N, K] in global sample order
@@ -565,7 +594,7 @@ class Trainer:
         probe_seconds = 0.0
         if self.balancer.wants_probe(self.step - 1):  # 0-based iteration: probe at the first one
             t0 = time.perf_counter()
-            self._probe(trajectories, info["per_objective"][plan.shard], local_ids)
+            self._probe(trajectories, info["per_objective"][plan.shard], local_ids, plan.group_ids[plan.shard])
             probe_seconds = time.perf_counter() - t0
         t0 = time.perf_counter()
         update = self._update(trajectories, advantages[plan.shard], local_ids, plan.group_ids[plan.shard])
@@ -580,6 +609,7 @@ class Trainer:
         row["time/score"] = timings["score"]
         row["time/score_wait"] = timings["score_wait"]
         row["time/probe"] = probe_seconds
+        row["time/progress_probe"] = progress_seconds
         row["time/train"] = train_seconds
         row["time/step"] = time.perf_counter() - t_start
         return row
@@ -722,6 +752,16 @@ def _busy_seconds(submitted: list[float], done: list[float]) -> float:
         busy += end - max(start, previous)
         previous = end
     return busy
+
+
+PROGRESS_NOISE_STREAM = -17  # mix_seed(seed, -17): the progress probe's noise; steps are >= 0, so no rollout shares it
+
+
+def spread_prompts(prompts: list[str], n: int) -> list[str]:
+    """``n`` prompts evenly spaced over the list (all of them when it is shorter)."""
+    if n >= len(prompts):
+        return list(prompts)
+    return [prompts[(i * len(prompts)) // n] for i in range(n)]
 
 
 def _cat_traj(trajectories):

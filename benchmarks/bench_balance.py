@@ -33,6 +33,8 @@ and at the end, the raw gain's mean and seed-to-seed std (`gain_raw`, `gain_raw_
 a single-objective run works when the mean gain clearly exceeds that noise), the per-seed
 gains, and `share`: each objective's mean `balance/share/{k}` over the training steps (its
 explained share of the advantage; a static run hijacked by one objective shows it near 1).
+With static among the strategies, each other one also gets `vs_static`: per objective, the
+mean and standard error of its gain minus static's, paired by seed.
 `--set KEY=VALUE` (repeatable) overrides the preset in every run (e.g. a model snapshot).
 """
 
@@ -176,7 +178,27 @@ def tiny_main(args, preset: str = "tiny") -> None:
                 })
             cells = " ".join(f"{summary[strategy]['gains'][n]:>20.3f}" for n in names)
             print(f"{strategy:12s} {np.mean(hvs):>12.4g} {cells} {(time.perf_counter() - t0) / args.seeds:>7.1f}")
+    if preset == "mini" and "static" in summary and len(summary) > 1 and args.seeds > 1:
+        print("\npaired by seed against static (the same prompt draws), mean ± se of the gain difference:")
+        for strategy, entry in summary.items():
+            if strategy == "static":
+                continue
+            entry["vs_static"] = paired_difference(entry["gains_per_seed"], summary["static"]["gains_per_seed"])
+            cells = " ".join(f"{m:>+11.3f} ± {se:<6.3f}" for m, se in entry["vs_static"].values())
+            print(f"{strategy:12s} {'':>12s} {cells}")
     print(json.dumps(summary))
+
+
+def paired_difference(gains: dict[str, list[float]], reference: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+    """Per objective, the mean and standard error of (gain - reference gain) over the shared seeds.
+
+    Runs with one seed draw the same prompts and noise whatever the strategy, so their gains move
+    together: the seed-paired difference is the fair comparison, and its se the error bar."""
+    out = {}
+    for name, values in gains.items():
+        d = [a - b for a, b in zip(values, reference[name])]
+        out[name] = (statistics.fmean(d), statistics.stdev(d) / len(d) ** 0.5 if len(d) > 1 else float("nan"))
+    return out
 
 
 if __name__ == "__main__":

@@ -210,4 +210,7 @@ def test_compiled_blocks_under_fsdp_match_ddp(runs):
         assert a["ratio_first"] == pytest.approx(1.0, abs=1e-5)
         assert a["balance/cp_exact"] == b["balance/cp_exact"]
         for key in COMPARED:
-            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+            # progress is a difference of two probe means over their spread: compiled kernels'
+            # rounding (1e-7 in a reward) reaches it as about 1e-4 of a start-std
+            tol = {"abs": 1e-3} if key.startswith("balance/progress/") else {"rel": 1e-4, "abs": 1e-7}
+            assert a[key] == pytest.approx(b[key], **tol), (a["step"], key)

@@ -50,7 +50,11 @@ def test_same_seed_same_image_whatever_the_batch(lora_samples, tiny_run, tmp_pat
     out, rows = lora_samples
     again = _sample(tmp_path, "--lora", str(tiny_run), "--prompt", "a red apple", "--seed", "1", "--batch-size", "1")
     assert again[0]["seed"] == 1
-    assert np.array_equal(_pixels(tmp_path, again[0]), _pixels(out, rows[1]))
+    # the same noise; a batch of 1 and of 2 round differently in the last float bits, which can
+    # tip a pixel that sits on a quantisation boundary by one level, never more
+    diff = np.abs(_pixels(tmp_path, again[0]) - _pixels(out, rows[1]))
+    assert diff.max() <= 1 and (diff > 0).sum() <= 3
+    assert np.abs(_pixels(tmp_path, again[0]) - _pixels(out, rows[0])).max() > 10  # another seed is another image
 
 
 def test_lora_changes_the_images(lora_samples, tmp_path):
@@ -72,9 +76,8 @@ def test_prompt_files(tmp_path):
     assert [r["prompt"] for r in rows] == ["a bird"]
 
 
-def test_lora_file_is_loaded_even_beside_other_files(lora_samples, tiny_run, tmp_path):
+def test_lora_file_is_loaded_even_beside_other_files(tiny_run, tmp_path):
     """--lora FILE.safetensors loads that file, not whichever .safetensors diffusers guesses."""
-    out, rows = lora_samples
     trained = tiny_run / "checkpoints" / "step-000003" / "pytorch_lora_weights.safetensors"
     folder = tmp_path / "loras"
     folder.mkdir()
@@ -83,4 +86,6 @@ def test_lora_file_is_loaded_even_beside_other_files(lora_samples, tiny_run, tmp
     save_file(zeros, str(folder / "aaa_zero.safetensors"))  # a decoy that sorts first
     again = _sample(tmp_path / "s", "--lora", str(folder / "mine.safetensors"), "--prompt", "a red apple")
     assert again[0]["lora"] == str(folder / "mine.safetensors")
-    assert np.array_equal(_pixels(tmp_path / "s", again[0]), _pixels(out, rows[0]))
+    # the run directory's LoRA at the same batch size (1): bit for bit the same images
+    ref = _sample(tmp_path / "r", "--lora", str(tiny_run), "--prompt", "a red apple")
+    assert np.array_equal(_pixels(tmp_path / "s", again[0]), _pixels(tmp_path / "r", ref[0]))

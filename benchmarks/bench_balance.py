@@ -168,6 +168,7 @@ def tiny_main(args, preset: str = "tiny") -> None:
                 "gains": {n: float(g[:, i].mean()) for i, n in enumerate(names)},
                 "all_improved_frac": float((g > 0).all(1).mean()),
             }
+            per_run = statistics.fmean(seconds[strategy, seed] for seed in range(args.seeds))
             if preset == "mini":
                 sh = np.array(shares, dtype=float)
                 summary[strategy].update({
@@ -179,10 +180,9 @@ def tiny_main(args, preset: str = "tiny") -> None:
                     "gain_raw": {n: float(d[:, i].mean()) for i, n in enumerate(names)},
                     "gain_raw_seed_std": {n: float(d[:, i].std(ddof=1)) if len(d) > 1 else None for i, n in enumerate(names)},
                     "share": {n: float(np.nanmean(sh[:, i])) for i, n in enumerate(names)},
-                    "seconds_per_run": statistics.fmean(seconds[strategy, seed] for seed in range(args.seeds)),
+                    "seconds_per_run": per_run,
                 })
             cells = " ".join(f"{summary[strategy]['gains'][n]:>20.3f}" for n in names)
-            per_run = statistics.fmean(seconds[strategy, seed] for seed in range(args.seeds))
             print(f"{strategy:12s} {np.mean(hvs):>12.4g} {cells} {per_run:>7.1f}")
     if preset == "mini" and "static" in summary and len(summary) > 1 and args.seeds > 1:
         print("\npaired by seed against static (the same prompt draws), mean ± se of the gain difference:")

@@ -132,7 +132,8 @@ class Trainer:
 
             self.evaluator = Evaluator(cfg, pipe, cache, self.objectives, device=self.device, accelerator=acc)
         self.progress_probe = None
-        if cfg.balance.progress_prompts > 0 and cfg.balance.strategy == "apex":
+        # a balancer that wants progress at all wants it at the first step (step 0 is always due)
+        if self.balancer.wants_progress(0):
             from apexcli.eval.evaluator import Evaluator
 
             # training prompts, not the eval set: weights tuned on eval scores would leave no held-out eval

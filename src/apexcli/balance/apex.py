@@ -33,7 +33,9 @@ class ApexBalancer(Balancer):
     P³ priorities:
         LP_k = mean_g std_g,k / S_k                           learning potential
         CP_k = mean_{j!=k} max(0, -cos(k, j))                 conflict penalty; cos from the
-               probe's gradient Gram on the step after a probe, else cos(z_k, z_j) over the batch
+               probe's gradient Gram on the step after a probe, else cos(z_k, z_j) over the batch;
+               ``conflict=leader_yields``: each term times max(0, PN_j - PN_k), so only the side
+               that is ahead pays
         p_k  = (M_k - M_k(0)) / S_k(0)   [or (M_k - M_k(0)) / (T_k - M_k(0)) with targets]
                with ``progress_prompts`` > 0, M_k and S_k(0) are the progress probe's mean and
                first std instead: the same prompts and noise every time, so p_k follows the policy
@@ -118,7 +120,6 @@ class ApexBalancer(Balancer):
         exact = self.pending_gram is not None
         cos = gram_to_cosine(self.pending_gram) if exact else cosine_matrix(z)
         self.pending_gram = None  # an exact Gram serves the step right after its probe
-        cp = conflict_penalty(cos)
         targets = None if a.targets is None else torch.tensor(a.targets, dtype=torch.float64)
         if self.cfg.progress_prompts > 0:
             measured = self.probe_seen
@@ -128,6 +129,7 @@ class ApexBalancer(Balancer):
             p = progress(self.mean, self.mean0, self.scale0, targets)
         p = torch.where(measured, p, torch.zeros_like(p))
         pn = progress_need(p, measured, self.cfg.eps)
+        cp = conflict_penalty(cos, pn if a.conflict == "leader_yields" else None)
 
         if self.step < a.warmup:
             w = self.user_weights.clone()
@@ -148,6 +150,8 @@ class ApexBalancer(Balancer):
             metrics[f"balance/pn/{name}"] = float(pn[i])
             metrics[f"balance/progress/{name}"] = float(p[i])
             metrics[f"balance/scale/{name}"] = float(self.scale[i])
+            for j in range(i + 1, self.k):  # the cosines CP read (exact on cp_exact steps)
+                metrics[f"balance/cos/{name},{self.objectives[j]}"] = float(cos[i, j])
         return Outcome(adv, w.clone(), z, contrib, metrics, lp=lp, cp=cp)
 
     # ------------------------------------------------------------------ state

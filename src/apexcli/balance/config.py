@@ -15,6 +15,7 @@ from apexcli.schema import setting
 
 STRATEGIES = ("static", "gdpo", "apex", "dwa", "mgda", "random", "pareto")
 APEX_TERMS = ("lp", "cp", "pn")
+CONFLICT_MODES = ("symmetric", "leader_yields")
 
 
 @dataclass
@@ -25,6 +26,9 @@ class ApexConfig:
     """Coefficient of the learning-potential term LP_k (share of k's spread inside groups)."""
     b_cp: float = 1.0
     """Coefficient of the conflict-penalty term CP_k (mean negative cosine to the other objectives)."""
+    conflict: str = "symmetric"
+    """Who pays for a conflict (negative cosine) between k and j: "symmetric" both; "leader_yields"
+    only the one further ahead, by how much less progress need it has (docs/method.md)."""
     b_pn: float = 1.0
     """Coefficient of the progress-need term PN_k (1 for the most lagging objective, 0 for the leader)."""
     tau: float = 1.0
@@ -211,6 +215,9 @@ def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None,
             )
         _check(all(_finite(t) for t in a.targets), f"{q}.targets", f"must be finite numbers, got {a.targets}")
     parse_terms(a.terms, f"{q}.terms")
+    _check(
+        a.conflict in CONFLICT_MODES, f"{q}.conflict", f"must be one of {', '.join(CONFLICT_MODES)}, got '{a.conflict}'"
+    )
 
     d = cfg.dwa
     _check(_finite(d.temperature) and d.temperature > 0, f"{p}.dwa.temperature", f"must be > 0, got {d.temperature}")

@@ -127,6 +127,10 @@ class BalanceConfig:
     """apex: training prompts (spread over the list) sampled every probe_every steps with fixed noise and the
     ODE sampler, whose mean rewards measure progress p_k; 0 = the running mean of the training batches, which
     follows which prompts were drawn as much as the policy."""
+    not_on_text: list[str] = field(default_factory=list)
+    """Objectives not trained on prompts that quote text (their rewards there are masked, as ocr's is on
+    prompts that quote nothing); the eval still scores them everywhere. On mini, quality and appeal
+    trained on signs erase the glyphs (docs/method.md, "Who trains on the signs")."""
     apex: ApexConfig = field(default_factory=ApexConfig)
     """APEX options (balance.apex.*)."""
     dwa: DwaConfig = field(default_factory=DwaConfig)

@@ -68,6 +68,7 @@ from apexcli.train.loss import clip_advantages, grpo_policy_loss, nft_loss, nft_
 from apexcli.train.progress import TrainProgress
 from apexcli.train.nft_points import NftPoints, draw_nft_points
 from apexcli.train.sampler import mix_seed, plan_step
+from apexcli.train.scope import not_on_text_mask
 
 
 class Trainer:
@@ -115,6 +116,8 @@ class Trainer:
                 f"objective 'ocr' needs prompts with quoted text (\"...\"), and prompts.train={cfg.prompts.train} "
                 "has none; use prompts.train=builtin:mixed (or builtin:ocr, or your own file)"
             )
+
+        self.text_mask = not_on_text_mask(self.prompts, self.objectives, cfg.balance.not_on_text)
 
         pipe = load_pipeline(cfg.model)
         self.vae_scale_factor = pipe.vae_scale_factor
@@ -587,6 +590,8 @@ class Trainer:
         self.transformer.eval()
         trajectories, rewards_local, timings = self._sample(plan)
         rewards = acc.gather(rewards_local.to(self.device)).cpu()  # [N, K] in global sample order
+        if self.text_mask is not None:  # balance.not_on_text: those objectives sit out the signs
+            rewards = rewards.masked_fill(self.text_mask[plan.prompt_ids], float("nan"))
         advantages, info = self.balancer(rewards, plan.group_ids)
         for k, any_finite in enumerate(torch.isfinite(rewards).any(dim=0).tolist()):
             self.nan_steps[k] += not any_finite

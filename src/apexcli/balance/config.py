@@ -130,7 +130,7 @@ class BalanceConfig:
     not_on_text: list[str] = field(default_factory=list)
     """Objectives not trained on prompts that quote text (their rewards there are masked, as ocr's is on
     prompts that quote nothing); the eval still scores them everywhere. On mini, quality and appeal
-    trained on signs erase the glyphs (docs/method.md, "Who trains on the signs")."""
+    trained on signs erase the glyphs (docs/mini_rewards.md, "Ninth session")."""
     apex: ApexConfig = field(default_factory=ApexConfig)
     """APEX options (balance.apex.*)."""
     dwa: DwaConfig = field(default_factory=DwaConfig)

@@ -28,6 +28,7 @@ EVERYTHING = (
     "train.warmup_steps=3", "balance.probe_every=1", "balance.progress_prompts=2", "balance.apex.warmup=0", "sampling.share_group_noise=true",
     "sampling.sampler=cps", "sampling.guidance_scale=2.0",
     "train.ema_every=3", "train.ema_warmup=true", "lora.init=gaussian", "train.kl_form=reference",
+    "balance.apex.conflict=leader_yields", "balance.not_on_text=[brightness]",
 )
 
 

@@ -185,6 +185,7 @@ def test_apex_lp_zero_for_flat_objective_and_pn_for_laggard():
 def test_apex_progress_from_the_probe_not_from_the_batches():
     b = make("apex", objectives=["a", "b", "c"], progress_prompts=8, probe_every=2)
     assert b.wants_progress(0) and not b.wants_progress(1) and b.wants_progress(2)
+    assert not make("apex", objectives=["a"], progress_prompts=8, probe_every=2).wants_progress(0)  # nothing to compare
     r, g = noisy_batch(3, k=3)
     b.set_progress_means(torch.tensor([1.0, 5.0, float("nan")]), torch.tensor([0.5, 2.0, float("nan")]))  # the base
     b.set_progress_means(torch.tensor([1.5, 4.0, float("nan")]), torch.tensor([0.4, 2.0, float("nan")]))

@@ -79,7 +79,8 @@ class ApexBalancer(Balancer):
             self.pending_gram = g
 
     def wants_progress(self, step: int) -> bool:
-        return self.cfg.progress_prompts > 0 and "pn" in self.terms and self.cfg.apex.b_pn > 0 and self._probe_due(step)
+        return (self.k > 1 and self.cfg.progress_prompts > 0 and "pn" in self.terms and self.cfg.apex.b_pn > 0
+                and self._probe_due(step))  # one objective has no need relative to others
 
     def set_progress_means(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         m = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)

@@ -23,6 +23,9 @@ the toy rewards brightness, compressibility, contrast): every strategy at equal 
 seeds, evaluated with the held-out ODE evaluation at step 0 and at the end. There a gain is
 (eval mean at the end - at step 0) / (std of the step-0 eval scores across prompts), and the
 hypervolume is that of the final point with the step-0 point as reference, in the same units.
+Each strategy's JSON entry also has its per-seed gains and, with static among the strategies and
+more than one seed, `vs_static`: per objective, the mean and standard error of its gain minus
+static's, paired by seed (runs with one seed draw the same prompts and noise).
 
     python benchmarks/bench_balance.py --mini --seeds 3 --steps 20
     python benchmarks/bench_balance.py --mini --objectives ocr --strategies static --seeds 3
@@ -30,11 +33,9 @@ hypervolume is that of the final point with the step-0 point as reference, in th
 does the same on the `mini` preset (the pretrained miniature world; objectives adherence,
 quality, appeal, ocr by default). Its JSON adds, per strategy: the raw eval means at step 0
 and at the end, the raw gain's mean and seed-to-seed std (`gain_raw`, `gain_raw_seed_std`:
-a single-objective run works when the mean gain clearly exceeds that noise), the per-seed
-gains, and `share`: each objective's mean `balance/share/{k}` over the training steps (its
-explained share of the advantage; a static run hijacked by one objective shows it near 1).
-With static among the strategies, each other one also gets `vs_static`: per objective, the
-mean and standard error of its gain minus static's, paired by seed.
+a single-objective run works when the mean gain clearly exceeds that noise), and `share`: each
+objective's mean `balance/share/{k}` over the training steps (its explained share of the
+advantage; a static run hijacked by one objective shows it near 1).
 `--set KEY=VALUE` (repeatable) overrides the preset in every run (e.g. a model snapshot).
 `--jobs N` runs N of the runs at once, each in its own one-thread process (`--jobs 2` halves the
 wall time on two cores; the numbers are the same as in one process).
@@ -167,13 +168,13 @@ def tiny_main(args, preset: str = "tiny") -> None:
                 "hypervolume": float(np.mean(hvs)),
                 "gains": {n: float(g[:, i].mean()) for i, n in enumerate(names)},
                 "all_improved_frac": float((g > 0).all(1).mean()),
+                "gains_per_seed": {n: [float(x) for x in g[:, i]] for i, n in enumerate(names)},
             }
             per_run = statistics.fmean(seconds[strategy, seed] for seed in range(args.seeds))
             if preset == "mini":
                 sh = np.array(shares, dtype=float)
                 summary[strategy].update({
                     "hypervolume_std": float(np.std(hvs)),
-                    "gains_per_seed": {n: [float(x) for x in g[:, i]] for i, n in enumerate(names)},
                     "base_std": {n: float(scale[i]) for i, n in enumerate(names)},
                     "eval_start": {n: float(np.mean(base_means, axis=0)[i]) for i, n in enumerate(names)},
                     "eval_final": {n: float(np.mean(final_means, axis=0)[i]) for i, n in enumerate(names)},
@@ -184,7 +185,7 @@ def tiny_main(args, preset: str = "tiny") -> None:
                 })
             cells = " ".join(f"{summary[strategy]['gains'][n]:>20.3f}" for n in names)
             print(f"{strategy:12s} {np.mean(hvs):>12.4g} {cells} {per_run:>7.1f}")
-    if preset == "mini" and "static" in summary and len(summary) > 1 and args.seeds > 1:
+    if "static" in summary and len(summary) > 1 and args.seeds > 1:
         print("\npaired by seed against static (the same prompt draws), mean ± se of the gain difference:")
         for strategy, entry in summary.items():
             if strategy == "static":

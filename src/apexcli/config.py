@@ -140,6 +140,12 @@ class TrainConfig:
     """AdamW epsilon."""
     warmup_steps: int = setting(0, ge=0)
     """Linear learning-rate warm-up, in optimizer steps."""
+    lr_schedule: str = setting("constant", choices=("constant", "cosine", "linear"))
+    """Decay of the learning rate over the run's training updates: constant, or cosine / linear
+    from train.lr at the first update to train.lr x train.lr_final at the last (by update, not
+    optimizer step: an update with no optimizer step does not shift it)."""
+    lr_final: float = setting(0.1, ge=0, le=1)
+    """With a cosine or linear train.lr_schedule, the last update's lr as a fraction of train.lr."""
     max_grad_norm: float = setting(1.0)
     """Gradient-norm clip; <= 0 disables."""
     clip_range: float = setting(1e-4, gt=0)

@@ -64,6 +64,7 @@ from apexcli.sharding import full_state, is_sharded, load_optimizer_state_by_nam
 from apexcli.train.checkpoint import TrainingState, save_checkpoint
 from apexcli.train.run_start import abandon_after, ensure_writable, plan_start, prepare_directory, warn
 from apexcli.train.ema import LoraEMA
+from apexcli.train.lr_schedule import lr_factor
 from apexcli.train.loss import clip_advantages, grpo_policy_loss, nft_loss, nft_weight, step_kl, velocity_anchor
 from apexcli.train.progress import TrainProgress
 from apexcli.train.nft_points import NftPoints, draw_nft_points
@@ -218,11 +219,19 @@ class Trainer:
         """The restored optimizer and scheduler state carry the checkpoint's lr, betas, eps and
         weight decay; a resumed run uses the config's (what config.yaml records), same formula
         as the scheduler's so an unchanged config resumes bit for bit."""
-        t, sched = self.cfg.train, self.lr_scheduler
-        sched.base_lrs = [t.lr for _ in sched.base_lrs]
+        t = self.cfg.train
+        self._set_base_lr(t.lr)
+        for group in self.optimizer.optimizer.param_groups:
+            group.update(initial_lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+
+    def _set_base_lr(self, base_lr: float) -> None:
+        """The scheduler's base lr (its warm-up multiplies it) and the lr the next optimizer step
+        uses, by the scheduler's own formula."""
+        sched = self.lr_scheduler
+        sched.base_lrs = [base_lr for _ in sched.base_lrs]
         lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
         for group, lr in zip(self.optimizer.optimizer.param_groups, lrs):
-            group.update(lr=lr, initial_lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
+            group["lr"] = lr
         sched._last_lr = lrs
 
     # ------------------------------------------------------------------ one iteration
@@ -605,6 +614,9 @@ class Trainer:
             t0 = time.perf_counter()
             self._probe(trajectories, info["per_objective"][plan.shard], local_ids, plan.group_ids[plan.shard])
             probe_seconds = time.perf_counter() - t0
+        t = cfg.train
+        if t.lr_schedule != "constant":  # the lr of this update's optimizer steps
+            self._set_base_lr(t.lr * lr_factor(self.step, t.steps, t.lr_schedule, t.lr_final))
         t0 = time.perf_counter()
         update = self._update(trajectories, advantages[plan.shard], local_ids, plan.group_ids[plan.shard])
         train_seconds = time.perf_counter() - t0

@@ -20,6 +20,7 @@ from apexcli.balance.config import BalanceConfig
 from apexcli.errors import ApexError
 from apexcli.rewards.config import RewardsConfig
 from apexcli.schema import check_fields, deep_merge, from_dict, parse_override, setting
+from apexcli.train.lr_schedule import SCHEDULES as LR_SCHEDULES
 
 SD3_JOINT_ATTENTION_PROJECTIONS = [
     "attn.to_q",
@@ -140,7 +141,7 @@ class TrainConfig:
     """AdamW epsilon."""
     warmup_steps: int = setting(0, ge=0)
     """Linear learning-rate warm-up, in optimizer steps."""
-    lr_schedule: str = setting("constant", choices=("constant", "cosine", "linear"))
+    lr_schedule: str = setting("constant", choices=LR_SCHEDULES)
     """Decay of the learning rate over the run's training updates: constant, or cosine / linear
     from train.lr at the first update to train.lr x train.lr_final at the last (by update, not
     optimizer step: an update with no optimizer step does not shift it)."""

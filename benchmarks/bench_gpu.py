@@ -50,54 +50,17 @@ import mfu as mfu_lib  # noqa: E402  (benchmarks/ is not a package)
 
 # --------------------------------------------------------------------------- public configs
 
-SD35M_TRANSFORMER = dict(
-    sample_size=128,
-    patch_size=2,
-    in_channels=16,
-    num_layers=24,
-    attention_head_dim=64,
-    num_attention_heads=24,
-    joint_attention_dim=4096,
-    caption_projection_dim=1536,
-    pooled_projection_dim=2048,
-    out_channels=16,
-    pos_embed_max_size=384,
-    qk_norm="rms_norm",
-    dual_attention_layers=tuple(range(13)),
+from apexcli.models.architectures import (  # noqa: E402  (published configs, one place for every user)
+    CLIP_H_PROJECTION,
+    CLIP_H_TEXT,
+    CLIP_H_VISION,
+    CLIP_L_VISION,
+    CLIP_MEAN,
+    CLIP_STD,
+    SD3_VAE,
+    SD35M_TRANSFORMER,
 )
-"""stabilityai/stable-diffusion-3.5-medium transformer/config.json."""
 
-SD3_VAE = dict(
-    in_channels=3,
-    out_channels=3,
-    down_block_types=("DownEncoderBlock2D",) * 4,
-    up_block_types=("UpDecoderBlock2D",) * 4,
-    block_out_channels=(128, 256, 512, 512),
-    layers_per_block=2,
-    act_fn="silu",
-    latent_channels=16,
-    norm_num_groups=32,
-    sample_size=1024,
-    scaling_factor=1.5305,
-    shift_factor=0.0609,
-    use_quant_conv=False,
-    use_post_quant_conv=False,
-)
-"""SD3 / SD3.5 vae/config.json (16 latent channels, downsampling 8)."""
-
-CLIP_H_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                   max_position_embeddings=77, vocab_size=49408, hidden_act="gelu")
-CLIP_H_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
-                     image_size=224, patch_size=14, hidden_act="gelu")
-CLIP_H_PROJECTION = 1024
-"""laion/CLIP-ViT-H-14-laion2B-s32B-b79K = yuvalkirstain/PickScore_v1 architecture."""
-
-CLIP_L_VISION = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
-                     image_size=224, patch_size=14, hidden_act="quick_gelu", projection_dim=768)
-"""openai/clip-vit-large-patch14 vision tower (the LAION aesthetic predictor's backbone)."""
-
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 CLIP_TEXT_TOKENS = 77  # SD3's CLIP-L/CLIP-G token count, prepended to the T5 tokens
 
 # Smoke mode: tiny towers with the same classes, and small sizes on top of the tiny preset.
@@ -263,7 +226,7 @@ def clip_configs(smoke: bool):
         full = CLIPConfig(text_config=TINY_CLIP_TEXT, vision_config=TINY_CLIP_VISION, projection_dim=16)
         vision = CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=16)
     else:
-        full = CLIPConfig(text_config=CLIP_H_TEXT, vision_config=CLIP_H_VISION, projection_dim=CLIP_H_PROJECTION)
+        full = CLIPConfig(text_config=dict(CLIP_H_TEXT), vision_config=dict(CLIP_H_VISION), projection_dim=CLIP_H_PROJECTION)
         vision = CLIPVisionConfig(**CLIP_L_VISION)
     return full, vision
 

@@ -33,13 +33,8 @@ from mfu import meta_transformer, quiet_diffusers  # noqa: E402
 GB = 1e9
 BYTES = {torch.bfloat16: 2, torch.float16: 2, torch.float32: 4}
 
-# SD3's text encoders (stabilityai/stable-diffusion-3.5-medium text_encoder*/config.json)
-CLIP_L_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
-                   max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768)
-CLIP_G_TEXT = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
-                   max_position_embeddings=77, vocab_size=49408, hidden_act="gelu", projection_dim=1280)
-T5_XXL = dict(d_model=4096, d_ff=10240, d_kv=64, num_heads=64, num_layers=24, vocab_size=32128,
-              feed_forward_proj="gated-gelu", is_encoder_decoder=False)
+from apexcli.models.architectures import CLIP_G_TEXT, CLIP_L_TEXT, T5_XXL  # noqa: E402
+
 DEQA_PARAMS_PUBLISHED = 8.2e9  # mPLUG-Owl2 (LLaMA-2-7B + ViT-L/14 + abstractor), its paper; remote code, not built here
 
 
@@ -61,7 +56,7 @@ def component_params() -> dict[str, int]:
             "clip_l_text": n_params(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_L_TEXT))),
             "clip_g_text": n_params(CLIPTextModelWithProjection(CLIPTextConfig(**CLIP_G_TEXT))),
             "t5_xxl_encoder": n_params(T5EncoderModel(T5Config(**T5_XXL))),
-            "pick_clip_h": n_params(CLIPModel(CLIPConfig(text_config=CLIP_H_TEXT, vision_config=CLIP_H_VISION,
+            "pick_clip_h": n_params(CLIPModel(CLIPConfig(text_config=dict(CLIP_H_TEXT), vision_config=dict(CLIP_H_VISION),
                                                          projection_dim=CLIP_H_PROJECTION))),
             "aes_clip_l_vision": n_params(CLIPVisionModelWithProjection(CLIPVisionConfig(**CLIP_L_VISION))),
         }

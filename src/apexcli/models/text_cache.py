@@ -38,6 +38,18 @@ TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 _SAMPLES_PER_TENSOR = 64  # weight values hashed per parameter tensor: cheap, yet any retrain changes them
 
 
+def _strided_indices(n: int, device: torch.device) -> torch.Tensor:
+    """``min(64, n)`` indices spread evenly over ``0 .. n - 1``, first and last included.
+
+    Integer arithmetic: a float32 ``linspace`` rounds ``n - 1`` up to ``n`` once ``n`` passes
+    2^24 (every SD3 text encoder's token table), indexing one past the end.
+    """
+    k = min(_SAMPLES_PER_TENSOR, n)
+    if k == 1:
+        return torch.zeros(1, dtype=torch.long, device=device)
+    return torch.arange(k, dtype=torch.long, device=device) * (n - 1) // (k - 1)
+
+
 def _weights_digest(module: torch.nn.Module) -> str:
     """sha256 over each parameter's name, shape, dtype and 64 evenly strided values.
 
@@ -49,8 +61,7 @@ def _weights_digest(module: torch.nn.Module) -> str:
         flat = tensor.detach().reshape(-1)
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_TENSOR, flat.numel())).long()
-            h.update(flat[idx.to(flat.device)].float().cpu().numpy().tobytes())
+            h.update(flat[_strided_indices(flat.numel(), flat.device)].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 
@@ -140,7 +151,17 @@ class TextEmbeddingCache:
                 os.remove(tmp)
 
 
-def _encode(pipe, prompts: list[str], max_sequence_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def encoders_device(pipe) -> torch.device:
+    """Where the text encoders' weights are: the token ids must go there, whatever device the
+    embeddings are wanted on (tokenizers return CPU tensors; encoders may sit on a GPU)."""
+    for attr in TEXT_ENCODERS:
+        enc = getattr(pipe, attr, None)
+        if enc is not None:
+            return next(enc.parameters()).device
+    return torch.device("cpu")
+
+
+def _encode(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.Tensor, torch.Tensor]:
     if all(getattr(pipe, attr, None) is None for attr in TEXT_ENCODERS):
         raise ApexError(
             f"prompt {prompts[0]!r} is not in the text-embedding cache and the text encoders were freed; "
@@ -154,7 +175,7 @@ def _encode(pipe, prompts: list[str], max_sequence_length: int, device) -> tuple
         prompt=prompts,
         prompt_2=None,
         prompt_3=None,
-        device=device,
+        device=encoders_device(pipe),
         do_classifier_free_guidance=False,
         max_sequence_length=max_sequence_length,
     )
@@ -171,9 +192,9 @@ def encode_prompts(
     cache: TextEmbeddingCache | None = None,
     batch_size: int = 32,
 ) -> PromptEmbeds:
-    """``PromptEmbeds`` (one row per prompt, in order) from ``pipe.encode_prompt`` (CLIP-L,
-    CLIP-G and T5; no CFG pair; encoders put in eval mode). Encode ``[""]`` for the
-    unconditional embedding. With a
+    """``PromptEmbeds`` on ``device`` (one row per prompt, in order) from ``pipe.encode_prompt``
+    (CLIP-L, CLIP-G and T5; no CFG pair; encoders put in eval mode), computed on the encoders'
+    own device. Encode ``[""]`` for the unconditional embedding. With a
     ``cache``, only prompts not yet cached are encoded (in batches of ``batch_size``).
     """
     prompts = list(prompts)
@@ -189,7 +210,7 @@ def encode_prompts(
             found[prompt] = hit
     for start in range(0, len(todo), batch_size):
         chunk = todo[start : start + batch_size]
-        embeds, pooled = _encode(pipe, chunk, max_sequence_length, device)
+        embeds, pooled = _encode(pipe, chunk, max_sequence_length)
         for j, prompt in enumerate(chunk):
             found[prompt] = (embeds[j], pooled[j])
             if cache is not None:
@@ -198,6 +219,14 @@ def encode_prompts(
         torch.stack([found[p][0].to(device) for p in prompts]),
         torch.stack([found[p][1].to(device) for p in prompts]),
     )
+
+
+def move_text_encoders(pipe, device: torch.device | str) -> None:
+    """Put the text encoders that ``pipe`` still holds on ``device`` (no reference kept here, so
+    ``free_text_encoders`` can release them)."""
+    for attr in TEXT_ENCODERS:
+        if getattr(pipe, attr, None) is not None:
+            getattr(pipe, attr).to(device)
 
 
 def free_text_encoders(pipe) -> None:

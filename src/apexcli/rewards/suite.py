@@ -62,6 +62,23 @@ class RewardSuite:
         self._pool = ThreadPoolExecutor(max_workers=max(1, n_cpu), thread_name_prefix="apex-reward")
         self._background = ThreadPoolExecutor(max_workers=1, thread_name_prefix="apex-suite")
         self._side_stream: torch.cuda.Stream | None = None  # created on the first CUDA submit
+        self._owner = True
+
+    def view(self, objectives: Sequence[str]) -> RewardSuite:
+        """A suite scoring ``objectives`` (a subset of this one's, any order) with this suite's
+        reward models and workers: training, evaluation and the progress probe each get their
+        columns without loading a reward model twice. Closing a view releases nothing."""
+        keys = [canonical_name(split_remote(o)[0]) for o in objectives]
+        missing = [k for k in keys if k not in self.rewards]
+        if missing:
+            raise ApexError(f"objective(s) {', '.join(missing)} are not loaded in this reward suite ({', '.join(self.objectives)})")
+        view = object.__new__(RewardSuite)
+        view.__dict__.update(self.__dict__)
+        view.objectives = keys
+        view.urls = {k: self.urls[k] for k in keys}
+        view.rewards = {k: self.rewards[k] for k in keys}
+        view._owner = False
+        return view
 
     def _build(self, key: str) -> Reward:
         if self.urls[key]:
@@ -123,7 +140,9 @@ class RewardSuite:
             return self(batch, prompts)
 
     def close(self) -> None:
-        """Stop the worker threads and release every reward."""
+        """Stop the worker threads and release every reward (a view: nothing, its owner does)."""
+        if not getattr(self, "_owner", True):
+            return
         for pool in (getattr(self, "_background", None), getattr(self, "_pool", None)):
             if pool is not None:
                 pool.shutdown(wait=True)
@@ -135,3 +154,14 @@ class RewardSuite:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def union_objectives(*lists: Sequence[str]) -> list[str]:
+    """Every objective of ``lists`` once, in first-seen order, keyed by canonical name (the
+    first spelling wins, so ``deqa@URL`` in training and ``deqa`` in eval are one reward)."""
+    seen: dict[str, str] = {}
+    for objectives in lists:
+        for objective in objectives:
+            seen.setdefault(canonical_name(split_remote(objective)[0]), objective)
+    return list(seen.values())
+

@@ -55,9 +55,11 @@ from apexcli.models.text_cache import (
     encode_prompts,
     encoder_fingerprint,
     free_text_encoders,
+    move_text_encoders,
 )
 from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
+from apexcli.rewards.suite import union_objectives
 from apexcli.rewards.ocr import ocr_target
 from apexcli.runs import RunDir, reward_summary
 from apexcli.sharding import full_state, is_sharded, load_optimizer_state_by_name, optimizer_state_by_name
@@ -95,7 +97,10 @@ class Trainer:
         self.accelerator = Accelerator(cpu=cpu, log_with=trackers, project_dir=str(self.run.path))
         acc = self.accelerator
         self.device = acc.device
-        _check_shards(cfg, acc.num_processes)
+        layout = _check_shards(cfg, acc.num_processes)
+        if acc.is_main_process:
+            print(f"apex: {layout}", file=sys.stderr)
+            _note_ema_delay(cfg, _optimizer_steps_per_update(cfg, acc.num_processes))
         # before any model loads: refuse to clobber a run, read the resume checkpoint in full
         self.start = plan_start(self.run, cfg, resume=self.resume, overwrite=self.overwrite, verbose=acc.is_main_process)
         if acc.is_main_process:
@@ -107,8 +112,12 @@ class Trainer:
             print(f"note: model.dtype={cfg.model.dtype} on CPU is slow unless the CPU has bf16 units; "
                   "model.dtype=float32 is the CPU default", file=sys.stderr)
 
-        # Rewards first: an unknown objective fails before any model is loaded.
-        self.suite = RewardSuite(cfg.objectives, device=self.device, config=cfg.rewards)
+        # Rewards first: an unknown objective fails before any model is loaded. One suite holds
+        # every reward model the run uses; training, eval and the progress probe take views of it.
+        eval_objectives = list(cfg.eval.objectives or cfg.objectives) if cfg.eval.every > 0 else []
+        self.reward_models = RewardSuite(union_objectives(cfg.objectives, eval_objectives), device=self.device,
+                                         config=cfg.rewards)
+        self.suite = self.reward_models.view(cfg.objectives)
         self.objectives = self.suite.objectives
         self.balancer = build_balancer_from_config(cfg.balance, self.objectives)
         self.prompts = load_prompts(cfg.prompts.train)
@@ -123,9 +132,7 @@ class Trainer:
         pipe = load_pipeline(cfg.model)
         self.vae_scale_factor = pipe.vae_scale_factor
         self.scheduler = pipe.scheduler
-        for encoder in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-            if encoder is not None:
-                encoder.to(self.device)
+        move_text_encoders(pipe, self.device)
         cache = TextEmbeddingCache(cfg.model.text_cache_dir, encoder_fingerprint(pipe))
         seq = cfg.model.max_sequence_length
         self.embeds = encode_prompts(pipe, self.prompts, max_sequence_length=seq, device="cpu", cache=cache)
@@ -134,7 +141,8 @@ class Trainer:
         if cfg.eval.every > 0:
             from apexcli.eval.evaluator import Evaluator
 
-            self.evaluator = Evaluator(cfg, pipe, cache, self.objectives, device=self.device, accelerator=acc)
+            self.evaluator = Evaluator(cfg, pipe, cache, self.objectives, device=self.device, accelerator=acc,
+                                       suite=self.reward_models.view(eval_objectives))
         self.progress_probe = None
         # a balancer that wants progress at all wants it at the first step (step 0 is always due)
         if self.balancer.wants_progress(0):
@@ -730,7 +738,7 @@ class Trainer:
         return path
 
     def close(self) -> None:
-        suite = getattr(self, "suite", None)
+        suite = getattr(self, "reward_models", None)
         if suite is not None:
             suite.close()
         acc = getattr(self, "accelerator", None)
@@ -747,10 +755,14 @@ def _check_tracker_installed(tracker: str | None) -> None:
         raise ApexError(f"logging.tracker={tracker} needs the '{tracker}' package: pip install {tracker} (or apexcli[tracking])")
 
 
-def _check_shards(cfg: Config, world_size: int) -> None:
+def _check_shards(cfg: Config, world_size: int) -> str:
     """Each process trains on total / world_size samples in micro-batches of train_batch_size;
     a remainder would silently go untrained (and a shard smaller than one micro-batch would
-    train nothing at all), so it is an error before any model is loaded."""
+    train nothing at all), so it is an error before any model is loaded. So is a
+    ``train.optimizer_steps_per_epoch`` that the per-process micro-batches cannot give: every
+    optimizer step needs at least one micro-batch on each process, and quietly making fewer
+    steps would change the recipe (and whether the clip ever acts) with the number of GPUs.
+    Returns the layout in one line, printed at start."""
     t = cfg.train
     total = t.prompts_per_step * t.group_size
     if total % world_size:
@@ -763,7 +775,37 @@ def _check_shards(cfg: Config, world_size: int) -> None:
             f"config key 'train.train_batch_size' ({t.train_batch_size}) must divide the samples per process "
             f"({total} / {world_size} processes = {shard})"
         )
+    micro = shard // t.train_batch_size
+    if t.optimizer_steps_per_epoch > micro:
+        raise ApexError(
+            f"train.optimizer_steps_per_epoch={t.optimizer_steps_per_epoch} needs as many micro-batches per process, but "
+            f"{world_size} process(es) x {micro} micro-batch(es) of train.train_batch_size={t.train_batch_size} = {total} "
+            f"samples give {micro}; set train.train_batch_size={max(1, shard // t.optimizer_steps_per_epoch)} "
+            f"(or raise train.prompts_per_step)"
+        )
+    steps = _optimizer_steps_per_update(cfg, world_size)
+    kind = "one process" if world_size == 1 else f"{world_size} processes"
+    return (f"{kind}; {total} samples per update = {shard} per process in {micro} micro-batch(es) of "
+            f"{t.train_batch_size}; {steps} optimizer step(s) per epoch")
 
+
+def _optimizer_steps_per_update(cfg: Config, world_size: int) -> int:
+    """Optimizer steps per epoch over the rollout batch (``_update``'s count, all samples kept)."""
+    t = cfg.train
+    micro = t.prompts_per_step * t.group_size // world_size // t.train_batch_size
+    return t.optimizer_steps_per_epoch or -(-micro // (t.gradient_accumulation or micro))
+
+
+def _note_ema_delay(cfg: Config, steps_per_update: int) -> None:
+    """With ``ema_every`` > 1, evaluations read an EMA that only moves every few optimizer steps,
+    so the first evals show the base model bit for bit. Said at start, so a short run that shows
+    no change is not mistaken for one that did not learn."""
+    t = cfg.train
+    if t.ema_decay <= 0 or t.ema_every <= 1 or not cfg.eval.use_ema or cfg.eval.every <= 0:
+        return
+    first = -(-t.ema_every // (steps_per_update * t.inner_epochs))
+    print(f"apex: eval uses the LoRA's EMA, updated every {t.ema_every} optimizer steps: evaluations before update "
+          f"{first} show the base model (eval.use_ema=false evaluates the live LoRA)", file=sys.stderr)
 
 def _busy_seconds(submitted: list[float], done: list[float]) -> float:
     """Time the suite's single background worker spent scoring: jobs run in submission order,

@@ -11,7 +11,7 @@ from apexcli import doctor
 from apexcli.doctor import FAIL, OK, Row, diagnose
 from apexcli.rewards import RewardSuite
 from apexcli.rewards.server import make_server
-from conftest import run_cli
+from conftest import TINY_OVERRIDES, run_cli
 
 TINY_ROWS = ["python", "torch", "diffusers", "transformers", "peft", "accelerate", "device", "model",
              "reward brightness", "reward colorfulness", "disk"]
@@ -169,6 +169,24 @@ def test_disk_under_the_floor_fails(tmp_path, monkeypatch):
     monkeypatch.setattr(doctor, "DISK_WARN_BYTES", 2**63)
     disk = row(diagnose(preset="tiny", options={"out": str(tmp_path / "a" / "b")}), "disk")
     assert disk.status == FAIL and str(tmp_path) in disk.found and disk.fix.startswith("--out DIR")
+
+
+def test_train_stops_at_the_first_failing_check_before_any_model_loads(tmp_path, monkeypatch):
+    import apexcli.train.trainer as trainer
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model was loaded despite a failing check")
+
+    monkeypatch.setattr(trainer, "load_pipeline", no_load)
+    out = tmp_path / "run"
+    port = closed_port()
+    result = run_cli(["train", "--preset", "tiny", "--out", str(out), *TINY_OVERRIDES,
+                      "--objectives", f"brightness,contrast@http://127.0.0.1:{port}"])
+    assert result.code == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: reward contrast: "), result.stderr
+    assert lines[0].endswith(f"fix: apex serve --objectives contrast --port {port}")
+    assert not out.exists()
 
 
 def test_objectives_only_evaluated_are_checked_too():

@@ -33,6 +33,7 @@ from accelerate.utils import set_seed
 from apexcli.balance import build_balancer_from_config
 from apexcli.balance.probe import gradient_gram, gradient_gram_by_backward, spread_over_groups
 from apexcli.config import Config, config_to_dict, trained_steps
+from apexcli.doctor import preflight
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import (
     decode_latents,
@@ -96,6 +97,7 @@ class Trainer:
         acc = self.accelerator
         self.device = acc.device
         _check_shards(cfg, acc.num_processes)
+        preflight(cfg)
         # before any model loads: refuse to clobber a run, read the resume checkpoint in full
         self.start = plan_start(self.run, cfg, resume=self.resume, overwrite=self.overwrite, verbose=acc.is_main_process)
         if acc.is_main_process:

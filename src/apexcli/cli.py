@@ -12,6 +12,7 @@ import sys
 
 import typer
 
+from apexcli.commands.doctor import doctor
 from apexcli.commands.eval import evaluate
 from apexcli.commands.pareto import pareto
 from apexcli.commands.sample import sample
@@ -40,6 +41,7 @@ COMMANDS = {
     "pareto": pareto,
     "sweep": sweep,
     "soup": soup,
+    "doctor": doctor,
 }
 
 

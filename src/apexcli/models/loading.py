@@ -10,8 +10,7 @@ from diffusers import StableDiffusion3Pipeline
 
 from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
-
-MINI_DIR = Path(__file__).resolve().parent / "mini"  # written by `python -m apexcli.world.pretrain`
+from apexcli.models.sources import MINI_DIR, looks_like_path
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -65,10 +64,6 @@ def compile_transformer_blocks(transformer: torch.nn.Module, **compile_kwargs) -
     return len(blocks)
 
 
-def _looks_like_path(name: str) -> bool:
-    return name.startswith(("/", ".", "~")) or Path(name).exists() or name.count("/") > 1
-
-
 def load_pipeline(cfg: ModelConfig, dtype: torch.dtype | None = None) -> StableDiffusion3Pipeline:
     """The pipeline on CPU in the configured dtype; the caller moves modules where they belong."""
     dtype = dtype or DTYPES[cfg.dtype]
@@ -79,7 +74,7 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype | None = None) -> StableD
     source = cfg.pretrained
     if source == "mini":  # the pretrained miniature pipeline shipped inside the package
         source = str(MINI_DIR)
-    if _looks_like_path(source):
+    if looks_like_path(source):
         path = Path(source).expanduser()
         if not (path / "model_index.json").is_file():
             raise ApexError(

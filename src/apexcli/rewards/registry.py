@@ -56,6 +56,14 @@ def canonical_name(name: str) -> str:
     return key
 
 
+def resolve_objective(objective: str, config: RewardsConfig) -> tuple[str, str]:
+    """'deqa@URL' -> ('deqa', URL); 'deqa' -> ('deqa', rewards.deqa.url): the reward and the server
+    that scores it ('' = in process), decided once for the suite and the doctor checks alike."""
+    name, url = split_remote(objective)
+    key = canonical_name(name)
+    return key, url or getattr(getattr(config, REGISTRY[key].section), "url", "")
+
+
 def needs_prompt(name: str) -> bool:
     return REGISTRY[canonical_name(name)].needs_prompt
 

@@ -17,7 +17,7 @@ from PIL import Image
 from apexcli.errors import ApexError
 from apexcli.rewards.base import ImageBatch, Reward
 from apexcli.rewards.config import RewardsConfig
-from apexcli.rewards.registry import REGISTRY, build_reward, canonical_name, split_remote
+from apexcli.rewards.registry import REGISTRY, build_reward, resolve_objective
 
 
 class RewardSuite:
@@ -45,12 +45,11 @@ class RewardSuite:
         self.objectives: list[str] = []
         self.urls: dict[str, str] = {}
         for objective in objectives:
-            name, url = split_remote(objective)
-            key = canonical_name(name)
+            key, url = resolve_objective(objective, self.config)
             if key in self.objectives:
                 raise ApexError(f"objective {key!r} is listed twice in {', '.join(objectives)}")
             self.objectives.append(key)
-            self.urls[key] = url or getattr(getattr(self.config, REGISTRY[key].section), "url", "")
+            self.urls[key] = url
         self.rewards: dict[str, Reward] = {}
         try:
             for key in self.objectives:

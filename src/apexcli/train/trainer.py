@@ -33,6 +33,7 @@ from accelerate.utils import set_seed
 from apexcli.balance import build_balancer_from_config
 from apexcli.balance.probe import gradient_gram, gradient_gram_by_backward, spread_over_groups
 from apexcli.config import Config, config_to_dict, trained_steps
+from apexcli.doctor import preflight
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import (
     decode_latents,
@@ -98,6 +99,7 @@ class Trainer:
         acc = self.accelerator
         self.device = acc.device
         layout = _check_shards(cfg, acc.num_processes)
+        preflight(cfg)  # apex doctor's checks: the first failing one stops the run before anything heavy loads
         if acc.is_main_process:
             print(f"apex: {layout}", file=sys.stderr)
             _note_ema_delay(cfg, _optimizer_steps_per_update(cfg, acc.num_processes))

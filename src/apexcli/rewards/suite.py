@@ -17,7 +17,7 @@ from PIL import Image
 from apexcli.errors import ApexError
 from apexcli.rewards.base import ImageBatch, Reward
 from apexcli.rewards.config import RewardsConfig
-from apexcli.rewards.registry import REGISTRY, build_reward, resolve_objective
+from apexcli.rewards.registry import REGISTRY, build_reward, canonical_name, resolve_objective, split_remote
 
 
 class RewardSuite:

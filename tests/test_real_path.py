@@ -143,3 +143,17 @@ def test_the_run_layout_and_the_ema_delay_are_printed_at_start(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "apex: one process; 4 samples per update = 4 per process in 2 micro-batch(es) of 2" in err
     assert "evaluations before update 4 show the base model" in err
+
+
+def test_a_single_process_accelerate_launch_asked_for_several_says_so(tmp_path, capsys, monkeypatch):
+    # what `accelerate launch --num_processes 2` without --multi_gpu leaves in the environment
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "no")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    trainer = _setup_trainer(tmp_path)
+    try:
+        trainer.setup()
+    finally:
+        trainer.close()
+    assert "started a single process although it was asked for several; add --multi_gpu" in capsys.readouterr().err

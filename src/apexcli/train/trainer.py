@@ -102,6 +102,7 @@ class Trainer:
         preflight(cfg)  # apex doctor's checks: the first failing one stops the run before anything heavy loads
         if acc.is_main_process:
             print(f"apex: {layout}", file=sys.stderr)
+            _warn_single_process_launch(acc.num_processes)
             _note_ema_delay(cfg, _optimizer_steps_per_update(cfg, acc.num_processes))
         # before any model loads: refuse to clobber a run, read the resume checkpoint in full
         self.start = plan_start(self.run, cfg, resume=self.resume, overwrite=self.overwrite, verbose=acc.is_main_process)
@@ -789,6 +790,16 @@ def _check_shards(cfg: Config, world_size: int) -> str:
     kind = "one process" if world_size == 1 else f"{world_size} processes"
     return (f"{kind}; {total} samples per update = {shard} per process in {micro} micro-batch(es) of "
             f"{t.train_batch_size}; {steps} optimizer step(s) per epoch")
+
+
+def _warn_single_process_launch(world_size: int) -> None:
+    """``accelerate launch --num_processes N`` without ``--multi_gpu`` (or a config saying so)
+    starts ONE process, yet exports a rendezvous address as if for N: the run then trains on one
+    GPU while its user believes it uses N. That combination is worth one line."""
+    launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
+    if world_size == 1 and launched_by_accelerate and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
+        warn("accelerate launch started a single process although it was asked for several; add --multi_gpu "
+             "(GPUs), or launch with `torchrun --nproc_per_node N -m apexcli train ...` (CPUs)")
 
 
 def _optimizer_steps_per_update(cfg: Config, world_size: int) -> int:

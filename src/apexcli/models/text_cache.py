@@ -38,6 +38,14 @@ TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
 _SAMPLES_PER_TENSOR = 64  # weight values hashed per parameter tensor: cheap, yet any retrain changes them
 
 
+def _strided_indices(numel: int) -> torch.Tensor:
+    """``_SAMPLES_PER_TENSOR`` evenly strided indices into ``numel`` values, first and last
+    included; integer arithmetic, since a float32 ``linspace`` rounds the last index past the end
+    of a tensor of more than 2^24 values (T5-XXL's and CLIP's token embeddings)."""
+    n = min(_SAMPLES_PER_TENSOR, numel)
+    return torch.arange(n, dtype=torch.int64) * (numel - 1) // max(n - 1, 1)
+
+
 def _weights_digest(module: torch.nn.Module) -> str:
     """sha256 over each parameter's name, shape, dtype and 64 evenly strided values.
 
@@ -49,8 +57,7 @@ def _weights_digest(module: torch.nn.Module) -> str:
         flat = tensor.detach().reshape(-1)
         h.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}".encode())
         if flat.numel():
-            idx = torch.linspace(0, flat.numel() - 1, min(_SAMPLES_PER_TENSOR, flat.numel())).long()
-            h.update(flat[idx.to(flat.device)].float().cpu().numpy().tobytes())
+            h.update(flat[_strided_indices(flat.numel()).to(flat.device)].float().cpu().numpy().tobytes())
     return h.hexdigest()
 
 

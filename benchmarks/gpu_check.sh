@@ -24,7 +24,7 @@
 #
 #   bash benchmarks/prepare_gpu_wheels.sh
 #
-# Then, from a session that has a GPU machine (the device tool's `run`):
+# Then, on the GPU machine (for instance through the device tool's `run`):
 #
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)
 #
@@ -96,14 +96,14 @@ echo "== 1/4 pytest -m cuda tests/test_cuda.py"
 part tests "$T_TESTS" pytest_cuda.log "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider \
   --junitxml="$WORK/pytest_cuda.xml"
 
-echo "== 2/4 bench_gpu.py ${BENCH[*]} (flops, rollout, train, rewards, levers)"
+echo "== 2/4 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} (flops, rollout, train, rewards, levers)"
 part bench "$T_BENCH" bench_gpu.log "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" --budget-s 150 \
   --json-out "$DEST/bench_gpu.json"
 
 echo "== 3/4 bench_train.py --arch sd35m ${TRAIN[*]} (the real Trainer on the real-shape fixture; toy rewards, so reward models are out of the count)"
 part trainer "$T_TRAIN" bench_train.log "$PY" benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu "${TRAIN[@]}"
 
-echo "== 4/4 bench_gpu.py ${BENCH[*]} --parts compile"
+echo "== 4/4 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} --parts compile"
 part compile "$T_COMPILE" bench_compile.log "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" --parts compile \
   --json-out "$DEST/bench_compile.json"
 

@@ -3,6 +3,11 @@
     python benchmarks/bench_train.py                    # tiny preset, 2 warm-up + 5 measured steps
     python benchmarks/bench_train.py --steps 10 --threads 2 sampling.num_steps=10
     python benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu --warmup 1 --steps 2   # a GPU
+    python benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu --smoke --warmup 0 --steps 1  # its CPU rehearsal
+
+``--arch sd35m`` trains on SD3.5-Medium's real-shape fixture (``models.real_shape``: published
+widths, 24 blocks, random weights) and prints the iterations' peak memory beside the plan of
+``memory_plan.py`` for the same config (both in the JSON line: ``peak_gib``, ``memory_plan_gib``).
 
 Runs the real ``Trainer`` (setup, then ``train_step`` as ``train()`` does, without checkpoints)
 and times, per iteration:
@@ -58,6 +63,16 @@ from apexcli.config import resolve_config
 from apexcli.flow.rollout import step_log_prob, unwrap_model
 from apexcli.quiet import quiet_libraries
 from apexcli.train.trainer import Trainer
+
+
+# --smoke: a CPU in float32 at 64 px (16 image tokens), T5 length 16, 20 prompts to embed, 2 prompts x
+# 2 samples, 3 steps of which 2 trained; with --arch sd35m one real-width transformer block
+SMOKE_OVERRIDES = [
+    "model.device=cpu", "model.dtype=float32", "model.resolution=64", "model.max_sequence_length=16",
+    "prompts.train=builtin:ocr",
+    "train.prompts_per_step=2", "train.group_size=2", "train.rollout_batch_size=2", "train.train_batch_size=2",
+    "sampling.num_steps=3", "train.window_size=2",
+]
 
 
 class Clock:
@@ -209,41 +224,25 @@ def step_gradient_shares(trainer: Trainer) -> dict[int, float]:
     return {t: (v / total if total > 0 else 0.0) for t, v in norms.items()}
 
 
-def random_sd35m_pipeline(cfg, dtype: torch.dtype):
-    """SD3.5-Medium's transformer and the SD3 VAE from their public configs, random weights, built
-    on the GPU when there is one; text encoders of one layer at SD3's widths (CLIP-L 768, CLIP-G
-    1280, T5 4096) with 77 CLIP tokens. The encoders only condition the model: the trainer embeds
-    the prompts once and frees them, so their depth does not enter an iteration. No download."""
-    from bench_gpu import SD3_VAE, SD35M_TRANSFORMER
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
-    from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
-
-    from apexcli.models.tiny import build_char_tokenizer
-
-    tokenizer = build_char_tokenizer(max_length=77)
-    special = dict(pad_token_id=0, bos_token_id=2, eos_token_id=3)
-
-    def clip(width: int) -> CLIPTextModelWithProjection:
-        return CLIPTextModelWithProjection(CLIPTextConfig(
-            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=256, num_hidden_layers=1,
-            num_attention_heads=8, projection_dim=width, max_position_embeddings=77, **special))
+def real_shape_pipeline(cfg, dtype: torch.dtype, layers: int):
+    """SD3.5-Medium's real-shape fixture (``models.real_shape``: published widths, tokenizer
+    lengths and special ids, random weights) with ``layers`` transformer blocks (24 = the release)
+    and one layer per text encoder, built on the GPU when the config trains on one. The encoders
+    only condition the model: the trainer embeds the prompts once and frees them, so their depth
+    does not enter an iteration. No download."""
+    from apexcli.models.real_shape import build_real_shape_sd3
 
     device = "cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu"
-    torch.manual_seed(cfg.seed)
-    with torch.device(device):
-        t5 = T5EncoderModel(T5Config(vocab_size=len(tokenizer), d_model=4096, d_kv=64, d_ff=256, num_layers=1,
-                                     num_heads=8, pad_token_id=0, eos_token_id=3, decoder_start_token_id=0))
-        pipe = StableDiffusion3Pipeline(
-            transformer=SD3Transformer2DModel(**SD35M_TRANSFORMER),
-            scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
-            vae=AutoencoderKL(**SD3_VAE),
-            text_encoder=clip(768), tokenizer=tokenizer,
-            text_encoder_2=clip(1280), tokenizer_2=tokenizer,
-            text_encoder_3=t5, tokenizer_3=tokenizer,
-        )
-    for module in (pipe.transformer, pipe.vae, pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
-        module.to(dtype).eval()
-    return pipe
+    return build_real_shape_sd3("sd35m", num_layers=layers, text_layers=1, seed=cfg.seed, dtype=dtype, device=device)
+
+
+def memory_plan_gib(cfg, layers: int) -> dict[str, float]:
+    """``memory_plan.trainer_plan`` (GiB) for this config on the transformer that was trained."""
+    from memory_plan import trainer_plan
+
+    from apexcli.models.real_shape import real_shape_transformer_config
+
+    return {k: v / 2**30 for k, v in trainer_plan(cfg, real_shape_transformer_config("sd35m", layers)).items()}
 
 
 def time_text_encoding(cfg, prompts: list[str], repeats: int) -> dict[str, float]:
@@ -283,9 +282,14 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=5, help="measured iterations")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument("--arch", choices=["preset", "sd35m"], default="preset",
-                        help="sd35m: the preset's config on SD3.5-Medium's architecture with random weights "
+                        help="sd35m: the preset's config on SD3.5-Medium's real-shape fixture, random weights "
                              "(no download; for GPUs, e.g. --preset sd35m-1gpu)")
+    parser.add_argument("--layers", type=int, default=None,
+                        help="transformer blocks with --arch sd35m (default 24, the release; 1 with --smoke)")
+    parser.add_argument("--smoke", action="store_true",
+                        help="CPU, float32, 64 px, 2 x 2 samples, 3 steps: the same code paths in seconds")
     args = parser.parse_args()
+    layers = args.layers or (1 if args.smoke else 24)
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -294,16 +298,18 @@ def main() -> None:
         cfg = resolve_config(
             preset=args.preset,
             options={"out": f"{tmp}/run", "objectives": args.objectives.split(",")},
-            overrides=["logging.progress=false", "eval.every=0", *args.overrides],
+            overrides=["logging.progress=false", "eval.every=0", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides],
         )
         if args.arch == "sd35m":
             import apexcli.train.trainer as trainer_module
             from apexcli.models.loading import DTYPES
 
-            trainer_module.load_pipeline = lambda model_cfg: random_sd35m_pipeline(cfg, DTYPES[model_cfg.dtype])
+            trainer_module.load_pipeline = lambda model_cfg: real_shape_pipeline(cfg, DTYPES[model_cfg.dtype], layers)
         trainer = Trainer(cfg, argv=["bench_train"])
         try:
             trainer.setup()
+            if trainer.device.type == "cuda":  # the peak of the iterations, not of building fp32 weights
+                torch.cuda.reset_peak_memory_stats(trainer.device)
             clock = Clock(trainer.device)
             instrument(trainer, clock)
             per_step = []
@@ -322,6 +328,8 @@ def main() -> None:
 
     # the random architecture's one-layer encoders would say nothing about T5-XXL's cost
     text = time_text_encoding(cfg, trainer.prompts, repeats=max(args.steps, 3)) if args.arch == "preset" else None
+    peak = torch.cuda.max_memory_allocated(trainer.device) / 2**30 if trainer.device.type == "cuda" else None
+    plan = memory_plan_gib(cfg, layers) if args.arch == "sd35m" else None
 
     def mean(values) -> float:
         return statistics.fmean(values) if values else 0.0
@@ -345,8 +353,9 @@ def main() -> None:
     outside = 1.0 - model / step if step > 0 else float("nan")
 
     t, s = cfg.train, cfg.sampling
+    arch = f" on the SD3.5-M real-shape fixture ({layers} blocks, random weights)" if args.arch == "sd35m" else ""
     print(
-        f"preset {args.preset}{' on random SD3.5-M weights' if args.arch == 'sd35m' else ''}: {t.prompts_per_step} prompts x {t.group_size} samples, {s.num_steps} steps, "
+        f"preset {args.preset}{arch}: {t.prompts_per_step} prompts x {t.group_size} samples, {s.num_steps} steps, "
         f"{cfg.model.resolution} px, device {trainer.device}, {torch.get_num_threads()} threads; "
         f"{args.warmup} warm-up + {len(per_step)} measured iterations"
     )
@@ -372,13 +381,21 @@ def main() -> None:
             f"({text['uncached_s'] / step:.1%} of an iteration) vs {text['cached_s']:.6f} s from the cache "
             f"({text['uncached_s'] / max(text['cached_s'], 1e-9):.0f}x); the trainer encodes once at setup"
         )
+    if plan is not None:
+        measured = f"{peak:.2f} GiB" if peak is not None else f"not measured on {trainer.device.type}"
+        print(f"peak memory of the iterations (torch.cuda.max_memory_allocated): {measured}; "
+              f"memory_plan.py plans {plan['total']:.2f} GiB (transformer {plan['transformer']:.2f}, "
+              f"train activations {plan['activations_train']:.2f}, the rest {plan['total'] - plan['transformer'] - plan['activations_train']:.2f}) "
+              "+ the transient rollout/decode working sets")
     print(
         json.dumps(
             {
                 "preset": args.preset,
                 "arch": args.arch,
+                "layers": layers if args.arch == "sd35m" else None,
                 "device": str(trainer.device),
-                "peak_gib": torch.cuda.max_memory_allocated() / 2**30 if trainer.device.type == "cuda" else None,
+                "peak_gib": peak,
+                "memory_plan_gib": plan,
                 "threads": torch.get_num_threads(),
                 "iterations": len(per_step),
                 "step_s": step,

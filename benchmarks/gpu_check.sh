@@ -2,9 +2,21 @@
 # The GPU check of apex, in ONE call on a GPU machine: the CUDA-marked tests, then
 # benchmarks/bench_gpu.py (SD3.5-M architecture at 512 px: rollout/training MFU, peak memory,
 # reward throughput, speed levers, host syncs), then benchmarks/bench_train.py on the real
-# Trainer with SD3.5-M's architecture (the share of an iteration outside model compute), then
-# the torch.compile lever. Under 9 minutes in total: each part has its own timeout (tests 120 s,
-# bench 180 s, trainer 110 s, compile 100 s). Needs no internet.
+# Trainer with SD3.5-M's real-shape fixture at full depth (24 blocks, published widths, random
+# weights, bf16): the share of an iteration outside model compute and its peak memory beside
+# memory_plan.py's plan; then the torch.compile lever. Needs no internet.
+#
+# Time budget (one H100, under 10 minutes): every step has its own timeout and the timeouts add
+# up to 555 s: wheels 25, environment 15, tests 120, bench 180, trainer 115, compile 100. Each
+# part prints its elapsed seconds; the summary has them all.
+#
+#   bash benchmarks/gpu_check.sh [--cpu] [--out DIR]
+#
+# --cpu: the same script on a CPU at toy sizes, so it cannot rot: the CUDA tests are collected
+# and skip (reported as skipped, never as passed), bench_gpu.py --smoke, bench_train.py --smoke
+# (the real-shape fixture at depth 1, 64 px), the compile lever on the smoke models. CUDA is
+# hidden from it; carried wheels are used only when APEX_WHEELS names them. `make test-all` runs
+# it (tests/test_gpu_check.py).
 #
 # Prepare HERE once (a machine with PyPI; ~26 MB of wheels the GPU image lacks or has in the
 # wrong version: diffusers, transformers 4.57, tokenizers, huggingface_hub, peft, rapidfuzz,
@@ -12,51 +24,124 @@
 #
 #   bash benchmarks/prepare_gpu_wheels.sh
 #
-# Then, from a session that has a GPU machine (the device tool's `run`):
+# Then, on the GPU machine (for instance through the device tool's `run`):
 #
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)
 #
-# Logs and JSON land in $OUT (returned by the tool; at most 8 files) or logs/gpu_check/ when
-# OUT is unset. The last lines printed are a summary; bench_gpu.json is the benchmark's JSON line.
+# Logs and JSON land in --out DIR, else $OUT (returned by the tool; at most 8 files), else
+# logs/gpu_check/: env.txt, pytest_cuda.log, bench_gpu.{log,json}, bench_train.log (its last line
+# is its JSON), bench_compile.{log,json}, summary.json (every part's rc and seconds, the CUDA
+# tests' counts, bench_train's JSON). The last lines printed are the summary.
 set -uo pipefail
+MODE=gpu
+DEST=${OUT:-}
+while [ $# -gt 0 ]; do
+  case $1 in
+    --cpu) MODE=cpu ;;
+    --out) DEST=${2:?--out needs a directory}; shift ;;
+    --out=*) DEST=${1#--out=} ;;
+    -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "gpu_check.sh: unknown argument '$1' (--cpu, --out DIR)" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ -n "$DEST" ]; then mkdir -p "$DEST" && DEST=$(cd "$DEST" && pwd) || exit 2; fi
 cd "$(dirname "$0")/.."
-DEST=${OUT:-logs/gpu_check}
+DEST=${DEST:-$PWD/logs/gpu_check}
 mkdir -p "$DEST"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 T0=$(date +%s)
+T_WHEELS=25 T_ENV=15 T_TESTS=120 T_BENCH=180 T_TRAIN=115 T_COMPILE=100
+echo "gpu_check ($MODE): step timeouts add up to $((T_WHEELS + T_ENV + T_TESTS + T_BENCH + T_TRAIN + T_COMPILE)) s; output in $DEST"
 
-WHEELS=${APEX_WHEELS:-.whl}  # APEX_WHEELS=none: use what is installed
-if ls "$WHEELS"/*.whl >/dev/null 2>&1; then
-  "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl \
-    || { echo "wheel install failed"; exit 3; }
-  export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+if [ "$MODE" = cpu ]; then
+  export CUDA_VISIBLE_DEVICES=""  # the rehearsal runs on the CPU even where a GPU is present
+  WHEELS=${APEX_WHEELS:-none}
+  BENCH=(--smoke) TRAIN=(--smoke --warmup 0 --steps 1)
+else
+  WHEELS=${APEX_WHEELS:-.whl}  # APEX_WHEELS=none: use what is installed
+  BENCH=() TRAIN=(--warmup 1 --steps 2 train.prompts_per_step=2)
+fi
+if ls "$WHEELS"/*.whl >/dev/null 2>&1; then  # into a folder of this run, never into the environment
+  timeout "$T_WHEELS" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
+    --target "$WORK/site" "$WHEELS"/*.whl || { echo "wheel install failed"; exit 3; }
+  export PYTHONPATH=$WORK/site${PYTHONPATH:+:$PYTHONPATH}
 fi
 export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
 
 {
-  nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv
-  "$PY" -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)"
+  if [ "$MODE" = gpu ]; then nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv; fi
+  timeout "$T_ENV" "$PY" -c "import torch, diffusers, transformers, peft, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda, '| diffusers', diffusers.__version__, '| transformers', transformers.__version__, '| peft', peft.__version__, '| accelerate', accelerate.__version__)"
 } 2>&1 | tee "$DEST/env.txt"
 
+PARTS=()
+declare -A RC SECS LIMIT
+# part NAME LIMIT LOG CMD...: CMD under its timeout, output to the screen and DEST/LOG
+part() {
+  local name=$1 limit=$2 log=$3 start
+  shift 3
+  start=$(date +%s)
+  timeout "$limit" "$@" 2>&1 | tee "$DEST/$log"
+  RC[$name]=${PIPESTATUS[0]}
+  SECS[$name]=$(($(date +%s) - start))
+  LIMIT[$name]=$limit
+  PARTS+=("$name")
+  echo "-- $name: rc=${RC[$name]} in ${SECS[$name]} s (limit $limit s)"
+}
+
 echo "== 1/4 pytest -m cuda tests/test_cuda.py"
-timeout 120 "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider 2>&1 | tee "$DEST/pytest_cuda.log"
-RC_TESTS=${PIPESTATUS[0]}
+part tests "$T_TESTS" pytest_cuda.log "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider \
+  --junitxml="$WORK/pytest_cuda.xml"
 
-echo "== 2/4 bench_gpu.py (flops, rollout, train, rewards, levers)"
-timeout 180 "$PY" benchmarks/bench_gpu.py --budget-s 150 --json-out "$DEST/bench_gpu.json" 2>&1 | tee "$DEST/bench_gpu.log"
-RC_BENCH=${PIPESTATUS[0]}
+echo "== 2/4 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} (flops, rollout, train, rewards, levers)"
+part bench "$T_BENCH" bench_gpu.log "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" --budget-s 150 \
+  --json-out "$DEST/bench_gpu.json"
 
-echo "== 3/4 bench_train.py --arch sd35m (the real Trainer; toy rewards, so reward models are out of the count)"
-timeout 110 "$PY" benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu --warmup 1 --steps 2 \
-  train.prompts_per_step=2 2>&1 | tee "$DEST/bench_train.log"
-RC_TRAIN=${PIPESTATUS[0]}
+echo "== 3/4 bench_train.py --arch sd35m ${TRAIN[*]} (the real Trainer on the real-shape fixture; toy rewards, so reward models are out of the count)"
+part trainer "$T_TRAIN" bench_train.log "$PY" benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu "${TRAIN[@]}"
 
-echo "== 4/4 bench_gpu.py --parts compile"
-timeout 100 "$PY" benchmarks/bench_gpu.py --parts compile --json-out "$DEST/bench_compile.json" 2>&1 | tee "$DEST/bench_compile.log"
-RC_COMPILE=${PIPESTATUS[0]}
+echo "== 4/4 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} --parts compile"
+part compile "$T_COMPILE" bench_compile.log "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" --parts compile \
+  --json-out "$DEST/bench_compile.json"
 
-SUMMARY="gpu_check: tests rc=$RC_TESTS bench rc=$RC_BENCH trainer rc=$RC_TRAIN compile rc=$RC_COMPILE (124 = timed out) in $(( $(date +%s) - T0 )) s"
-echo "$SUMMARY" | tee "$DEST/summary.txt"
-tail -n 1 "$DEST/pytest_cuda.log"
-[ "$RC_TESTS" = 0 ] && [ "$RC_BENCH" = 0 ]
+PART_ROWS=$(for p in "${PARTS[@]}"; do printf '%s %s %s %s\n' "$p" "${RC[$p]}" "${SECS[$p]}" "${LIMIT[$p]}"; done)
+"$PY" - "$MODE" "$DEST" "$WORK/pytest_cuda.xml" "$(($(date +%s) - T0))" "$PART_ROWS" <<'EOF'
+"""Write DEST/summary.json and print the summary line (the CUDA tests' counts come from junit XML)."""
+import json
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+mode, dest, junit, total, rows = sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4]), sys.argv[5]
+parts = {name: {"rc": int(rc), "seconds": int(s), "timeout_s": int(limit)}
+         for name, rc, s, limit in (line.split() for line in rows.splitlines() if line.strip())}
+tests = {"collected": 0, "passed": 0, "skipped": 0, "failed": 0}
+if junit.is_file():
+    suite = ET.parse(junit).getroot()
+    suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
+    n, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
+    failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
+    tests = {"collected": n, "passed": n - skipped - failed, "skipped": skipped, "failed": failed}
+trainer = None
+log = dest / "bench_train.log"
+if log.is_file():
+    last = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
+    try:
+        trainer = json.loads(last[0]) if last else None
+    except json.JSONDecodeError:
+        trainer = None  # stopped before its JSON line
+rcs = " ".join(f"{name} rc={p['rc']} ({p['seconds']} s)" for name, p in parts.items())
+line = (f"gpu_check ({mode}): {rcs}; cuda tests: {tests['collected']} collected, {tests['passed']} passed, "
+        f"{tests['skipped']} skipped, {tests['failed']} failed (rc 124 = timed out) in {total} s")
+summary = {"mode": mode, "line": line, "total_s": total, "parts": parts, "cuda_tests": tests, "trainer": trainer}
+(dest / "summary.json").write_text(json.dumps(summary) + "\n", encoding="utf-8")
+print(line)
+EOF
+if [ "$MODE" = cpu ]; then  # a rehearsal: every part must go through
+  for p in "${PARTS[@]}"; do [ "${RC[$p]}" = 0 ] || exit 1; done
+  exit 0
+fi
+[ "${RC[tests]}" = 0 ] && [ "${RC[bench]}" = 0 ]

@@ -43,12 +43,11 @@ def n_params(module: torch.nn.Module) -> int:
 
 
 def component_params() -> dict[str, int]:
-    from diffusers import AutoencoderKL
     from transformers import CLIPConfig, CLIPModel, CLIPTextModelWithProjection, CLIPTextConfig, CLIPVisionConfig
     from transformers import CLIPVisionModelWithProjection, T5Config, T5EncoderModel
 
+    vae = _meta_vae()
     with quiet_diffusers(), torch.device("meta"):
-        vae = AutoencoderKL.from_config(dict(SD3_VAE))
         out = {
             "transformer": n_params(meta_transformer(SD35M_TRANSFORMER, torch.bfloat16)),
             "vae": n_params(vae),
@@ -64,16 +63,17 @@ def component_params() -> dict[str, int]:
     return out
 
 
-def lora_params(rank: int, alpha: int, targets: list[str]) -> int:
-    model = meta_transformer(SD35M_TRANSFORMER, torch.bfloat16,
+def lora_params(rank: int, alpha: int, targets: list[str], transformer_config: dict = SD35M_TRANSFORMER) -> int:
+    model = meta_transformer(transformer_config, torch.bfloat16,
                              dict(rank=rank, alpha=alpha, dropout=0.0, target_modules=targets, seed=0))
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def saved_activation_bytes(batch: int, text_tokens: int, latent_hw: int, rank: int, targets: list[str]) -> dict:
-    """Bytes autograd saves for one forward of the policy (bf16 base, fp32 LoRA) on ``batch``."""
-    model = meta_transformer(SD35M_TRANSFORMER, torch.bfloat16, dict(rank=rank, alpha=2 * rank, dropout=0.0,
-                                                                    target_modules=targets, seed=0))
+def saved_activation_bytes(batch: int, text_tokens: int, latent_hw: int, rank: int, targets: list[str],
+                           transformer_config: dict = SD35M_TRANSFORMER, dtype: torch.dtype = torch.bfloat16) -> dict:
+    """Bytes autograd saves for one forward of the policy (``dtype`` base, fp32 LoRA) on ``batch``."""
+    model = meta_transformer(transformer_config, dtype, dict(rank=rank, alpha=2 * rank, dropout=0.0,
+                                                            target_modules=targets, seed=0))
     per_block: dict[int, int] = {}
     block_inputs = 0
     current = [-1]
@@ -103,11 +103,11 @@ def saved_activation_bytes(batch: int, text_tokens: int, latent_hw: int, rank: i
         per_block[current[0]] = per_block.get(current[0], 0) + nbytes
         return t
 
-    x = torch.empty(batch, 16, latent_hw, latent_hw, device="meta", dtype=torch.bfloat16)
+    x = torch.empty(batch, 16, latent_hw, latent_hw, device="meta", dtype=dtype)
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         model(hidden_states=x, timestep=torch.empty(batch, device="meta"),
-              encoder_hidden_states=torch.empty(batch, text_tokens, 4096, device="meta", dtype=torch.bfloat16),
-              pooled_projections=torch.empty(batch, 2048, device="meta", dtype=torch.bfloat16), return_dict=False)
+              encoder_hidden_states=torch.empty(batch, text_tokens, 4096, device="meta", dtype=dtype),
+              pooled_projections=torch.empty(batch, 2048, device="meta", dtype=dtype), return_dict=False)
     outside = per_block.pop(-1, 0)
     total = outside + sum(per_block.values())
     return {
@@ -118,6 +118,57 @@ def saved_activation_bytes(batch: int, text_tokens: int, latent_hw: int, rank: i
         "max_block": max(per_block.values()),
         "block_inputs": block_inputs,
     }
+
+
+def lora_state_bytes(cfg, lora: int) -> dict[str, int]:
+    """The fp32 LoRA weights, their gradients, AdamW's two moments and the EMA copy (when on)."""
+    return {
+        "lora_weights_fp32": lora * 4,
+        "lora_grads_fp32": lora * 4,
+        "adamw_states_fp32": lora * 8,
+        "lora_ema_fp32": lora * 4 if cfg.train.ema_decay > 0 else 0,
+    }
+
+
+def trajectory_bytes(cfg) -> int:
+    """One step's trajectories, kept for the update: [samples, T+1, 16, h, w] float32."""
+    latent = cfg.model.resolution // 8
+    return cfg.train.prompts_per_step * cfg.train.group_size * (cfg.sampling.num_steps + 1) * 16 * latent * latent * 4
+
+
+def trainer_plan(cfg, transformer_config: dict = SD35M_TRANSFORMER) -> dict[str, int]:
+    """Bytes the trainer keeps on its device with the rewards elsewhere (toy rewards, or a reward
+    server) and the text encoders freed, as ``bench_train.py --arch sd35m`` runs it: the plan its
+    measured peak is read against. The transformer counts its buffers too (the 384 x 384
+    position table); rollout and VAE-decode working sets are transient and not in it."""
+    from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS
+    from apexcli.models.loading import DTYPES
+
+    dtype = DTYPES[cfg.model.dtype]
+    targets = cfg.lora.target_modules or SD3_JOINT_ATTENTION_PROJECTIONS
+    with quiet_diffusers():
+        model = meta_transformer(transformer_config, dtype)
+        vae = n_params(_meta_vae())
+    weights = sum(t.numel() for t in (*model.parameters(), *model.buffers()))
+    forward_batch = cfg.train.train_batch_size * (2 if cfg.sampling.guidance_scale > 1 else 1)
+    act = saved_activation_bytes(forward_batch, 77 + cfg.model.max_sequence_length, cfg.model.resolution // 8,
+                                 cfg.lora.rank, targets, transformer_config, dtype)
+    lora = lora_params(cfg.lora.rank, cfg.lora.alpha, targets, transformer_config)
+    rows = {
+        "transformer": weights * BYTES[dtype],
+        "vae": vae * BYTES[dtype],
+        **lora_state_bytes(cfg, lora),
+        "activations_train": act["ckpt"] if cfg.model.gradient_checkpointing else act["no_ckpt"],
+        "trajectories_fp32": trajectory_bytes(cfg),
+    }
+    return {**rows, "total": sum(rows.values())}
+
+
+def _meta_vae() -> torch.nn.Module:
+    from diffusers import AutoencoderKL
+
+    with torch.device("meta"):
+        return AutoencoderKL.from_config(dict(SD3_VAE))
 
 
 def main() -> None:
@@ -149,14 +200,10 @@ def main() -> None:
         f"pick_clip_h_{pick_dt}": params["pick_clip_h"] * BYTES[DTYPES[pick_dt]],
         f"aes_clip_l_{aes_dt}": params["aes_clip_l_vision"] * BYTES[DTYPES[aes_dt]] + params["aes_mlp"] * 4,
         "deqa_fp16_published": int(DEQA_PARAMS_PUBLISHED * 2),  # float16: its score() casts to half
-        "lora_weights_fp32": lora * 4,
-        "lora_grads_fp32": lora * 4,
-        "adamw_states_fp32": lora * 8,
-        "lora_ema_fp32": lora * 4 if cfg.train.ema_decay > 0 else 0,
+        **lora_state_bytes(cfg, lora),
         "activations_train_no_ckpt": act["no_ckpt"],
         "activations_train_ckpt": act["ckpt"],
-        # trajectory kept for the update: [B, T+1, 16, h, w] float32 per rollout micro-batch, all of a step
-        "trajectories_fp32": cfg.train.prompts_per_step * cfg.train.group_size * (cfg.sampling.num_steps + 1) * 16 * latent * latent * 4,
+        "trajectories_fp32": trajectory_bytes(cfg),
     }
     print(f"{'component':<30} {'GB':>8}")
     for k, v in rows.items():

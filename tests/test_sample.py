@@ -89,3 +89,35 @@ def test_lora_file_is_loaded_even_beside_other_files(tiny_run, tmp_path):
     # the run directory's LoRA at the same batch size (1): bit for bit the same images
     ref = _sample(tmp_path / "r", "--lora", str(tiny_run), "--prompt", "a red apple")
     assert np.array_equal(_pixels(tmp_path / "s", again[0]), _pixels(tmp_path / "r", ref[0]))
+
+
+def test_overrides_set_what_the_options_set(tmp_path):
+    """``eval.num_steps=2`` is ``--steps 2``; ``--set`` is the same as a positional override."""
+    by_option = _sample(tmp_path / "option", "--prompt", "a red apple", "--steps", "2")
+    tiny = ["--preset", "tiny", "--size", "32", "--prompt", "a red apple"]
+    for name, extra in (("positional", ["eval.num_steps=2"]), ("set", ["--set", "eval.num_steps=2"])):
+        result = run_cli(["sample", *tiny, "--out", str(tmp_path / name), *extra])
+        assert result.code == 0, result.stderr
+        row = json.loads((tmp_path / name / "metadata.jsonl").read_text())
+        assert row["steps"] == 2
+        assert np.array_equal(_pixels(tmp_path / name, row), _pixels(tmp_path / "option", by_option[0]))
+
+
+def test_resolution_override_and_explicit_options_win(tmp_path):
+    result = run_cli(["sample", "--preset", "tiny", "--steps", "2", "--prompt", "a", "--out", str(tmp_path / "r"),
+                      "model.resolution=32"])
+    assert result.code == 0, result.stderr
+    row = json.loads((tmp_path / "r" / "metadata.jsonl").read_text())
+    assert Image.open(tmp_path / "r" / row["file"]).size == (32, 32) and row["height"] == row["width"] == 32
+    # --steps, --size, --model and --device given beside overrides of the same settings: the options win
+    rows = _sample(tmp_path / "w", "--prompt", "a", "--model", "tiny", "--device", "cpu",
+                   "eval.num_steps=5", "model.resolution=64", "model.pretrained=/no/such/model", "model.device=cuda:7")
+    assert rows[0]["steps"] == 3 and Image.open(tmp_path / "w" / rows[0]["file"]).size == (32, 32)
+
+
+def test_unknown_override_key_is_a_one_line_error(tmp_path):
+    result = run_cli(["sample", *TINY_SAMPLE, "--prompt", "a", "--out", str(tmp_path / "s"), "eval.num_stepz=2"])
+    assert result.code == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "'eval.num_stepz'" in lines[0]
+    assert not (tmp_path / "s").exists()

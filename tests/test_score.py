@@ -22,7 +22,7 @@ from apexcli.commands.score import score as score_command
 from apexcli.errors import ApexError
 from apexcli.images import open_image
 from apexcli.scoring import score_paths
-from reward_models import text_image
+from reward_models import save_tiny_aes, save_tiny_clip, save_tiny_deqa, text_image
 
 
 def huge_png_header(width=100_000, height=100_000) -> bytes:
@@ -296,3 +296,51 @@ def test_a_corrupt_metadata_line_costs_only_its_image_prompt(mixed, tmp_path):
     with pytest.raises(ApexError, match="metadata.jsonl:2: expected a JSON object"):
         score_paths([str(mixed / "good.png")], objectives="ocr", prompts_file=str(meta), out_dir=str(tmp_path / "c"),
                     device="cpu", progress=False, console=con, err_console=err)
+
+
+class _SuiteBuilt(Exception):
+    """Stops a command right after its reward suite is built."""
+
+
+def test_every_command_scores_each_objective_in_the_same_dtype(monkeypatch, tmp_path):
+    """On a GPU, `apex score`, `apex serve` and training give each objective one dtype: its own
+    rewards.X.dtype (deqa float16), else float32 as training scores; the same image then gets the
+    same number from every command. CUDA is faked and the models load on the CPU."""
+    import torch
+
+    from apexcli.config import resolve_config
+    from apexcli.rewards.server import serve_rewards
+    from apexcli.rewards.suite import RewardSuite
+    from apexcli.train.trainer import Trainer
+
+    clip = save_tiny_clip(str(tmp_path / "pick"))
+    aes_clip, head = save_tiny_aes(str(tmp_path / "aes"))
+    overrides = [f"rewards.pick.source={clip}", f"rewards.pick.processor_source={clip}",
+                 f"rewards.aes.clip_source={aes_clip}", f"rewards.aes.head_source={head}",
+                 f"rewards.deqa.source={save_tiny_deqa(str(tmp_path / 'deqa'))}", "rewards.deqa.trust_remote_code=true"]
+    objectives = ["pick", "aes", "deqa"]
+    cfg = resolve_config(preset="tiny", options={"out": str(tmp_path / "run"), "objectives": objectives}, overrides=overrides)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    built: dict[str, dict[str, torch.dtype]] = {}
+    build = RewardSuite.__init__
+
+    def on_cpu(name):
+        def init(self, objectives, *, device="cpu", dtype=torch.float32, config=None):
+            build(self, objectives, device="cpu", dtype=dtype, config=config)
+            built[name] = {key: reward.dtype for key, reward in self.rewards.items()}
+            self.close()
+            raise _SuiteBuilt
+        return init
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "a.png")
+    for name, command in (
+        ("score", lambda: score_paths([str(tmp_path / "a.png")], objectives=objectives, prompt="a", config=cfg.rewards,
+                                      out_dir=str(tmp_path / "scores"), progress=False)),
+        ("serve", lambda: serve_rewards(objectives, port=0, config=cfg.rewards, log=lambda *_: None)),
+        ("train", lambda: Trainer(cfg, argv=["test"]).setup()),
+    ):
+        monkeypatch.setattr(RewardSuite, "__init__", on_cpu(name))
+        with pytest.raises(_SuiteBuilt):
+            command()
+    assert built["train"] == {"pick": torch.float32, "aes": torch.float32, "deqa": torch.float16}
+    assert built["score"] == built["train"] and built["serve"] == built["train"]

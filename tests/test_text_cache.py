@@ -97,3 +97,15 @@ def test_invalidation_by_prompt_length_and_encoder(pipe, tmp_path):
     with torch.no_grad():
         pipe.text_encoder_3.shared.weight.add_(0.01)
     assert encoder_fingerprint(pipe) != fp
+
+
+def test_weights_digest_of_a_tensor_past_float32_precision():
+    """T5-XXL's and CLIP's token embeddings have more than 2^24 values, where a float32 index
+    grid rounds its last index past the end; the digest samples the last value and changes with it."""
+    from apexcli.models.text_cache import _weights_digest
+
+    module = torch.nn.Module()
+    module.register_buffer("table", torch.zeros(2**25 + 4, dtype=torch.uint8))
+    before = _weights_digest(module)
+    module.table[-1] = 1
+    assert _weights_digest(module) != before

@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -115,18 +116,18 @@ def sample_images(req: SampleRequest) -> list[Path]:
 def sample_from_options(
     *, prompts: list[str], prompts_file: Path | None, out: Path, lora: str | None, preset: str | None,
     config_file: Path | None, model: str | None, num_images: int, seed: int, steps: int | None,
-    guidance: float | None, size: int | None, batch_size: int, device: str | None,
+    guidance: float | None, size: int | None, batch_size: int, device: str | None, overrides: Sequence[str] = (),
 ) -> list[Path]:
-    """Fill a SampleRequest from CLI options and the preset/config defaults, then sample."""
-    from apexcli.config import resolve_config
+    """Fill a SampleRequest from CLI options, ``key=value`` overrides and the preset/config
+    defaults, then sample. The explicit options win over the overrides: they name one thing."""
+    from apexcli.config import resolve_config, validate
     from apexcli.prompts import load_prompts
 
-    options: dict = {"model": {}}
-    if model is not None:
-        options["model"]["pretrained"] = model
-    if device is not None:
-        options["model"]["device"] = device
-    cfg = resolve_config(preset=preset, config_file=config_file, options=options)
+    cfg = resolve_config(preset=preset, config_file=config_file, overrides=list(overrides))
+    explicit = {key: value for key, value in (("pretrained", model), ("device", device)) if value is not None}
+    if explicit:
+        cfg = replace(cfg, model=replace(cfg.model, **explicit))
+        validate(cfg)
     all_prompts = list(prompts) + (load_prompts(str(prompts_file)) if prompts_file else [])
     return sample_images(
         SampleRequest(

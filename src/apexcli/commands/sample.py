@@ -9,6 +9,7 @@ import typer
 
 
 def sample(
+    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, dotted, as for `apex train`, e.g. eval.num_steps=20 model.resolution=256 (sampling reads model.*, eval.num_steps, eval.guidance_scale, sampling.negative_prompt). --steps, --guidance, --size, --model and --device win over them.", show_default=False)] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
     out: Annotated[Path, typer.Option(help="Output folder for PNGs and metadata.jsonl.")] = Path("samples"),
@@ -23,6 +24,7 @@ def sample(
     size: Annotated[Optional[int], typer.Option(help="Square image size in pixels (default: model.resolution).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
     device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N.")] = None,
+    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE (repeatable; same as a positional override).")] = None,
 ) -> None:
     """Generate images (PNG + metadata.jsonl, the format `apex score` reads)."""
     from apexcli.sample import sample_from_options
@@ -30,6 +32,6 @@ def sample(
     written = sample_from_options(
         prompts=list(prompt or []), prompts_file=prompts, out=out, lora=lora, preset=preset, config_file=config,
         model=model, num_images=num_images, seed=seed, steps=steps, guidance=guidance, size=size,
-        batch_size=batch_size, device=device,
+        batch_size=batch_size, device=device, overrides=list(overrides or []) + list(set_ or []),
     )
     typer.echo(f"{len(written)} images and metadata.jsonl written to {out}")

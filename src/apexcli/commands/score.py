@@ -17,7 +17,7 @@ def score(
     prompt: Annotated[Optional[str], typer.Option("--prompt", help="One prompt for every image.")] = None,
     prompts: Annotated[Optional[str], typer.Option("--prompts", help="A .jsonl or .csv file with 'file' and 'prompt' per image (default: metadata.jsonl beside the images).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto = float32 on every device, the dtype training scores in (a reward's own rewards.X.dtype still applies: deqa float16); float16 or bfloat16 for the rewards without one, whose scores then differ from training's.")] = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size", help="Images decoded and scored per step.")] = 32,
     strict: Annotated[bool, typer.Option("--strict", help="Exit non-zero if any input is bad.")] = False,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow DeQA-Score's own model code to run (rewards.deqa.trust_remote_code).")] = False,

@@ -16,7 +16,7 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port.", min=0, max=65535)] = 18086,
     host: Annotated[str, typer.Option(help="Interface to bind; loopback by default. Beyond loopback, set a token.")] = "127.0.0.1",
     device: Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")] = "auto",
-    dtype: Annotated[str, typer.Option(help="auto (bfloat16 on GPU, float32 on CPU), float32, float16 or bfloat16.")] = "auto",
+    dtype: Annotated[str, typer.Option(help="auto = float32 on every device, the dtype training scores in (a reward's own rewards.X.dtype still applies: deqa float16); float16 or bfloat16 for the rewards without one, whose scores then differ from training's.")] = "auto",
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow DeQA-Score's own model code to run.")] = False,
     token: Annotated[str, typer.Option("--token", envvar=TOKEN_ENV, show_default=False,
                                        help=f"Require 'Authorization: Bearer TOKEN' on every request; clients send the value of {TOKEN_ENV}. Prefer the variable: a command line is visible to other users.")] = "",

@@ -82,19 +82,28 @@ def _cut(config, **depth) -> dict:
     return {**dict(config), **depth}
 
 
-def build_real_shape_sd3(
-    family: str = "sd35m", *, num_layers: int = 2, text_layers: int = 1, seed: int = 0,
-    dtype: torch.dtype = torch.bfloat16,
-) -> StableDiffusion3Pipeline:
-    """An SD3.5 pipeline (``family``: sd35m or sd35l) at its published widths, ``num_layers``
-    transformer blocks (the last one text-output-free, as in the release; for sd35m block 0
-    keeps dual attention) and ``text_layers`` layers per text encoder. Random weights."""
+def real_shape_transformer_config(family: str, num_layers: int) -> dict:
+    """The published transformer config of ``family`` cut to ``num_layers`` blocks; a cut sd35m
+    keeps dual attention in block 0 only, so both block structures of MMDiT-X stay present."""
     if family not in arch.SD3_FAMILIES:
         raise ValueError(f"unknown SD3 family {family!r}; one of {sorted(arch.SD3_FAMILIES)}")
-    transformer_config = _cut(arch.SD3_FAMILIES[family], num_layers=num_layers)
-    if transformer_config["dual_attention_layers"]:
-        transformer_config["dual_attention_layers"] = (0,)  # both block structures of MMDiT-X present
-    with torch.random.fork_rng(devices=[]):
+    published = arch.SD3_FAMILIES[family]
+    config = _cut(published, num_layers=num_layers)
+    if config["dual_attention_layers"] and num_layers < published["num_layers"]:
+        config["dual_attention_layers"] = (0,)
+    return config
+
+
+def build_real_shape_sd3(
+    family: str = "sd35m", *, num_layers: int = 2, text_layers: int = 1, seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+) -> StableDiffusion3Pipeline:
+    """An SD3.5 pipeline (``family``: sd35m or sd35l) at its published widths, ``num_layers``
+    transformer blocks (``real_shape_transformer_config``; the last one text-output-free, as in
+    the release) and ``text_layers`` layers per text encoder. Random weights, initialised on ``device``
+    (a GPU builds a full-depth model in seconds; the caller moves modules where they belong)."""
+    transformer_config = real_shape_transformer_config(family, num_layers)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         clip_l = CLIPTextModelWithProjection(CLIPTextConfig(**_cut(arch.CLIP_L_TEXT, num_hidden_layers=text_layers)))
         clip_g = CLIPTextModelWithProjection(CLIPTextConfig(**_cut(arch.CLIP_G_TEXT, num_hidden_layers=text_layers)))

@@ -20,7 +20,7 @@ class PickConfig:
     source: str = "yuvalkirstain/PickScore_v1"  # hub id or local dir of the CLIPModel weights
     processor_source: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id or dir: image processor + tokenizer
     batch_size: int = setting(32, ge=1)  # images per forward pass
-    dtype: str = ""  # "" = the suite's dtype; else float32 / float16 / bfloat16
+    dtype: str = ""  # "" = the suite's dtype (float32 unless score/serve get --dtype); else float32 / float16 / bfloat16
     url: str = ""  # reward-server URL; when set, pick is scored remotely (same as `pick@URL`)
 
 
@@ -36,7 +36,7 @@ class AesConfig:
     head_source: str = "camenduru/improved-aesthetic-predictor"
     head_filename: str = "sac+logos+ava1-l14-linearMSE.pth"  # file inside head_source when it is a repo or dir
     batch_size: int = setting(32, ge=1)  # images per forward pass
-    dtype: str = ""  # "" = the suite's dtype
+    dtype: str = ""  # "" = the suite's dtype (float32 unless score/serve get --dtype)
     url: str = ""  # reward-server URL for remote scoring
 
 

@@ -20,6 +20,11 @@ from apexcli.rewards.config import RewardsConfig
 from apexcli.rewards.registry import REGISTRY, build_reward, canonical_name, resolve_objective, split_remote
 
 
+SUITE_DTYPE = torch.float32
+"""The dtype of every reward whose ``rewards.X.dtype`` is empty, in training, evaluation, `apex
+score` and `apex serve` alike: one objective, one dtype, the same number for the same image."""
+
+
 class RewardSuite:
     """Score images on K objectives.
 
@@ -34,7 +39,7 @@ class RewardSuite:
     """
 
     def __init__(self, objectives: Sequence[str], *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, config: RewardsConfig | None = None):
+                 dtype: torch.dtype = SUITE_DTYPE, config: RewardsConfig | None = None):
         if isinstance(objectives, str):
             objectives = [o for o in objectives.split(",") if o.strip()]
         if not objectives:

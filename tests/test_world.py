@@ -174,3 +174,17 @@ def test_mislabel_changes_attributes_at_the_stated_rates():
     # a changed attribute always differs (never redrawn as itself), so the rates are the noise levels
     assert rates.pop("letter") == pytest.approx(0.15, abs=0.02)
     assert all(r == pytest.approx(0.3, abs=0.03) for r in rates.values()), rates
+
+
+def test_the_shipped_halves_of_the_mini_sets_are_their_sign_and_shape_prompts():
+    # builtin:mini_signs etc. ship as files, so loading prompts needs no grammar; they must stay
+    # exactly the grammar's split of their source set, in order
+    from apexcli.prompts import load_prompts
+    from apexcli.world import parse_prompt
+
+    for source in ("mini", "mini_eval", "mini_eval_large"):
+        prompts = load_prompts(f"builtin:{source}")
+        for kind, half in (("sign", "signs"), ("shapes", "shapes")):
+            name = source.replace("mini", f"mini_{half}", 1)
+            expected = [p for p in prompts if (scene := parse_prompt(p)) is not None and scene.kind == kind]
+            assert load_prompts(f"builtin:{name}") == expected, name

@@ -14,38 +14,18 @@ from importlib import resources
 from pathlib import Path
 
 from apexcli.errors import ApexError
-from apexcli.world.grammar import parse_prompt
 
 _COMBINED = {"mixed": ["general", "ocr"], "mixed_eval": ["eval", "ocr_eval"]}
 
 
-def _of_kind(kind: str):
-    """Keep the mini world's prompts of one kind ("sign" or "shapes"), as its grammar parses them."""
-    return lambda prompt: (scene := parse_prompt(prompt)) is not None and scene.kind == kind
-
-
-# subsets of a shipped set: (set, keep this prompt?)
-_FILTERED = {
-    "mini_signs": ("mini", _of_kind("sign")),
-    "mini_shapes": ("mini", _of_kind("shapes")),
-    "mini_signs_eval": ("mini_eval", _of_kind("sign")),
-    "mini_shapes_eval": ("mini_eval", _of_kind("shapes")),
-    "mini_signs_eval_large": ("mini_eval_large", _of_kind("sign")),
-    "mini_shapes_eval_large": ("mini_eval_large", _of_kind("shapes")),
-}
-
-
 def builtin_names() -> list[str]:
     files = resources.files("apexcli.data")
-    return sorted([p.name[:-4] for p in files.iterdir() if p.name.endswith(".txt")] + list(_COMBINED) + list(_FILTERED))
+    return sorted([p.name[:-4] for p in files.iterdir() if p.name.endswith(".txt")] + list(_COMBINED))
 
 
 def _read_builtin(name: str) -> list[str]:
     if name in _COMBINED:
         return [p for part in _COMBINED[name] for p in _read_builtin(part)]
-    if name in _FILTERED:
-        source, keep = _FILTERED[name]
-        return [p for p in _read_builtin(source) if keep(p)]
     path = resources.files("apexcli.data") / f"{name}.txt"
     if not path.is_file():
         raise ApexError(f"unknown prompt set 'builtin:{name}'; valid: {', '.join('builtin:' + n for n in builtin_names())}")

@@ -31,7 +31,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from apexcli.errors import ApexError
-from apexcli.flow.rollout import PromptEmbeds
+from apexcli.conditioning import PromptEmbeds
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")

@@ -34,7 +34,6 @@ Sign prompts ('a sign that says "CAT"'); what the word reads is the OCR reward's
 
 from __future__ import annotations
 
-import importlib
 import math
 from functools import lru_cache
 from typing import Any, Sequence
@@ -42,6 +41,9 @@ from typing import Any, Sequence
 import torch
 
 from apexcli.rewards.base import ImageBatch, Reward
+from apexcli.world import grammar
+from apexcli.world.render import OBJECT_SIZE
+from apexcli.world.render import render as render_scene
 from apexcli.rewards.pixels import batched, border_color, component_stats, connected_components, nearest_palette
 
 LOW, HIGH = 16.0, 24.0
@@ -52,14 +54,8 @@ POS_T = 0.03
 BG_SIGMA = 0.15
 
 
-def _world():
-    # by module path: the package exports a function named `render` that shadows the module
-    return importlib.import_module("apexcli.world.grammar"), importlib.import_module("apexcli.world.render")
-
-
 @lru_cache(maxsize=8)
 def _palette() -> tuple[list[str], torch.Tensor, list[str], torch.Tensor]:
-    grammar, _ = _world()
     names = list(grammar.COLORS) + list(grammar.BACKGROUND_COLORS)
     rgb = [grammar.COLORS.get(n) or grammar.BACKGROUND_COLORS[n] for n in names]
     bgs = list(grammar.BACKGROUND_COLORS)
@@ -72,15 +68,13 @@ def _sign_reference(word: str, size: int) -> tuple[float, float]:
     """(board-white pixels, ink pixels inside the board) of the world's ground truth for `word`."""
     from apexcli.rewards.base import pil_to_tensor
 
-    grammar, render = _world()
-    img = pil_to_tensor(render.render(grammar.Scene(kind="sign", word=word), size=size)).unsqueeze(0)
+    img = pil_to_tensor(render_scene(grammar.Scene(kind="sign", word=word), size=size)).unsqueeze(0)
     board, ink, _ = _sign_masks(img)
     return float(board.sum()), float(ink.sum())
 
 
 def _sign_masks(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Board-white mask, ink mask restricted to the board's bounding box, board box present [B]."""
-    grammar, _ = _world()
     pal = torch.tensor([grammar.SIGN_BOARD, grammar.SIGN_INK, grammar.SIGN_SKY, grammar.SIGN_POST],
                        dtype=torch.float32) / 255
     index, dist = nearest_palette(images, pal)
@@ -130,7 +124,6 @@ def shape_probabilities(fill: torch.Tensor) -> dict[str, torch.Tensor]:
 
 def adherence_parts(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch.Tensor, list[dict[str, float]]]:
     """a in [0,1] per image (NaN for prompts outside the grammar) and each image's attribute scores."""
-    grammar, render = _world()
     b, _, h, w = images.shape
     scenes = [grammar.parse_prompt(p) for p in prompts]
     a = torch.full((b,), math.nan)
@@ -138,7 +131,7 @@ def adherence_parts(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch
     shape_idx = [i for i, s in enumerate(scenes) if s is not None and s.kind == "shapes"]
     sign_idx = [i for i, s in enumerate(scenes) if s is not None and s.kind == "sign"]
     if shape_idx:
-        _score_shapes(images[shape_idx], [scenes[i] for i in shape_idx], render, shape_idx, a, parts)
+        _score_shapes(images[shape_idx], [scenes[i] for i in shape_idx], shape_idx, a, parts)
     if sign_idx:
         imgs = images[sign_idx]
         board, ink, _ = _sign_masks(imgs)
@@ -152,10 +145,10 @@ def adherence_parts(images: torch.Tensor, prompts: Sequence[str]) -> tuple[torch
     return a, parts
 
 
-def _score_shapes(images, scenes, render, where, a, parts) -> None:
+def _score_shapes(images, scenes, where, a, parts) -> None:
     names, pal, bg_names, bg_pal = _palette()
     b, _, h, w = images.shape
-    side = render.OBJECT_SIZE * h
+    side = OBJECT_SIZE * h
     index, dist = nearest_palette(images, pal)
     target = torch.tensor([names.index(s.color) for s in scenes]).view(b, 1, 1)
     mask = (index == target) & (dist < UNLABELLED)

@@ -91,7 +91,7 @@ $(DEQA_VENV)/.installed: requirements-deqa.txt pyproject.toml
 
 # Retrain the packaged `mini` pipeline from scratch (CPU, about 50 min on one idle core; see docs/mini.md).
 mini-weights: install
-	$(BIN)/python -m apexcli.world.pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --seed 0
+	$(BIN)/python -m apexcli.tools.mini_pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --seed 0
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

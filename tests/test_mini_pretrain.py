@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 from apexcli.config import ModelConfig
 from apexcli.models.loading import load_pipeline
-from apexcli.world.pretrain import main as pretrain_main
+from apexcli.tools.mini_pretrain import main as pretrain_main
 
 # A few steps of each phase, no clock limit, the grid at 2 sampling steps: seconds on a CPU.
 QUICK = ["--minutes", "1000", "--set", "vae_minutes=1000", "--set", "vae_steps=3", "--set", "flow_steps=3",

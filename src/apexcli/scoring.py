@@ -27,12 +27,12 @@ import io
 import json
 import math
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -40,11 +40,11 @@ from rich.progress import (
     TextColumn,
     TimeRemainingColumn,
 )
-from rich.markup import escape
 from rich.table import Table
 
 from apexcli.console import make_console
 from apexcli.errors import ApexError
+from apexcli.fileio import atomic_write_text
 from apexcli.images import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, open_image
 from apexcli.jsonsafe import dumps
 from apexcli.rewards.config import RewardsConfig
@@ -222,20 +222,6 @@ def summarize(rows: list[dict[str, Any]], objectives: list[str]) -> dict[str, di
     return out
 
 
-def write_atomic(path: str, text: str) -> None:
-    """Write via a temp file in the same folder, then os.replace (readers never see half a file)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=os.path.basename(path))
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def write_outputs(out_dir: str, rows: list[dict[str, Any]], objectives: list[str]) -> list[str]:
     os.makedirs(out_dir, exist_ok=True)
     jsonl = "".join(dumps(r, ensure_ascii=False) + "\n" for r in rows)  # NaN/inf anywhere -> null
@@ -246,8 +232,8 @@ def write_outputs(out_dir: str, rows: list[dict[str, Any]], objectives: list[str
         writer.writerow([r["file"], r["prompt"] or "",
                          *("" if r.get(o) is None else repr(float(r[o])) for o in objectives), r["error"] or ""])
     paths = [os.path.join(out_dir, "scores.jsonl"), os.path.join(out_dir, "scores.csv")]
-    write_atomic(paths[0], jsonl)
-    write_atomic(paths[1], buf.getvalue())
+    atomic_write_text(paths[0], jsonl)
+    atomic_write_text(paths[1], buf.getvalue())
     return paths
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-MINI_DIR = Path(__file__).resolve().parent / "mini"  # written by `python -m apexcli.world.pretrain`
+MINI_DIR = Path(__file__).resolve().parent / "mini"  # written by `python -m apexcli.tools.mini_pretrain`
 
 
 def looks_like_path(name: str) -> bool:

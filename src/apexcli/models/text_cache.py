@@ -22,16 +22,15 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
-from apexcli.errors import ApexError
 from apexcli.conditioning import PromptEmbeds
+from apexcli.errors import ApexError
+from apexcli.fileio import atomic_write
 
 TEXT_ENCODERS = ("text_encoder", "text_encoder_2", "text_encoder_3")
 TOKENIZERS = ("tokenizer", "tokenizer_2", "tokenizer_3")
@@ -141,14 +140,7 @@ class TextEmbeddingCache:
         if path is None:
             return
         meta = {"prompt": prompt, "max_sequence_length": str(max_sequence_length), "fingerprint": self.fingerprint}
-        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-        os.close(fd)
-        try:
-            save_file({"prompt_embeds": entry[0], "pooled": entry[1]}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
+        atomic_write(path, lambda tmp: save_file({"prompt_embeds": entry[0], "pooled": entry[1]}, tmp, metadata=meta))
 
 
 def encoders_device(pipe) -> torch.device:

@@ -41,10 +41,16 @@ from typing import Any, Sequence
 import torch
 
 from apexcli.rewards.base import ImageBatch, Reward
+from apexcli.rewards.pixels import (
+    batched,
+    border_color,
+    component_stats,
+    connected_components,
+    nearest_palette,
+)
 from apexcli.world import grammar
 from apexcli.world.render import OBJECT_SIZE
 from apexcli.world.render import render as render_scene
-from apexcli.rewards.pixels import batched, border_color, component_stats, connected_components, nearest_palette
 
 LOW, HIGH = 16.0, 24.0
 UNLABELLED = 0.35  # RGB distance (0-1 scale) beyond which a pixel has no palette colour

@@ -1,6 +1,6 @@
 """Pretrain the `mini` SD3-architecture pipeline on the procedural world, on a CPU.
 
-    python -m apexcli.world.pretrain --out runs/mini-pretrain --minutes 53 --seed 0 \
+    python -m apexcli.tools.mini_pretrain --out runs/mini-pretrain --minutes 53 --seed 0 \
         --export src/apexcli/models/mini
 
 Two phases and an optional third, one process, deterministic from the seed (given the number of
@@ -28,7 +28,6 @@ import json
 import math
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -42,11 +41,22 @@ from diffusers import (
     StableDiffusion3Pipeline,
 )
 from PIL import Image
-from transformers import CLIPTextConfig, CLIPTextModelWithProjection, T5Config, T5EncoderModel
+from transformers import (
+    CLIPTextConfig,
+    CLIPTextModelWithProjection,
+    T5Config,
+    T5EncoderModel,
+)
 
+from apexcli.fileio import atomic_directory
 from apexcli.models.tiny import assemble_sd3_pipeline, build_char_tokenizer
+from apexcli.world.grammar import (
+    mislabel,
+    parse_prompt,
+    sample_split_scene,
+    scene_to_prompt,
+)
 from apexcli.world.grammar import prompts as world_prompts
-from apexcli.world.grammar import mislabel, parse_prompt, sample_split_scene, scene_to_prompt
 from apexcli.world.render import render
 
 RESOLUTION = 64
@@ -293,18 +303,9 @@ def grid(images: list[Image.Image], cols: int = 8, scale: int = 2) -> Image.Imag
 
 def export(pipe: StableDiffusion3Pipeline, target: Path) -> None:
     """Write the pipeline (fp16 safetensors, diffusers layout) to target via a temp dir + rename."""
-    target = target.resolve()
-    tmp = target.with_name(target.name + f".tmp-{os.getpid()}")
-    if tmp.exists():
-        shutil.rmtree(tmp)
     half = copy.deepcopy(pipe).to(dtype=torch.float16)
-    half.save_pretrained(tmp, safe_serialization=True)
-    old = target.with_name(target.name + f".old-{os.getpid()}")
-    if target.exists():
-        target.rename(old)
-    tmp.rename(target)
-    if old.exists():
-        shutil.rmtree(old)
+    with atomic_directory(target.resolve()) as tmp:
+        half.save_pretrained(tmp, safe_serialization=True)
 
 
 def grid_prompts() -> list[str]:

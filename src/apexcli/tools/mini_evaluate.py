@@ -1,6 +1,6 @@
 """Measure a pipeline on the world's held-out prompts with fixed seeds.
 
-    python -m apexcli.world.evaluate --model mini --prompts 64 --guidance 4 --shift 2 --out runs/mini-eval
+    python -m apexcli.tools.mini_evaluate --model mini --prompts 64 --guidance 4 --shift 2 --out runs/mini-eval
 
 For shapes prompts it reads the image back from its pixels (`measure.read_shapes`) and reports
 each attribute's accuracy and their mean (adherence). Chance is the same images scored against
@@ -89,7 +89,7 @@ def evaluate(pipe: StableDiffusion3Pipeline, n: int = 64, seed: int = 0, guidanc
     result.update(adherence_scores(images, texts))
     result.update(ocr_scores(images, texts))
     if out is not None:
-        from apexcli.world.pretrain import grid
+        from apexcli.tools.mini_pretrain import grid
         from apexcli.world.render import render
 
         out.mkdir(parents=True, exist_ok=True)

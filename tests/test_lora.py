@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -166,3 +167,25 @@ def test_load_pipeline_errors(tmp_path):
     with pytest.raises(ApexError, match="--local-dir") as info:
         load_pipeline(ModelConfig(pretrained="someorg/not-cached", local_files_only=True))
     assert "someorg/not-cached" in str(info.value) and "\n" not in str(info.value)
+
+
+def test_saved_lora_files_are_byte_identical_across_processes(tmp_path):
+    # the adapter's target modules are a set: its order follows each process's string hashing
+    import subprocess
+    import sys
+
+    script = (
+        "import sys\n"
+        "from apexcli.models.tiny import build_tiny_pipeline\n"
+        "from apexcli.models.lora import attach_lora, save_lora\n"
+        "t = build_tiny_pipeline().transformer\n"
+        "attach_lora(t, rank=4, alpha=8, dropout=0.0, seed=0,\n"
+        "            target_modules=['to_q', 'to_k', 'to_v', 'to_out.0', 'add_q_proj', 'add_k_proj', 'add_v_proj'])\n"
+        "save_lora(t, sys.argv[1])\n"
+    )
+    files = []
+    for hash_seed in ("1", "2", "3"):
+        out = tmp_path / hash_seed
+        subprocess.run([sys.executable, "-c", script, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        files.append((out / "pytorch_lora_weights.safetensors").read_bytes())
+    assert files[0] == files[1] == files[2]

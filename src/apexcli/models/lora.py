@@ -6,6 +6,8 @@ Saved files are what ``StableDiffusion3Pipeline.load_lora_weights(dir)`` reads:
 
 from __future__ import annotations
 
+import json
+import struct
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,9 +92,36 @@ def save_lora(transformer, directory: Path, full_state_dict: dict | None = None)
         save_directory=str(directory),
         transformer_lora_layers=lora_state_dict(transformer, full_state_dict),
         safe_serialization=True,
-        transformer_lora_adapter_metadata=transformer.peft_config[ADAPTER].to_dict(),
+        transformer_lora_adapter_metadata=adapter_metadata(transformer),
     )
-    return Path(directory) / LORA_FILE
+    path = Path(directory) / LORA_FILE
+    _sort_metadata_keys(path)
+    return path
+
+
+def _sort_metadata_keys(path: Path) -> None:
+    """Rewrite a safetensors header with its ``__metadata__`` keys in sorted order. safetensors
+    writes them from a hash map, in an order that changes from process to process, so two
+    identical runs would write files that differ in the header alone. Same length, same data."""
+    with open(path, "r+b") as f:
+        size = struct.unpack("<Q", f.read(8))[0]
+        raw = f.read(size)
+        header = json.loads(raw)
+        meta = header.pop("__metadata__", None)
+        if meta is None:
+            return
+        text = json.dumps({"__metadata__": dict(sorted(meta.items())), **header}, separators=(",", ":")).encode()
+        if len(text) > size:  # never: the same content; leave the file as it is rather than move the data
+            return
+        f.seek(8)
+        f.write(text + b" " * (size - len(text)))
+
+
+def adapter_metadata(transformer) -> dict:
+    """The adapter config as saved: sets (target modules) as sorted lists, so two identical runs
+    write byte-identical files (a set's order changes with each process's string hashing)."""
+    config = transformer.peft_config[ADAPTER].to_dict()
+    return {k: sorted(v) if isinstance(v, (set, frozenset)) else v for k, v in config.items()}
 
 
 def load_lora_into_adapter(transformer, directory: Path) -> None:

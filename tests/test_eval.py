@@ -79,3 +79,25 @@ def test_image_grid_tiles_rows_of_columns():
     assert grid.getpixel((0, 8)) == (255, 255, 255)  # image 4: third row, first column
     assert grid.getpixel((6, 8)) == (255, 255, 255)  # the unused cell stays white
     assert grid.getpixel((0, 0)) == (0, 0, 0)
+
+
+def test_apex_eval_on_another_prompt_set_writes_its_own_folder_and_leaves_the_run_alone(tmp_path):
+    from apexcli.errors import ApexError
+    from apexcli.prompts import load_prompts
+    from apexcli.train.sampler import mix_seed
+
+    run = _train(tmp_path / "run", train={**SMALL["train"], "steps": 2, "checkpoint_every": 2})
+    metrics_before = run.metrics_path.read_bytes()
+    evals_before = sorted(p.name for p in (run.path / "eval").iterdir())
+    row = evaluate_checkpoint(run.path, prompts="builtin:ocr_eval", num_prompts=2, seed=7)
+    where = run.path / "eval" / "set-ocr_eval-n2-seed7" / "step-000002"
+    assert row["eval_dir"] == str(where) and (where / "grid.png").is_file()
+    scores = [json.loads(line) for line in (where / "scores.jsonl").read_text().splitlines()]
+    assert [s["prompt"] for s in scores] == load_prompts("builtin:ocr_eval")[:2]
+    assert [s["seed"] for s in scores] == [mix_seed(7, 0), mix_seed(7, 1)]
+    assert run.metrics_path.read_bytes() == metrics_before  # never mixed into the run's rows
+    assert sorted(p.name for p in (run.path / "eval").iterdir()) == sorted([*evals_before, "set-ocr_eval-n2-seed7"])
+    with pytest.raises(ApexError, match="drop --log"):
+        evaluate_checkpoint(run.path, seed=7, log=True)
+    with pytest.raises(ApexError, match="--num-prompts must be at least 1"):
+        evaluate_checkpoint(run.path, num_prompts=0)

@@ -138,11 +138,16 @@ class Evaluator:
             self._suite.close()
 
 
-def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: bool = False) -> dict:
+def evaluate_checkpoint(
+    run_path: Path, checkpoint: str | None = None, *, log: bool = False,
+    prompts: str | None = None, num_prompts: int | None = None, seed: int | None = None,
+) -> dict:
     """``apex eval RUN``: re-run the run's evaluation on one of its checkpoints (default: the
     newest; ``base`` = the base model). Writes ``eval/step-XXXXXX/`` (``eval/other-RUN-step-XXXXXX/``
     for another run's checkpoint); ``log`` also appends the eval row to metrics.jsonl, refused for
-    another run's checkpoint. Returns the row plus ``eval_dir``."""
+    another run's checkpoint. ``prompts`` / ``num_prompts`` / ``seed`` evaluate on another set
+    than the run's: written under ``eval/set-<prompts>-n<N>-seed<S>/``, never into the run's
+    metrics (``log`` is refused). Returns the row plus ``eval_dir``."""
     from apexcli.config import config_from_dict, validate
     from apexcli.errors import ApexError
     from apexcli.models.loading import load_pipeline, resolve_device
@@ -155,13 +160,20 @@ def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: b
         raise ApexError(f"'{run_path}' is not a run directory (no config.yaml); give the --out folder of apex train")
     cfg = config_from_dict(run.read_config())
     validate(cfg)
-    step, directory, lora_dir = 0, run.eval_dir(0), None
+    own_set = prompts is not None or num_prompts is not None or seed is not None
+    if own_set:
+        if log:
+            raise ApexError("--log appends to the run's own eval rows; an evaluation on other --prompts, "
+                            "--num-prompts or --seed is written to its own folder only: drop --log")
+        cfg = _with_eval_set(cfg, prompts, num_prompts, seed)
+    evals = run.path / "eval" / _eval_set_name(cfg) if own_set else run.path / "eval"
+    step, directory, lora_dir = 0, evals / step_dirname(0), None
     if checkpoint != "base":
         ckpt = resolve_lora_path(checkpoint or run.path)
         if ckpt == run.path and checkpoint is None:
             raise ApexError(f"run '{run_path}' has no checkpoint yet; pass --checkpoint base to evaluate the base model")
         step = parse_step_dirname(ckpt.name) or parse_step_dirname(ckpt.parent.name) or 0
-        directory = run.eval_dir(step)
+        directory = evals / step_dirname(step)
         if ckpt.resolve().parent != run.checkpoints_dir.resolve():
             # another run's checkpoint: its numbers are not this run's, so they never enter its
             # metrics, and its images never replace this run's own eval/step-N
@@ -170,7 +182,7 @@ def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: b
                     f"--log would append the evaluation of '{ckpt}' to the metrics of '{run.path}', but that checkpoint is "
                     f"not one of this run's ({run.checkpoints_dir}); drop --log, or run apex eval on the run that owns it"
                 )
-            directory = run.path / "eval" / f"other-{_owner_name(ckpt)}-{step_dirname(step)}"
+            directory = evals / f"other-{_owner_name(ckpt)}-{step_dirname(step)}"
         lora_dir = ckpt / "ema" if cfg.eval.use_ema and (ckpt / "ema").is_dir() else ckpt
     device = resolve_device(cfg.model.device)
     pipe = load_pipeline(cfg.model)
@@ -186,6 +198,31 @@ def evaluate_checkpoint(run_path: Path, checkpoint: str | None = None, *, log: b
     if log:
         run.append_metrics(row)
     return {**row, "eval_dir": str(directory)}
+
+
+def _with_eval_set(cfg: Config, prompts: str | None, num_prompts: int | None, seed: int | None) -> Config:
+    """``cfg`` with another eval prompt set, count or noise seed (validated like the run's own)."""
+    from dataclasses import replace
+
+    from apexcli.config import validate
+    from apexcli.errors import ApexError
+
+    if num_prompts is not None and num_prompts < 1:
+        raise ApexError(f"--num-prompts must be at least 1, got {num_prompts}")
+    evaluation = replace(cfg.eval, num_prompts=cfg.eval.num_prompts if num_prompts is None else num_prompts,
+                         seed=cfg.eval.seed if seed is None else seed)
+    cfg = replace(cfg, eval=evaluation, prompts=replace(cfg.prompts, eval=prompts or cfg.prompts.eval))
+    validate(cfg)
+    load_prompts(cfg.prompts.eval)  # a missing or empty set fails here, before any model loads
+    return cfg
+
+
+def _eval_set_name(cfg: Config) -> str:
+    """``set-<prompt set>-n<N>-seed<S>``: the folder of one eval set, readable and distinct."""
+    spec = cfg.prompts.eval
+    label = spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).stem
+    label = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:60] or "prompts"
+    return f"set-{label}-n{cfg.eval.num_prompts}-seed{cfg.eval.seed}"
 
 
 def _owner_name(checkpoint: Path) -> str:

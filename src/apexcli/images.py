@@ -1,4 +1,5 @@
-"""Robust image loading: any file a user may point `apex score` at becomes RGB or a clear reason.
+"""Images in and out: robust loading (any file a user may point `apex score` at becomes RGB or a
+clear reason) and the grids that eval folders and the mini world's snapshots are written as.
 
 Handles zero-byte, truncated, corrupt and non-image files (reported, never raised past the
 caller), decompression bombs (pixel count checked from the header before decoding), EXIF
@@ -14,6 +15,7 @@ import os
 import warnings
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
@@ -90,3 +92,18 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
 
 def is_image_name(path: str) -> bool:
     return os.path.splitext(path)[1].lower() in IMAGE_EXTENSIONS
+
+
+def image_grid(images, columns: int = 8, scale: int = 1) -> Image.Image:
+    """``images`` (a ``[N, 3, H, W]`` tensor in [0, 1], or PIL images of one size) tiled
+    ``columns`` per row on white, each ``scale`` x larger (nearest neighbour: pixels stay sharp)."""
+    if not isinstance(images, (list, tuple)):
+        pixels = (images.clamp(0, 1) * 255).round().to(dtype=torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        images = [Image.fromarray(p) for p in pixels]
+    w, h = images[0].size
+    columns = max(1, min(columns, len(images)))
+    rows = -(-len(images) // columns)
+    grid = Image.new("RGB", (columns * w, rows * h), "white")
+    for i, im in enumerate(images):
+        grid.paste(im, ((i % columns) * w, (i // columns) * h))
+    return grid if scale == 1 else grid.resize((grid.width * scale, grid.height * scale), Image.Resampling.NEAREST)

@@ -11,6 +11,11 @@ import math
 from typing import Any
 
 
+def is_finite_number(value: Any) -> bool:
+    """A real number (bools excluded) that is neither NaN nor ±inf: a score that counts."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
 def finite_or_none(value: Any) -> Any:
     """`value` with every non-finite float, at any depth of lists/tuples/dicts, replaced by None."""
     if isinstance(value, float):

@@ -15,13 +15,13 @@
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from apexcli.fileio import atomic_directory, atomic_write_text  # noqa: F401  (re-exported for the run folder's users)
+from apexcli.jsonsafe import finite_or_none
 
 CONFIG_FILE = "config.yaml"
 COMMAND_FILE = "command.txt"
@@ -39,13 +39,6 @@ def parse_step_dirname(name: str) -> int | None:
         return None
     digits = name[len("step-") :]
     return int(digits) if digits.isdigit() else None
-
-
-def _json_safe(value):
-    """NaN/inf are not JSON; write them as null so every reader can parse the file."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
 
 
 def reward_summary(rewards, objectives: list[str], prefix: str) -> dict[str, float]:
@@ -107,7 +100,7 @@ class RunDir:
     def append_metrics(self, row: dict) -> None:
         if "step" not in row or "kind" not in row:
             raise ValueError("a metrics row needs 'step' and 'kind'")
-        line = json.dumps({k: _json_safe(v) for k, v in row.items()})
+        line = json.dumps({k: finite_or_none(v) for k, v in row.items()})
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             f.write(line + "\n")
             f.flush()

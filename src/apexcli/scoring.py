@@ -46,7 +46,7 @@ from apexcli.console import make_console
 from apexcli.errors import ApexError
 from apexcli.fileio import atomic_write_text
 from apexcli.images import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, open_image
-from apexcli.jsonsafe import dumps
+from apexcli.jsonsafe import dumps, is_finite_number
 from apexcli.rewards.config import RewardsConfig
 from apexcli.rewards.registry import REGISTRY, canonical_name
 
@@ -66,11 +66,7 @@ class ScoreReport:
 
     @property
     def n_scored(self) -> int:
-        return sum(1 for r in self.rows if any(_finite(r.get(o)) for o in self.objectives))
-
-
-def _finite(v: Any) -> bool:
-    return isinstance(v, (int, float)) and math.isfinite(v)
+        return sum(1 for r in self.rows if any(is_finite_number(r.get(o)) for o in self.objectives))
 
 
 def _unusable(path: str) -> str | None:
@@ -213,7 +209,7 @@ def summarize(rows: list[dict[str, Any]], objectives: list[str]) -> dict[str, di
     """n, mean, population std, min, max of the finite scores of each objective."""
     out = {}
     for name in objectives:
-        vals = [r[name] for r in rows if _finite(r.get(name))]
+        vals = [r[name] for r in rows if is_finite_number(r.get(name))]
         n = len(vals)
         mean = sum(vals) / n if n else math.nan
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / n) if n else math.nan

@@ -15,7 +15,6 @@ Two steps, both tolerant of bad input:
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from apexcli.errors import ApexError
+from apexcli.jsonsafe import is_finite_number
 from apexcli.runs import SOUP_FILE, RunDir, find_runs
 
 EVAL_PREFIX = "eval/"
@@ -149,16 +149,16 @@ def _read_run(run: RunDir, collection: Collection) -> RunRecord | None:
                     continue
                 if objective not in objectives:
                     objectives.append(objective)
-                if _is_finite_number(value):
+                if is_finite_number(value):
                     entry.means[objective] = float(value)
                 else:  # a later null replaces an earlier value for the same step
                     entry.means.pop(objective, None)
                 std = row.get(f"{EVAL_PREFIX}{objective}/std")
-                if _is_finite_number(std):
+                if is_finite_number(std):
                     entry.stds[objective] = float(std)
         else:
             for key, value in row.items():
-                if key.startswith(WEIGHT_PREFIX) and _is_finite_number(value):
+                if key.startswith(WEIGHT_PREFIX) and is_finite_number(value):
                     objective = key[len(WEIGHT_PREFIX) :]
                     weight_curves.setdefault(objective, []).append((row["step"], float(value)))
 
@@ -179,7 +179,7 @@ def _read_run(run: RunDir, collection: Collection) -> RunRecord | None:
     if soup is not None:  # an apex soup mixture: its "strategy" is soup, its weights the coefficients
         balance = {"strategy": "soup", "weights": soup.get("coefficients")}
     weights = balance.get("weights")
-    if not (isinstance(weights, list) and all(_is_finite_number(w) for w in weights)):
+    if not (isinstance(weights, list) and all(is_finite_number(w) for w in weights)):
         weights = None  # absent or malformed user weights are shown as "-", never fatal
     return RunRecord(
         path=run.path,
@@ -335,10 +335,6 @@ def _eval_objective(key: str) -> str | None:
         name = key[len(EVAL_PREFIX) : -len(EVAL_SUFFIX)]
         return name or None
     return None
-
-
-def _is_finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _one_line(exc: Exception) -> str:

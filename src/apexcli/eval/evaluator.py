@@ -10,31 +10,19 @@ Writes ``eval/step-XXXXXX/grid.png`` and ``scores.jsonl``; returns the ``kind: e
 from __future__ import annotations
 
 import json
-import math
 from pathlib import Path
 
 import torch
-from PIL import Image
 
 from apexcli.config import Config
 from apexcli.flow.rollout import decode_latents, rollout
+from apexcli.images import image_grid  # noqa: F401  (re-exported: the eval grid's layout)
+from apexcli.jsonsafe import finite_or_none
 from apexcli.models.text_cache import encode_prompts
 from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
 from apexcli.runs import RunDir, atomic_write_text, reward_summary
 from apexcli.train.sampler import mix_seed
-
-
-def image_grid(images: torch.Tensor, columns: int = 8) -> Image.Image:
-    """``[N, 3, H, W]`` in [0, 1] -> one PIL image, ``columns`` per row."""
-    n, _, h, w = images.shape
-    columns = max(1, min(columns, n))
-    rows = math.ceil(n / columns)
-    grid = Image.new("RGB", (columns * w, rows * h), "white")
-    pixels = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
-    for i in range(n):
-        grid.paste(Image.fromarray(pixels[i]), ((i % columns) * w, (i // columns) * h))
-    return grid
 
 
 class Evaluator:
@@ -129,7 +117,7 @@ class Evaluator:
             row = {"index": i, "prompt": prompt, "seed": mix_seed(self.seed, i)}
             for k, name in enumerate(self.suite.objectives):
                 v = float(rewards[i, k])
-                row[name] = v if math.isfinite(v) else None
+                row[name] = finite_or_none(v)
             lines.append(json.dumps(row) + "\n")
         atomic_write_text(directory / "scores.jsonl", "".join(lines))
 

@@ -34,6 +34,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from apexcli.eval.pareto import hypervolume
+from apexcli.jsonsafe import finite_or_none
 
 DEFAULT_BOOT = 2000
 DEFAULT_SEED = 0
@@ -232,4 +233,4 @@ def _paired_diff(run: np.ndarray, ref: np.ndarray) -> np.ndarray:
 
 def _num(x: float) -> float | None:
     """JSON-safe float: NaN/inf become null."""
-    return float(x) if np.isfinite(x) else None
+    return finite_or_none(float(x))

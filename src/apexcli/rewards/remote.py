@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from apexcli.errors import ApexError
+from apexcli.jsonsafe import finite_or_none
 from apexcli.rewards.base import ImageBatch, Reward
 from apexcli.rewards.config import RemoteConfig
 from apexcli.rewards.registry import REGISTRY
@@ -43,7 +44,7 @@ def encode_png(image: Image.Image) -> str:
 
 def nan_to_none(values: list[float]) -> list[float | None]:
     """Scores as JSON-safe values: NaN and ±inf become None (null)."""
-    return [None if (v is None or not math.isfinite(v)) else float(v) for v in values]
+    return [None if v is None else finite_or_none(float(v)) for v in values]
 
 
 def none_to_nan(values: list[Any]) -> list[float]:

@@ -21,6 +21,7 @@ import torch
 from diffusers import FlowMatchEulerDiscreteScheduler, StableDiffusion3Pipeline
 from PIL import Image
 
+from apexcli.images import image_grid
 from apexcli.world.grammar import parse_prompt
 from apexcli.world.grammar import prompts as world_prompts
 from apexcli.world.measure import attribute_matches, read_shapes
@@ -89,15 +90,14 @@ def evaluate(pipe: StableDiffusion3Pipeline, n: int = 64, seed: int = 0, guidanc
     result.update(adherence_scores(images, texts))
     result.update(ocr_scores(images, texts))
     if out is not None:
-        from apexcli.tools.mini_pretrain import grid
         from apexcli.world.render import render
 
         out.mkdir(parents=True, exist_ok=True)
-        grid(images[:32]).save(out / f"eval_g{guidance}_s{result['shift']}.png")
+        image_grid(images[:32], scale=2).save(out / f"eval_g{guidance}_s{result['shift']}.png")
         # rows of 8: ground truth, then the model's sample for the same prompt
         truth = [render(parse_prompt(t), 64) for t in texts[:16]]
         rows = truth[:8] + images[:8] + truth[8:16] + images[8:16]
-        grid(rows, cols=8, scale=1).save(out / f"truth_vs_sample_g{guidance}_s{result['shift']}.png")
+        image_grid(rows, columns=8).save(out / f"truth_vs_sample_g{guidance}_s{result['shift']}.png")
     return result
 
 

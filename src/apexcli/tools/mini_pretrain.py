@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import math
 import os
 import random
 import time
@@ -49,6 +48,7 @@ from transformers import (
 )
 
 from apexcli.fileio import atomic_directory
+from apexcli.images import image_grid
 from apexcli.models.tiny import assemble_sd3_pipeline, build_char_tokenizer
 from apexcli.world.grammar import (
     mislabel,
@@ -292,15 +292,6 @@ def sample(pipe: StableDiffusion3Pipeline, texts: list[str], seed: int, guidance
     return out.images
 
 
-def grid(images: list[Image.Image], cols: int = 8, scale: int = 2) -> Image.Image:
-    rows = math.ceil(len(images) / cols)
-    w, h = images[0].size
-    out = Image.new("RGB", (cols * w, rows * h), (255, 255, 255))
-    for i, im in enumerate(images):
-        out.paste(im, ((i % cols) * w, (i // cols) * h))
-    return out.resize((cols * w * scale, rows * h * scale), Image.Resampling.NEAREST)
-
-
 def export(pipe: StableDiffusion3Pipeline, target: Path) -> None:
     """Write the pipeline (fp16 safetensors, diffusers layout) to target via a temp dir + rename."""
     half = copy.deepcopy(pipe).to(dtype=torch.float16)
@@ -385,7 +376,7 @@ def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: 
 
 def snapshot(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, export_dir: Path | None, tag: str) -> None:
     images = sample(pipe, grid_prompts(), seed=cfg.seed, guidance=cfg.guidance, steps=cfg.sample_steps)
-    grid(images).save(out / f"grid_{tag}.png")
+    image_grid(images, scale=2).save(out / f"grid_{tag}.png")
     if export_dir is not None:
         export(pipe, export_dir)
 
@@ -415,7 +406,7 @@ def pretrain(cfg: MiniConfig, out: Path, export_dir: Path | None = None, init: P
             texts, x = WorldData(cfg.seed + 6, 0.5).batch(16)
             recon = pipe.vae.decode(pipe.vae.encode(x).latent_dist.mode()).sample
         to_pil = lambda t: Image.fromarray(((t.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy())
-        grid([to_pil(t) for t in torch.cat([x, recon])]).save(out / "vae_recon.png")
+        image_grid([to_pil(t) for t in torch.cat([x, recon])], scale=2).save(out / "vae_recon.png")
         log.log(phase="vae_recon", **recon_adherence(pipe.vae, cfg.seed + 7))
         ema_pipe = train_flow(pipe, cfg, out, log, deadline, export_dir if cfg.noisy_steps == 0 else None)
         if cfg.noisy_steps == 0:

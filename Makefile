@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO ?= runs/demo
 
-.PHONY: install demo test test-all bench clean deqa-server mini-weights
+.PHONY: install demo test test-all bench docs clean deqa-server mini-weights
 
 install: $(VENV)/.installed
 
@@ -65,6 +65,11 @@ test: install
 test-all: install
 	$(BIN)/python -m pytest -q --durations=30 -m "not cuda and not paddle and not real_weights"
 
+# the configuration reference, generated from the config dataclasses' field docstrings
+# (tests/test_reference.py fails when the committed page is stale)
+docs: install
+	$(BIN)/python -m apexcli.reference --out docs/guide/configuration.md
+
 bench: install
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_balance.py --seeds 5
@@ -74,7 +79,7 @@ bench: install
 # training env has >= 4.46. torch as for `install` (PyPI's wheel, or a local one pip finds);
 # apexcli without dependencies (the server imports only its reward modules). Then run
 #   .venv-deqa/bin/python -m apexcli.rewards.deqa_server --trust-remote-code --source DIR
-# and train with deqa@http://127.0.0.1:18086 (README, "DeQA-Score").
+# and train with deqa@http://127.0.0.1:18086 (docs/guide/rewards.md, "DeQA-Score").
 DEQA_VENV ?= .venv-deqa
 DEQA_TORCH ?= $(TORCH_VERSION)
 
@@ -89,7 +94,7 @@ $(DEQA_VENV)/.installed: requirements-deqa.txt pyproject.toml
 	$(DEQA_VENV)/bin/python -m apexcli.rewards.deqa_server --help >/dev/null
 	touch $@
 
-# Retrain the packaged `mini` pipeline from scratch (CPU, about 50 min on one idle core; see docs/mini.md).
+# Retrain the packaged `mini` pipeline from scratch (CPU, about 50 min on one idle core; see docs/method/mini-world.md).
 mini-weights: install
 	$(BIN)/python -m apexcli.tools.mini_pretrain --out runs/mini-pretrain --export src/apexcli/models/mini --seed 0
 

@@ -4,8 +4,8 @@ The short RL check on `mini` (does training on an objective raise it?) is a benc
 on the shared two-core machine one rollout of 8 images at the preset's 10 steps with CFG took
 17-26 s, so a run of a few steps with its step-0 and final evals takes minutes, and a margin
 over seed noise needs several seeds. `python benchmarks/bench_balance.py --mini --objectives
-adherence --strategies static --seeds 2 --steps 4` is that check; docs/mini_rewards.md has its
-numbers.
+adherence --strategies static --seeds 2 --steps 4` is that check; docs/experiments/2026-11-30-mini-single-objective-two-cores.md
+has its numbers.
 """
 
 import math

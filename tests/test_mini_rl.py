@@ -8,15 +8,14 @@ to get darker as brighter, and at least 7 of 8 brighter would happen with probab
 (measured on the shipped weights: 0.659 -> 0.831, 1.3 std, all 8 images brighter, in 6 updates of
 8 samples each). The lr is set for these weights: 3e-2 overshot on them (the mean fell to 0.627,
 5 of 8 brighter; on the previous weights it gave 0.636 -> 0.896), 1e-2 passed the sign test but
-rose by only 0.3 std. The anchor is off here: it is measured in docs/method.md. The sign test
+rose by only 0.3 std. The anchor is off here: it is measured in docs/experiments/2026-11-30-anchor.md. The sign test
 treats the images as independent, and a drift that moved every image the same way would break
 that; the one-std margin asks for more than a small drift, not for a proof against a large one.
 
 Brightness rather than one of the world's four objectives: a global image statistic's gradient
 stands out of the SDE noise within a test's budget of samples (48 here). Of the world's
 objectives only appeal, also global, moves beyond seed noise in short runs, and by less;
-adherence and ocr need far more samples on a CPU (``docs/mini_rewards.md``, "What RL moves on
-two cores").
+adherence and ocr need far more samples on a CPU (``docs/experiments/2026-11-30-mini-single-objective-two-cores.md``).
 """
 
 import json
@@ -43,7 +42,7 @@ MINI_RL = {
 }
 
 
-# train.loss=nft as measured in docs/method.md ("The nft loss"): a noise per sample, 4 points each
+# train.loss=nft as measured in docs/experiments/2026-11-30-nft-loss.md: a noise per sample, 4 points each
 # (0.659 -> 0.940, 8 of 8 brighter, in the same 6 updates)
 NFT = {"loss": "nft", "nft_timesteps": 4}
 

@@ -52,7 +52,7 @@ def test_reference_kl_is_flow_grpos_formula_on_the_sd35m_schedule():
         exact = step_kl(out, ref, "exact")
         ratios.append((exact / step_kl(out, ref, "reference")).mean().item())
         assert ratios[-1] == pytest.approx(1 / (s - s_next), rel=1e-4)  # the exact KL is 1/|dt| larger
-    # the numbers quoted in docs/method.md: 25x at step 0, 3.7x at step 8, 13x on average
+    # the numbers quoted in docs/method/flow-grpo-parity.md: 25x at step 0, 3.7x at step 8, 13x on average
     assert ratios[0] == pytest.approx(25.1, abs=0.05) and ratios[-1] == pytest.approx(3.72, abs=0.01)
     assert sum(ratios) / len(ratios) == pytest.approx(13.0, abs=0.05)
     with pytest.raises(ValueError, match="KL form"):

@@ -1,5 +1,5 @@
 """Nothing lost, nothing silent: the run directory under fresh starts, overwrites and resumes
-(README "Reliability"); corrupt checkpoints; LoRA files of another model; Ctrl-C; bad paths."""
+(docs/guide/runs.md, "Reliability"); corrupt checkpoints; LoRA files of another model; Ctrl-C; bad paths."""
 
 from __future__ import annotations
 

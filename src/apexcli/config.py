@@ -98,7 +98,7 @@ class SamplingConfig:
     noise_block: int = setting(1, ge=1)
     """sde only: the trained steps' noise is constant on latent blocks of this side (1 = per
     element, Flow-GRPO); must divide the latent size. The marginals stay exact, and the noise
-    dimensions a reward ignores leave the gradient (docs/method.md, "Exploration on latent
+    dimensions a reward ignores leave the gradient (docs/method/extensions.md, "Exploration on latent
     blocks")."""
     share_group_noise: bool = False
     """Start every sample of a prompt group from the same initial noise."""
@@ -165,7 +165,7 @@ class TrainConfig:
     """Weight of a penalty ``mean (v_theta - v_base)^2`` on the velocity at one random step outside
     the trained window per sample (0 = off), relative to the policy loss's mean over trained steps.
     A LoRA moves every timestep but the GRPO and KL terms see only the window; this keeps the
-    untrained steps near the base model (docs/method.md, "the anchor")."""
+    untrained steps near the base model (docs/method/extensions.md, "The anchor")."""
     kl_form: str = setting("exact", choices=("exact", "reference"))
     """KL penalty per step: exact (divides by the step variance sig_t^2 |dt|) or reference
     (divides by sig_t^2, as Flow-GRPO: 1/|dt| weaker, 13x on average over SD3.5-M's 10 steps).
@@ -181,7 +181,7 @@ class TrainConfig:
     loss: str = setting("grpo", choices=("grpo", "nft"))
     """Policy loss. grpo: PPO-clip on the trained steps' log-probs (Flow-GRPO). nft: negative-aware
     flow matching on the final samples at random steps of the sampler's grid (DiffusionNFT's idea,
-    docs/method.md "The nft loss"): first-order in the model, needs no log-probs, and any sampler's
+    docs/method/extensions.md "The nft loss"): first-order in the model, needs no log-probs, and any sampler's
     samples train it; kl_beta then weighs ``mean (v_theta - v_base)^2`` at the trained point."""
     nft_beta: float = setting(1.0, gt=0)
     """nft: trust-region strength; the loss's minimiser is ``d = -w (v_old - target) / nft_beta``."""

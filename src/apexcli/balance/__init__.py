@@ -5,7 +5,7 @@ pareto (dominance filter).
     b = build_balancer("apex", objectives=["pick", "ocr"], weights=None, tau=0.5)
     advantages, info = b(rewards, groups)    # rewards [N, K] (NaN allowed), groups [N]
 
-Formulas: each strategy's docstring and docs/method.md.
+Formulas: each strategy's docstring and docs/method/balancing.md.
 """
 
 from __future__ import annotations

@@ -20,7 +20,7 @@ CONFLICT_MODES = ("symmetric", "leader_yields")
 
 @dataclass
 class ApexConfig:
-    """APEX = DSAN normalization + P³ priorities (docs/method.md, DESIGN §4)."""
+    """APEX = DSAN normalization + P³ priorities (docs/method/balancing.md)."""
 
     b_lp: float = 1.0
     """Coefficient of the learning-potential term LP_k (share of k's spread inside groups)."""
@@ -28,7 +28,7 @@ class ApexConfig:
     """Coefficient of the conflict-penalty term CP_k (mean negative cosine to the other objectives)."""
     conflict: str = "symmetric"
     """Who pays for a conflict (negative cosine) between k and j: "symmetric" both; "leader_yields"
-    only the one further ahead, by how much less progress need it has (docs/method.md)."""
+    only the one further ahead, by how much less progress need it has (docs/method/extensions.md)."""
     b_pn: float = 1.0
     """Coefficient of the progress-need term PN_k (1 for the most lagging objective, 0 for the leader)."""
     tau: float = 1.0
@@ -98,7 +98,7 @@ class StaticConfig:
 
 @dataclass
 class ParetoConfig:
-    """Pareto-dominance filtering inside each prompt group (Flow-Multi, 2026; docs/method.md)."""
+    """Pareto-dominance filtering inside each prompt group (Flow-Multi, 2026; docs/method/balancing.md)."""
 
     min_score: float | None = 0.0
     """Low-reward suppression: a non-dominated sample keeps its advantage only when its combined group z-score sum_k w_k z_k exceeds this; null = keep every non-dominated sample."""
@@ -130,7 +130,7 @@ class BalanceConfig:
     not_on_text: list[str] = field(default_factory=list)
     """Objectives not trained on prompts that quote text (their rewards there are masked, as ocr's is on
     prompts that quote nothing); the eval still scores them everywhere. On mini, quality and appeal
-    trained on signs erase the glyphs (docs/mini_rewards.md, "Ninth session")."""
+    trained on signs erase the glyphs (docs/experiments/2026-12-01-conflict-on-signs.md)."""
     apex: ApexConfig = field(default_factory=ApexConfig)
     """APEX options (balance.apex.*)."""
     dwa: DwaConfig = field(default_factory=DwaConfig)

@@ -4,7 +4,7 @@ Flow-Multi (Lee & Choi, Sensors 26(4):1120, 2026) scores each sample with a rewa
 removes the samples that another sample of the same group Pareto-dominates, updates the
 policy on the non-dominated set only, and masks the advantages of low-reward samples. The
 paper's text available to us does not give the advantage formula, the masking threshold or
-how missing rewards are compared; docs/method.md lists the choices made here.
+how missing rewards are compared; docs/method/balancing.md lists the choices made here.
 """
 
 from __future__ import annotations

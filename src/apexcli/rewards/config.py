@@ -49,7 +49,7 @@ class DeqaConfig:
     attn_implementation: str = "eager"  # passed to from_pretrained ("" = library default)
     batch_size: int = setting(8, ge=1)  # images per score() call
     dtype: str = "float16"  # its score() casts its inputs to half: other dtypes fail there
-    url: str = ""  # reward-server URL (DeQA runs in its own environment: `make deqa-server`, README)
+    url: str = ""  # reward-server URL (DeQA runs in its own environment: `make deqa-server`, docs/guide/rewards.md)
 
 
 @dataclass

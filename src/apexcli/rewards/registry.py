@@ -32,7 +32,7 @@ REGISTRY: dict[str, RewardSpec] = {
     "colorfulness": RewardSpec("toy", "Colorfulness", "toy", False, "Hasler–Süsstrunk, 0–255 scale"),
     "compressibility": RewardSpec("toy", "Compressibility", "toy", False, "−JPEG size in kB"),
     "contrast": RewardSpec("toy", "Contrast", "toy", False, "RMS contrast of luma, 0–0.5"),
-    # the miniature world's stand-ins for pick, deqa and aes (weight-free; docs/mini_rewards.md)
+    # the miniature world's stand-ins for pick, deqa and aes (weight-free; docs/method/mini-world.md)
     "adherence": RewardSpec("adherence", "Adherence", "toy", True, "world prompt adherence from pixels, 16–24 (pick's role)"),
     "quality": RewardSpec("quality", "Quality", "toy", False, "crisp edges + clean flat regions, 1–5 (deqa's role)"),
     "appeal": RewardSpec("appeal", "Appeal", "toy", False, "centring, coverage, harmony, contrast, 5–6.5 (aes's role)"),

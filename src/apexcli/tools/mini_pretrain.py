@@ -98,7 +98,7 @@ class MiniConfig:
     # caption noise: after the clean phase, the EMA model (rounded to fp16, as shipped) trains on
     # for noisy_steps on renders that contradict their prompts now and then (grammar.mislabel),
     # as web captions do; so the base model follows prompts only partly, and RL has a choice of
-    # the right mode to reinforce rather than a skill to invent (docs/mini.md)
+    # the right mode to reinforce rather than a skill to invent (docs/method/mini-world.md)
     noisy_steps: int = 0
     attribute_noise: float = 0.3  # each stated shapes attribute wrong with this probability
     letter_noise: float = 0.15  # each letter of a sign wrong with this probability

@@ -1,5 +1,5 @@
 """How a training run starts in its directory: fresh, overwriting an old run, or resumed.
-The guarantees (README "Reliability"):
+The guarantees (docs/guide/runs.md, "Reliability"):
 
 - a fresh run never writes into a directory that holds a run (config.yaml, metrics.jsonl,
   checkpoints/ or eval/): it refuses unless ``--overwrite`` (which deletes exactly those) or

@@ -34,7 +34,7 @@ def test_preset_contents_match_their_promises():
     assert sd35m.model.pretrained == "stabilityai/stable-diffusion-3.5-medium"
     assert sd35m.model.resolution == 512 and sd35m.sampling.guidance_scale > 1
     one_gpu = resolve_config(preset="sd35m-1gpu")
-    # one 80 GB GPU: smaller groups, CFG 4.5 kept (issue 11), a step window, gradient checkpointing
+    # one 80 GB GPU: smaller groups, CFG 4.5 kept, a step window, gradient checkpointing
     assert one_gpu.train.group_size < sd35m.train.group_size
     assert one_gpu.sampling.guidance_scale == 4.5 and one_gpu.eval.guidance_scale == 4.5
     assert 0 < one_gpu.train.window_size < one_gpu.sampling.num_steps - 1

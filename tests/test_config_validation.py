@@ -19,7 +19,7 @@ def _error(*overrides: str) -> str:
     return str(info.value)
 
 
-# each was accepted, or crashed with a traceback after the model loaded (issue 12, item 8)
+# each was accepted, or crashed with a traceback after the model loaded
 @pytest.mark.parametrize(
     "override, key, expected",
     [

@@ -1,4 +1,4 @@
-"""The Flow-GRPO training recipe (issue 11): KL form, CPS log-prob form, off-policy updates,
+"""The Flow-GRPO training recipe: KL form, CPS log-prob form, off-policy updates,
 static = multi_score, EMA schedule, LoRA init and the presets that claim the recipe.
 
 Each reference formula below is written out from Flow-GRPO's equations (train_sd3.py,

@@ -1,4 +1,4 @@
-"""The run-directory format, read and written in this one module (DESIGN.md §7).
+"""The run-directory format, read and written in this one module (docs/guide/runs.md).
 
     <run>/config.yaml            resolved config (``objectives``, ``balance.strategy``, ...)
     <run>/command.txt            the command line that started (or resumed) the run

@@ -3,7 +3,7 @@
 Pure tensor math: no diffusers, no model. The rollout (``flow.rollout``) and the training-side
 recompute call the same functions, so the two agree bit for bit on the same inputs.
 
-Conventions (DESIGN.md §3). Rectified flow ``x_s = (1-s)·x0 + s·eps``, velocity
+Conventions (docs/method/flow-grpo-parity.md). Rectified flow ``x_s = (1-s)·x0 + s·eps``, velocity
 ``v = eps - x0``, noise level ``s = sigma`` in [0, 1]. A step goes from ``s`` to ``s'`` with
 ``dt = s' - s < 0``. ``sigma`` / ``sigma_next`` may be python floats, 0-d tensors or ``[B]``
 tensors (one timestep per sample, as the trainer draws them); they broadcast over the

@@ -148,4 +148,4 @@ class Reward(ABC):
         return out, info
 
     def close(self) -> None:
-        """Release resources (threads, sessions). Models are freed with the object."""
+        """Release resources (worker threads, ONNX Runtime InferenceSessions). Models are freed with the object."""

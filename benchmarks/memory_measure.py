@@ -3,6 +3,8 @@
     python benchmarks/memory_measure.py               # 24 blocks, 1 sample + CFG, 256 px (a few minutes on 2 cores)
     python benchmarks/memory_measure.py --layers 3    # blocks 0 (dual attention), 1, 2 (last) only: ~1 minute
     python benchmarks/memory_measure.py --skip-host   # without the host-RAM-while-loading part
+    python benchmarks/memory_measure.py --samples 4 --resolution 512 --checkpointing-only --skip-host
+                                                      # sd35m-1gpu's own micro-batch (forward batch 8, 512 px)
 
 The transformer has SD3.5-M's published widths, random weights, bf16 base and float32 LoRA attached
 by ``attach_lora`` (as the trainer does); one GRPO micro-step runs as ``Trainer._update`` runs it
@@ -109,15 +111,18 @@ def ratio(a: float, b: float) -> float:
 
 
 def block_table(kinds: dict[int, str], cpu: dict[bool, dict], meta: dict[bool, mp.StepMemory]) -> list[dict]:
+    """Per shown block: saves (from the run without checkpointing), working set (from the run with)."""
     rows = []
-    live_off, live_on = cpu[False]["live"], cpu[True]["live"]
     for b, kind in kinds.items():
-        rows.append({
-            "block": b, "kind": kind,
-            "raw_measured": live_off.block_saved_raw[b], "raw_computed": meta[False].block_saved_raw[b],
-            "unique_measured": live_off.block_saved_by_data_ptr[b], "unique_computed": meta[False].block_saved[b],
-            "working_set_measured": live_on.block_working_set[b], "working_set_computed": meta[True].block_working_set[b],
-        })
+        row: dict = {"block": b, "kind": kind}
+        if False in cpu:
+            off = cpu[False]["live"]
+            row.update(raw_measured=off.block_saved_raw[b], raw_computed=meta[False].block_saved_raw[b],
+                       unique_measured=off.block_saved_by_data_ptr[b], unique_computed=meta[False].block_saved[b])
+        if True in cpu:
+            row.update(working_set_measured=cpu[True]["live"].block_working_set[b],
+                       working_set_computed=meta[True].block_working_set[b])
+        rows.append(row)
     return rows
 
 
@@ -126,14 +131,14 @@ def print_blocks(rows: list[dict], shape: mp.StepShape) -> None:
           "measured = CPU real tensors, computed = meta)")
     print(f"{'block':<28}{'saved raw':>22}{'saved unique':>22}{'ckpt working set':>22}")
     for r in rows:
-        cells = [(r[k + "_measured"], r[k + "_computed"]) for k in ("raw", "unique", "working_set")]
-        cells = [f"{m / MB:7.1f} /{c / MB:7.1f} ={ratio(m, c):5.3f}" for m, c in cells]
+        cells = [(r.get(k + "_measured"), r.get(k + "_computed")) for k in ("raw", "unique", "working_set")]
+        cells = [f"{m / MB:7.1f} /{c / MB:7.1f} ={ratio(m, c):5.3f}" if m is not None else "-" for m, c in cells]
         print(f"{r['block']:>2} {r['kind']:<25}" + "".join(f"{c:>22}" for c in cells))
 
 
 def full_table(cpu: dict[bool, dict], meta: dict[bool, mp.StepMemory]) -> list[dict]:
     rows = []
-    for ckpt in (False, True):
+    for ckpt in cpu:
         m, c = meta[ckpt], cpu[ckpt]
         rows.append({
             "checkpointing": ckpt, "allocator_peak": c["allocator_peak"], "cpu_live_peak": c["live"].peak,
@@ -251,13 +256,16 @@ def main() -> None:
     parser.add_argument("--samples", type=int, default=1, help="samples per micro-batch (x2 forwards with CFG)")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels")
     parser.add_argument("--skip-host", action="store_true", help="leave out the host-RAM-while-loading measurement")
+    parser.add_argument("--checkpointing-only", action="store_true",
+                        help="only the step with gradient checkpointing (the preset's micro-batch without it needs ~26 GB)")
     args = parser.parse_args()
     torch.manual_seed(0)
     shape = mp.StepShape(args.samples, args.resolution // 8, 77 + 128, 4.5)
     config = transformer_config(args.layers)
-    meta = {ckpt: compute_step(config, shape, ckpt) for ckpt in (False, True)}
+    modes = (True,) if args.checkpointing_only else (False, True)
+    meta = {ckpt: compute_step(config, shape, ckpt) for ckpt in modes}
     model = mp.sd3_transformer(config, torch.bfloat16, "cpu", LORA)
-    cpu = {ckpt: measure_step(model, shape, ckpt) for ckpt in (False, True)}
+    cpu = {ckpt: measure_step(model, shape, ckpt) for ckpt in modes}
     forward = measure_forward(model, shape)
     forward["computed_peak"] = mp.forward_peak(mp.sd3_transformer(config, torch.bfloat16, "meta", LORA),
                                                mp.step_inputs(config, shape, "meta"), shape.guidance_scale)

@@ -77,6 +77,6 @@ def test_trainer_plan_is_the_published_model_at_full_depth():
     assert real_shape_transformer_config("sd35m", 2)["dual_attention_layers"] == (0,)
     plan = trainer_plan(resolve_config(preset="sd35m-1gpu"), full)
     position_table = 384 * 384 * 1536
-    assert plan["transformer"] == (2_243_171_520 + position_table) * 2
+    assert plan["transformer"] + plan["pos_embed"] == (2_243_171_520 + position_table) * 2
     assert plan["total"] == sum(v for k, v in plan.items() if k != "total")
-    assert 3e9 < plan["activations_train"] < 5e9  # checkpointed (docs/memory.md: 4.02 GB)
+    assert 1e9 < plan["activations_train"] < 2.5e9  # checkpointed micro-step peak (docs/memory.md: 1.63 GB)

@@ -214,3 +214,18 @@ def test_gpu_rows_name_the_card_its_memory_and_bf16(major, bf16, monkeypatch):
     assert rows[1].name == "bf16" and rows[1].status == bf16
     absent = doctor.device_rows(resolve_config(preset="tiny", overrides=["model.device=cuda:1"]))
     assert absent == [Row("device", FAIL, "model.device=cuda:1 but only 1 CUDA GPU(s) are visible", "model.device=cuda:0")]
+
+
+def test_the_memory_row_compares_the_plan_with_the_machine(monkeypatch):
+    from apexcli import doctor
+    from apexcli.config import resolve_config
+
+    cfg = resolve_config(preset="mini", overrides=["model.device=cpu"])
+    monkeypatch.setattr(doctor, "_host_ram_bytes", lambda: 64 * 2**30)
+    (row,) = doctor.memory_rows(cfg)
+    assert row.status == doctor.OK and "training peak" in row.found and "this host's RAM has 68.7 GB" in row.found
+    monkeypatch.setattr(doctor, "_host_ram_bytes", lambda: 2**20)  # 1 MiB: nothing fits
+    (row,) = doctor.memory_rows(cfg)
+    assert row.status == doctor.FAIL and row.fix.startswith(("model.gradient_checkpointing=true", "train.train_batch_size="))
+    # apex train on a CPU does not spend the plan's seconds: only a GPU run is stopped by it
+    assert doctor.gpu_memory_rows(cfg) == []

@@ -408,7 +408,66 @@ def disk_rows(cfg: Config) -> list[Row]:
 # running the checks
 # ---------------------------------------------------------------------------------------------
 
-CHECKS: tuple[Check, ...] = (python_rows, package_rows, device_rows, model_rows, objective_rows, disk_rows)
+# ---------------------------------------------------------------------------------------------
+# memory: the preset's plan against this GPU (or this host, on a CPU)
+# ---------------------------------------------------------------------------------------------
+
+
+def _host_ram_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _memory_fix(cfg: Config) -> str:
+    """The first lever that lowers the training peak the most, as one override."""
+    if not cfg.model.gradient_checkpointing:
+        return "model.gradient_checkpointing=true"
+    if cfg.train.train_batch_size > 1:
+        return f"train.train_batch_size={max(1, cfg.train.train_batch_size // 2)}"
+    return "a GPU with more memory, or model.resolution smaller"
+
+
+def memory_rows(cfg: Config) -> list[Row]:
+    """The memory plan (``apexcli.models.memory_plan``, computed on the meta device in seconds)
+    against the GPU ``model.device`` names, or against the host's RAM on a CPU."""
+    if cfg.model.pretrained == "tiny":
+        return [Row("memory", OK, "tiny: a few MB, built in code")]
+    import torch
+
+    from apexcli.models.memory_plan import GB, plan_memory
+
+    on_gpu = cfg.model.device != "cpu" and torch.cuda.is_available()
+    index = torch.device(cfg.model.device).index if cfg.model.device.startswith("cuda:") else None
+    capacity = torch.cuda.get_device_properties(index or 0).total_memory if on_gpu else _host_ram_bytes()
+    try:
+        plan = plan_memory(cfg, capacity)
+    except ApexError as exc:  # an architecture the plan cannot read (a folder without transformer/config.json)
+        return [Row("memory", WARN, f"no plan: {exc}")]
+    deqa_here = any(o.partition("@")[0].strip() == "deqa" and "@" not in o for o in cfg.objectives)
+    need = max(plan.peak(deqa_here), plan.encoding_peak(deqa_here))
+    where = "this GPU" if on_gpu else "this host's RAM"
+    found = (f"plan: training peak {plan.peak(deqa_here) / GB:.1f} GB, while encoding prompts "
+             f"{plan.encoding_peak(deqa_here) / GB:.1f} GB; host RAM while loading {plan.host_peak() / GB:.1f} GB")
+    if capacity is None:
+        return [Row("memory", OK, found)]
+    if need > capacity:
+        return [Row("memory", FAIL, f"{found}; {where} has {capacity / GB:.1f} GB", _memory_fix(cfg))]
+    return [Row("memory", OK, f"{found}; {where} has {capacity / GB:.1f} GB")]
+
+
+def gpu_memory_rows(cfg: Config) -> list[Row]:
+    """``memory_rows`` where it decides whether a run fits (training on a GPU); nothing on a CPU,
+    so ``apex train`` on a CPU does not spend seconds on a plan that cannot stop it."""
+    import torch
+
+    return memory_rows(cfg) if cfg.model.device != "cpu" and torch.cuda.is_available() else []
+
+
+CHECKS: tuple[Check, ...] = (python_rows, package_rows, device_rows, model_rows, objective_rows, disk_rows, memory_rows)
+PREFLIGHT: tuple[Check, ...] = (*CHECKS[:-1], gpu_memory_rows)
+"""What ``apex train`` runs first: the same checks, the memory plan only when it trains on a GPU."""
 
 
 def run_checks(cfg: Config) -> list[Row]:
@@ -424,7 +483,7 @@ def diagnose(preset: str | None = None, config_file: str | Path | None = None,
 
 def preflight(cfg: Config) -> None:
     """Stop at the first failing check, before any model loads; later checks are not run."""
-    for check in CHECKS:
+    for check in PREFLIGHT:
         for row in check(cfg):
             if row.status == FAIL:
                 raise ApexError(f"{row.name}: {row.found}; fix: {row.fix}")

@@ -20,7 +20,9 @@ from apexcli.balance.config import BalanceConfig
 from apexcli.errors import ApexError
 from apexcli.rewards.config import RewardsConfig
 from apexcli.schema import check_fields, deep_merge, from_dict, parse_override, setting
-from apexcli.train.lr_schedule import SCHEDULES as LR_SCHEDULES
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+"""The values of ``train.lr_schedule``; ``apexcli.train.lr_schedule`` computes their factors."""
 
 SD3_JOINT_ATTENTION_PROJECTIONS = [
     "attn.to_q",

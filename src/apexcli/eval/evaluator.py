@@ -22,7 +22,7 @@ from apexcli.models.text_cache import encode_prompts
 from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
 from apexcli.runs import RunDir, atomic_write_text, reward_summary
-from apexcli.train.sampler import mix_seed
+from apexcli.seeds import mix_seed
 
 
 def image_grid(images: torch.Tensor, columns: int = 8) -> Image.Image:

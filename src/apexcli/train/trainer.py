@@ -67,7 +67,7 @@ from apexcli.sharding import full_state, is_sharded, load_optimizer_state_by_nam
 from apexcli.train.checkpoint import TrainingState, save_checkpoint
 from apexcli.train.run_start import abandon_after, ensure_writable, plan_start, prepare_directory, warn
 from apexcli.train.ema import LoraEMA
-from apexcli.train.lr_schedule import lr_factor
+from apexcli.train.lr_schedule import UpdateSchedule
 from apexcli.train.loss import clip_advantages, grpo_policy_loss, nft_loss, nft_weight, step_kl, velocity_anchor
 from apexcli.train.progress import TrainProgress
 from apexcli.train.nft_points import NftPoints, draw_nft_points
@@ -182,8 +182,7 @@ class Trainer:
         optimizer = torch.optim.AdamW(
             self.lora_params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps
         )
-        warmup = max(t.warmup_steps, 0)
-        self.lr_scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda n: min(1.0, (n + 1) / warmup) if warmup else 1.0)
+        self.lr_schedule = UpdateSchedule(optimizer, t)
         self.transformer, self.optimizer = acc.prepare(transformer, optimizer)
         # FSDP2 replaces every parameter by a DTensor shard: from here on, the trainable ones are
         # the prepared model's (the same objects as before under DDP or one process)
@@ -215,8 +214,7 @@ class Trainer:
         model = unwrap_model(self.transformer)  # state was read on the CPU; each loader places its piece
         load_lora_into_adapter(model, checkpoint)
         load_optimizer_state_by_name(model, self.optimizer.optimizer, state.optimizer)
-        self.lr_scheduler.load_state_dict(state.lr_scheduler)
-        self._apply_optimizer_config()
+        self._apply_optimizer_config(state.lr_scheduler)
         self.balancer.load_state_dict(state.balancer)
         if self.ema is not None and state.ema is not None:
             self.ema.load_state_dict(state.ema)
@@ -226,24 +224,14 @@ class Trainer:
         if self.accelerator.is_main_process:
             print(f"resumed from {checkpoint} at step {self.step}", file=sys.stderr)
 
-    def _apply_optimizer_config(self) -> None:
+    def _apply_optimizer_config(self, scheduler_state: dict) -> None:
         """The restored optimizer and scheduler state carry the checkpoint's lr, betas, eps and
         weight decay; a resumed run uses the config's (what config.yaml records), same formula
         as the scheduler's so an unchanged config resumes bit for bit."""
         t = self.cfg.train
-        self._set_base_lr(t.lr)
+        self.lr_schedule.load_state_dict(scheduler_state)
         for group in self.optimizer.optimizer.param_groups:
             group.update(initial_lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), eps=t.adam_eps, weight_decay=t.weight_decay)
-
-    def _set_base_lr(self, base_lr: float) -> None:
-        """The scheduler's base lr (its warm-up multiplies it) and the lr the next optimizer step
-        uses, by the scheduler's own formula."""
-        sched = self.lr_scheduler
-        sched.base_lrs = [base_lr for _ in sched.base_lrs]
-        lrs = [base * fn(sched.last_epoch) for base, fn in zip(sched.base_lrs, sched.lr_lambdas)]
-        for group, lr in zip(self.optimizer.optimizer.param_groups, lrs):
-            group["lr"] = lr
-        sched._last_lr = lrs
 
     # ------------------------------------------------------------------ one iteration
     def _sample(self, plan) -> tuple[list, list[torch.Tensor], torch.Tensor, dict]:
@@ -393,7 +381,7 @@ class Trainer:
         n_micro = len(selected) // micro
         if n_micro == 0:  # every advantage is 0 on every process: nothing to learn this step
             return {"loss": 0.0, "kl": 0.0, "ratio_mean": 1.0, "clip_frac": 0.0, "ratio_max_dev": 0.0, "grad_norm": 0.0,
-                    "skipped_updates": 0, "ratio_first": 1.0, "lr": self.lr_scheduler.get_last_lr()[0],
+                    "skipped_updates": 0, "ratio_first": 1.0, "lr": self.lr_schedule.lr,
                     "optimizer_steps": 0, "samples_trained": 0}
         if t.optimizer_steps_per_epoch:
             per_update = -(-n_micro // min(t.optimizer_steps_per_epoch, n_micro))  # ceil: k updates, the last may be shorter
@@ -418,7 +406,7 @@ class Trainer:
         grad_norms: list[float] = []
         first_ratio = None
         skipped = 0
-        lr_applied = self.lr_scheduler.get_last_lr()[0]
+        lr_applied = self.lr_schedule.lr
         # Train mode only matters for LoRA dropout (SD3 has no other): without it the policy stays
         # in eval mode, so compiled blocks never recompile on the flag and the update's forward
         # is the rollout's forward.
@@ -496,10 +484,10 @@ class Trainer:
                     else:
                         norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.lora_params if p.grad is not None]))
                     grad_norms.append(float(norm))  # the one sync per optimizer step: skip or apply
-                    lr_applied = self.lr_scheduler.get_last_lr()[0]  # the lr this optimizer step uses
+                    lr_applied = self.lr_schedule.lr  # the lr this optimizer step uses
                     if math.isfinite(grad_norms[-1]):
                         self.optimizer.step()
-                        self.lr_scheduler.step()
+                        self.lr_schedule.step()
                         if self.ema is not None:
                             self.ema.update()
                     else:  # a non-finite gradient (overflow) is dropped, never applied to the LoRA
@@ -625,9 +613,7 @@ class Trainer:
             t0 = time.perf_counter()
             self._probe(trajectories, info["per_objective"][plan.shard], local_ids, plan.group_ids[plan.shard])
             probe_seconds = time.perf_counter() - t0
-        t = cfg.train
-        if t.lr_schedule != "constant":  # the lr of this update's optimizer steps
-            self._set_base_lr(t.lr * lr_factor(self.step, t.steps, t.lr_schedule, t.lr_final))
+        self.lr_schedule.begin_update(self.step)  # the lr of this update's optimizer steps
         t0 = time.perf_counter()
         update = self._update(trajectories, advantages[plan.shard], local_ids, plan.group_ids[plan.shard])
         train_seconds = time.perf_counter() - t0
@@ -723,7 +709,7 @@ class Trainer:
             state = TrainingState(
                 step=self.step,
                 optimizer=optimizer_state,
-                lr_scheduler=self.lr_scheduler.state_dict(),
+                lr_scheduler=self.lr_schedule.state_dict(),
                 balancer=self.balancer.state_dict(),
                 ema=ema_state,
                 rng={"torch": torch.get_rng_state()},

@@ -301,10 +301,10 @@ def main() -> None:
             overrides=["logging.progress=false", "eval.every=0", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides],
         )
         if args.arch == "sd35m":
-            import apexcli.train.trainer as trainer_module
+            import apexcli.train.setup as setup_module
             from apexcli.models.loading import DTYPES
 
-            trainer_module.load_pipeline = lambda model_cfg: real_shape_pipeline(cfg, DTYPES[model_cfg.dtype], layers)
+            setup_module.load_pipeline = lambda model_cfg: real_shape_pipeline(cfg, DTYPES[model_cfg.dtype], layers)
         trainer = Trainer(cfg, argv=["bench_train"])
         try:
             trainer.setup()

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints (DESIGN.md §7).
+"""Atomic, resumable checkpoints.
 
     checkpoints/step-000100/
         pytorch_lora_weights.safetensors    live LoRA, diffusers format (load_lora_weights reads it)

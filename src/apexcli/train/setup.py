@@ -159,13 +159,12 @@ def _launch(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool) ->
     acc = Accelerator(cpu=device.type == "cpu", log_with=trackers, project_dir=str(run.path))
     layout = check_shards(cfg, acc.num_processes)
     preflight(cfg)  # apex doctor's checks: the first failing one stops the run before anything heavy loads
-    if acc.is_main_process:
+    start = plan_start(run, cfg, resume=resume, overwrite=overwrite, verbose=acc.is_main_process)
+    if acc.is_main_process:  # announced once the run can start: a start-up error stays the only line
+        ensure_writable(run.path)
         print(f"apex: {layout}", file=sys.stderr)
         warn_single_process_launch(acc.num_processes)
         note_ema_delay(cfg, optimizer_steps_per_update(cfg, acc.num_processes))
-    start = plan_start(run, cfg, resume=resume, overwrite=overwrite, verbose=acc.is_main_process)
-    if acc.is_main_process:
-        ensure_writable(run.path)
     set_seed(cfg.seed)
     if acc.device.type == "cpu" and cfg.model.dtype != "float32" and acc.is_main_process:
         # Allowed (it exercises the GPU dtype paths on a CPU), but rarely what a user wants.

@@ -36,6 +36,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ApexError(f"config key '{key}' must be a mapping of {tp.__name__} fields")
         return from_dict(tp, value, key + ".")
     origin = typing.get_origin(tp)
+    if origin is dict:  # a mapping whose keys the schema does not know (rewards.extra.<name>)
+        if not isinstance(value, dict):
+            raise ApexError(f"config key '{key}' must be a mapping, got {value!r}")
+        value_tp = typing.get_args(tp)[1]
+        return {str(k): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):

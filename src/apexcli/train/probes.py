@@ -9,11 +9,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from apexcli.balance.probe import (
-    gradient_gram,
-    gradient_gram_by_backward,
-    spread_over_groups,
-)
+from apexcli.balance.probe import gradient_gram, gradient_gram_by_backward, spread_over_groups
 from apexcli.config import Config
 from apexcli.eval.evaluator import Evaluator
 from apexcli.flow.rollout import PromptEmbeds, Trajectory

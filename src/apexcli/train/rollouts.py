@@ -9,14 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from apexcli.config import Config
-from apexcli.flow.rollout import (
-    PromptEmbeds,
-    Trajectory,
-    decode_latents,
-    initial_noise,
-    rollout,
-    unwrap_model,
-)
+from apexcli.flow.rollout import PromptEmbeds, Trajectory, decode_latents, initial_noise, rollout, unwrap_model
 from apexcli.rewards import RewardSuite
 from apexcli.seeds import mix_seed
 from apexcli.train.sampler import StepBatch

@@ -24,11 +24,7 @@ from apexcli.doctor import preflight
 from apexcli.errors import ApexError
 from apexcli.eval.evaluator import Evaluator
 from apexcli.flow.rollout import PromptEmbeds, unwrap_model
-from apexcli.models.loading import (
-    compile_transformer_blocks,
-    load_pipeline,
-    resolve_device,
-)
+from apexcli.models.loading import compile_transformer_blocks, load_pipeline, resolve_device
 from apexcli.models.lora import adapter_layers, attach_lora, load_lora_into_adapter
 from apexcli.models.text_cache import (
     TextEmbeddingCache,
@@ -39,29 +35,18 @@ from apexcli.models.text_cache import (
 )
 from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
-from apexcli.rewards.ocr import ocr_target
+from apexcli.rewards.registry import reward_class
 from apexcli.rewards.suite import union_objectives
 from apexcli.runs import RunDir
 from apexcli.sharding import is_sharded, load_optimizer_state_by_name
 from apexcli.train.checkpoint import TrainingState
 from apexcli.train.ema import LoraEMA
-from apexcli.train.layout import (
-    check_shards,
-    note_ema_delay,
-    optimizer_steps_per_update,
-    warn_single_process_launch,
-)
+from apexcli.train.layout import check_shards, note_ema_delay, optimizer_steps_per_update, warn_single_process_launch
 from apexcli.train.losses import PolicyLoss, PolicyModels, build_policy_loss
 from apexcli.train.lr_schedule import UpdateSchedule
 from apexcli.train.probes import GradientProbe, ProgressProbe
 from apexcli.train.rollouts import ShardSampler
-from apexcli.train.run_start import (
-    StartPlan,
-    abandon_after,
-    ensure_writable,
-    plan_start,
-    prepare_directory,
-)
+from apexcli.train.run_start import StartPlan, abandon_after, ensure_writable, plan_start, prepare_directory, warn
 from apexcli.train.scope import not_on_text_mask
 from apexcli.train.update import PolicyUpdate
 
@@ -180,11 +165,7 @@ def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: Rewar
     objectives = suite.objectives
     balancer = build_balancer_from_config(cfg.balance, objectives)
     prompts = load_prompts(cfg.prompts.train)
-    if "ocr" in objectives and not any(ocr_target(p) for p in prompts):
-        raise ApexError(
-            f"objective 'ocr' needs prompts with quoted text (\"...\"), and prompts.train={cfg.prompts.train} "
-            "has none; use prompts.train=builtin:mixed (or builtin:ocr, or your own file)"
-        )
+    _check_objectives_apply(suite, prompts, cfg.prompts.train)
     text_mask = not_on_text_mask(prompts, objectives, cfg.balance.not_on_text)
     pipe = load_pipeline(cfg.model)
     text = _encode(cfg, pipe, prompts, device)
@@ -195,6 +176,12 @@ def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: Rewar
     if balancer.wants_progress(0):  # a balancer that wants progress at all wants it at the first step
         progress_probe = ProgressProbe(cfg, pipe, text.text_cache, objectives, prompts, device=device, accelerator=acc,
                                        suite=suite)
+    if acc.is_main_process:
+        if evaluator is not None:
+            _warn_unscored(evaluator.suite, evaluator.prompts, f"the evaluation (prompts.eval={cfg.prompts.eval})")
+        if progress_probe is not None:
+            _warn_unscored(progress_probe.suite, progress_probe.evaluator.prompts,
+                           f"the progress probe (balance.progress_prompts={cfg.balance.progress_prompts})")
     if cfg.model.free_text_encoders:
         free_text_encoders(pipe)
     lora = _lora(cfg, pipe, acc)
@@ -213,6 +200,26 @@ def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: Rewar
         gradient_probe=GradientProbe(cfg, policy_loss, unwrap_model(lora.transformer), lora.lora_params, acc,
                                      sharded=lora.sharded),
     )
+
+
+def _check_objectives_apply(suite: RewardSuite, prompts: list[str], where: str) -> None:
+    """An objective whose reward applies to none of the training prompts is NaN on every sample
+    and never trains: an error naming the objective and what its prompts need."""
+    applies = suite.applies(prompts)
+    for k, key in enumerate(suite.objectives):
+        if not applies[:, k].any():
+            reward = reward_class(key)
+            raise ApexError(f"objective '{key}' needs {reward.prompt_requirement}, and prompts.train={where} has none; "
+                            f"use {reward.prompt_fix}")
+
+
+def _warn_unscored(suite: RewardSuite, prompts: list[str], what: str) -> None:
+    """The same for an evaluation: allowed (it may score other objectives), but worth a line."""
+    applies = suite.applies(prompts)
+    for k, key in enumerate(suite.objectives):
+        if not applies[:, k].any():
+            warn(f"objective '{key}' applies to none of the {len(prompts)} prompts of {what}, so its scores there are "
+                 f"NaN; it needs {reward_class(key).prompt_requirement}")
 
 
 def _encode(cfg: Config, pipe, prompts: list[str], device: torch.device) -> Conditioning:

@@ -3,13 +3,7 @@
 from __future__ import annotations
 
 from apexcli.config import Config
-from apexcli.train.losses.base import (
-    MicroBatch,
-    PolicyLoss,
-    PolicyModels,
-    ProbeTerms,
-    UpdateBatch,
-)
+from apexcli.train.losses.base import MicroBatch, PolicyLoss, PolicyModels, ProbeTerms, UpdateBatch
 from apexcli.train.losses.grpo import GrpoLoss
 from apexcli.train.losses.nft import NftLoss
 

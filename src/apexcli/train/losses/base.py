@@ -17,12 +17,7 @@ from typing import ClassVar, Literal
 import torch
 
 from apexcli.config import Config
-from apexcli.flow.rollout import (
-    PromptEmbeds,
-    Trajectory,
-    predict_velocity,
-    step_log_prob,
-)
+from apexcli.flow.rollout import PromptEmbeds, Trajectory, predict_velocity, step_log_prob
 from apexcli.flow.sde import StepOutput
 from apexcli.models.lora import adapters_disabled
 

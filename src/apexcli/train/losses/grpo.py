@@ -12,13 +12,7 @@ import torch
 from apexcli.flow.rollout import PromptEmbeds, Trajectory
 from apexcli.seeds import mix_seed
 from apexcli.train.loss import grpo_policy_loss, step_kl, velocity_anchor
-from apexcli.train.losses.base import (
-    MicroBatch,
-    PolicyLoss,
-    ProbeTerms,
-    Reduction,
-    UpdateBatch,
-)
+from apexcli.train.losses.base import MicroBatch, PolicyLoss, ProbeTerms, Reduction, UpdateBatch
 
 
 class GrpoLoss(PolicyLoss):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_lora_file, read_metrics, run_cli, train_tiny
+from conftest import TINY_OVERRIDES, load_lora_file, read_metrics, run_cli, train_tiny
 
 from apexcli.errors import ApexError
 from apexcli.rewards import RewardsConfig, RewardSuite, apply_overrides
@@ -109,7 +109,7 @@ def test_bad_options_and_bad_names_are_one_line(outside):
         RewardSuite([f"{outside}:Greenness"], config=apply_overrides(RewardsConfig(), ["extra.greenness.margn=2"]))
     with pytest.raises(ApexError, match="takes no options"):
         RewardSuite([f"{outside}:OnlyDogs"], config=apply_overrides(RewardsConfig(), ["extra.onlydogs.x=1"]))
-    with pytest.raises(ApexError, match="not a subclass of apexcli.rewards.base.Reward"):
+    with pytest.raises(ApexError, match=r"not a subclass of apexcli\.rewards\.base\.Reward"):
         canonical_name(f"{outside}:NotAReward")
     with pytest.raises(ApexError, match="has no class 'Nope'"):
         canonical_name(f"{outside}:Nope")
@@ -155,3 +155,25 @@ def test_the_example_scores_red_above_green():
     finally:
         sys.path.remove(str(example))
         sys.modules.pop("my_rewards", None)
+
+
+def test_an_evaluation_it_applies_nowhere_is_said_once(outside, tmp_path):
+    train_prompts, eval_prompts = tmp_path / "train.txt", tmp_path / "eval.txt"
+    train_prompts.write_text("a dog on grass\na red circle\n")
+    eval_prompts.write_text("a blue square\na green cat\n")
+    result = run_cli(["train", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"), *TINY_OVERRIDES,
+                      "--objectives", f"brightness,{outside}:OnlyDogs", f"prompts.train={train_prompts}",
+                      f"prompts.eval={eval_prompts}", "eval.every=1", "eval.num_prompts=2", "eval.batch_size=2"])
+    assert result.code == 0, result.stderr
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: objective 'onlydogs'")]
+    assert warnings == [f"warning: objective 'onlydogs' applies to none of the 2 prompts of the evaluation "
+                        f"(prompts.eval={eval_prompts}), so its scores there are NaN; it needs prompts that mention a dog"]
+
+
+def test_a_resume_announces_changed_reward_options(outside, tmp_path):
+    base = ["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *TINY_OVERRIDES,
+            "--objectives", f"brightness,{outside}:Greenness"]
+    assert run_cli([*base, "--steps", "1", "rewards.extra.greenness.margin=0.1"]).code == 0
+    resumed = run_cli([*base, "--steps", "2", "--resume", "auto", "rewards.extra.greenness.margin=0.2"])
+    assert resumed.code == 0, resumed.stderr
+    assert "rewards.extra.greenness.margin: 0.1 -> 0.2" in resumed.stderr

@@ -3,7 +3,9 @@ and folds each statistic by the rule the loss declares."""
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -12,6 +14,7 @@ from conftest import TINY_OVERRIDES
 from apexcli.config import POLICY_LOSS_NAMES, resolve_config
 from apexcli.flow.rollout import Trajectory
 from apexcli.train.losses import POLICY_LOSSES, GrpoLoss, MicroBatch, NftLoss, PolicyLoss, ProbeTerms, UpdateBatch
+from apexcli.train.losses.base import Reduction
 from apexcli.train.sampler import plan_step
 from apexcli.train.trainer import Trainer
 from apexcli.train.update import UpdateStatistics
@@ -35,7 +38,7 @@ def test_statistics_fold_by_the_declared_rule():
 class VelocityEnergy(PolicyLoss):
     """A loss the loop has never heard of: the advantage-weighted squared velocity at the final sample."""
 
-    reductions = {"v_peak": "max"}
+    reductions: ClassVar[Mapping[str, Reduction]] = {"v_peak": "max"}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -70,8 +73,8 @@ def test_a_new_loss_trains_through_the_shared_update_loop(tmp_path):
     try:
         trainer.setup()
         energy = VelocityEnergy(cfg, trainer.policy_loss.models, trainer.steps_trained)
-        trainer.update.loss = energy
-        trainer.gradient_probe.loss = energy
+        trainer.update.policy_loss = energy
+        trainer.gradient_probe.policy_loss = energy
         trainer.step = 1
         plan = plan_step(step=1, seed=cfg.seed, num_prompts=len(trainer.prompts), prompts_per_step=2, group_size=2,
                          rank=0, world_size=1)

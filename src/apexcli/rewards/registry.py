@@ -66,7 +66,7 @@ REWARD_NAMES: tuple[str, ...] = tuple(sorted(REGISTRY))
 _ADDED: dict[str, RewardSpec] = {}
 """Rewards from outside apex, by key, once an objective has named them (in this process)."""
 _CLASSES: dict[str, type[Reward]] = {}
-_KEY = re.compile(r"[a-z0-9_][a-z0-9_.-]*")
+_KEY = re.compile(r"[a-z0-9_][a-z0-9_-]*")  # a metric column and a config key: no "/", "." or "@"
 
 
 def split_remote(objective: str) -> tuple[str, str]:
@@ -170,7 +170,7 @@ def _add(cls: type[Reward], where: str, *, key: str | None = None) -> str:
     """Register a reward from outside apex under ``key`` (default: its ``name`` or class name)."""
     key = (key or cls.name or cls.__name__).lower()
     if not _KEY.fullmatch(key):
-        raise ApexError(f"reward {where} is named {key!r}; a reward's name is letters, digits, '_', '-' and '.'")
+        raise ApexError(f"reward {where} is named {key!r}; a reward's name is letters, digits, '_' and '-'")
     if key in REGISTRY or key in ALIASES:
         raise ApexError(f"reward {where} is named '{key}', as a built-in reward is; give its class another `name`")
     spec = RewardSpec(cls.__module__, cls.__qualname__, "", cls.needs_prompt, (cls.__doc__ or "").strip().split("\n")[0])

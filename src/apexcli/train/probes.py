@@ -32,11 +32,11 @@ class GradientProbe:
     """Per-objective policy gradients on a small sub-batch -> Gram ``[K, K]``, the same on every
     process (the Gram of the global gradients, not a mean of per-process Grams)."""
 
-    def __init__(self, cfg: Config, loss: PolicyLoss, model: torch.nn.Module, params: list[torch.nn.Parameter],
+    def __init__(self, cfg: Config, policy_loss: PolicyLoss, model: torch.nn.Module, params: list[torch.nn.Parameter],
                  accelerator: Accelerator, *, sharded: bool):
         """``model``: the transformer without DDP's wrapper (its hooks expect one backward per
         forward); FSDP2 shards in place, so there it is the sharded model and its gathers run."""
-        self.cfg, self.loss, self.model, self.params = cfg, loss, model, params
+        self.cfg, self.policy_loss, self.model, self.params = cfg, policy_loss, model, params
         self.accelerator, self.sharded = accelerator, sharded
 
     def __call__(self, traj: Trajectory, per_objective: torch.Tensor, cond: PromptEmbeds, group_ids: torch.Tensor,
@@ -44,7 +44,7 @@ class GradientProbe:
         """``traj``, ``per_objective`` ``[n, K]``, ``cond`` and ``group_ids``: this process's samples."""
         rows = spread_over_groups(group_ids.tolist(), self.cfg.balance.probe_samples)
         sub = traj.index(rows)
-        probe = self.loss.probe_terms(self.model, sub, cond.index(rows).to(self.accelerator.device), step)
+        probe = self.policy_loss.probe_terms(self.model, sub, cond.index(rows).to(self.accelerator.device), step)
         advantages = per_objective[rows].to(self.accelerator.device)
         acc = self.accelerator
         if self.sharded:

@@ -160,6 +160,8 @@ def _launch(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool) ->
 
 def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: RewardSuite,
            eval_objectives: list[str]) -> TrainingParts:
+    """Objectives and prompts (checked against each other), the pipeline, text, evaluation and
+    the LoRA, then what trains it: the policy loss, the update loop, sampler and probe."""
     device = acc.device
     suite = reward_models.view(cfg.objectives)
     objectives = suite.objectives
@@ -202,14 +204,14 @@ def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: Rewar
     )
 
 
-def _check_objectives_apply(suite: RewardSuite, prompts: list[str], where: str) -> None:
+def _check_objectives_apply(suite: RewardSuite, prompts: list[str], prompts_spec: str) -> None:
     """An objective whose reward applies to none of the training prompts is NaN on every sample
     and never trains: an error naming the objective and what its prompts need."""
     applies = suite.applies(prompts)
     for k, key in enumerate(suite.objectives):
         if not applies[:, k].any():
             reward = reward_class(key)
-            raise ApexError(f"objective '{key}' needs {reward.prompt_requirement}, and prompts.train={where} has none; "
+            raise ApexError(f"objective '{key}' needs {reward.prompt_requirement}, and prompts.train={prompts_spec} has none; "
                             f"use {reward.prompt_fix}")
 
 

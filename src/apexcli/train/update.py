@@ -89,7 +89,7 @@ class UpdateStatistics:
     def reduced(self, accelerator: Accelerator, device: torch.device) -> dict[str, float]:
         """One device-to-host copy for all of them; then means over processes (every process trains
         as many micro-batches, so the mean of the per-process means is the global mean) and maxima."""
-        keys = [k for k, v in self.values.items() if v]
+        keys = [k for k, v in self.values.items() if v]  # first-seen order: also the all-reduce's element order
         out = dict(zip(keys, torch.stack([self._local(k) for k in keys]).tolist()))
         if accelerator.num_processes > 1:
             means = [k for k in keys if self.reductions.get(k, "mean") == "mean"]
@@ -106,7 +106,7 @@ class PolicyUpdate:
 
     cfg: Config
     accelerator: Accelerator
-    loss: PolicyLoss
+    policy_loss: PolicyLoss
     params: list[torch.nn.Parameter]
     optimizer: torch.optim.Optimizer
     schedule: UpdateSchedule
@@ -120,23 +120,23 @@ class PolicyUpdate:
             return idle_statistics(self.schedule.lr)
         per_step = micro_batches_per_step(n_micro, t.optimizer_steps_per_epoch, t.gradient_accumulation)
         # one optimizer step over one epoch: the policy is the rollout's at every micro-batch
-        self.loss.prepare(batch, on_policy=t.inner_epochs == 1 and per_step >= n_micro)
-        stats = UpdateStatistics(self.loss.reductions)
+        self.policy_loss.prepare(batch, on_policy=t.inner_epochs == 1 and per_step >= n_micro)
+        stats = UpdateStatistics(self.policy_loss.reductions)
         grad_norms: list[float] = []
         skipped = 0
         lr_applied = self.schedule.lr
         # Train mode only matters for LoRA dropout (SD3 has no other): without it the policy stays
         # in eval mode, so compiled blocks never recompile on the flag and the update's forward
         # is the rollout's forward.
-        self.loss.models.policy.train(self.cfg.lora.dropout > 0)
+        self.policy_loss.models.policy.train(self.cfg.lora.dropout > 0)
         for epoch in range(t.inner_epochs):
             gen = torch.Generator().manual_seed(mix_seed(self.cfg.seed, batch.step, 11, epoch, acc.process_index))
             order = selected[torch.randperm(len(selected), generator=gen)]
-            self.loss.begin_epoch(epoch, gen)
+            self.policy_loss.begin_epoch(epoch, gen)
             order = order.to(batch.traj.latents.device)
             for m in range(n_micro):
                 last_of_step = (m + 1) % per_step == 0 or m == n_micro - 1
-                passes = min(per_step, n_micro - (m // per_step) * per_step) * self.loss.points_per_sample
+                passes = min(per_step, n_micro - (m // per_step) * per_step) * self.policy_loss.points_per_sample
                 self._accumulate(batch, epoch, order[m * micro : (m + 1) * micro], passes, last_of_step, stats)
                 if last_of_step:
                     lr_applied = self.schedule.lr  # the lr this optimizer step uses
@@ -154,13 +154,13 @@ class PolicyUpdate:
                     stats: UpdateStatistics) -> None:
         """Backward passes of one micro-batch, each its share of the step's mean; gradients sync
         across processes only in the step's very last backward."""
-        points = self.loss.points_per_sample
+        points = self.policy_loss.points_per_sample
         for point in range(points):
             micro = MicroBatch(epoch=epoch, rows=rows, point=point, cond=batch.cond.index(rows),
                                advantages=batch.advantages[rows.to(batch.advantages.device)])
             sync = last_of_step and point == points - 1
-            with nullcontext() if sync else self.accelerator.no_sync(self.loss.models.policy):
-                loss, values = self.loss.loss(micro)
+            with nullcontext() if sync else self.accelerator.no_sync(self.policy_loss.models.policy):
+                loss, values = self.policy_loss.loss(micro)
                 self.accelerator.backward(loss / passes)
             stats.add(loss.detach(), values)
 

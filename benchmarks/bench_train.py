@@ -64,7 +64,6 @@ from apexcli.flow.rollout import step_log_prob, unwrap_model
 from apexcli.quiet import quiet_libraries
 from apexcli.train.trainer import Trainer
 
-
 # --smoke: a CPU in float32 at 64 px (16 image tokens), T5 length 16, 20 prompts to embed, 2 prompts x
 # 2 samples, 3 steps of which 2 trained; with --arch sd35m one real-width transformer block
 SMOKE_OVERRIDES = [
@@ -238,9 +237,8 @@ def real_shape_pipeline(cfg, dtype: torch.dtype, layers: int):
 
 def memory_plan_gib(cfg, layers: int) -> dict[str, float]:
     """``memory_plan.trainer_plan`` (GiB) for this config on the transformer that was trained."""
-    from memory_plan import trainer_plan
-
     from apexcli.models.real_shape import real_shape_transformer_config
+    from memory_plan import trainer_plan
 
     return {k: v / 2**30 for k, v in trainer_plan(cfg, real_shape_transformer_config("sd35m", layers)).items()}
 
@@ -301,11 +299,11 @@ def main() -> None:
             overrides=["logging.progress=false", "eval.every=0", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides],
         )
         if args.arch == "sd35m":
-            import apexcli.train.trainer as trainer_module
+            import apexcli.train.setup as setup_module
             from apexcli.models.loading import DTYPES
 
-            trainer_module.load_pipeline = lambda model_cfg: real_shape_pipeline(cfg, DTYPES[model_cfg.dtype], layers)
-            trainer_module.preflight = lambda cfg: None  # its model row looks for SD3.5-M's weights; built in code here
+            setup_module.load_pipeline = lambda model_cfg: real_shape_pipeline(cfg, DTYPES[model_cfg.dtype], layers)
+            setup_module.preflight = lambda cfg: None  # its model row looks for SD3.5-M's weights; built in code here
         trainer = Trainer(cfg, argv=["bench_train"])
         try:
             trainer.setup()

@@ -81,7 +81,7 @@ def main() -> None:
     from apexcli.prompts import load_prompts
     from apexcli.quiet import quiet_libraries
     from apexcli.rewards import RewardSuite
-    from apexcli.train.sampler import mix_seed
+    from apexcli.seeds import mix_seed
 
     quiet_libraries()
     cfg = resolve_config(preset=args.preset, overrides=args.set)

@@ -172,12 +172,12 @@ def test_disk_under_the_floor_fails(tmp_path, monkeypatch):
 
 
 def test_train_stops_at_the_first_failing_check_before_any_model_loads(tmp_path, monkeypatch):
-    import apexcli.train.trainer as trainer
+    import apexcli.train.setup as setup
 
     def no_load(*args, **kwargs):
         raise AssertionError("the model was loaded despite a failing check")
 
-    monkeypatch.setattr(trainer, "load_pipeline", no_load)
+    monkeypatch.setattr(setup, "load_pipeline", no_load)
     out = tmp_path / "run"
     port = closed_port()
     result = run_cli(["train", "--preset", "tiny", "--out", str(out), *TINY_OVERRIDES,

@@ -79,11 +79,11 @@ def test_eval_only_objectives_join_the_shared_suite(tmp_path):
 def test_freed_text_encoders_are_released_when_freed(tmp_path, monkeypatch):
     # the memory is only given back if nothing else holds the encoders at that moment (a loop
     # variable in set-up once kept T5, 9.5 GB in bf16, alive through the empty_cache() call)
-    import apexcli.train.trainer as trainer_module
+    import apexcli.train.setup as setup_module
 
     refs: list[weakref.ref] = []
     alive_after_free: list[int] = []
-    load, free = trainer_module.load_pipeline, trainer_module.free_text_encoders
+    load, free = setup_module.load_pipeline, setup_module.free_text_encoders
 
     def load_and_watch(*args, **kwargs):
         pipe = load(*args, **kwargs)
@@ -95,8 +95,8 @@ def test_freed_text_encoders_are_released_when_freed(tmp_path, monkeypatch):
         gc.collect()
         alive_after_free.append(sum(r() is not None for r in refs))
 
-    monkeypatch.setattr(trainer_module, "load_pipeline", load_and_watch)
-    monkeypatch.setattr(trainer_module, "free_text_encoders", free_and_count)
+    monkeypatch.setattr(setup_module, "load_pipeline", load_and_watch)
+    monkeypatch.setattr(setup_module, "free_text_encoders", free_and_count)
     trainer = _setup_trainer(tmp_path, "model.free_text_encoders=true", "eval.every=1", "eval.num_prompts=2")
     try:
         trainer.setup()

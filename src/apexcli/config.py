@@ -20,7 +20,12 @@ from apexcli.balance.config import BalanceConfig
 from apexcli.errors import ApexError
 from apexcli.rewards.config import RewardsConfig
 from apexcli.schema import check_fields, deep_merge, from_dict, parse_override, setting
-from apexcli.train.lr_schedule import SCHEDULES as LR_SCHEDULES
+
+LR_SCHEDULES = ("constant", "cosine", "linear")
+"""The values of ``train.lr_schedule``; ``apexcli.train.lr_schedule`` computes their factors."""
+
+POLICY_LOSS_NAMES = ("grpo", "nft")
+"""The values of ``train.loss``; ``apexcli.train.losses`` implements them."""
 
 SD3_JOINT_ATTENTION_PROJECTIONS = [
     "attn.to_q",
@@ -178,7 +183,7 @@ class TrainConfig:
     ema_warmup: bool = False
     """EMA decay min(ema_decay, (1 + n) / (10 + n)) at optimizer step n (Flow-GRPO's warm-up), so
     early EMA weights follow the policy instead of staying near the initial LoRA."""
-    loss: str = setting("grpo", choices=("grpo", "nft"))
+    loss: str = setting("grpo", choices=POLICY_LOSS_NAMES)
     """Policy loss. grpo: PPO-clip on the trained steps' log-probs (Flow-GRPO). nft: negative-aware
     flow matching on the final samples at random steps of the sampler's grid (DiffusionNFT's idea,
     docs/method/extensions.md "The nft loss"): first-order in the model, needs no log-probs, and any sampler's

@@ -355,7 +355,7 @@ def _unknown_objective_row(objective: str, error: ApexError, objectives: list[st
 
 
 def _objective_row(objective: str, cfg: Config) -> Row:
-    from apexcli.rewards.registry import resolve_objective
+    from apexcli.rewards.registry import REWARD_NAMES, resolve_objective, reward_spec
 
     try:
         key, url = resolve_objective(objective, cfg.rewards)
@@ -364,6 +364,9 @@ def _objective_row(objective: str, cfg: Config) -> Row:
     name = f"reward {key}"
     if url:
         return _remote_row(name, key, url, cfg.rewards)
+    if key not in REWARD_NAMES:
+        spec = reward_spec(key)
+        return Row(name, OK, f"{spec.module}.{spec.cls} imported (from outside apex; its own checks run when it is built)")
     check = LOCAL_REWARD_CHECKS.get(key)
     return check(name, cfg.rewards) if check else Row(name, OK, "weight-free: nothing to load")
 

@@ -10,12 +10,32 @@ first 64 are ``mini_eval``) and its halves ``builtin:mini_signs_eval_large``,
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 from pathlib import Path
 
 from apexcli.errors import ApexError
 
 _COMBINED = {"mixed": ["general", "ocr"], "mixed_eval": ["eval", "ocr_eval"]}
+_CURLY = re.compile(r"“([^”]*)”")
+
+
+def quoted_text(prompt: str) -> str:
+    """The text a prompt asks to be written, '' when it quotes nothing.
+
+    Straight quotes first, exactly as Flow-GRPO's OCR reward reads them (``prompt.split('"')[1]``:
+    the text after the first ``"``, up to the next ``"`` or the end); a curly “…” span only when
+    there is no ``"``."""
+    prompt = prompt or ""
+    if '"' in prompt:
+        return prompt.split('"')[1]
+    match = _CURLY.search(prompt)
+    return match.group(1) if match else ""
+
+
+def quotes_text(prompt: str) -> bool:
+    """Whether the prompt asks for visible text (quoted whitespace alone does not count)."""
+    return bool(quoted_text(prompt).split())
 
 
 def builtin_names() -> list[str]:

@@ -36,6 +36,11 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             raise ApexError(f"config key '{key}' must be a mapping of {tp.__name__} fields")
         return from_dict(tp, value, key + ".")
     origin = typing.get_origin(tp)
+    if origin is dict:  # a mapping whose keys the schema does not know (rewards.extra.<name>)
+        if not isinstance(value, dict):
+            raise ApexError(f"config key '{key}' must be a mapping, got {value!r}")
+        value_tp = typing.get_args(tp)[1]
+        return {str(k): _coerce(v, value_tp, f"{key}.{k}") for k, v in value.items()}
     if origin is list:
         (item_tp,) = typing.get_args(tp)
         if isinstance(value, str):
@@ -197,13 +202,24 @@ def field_rule(f: dataclasses.Field) -> Rule:
 
 
 def iter_fields(obj: Any, prefix: str = "") -> typing.Iterator[tuple[str, Any, Rule]]:
-    """``(dotted key, value, rule)`` of every leaf field of a dataclass tree."""
+    """``(dotted key, value, rule)`` of every leaf field of a dataclass tree; the entries of a
+    mapping field are leaves under its key (``rewards.extra.redness.margin``), with its rule."""
     for f in dataclasses.fields(obj):
         value = getattr(obj, f.name)
         if dataclasses.is_dataclass(value) and not isinstance(value, type):
             yield from iter_fields(value, f"{prefix}{f.name}.")
+        elif isinstance(value, dict):
+            yield from ((key, leaf, field_rule(f)) for key, leaf in _leaves(value, f"{prefix}{f.name}."))
         else:
             yield f"{prefix}{f.name}", value, field_rule(f)
+
+
+def _leaves(data: dict, prefix: str) -> typing.Iterator[tuple[str, Any]]:
+    for key, value in data.items():
+        if isinstance(value, dict):
+            yield from _leaves(value, f"{prefix}{key}.")
+        else:
+            yield f"{prefix}{key}", value
 
 
 def check_fields(obj: Any, prefix: str = "") -> None:

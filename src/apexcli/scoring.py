@@ -48,7 +48,7 @@ from apexcli.fileio import atomic_write_text
 from apexcli.images import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, open_image
 from apexcli.jsonsafe import dumps, is_finite_number
 from apexcli.rewards.config import RewardsConfig
-from apexcli.rewards.registry import REGISTRY, canonical_name
+from apexcli.rewards.registry import canonical_name, reward_spec
 
 # Files that live next to images and are not meant to be scored: skipped without a complaint.
 SIDECAR_EXTENSIONS = frozenset({".jsonl", ".json", ".csv", ".txt", ".yaml", ".yml", ".md", ".log"})
@@ -257,7 +257,7 @@ def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str
     if isinstance(objectives, str):
         objectives = [o for o in objectives.split(",") if o.strip()]
     names = [canonical_name(o) for o in objectives]  # fail on a typo before loading anything
-    prompt_needing = [n for n in names if REGISTRY[n].needs_prompt]
+    prompt_needing = [n for n in names if reward_spec(n).needs_prompt]
     files, skipped = expand_paths(paths)
     lookup = PromptLookup(prompt, prompts_file, warn=lambda message: err_console.print(
         f"[yellow]warning[/] {escape(message)}; skipped that line", highlight=False))

@@ -13,16 +13,20 @@ import json
 from pathlib import Path
 
 import torch
+from accelerate.utils import gather_object
 
-from apexcli.config import Config
+from apexcli.config import Config, config_from_dict, validate
+from apexcli.errors import ApexError
 from apexcli.flow.rollout import decode_latents, rollout
 from apexcli.images import image_grid  # noqa: F401  (re-exported: the eval grid's layout)
 from apexcli.jsonsafe import finite_or_none
-from apexcli.models.text_cache import encode_prompts
+from apexcli.models.loading import load_pipeline, resolve_device
+from apexcli.models.lora import load_lora_for_inference, resolve_lora_path
+from apexcli.models.text_cache import TextEmbeddingCache, encode_prompts, encoder_fingerprint
 from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
-from apexcli.runs import RunDir, atomic_write_text, reward_summary
-from apexcli.train.sampler import mix_seed
+from apexcli.runs import LORA_FILE, RunDir, atomic_write_text, parse_step_dirname, reward_summary, step_dirname
+from apexcli.seeds import mix_seed
 
 
 class Evaluator:
@@ -95,8 +99,6 @@ class Evaluator:
             results += [(i, pixels[j], r[j]) for j, i in enumerate(idx)]
         transformer.train(was_training)
         if world > 1:
-            from accelerate.utils import gather_object
-
             results = gather_object(results)
             if not acc.is_main_process:
                 return None
@@ -136,13 +138,6 @@ def evaluate_checkpoint(
     another run's checkpoint. ``prompts`` / ``num_prompts`` / ``seed`` evaluate on another set
     than the run's: written under ``eval/set-<prompts>-n<N>-seed<S>/``, never into the run's
     metrics (``log`` is refused). Returns the row plus ``eval_dir``."""
-    from apexcli.config import config_from_dict, validate
-    from apexcli.errors import ApexError
-    from apexcli.models.loading import load_pipeline, resolve_device
-    from apexcli.models.lora import load_lora_for_inference, resolve_lora_path
-    from apexcli.models.text_cache import TextEmbeddingCache, encoder_fingerprint
-    from apexcli.runs import LORA_FILE, parse_step_dirname, step_dirname
-
     run = RunDir(Path(run_path))
     if not run.config_path.is_file():
         raise ApexError(f"'{run_path}' is not a run directory (no config.yaml); give the --out folder of apex train")

@@ -169,6 +169,14 @@ class Trajectory:
 
     __getitem__ = index
 
+    @staticmethod
+    def cat(items: Sequence[Trajectory]) -> Trajectory:
+        """One trajectory of every sample of ``items`` (rollouts of one sampler; the first's settings)."""
+        if len(items) == 1:
+            return items[0]
+        return replace(items[0], latents=torch.cat([t.latents for t in items]),
+                       log_probs=torch.cat([t.log_probs for t in items]))
+
 
 def first_sigma_below_one(sigmas: torch.Tensor) -> float:
     """``sigma_max`` of ``flow.sde``: the first scheduler sigma strictly below 1."""

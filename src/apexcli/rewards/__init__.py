@@ -1,5 +1,5 @@
 """Rewards: a registry of scorers (pick, aes, deqa, ocr, toy metrics, the mini world's adherence,
-quality and appeal) and the fused RewardSuite.
+quality and appeal, and rewards added from outside apex) and the fused RewardSuite.
 
 Names resolve lazily so that reading the reward options (``apexcli.rewards.config``, used by
 the CLI's option parsing) does not import torch and the model code.
@@ -12,7 +12,7 @@ _WHERE = {
     "AesConfig": "config", "DeqaConfig": "config", "OcrConfig": "config", "PickConfig": "config",
     "RemoteConfig": "config", "RewardsConfig": "config", "ToyConfig": "config", "apply_overrides": "config",
     "REGISTRY": "registry", "REWARD_NAMES": "registry", "build_reward": "registry",
-    "canonical_name": "registry", "needs_prompt": "registry",
+    "canonical_name": "registry", "needs_prompt": "registry", "reward_class": "registry", "reward_spec": "registry",
     "RewardSuite": "suite",
 }
 

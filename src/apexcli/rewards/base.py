@@ -113,6 +113,10 @@ class ImageBatch:
 class Reward(ABC):
     """Base class of a reward. Subclasses set the class attributes and implement `score`.
 
+    Built as ``cls(options, device=device, dtype=dtype)``: ``options`` is the reward's config
+    section (``rewards.pick`` ...) for a built-in reward, an instance of its ``Options`` dataclass
+    (from ``rewards.extra.<name>``) for a reward from outside apex, or None when it declares none.
+
     `score(batch, prompts)` receives at most `batch_size` images and returns (scores [B] float32
     CPU tensor, info dict of per-image lists). It must never silently return zeros: NaN marks
     "does not apply", errors raise.
@@ -123,6 +127,17 @@ class Reward(ABC):
     cpu_bound: ClassVar[bool] = False  # True: run in the suite's worker pool beside device rewards
     uses_pil: ClassVar[bool] = False  # reads batch.pil(): the suite converts once for all such rewards
     batch_size: int = 64
+    Options: ClassVar[type | None] = None
+    """A dataclass of the options a reward from outside apex takes (``rewards.extra.<name>.<field>``)."""
+    prompt_requirement: ClassVar[str] = "prompts it applies to"
+    """What a prompt set needs for this reward to score anything (the start-up error says it)."""
+    prompt_fix: ClassVar[str] = "a prompts.train with such prompts"
+
+    @classmethod
+    def applies_to(cls, prompt: str) -> bool:
+        """Whether this reward scores images of ``prompt``; elsewhere it returns NaN by design.
+        Training refuses an objective that applies to none of its prompts: it would never train."""
+        return True
 
     @abstractmethod
     def score(self, batch: ImageBatch, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -25,7 +25,6 @@ import torch
 import torch.nn.functional as F
 from transformers import CLIPImageProcessor
 
-
 PRECISION_BITS = 22  # PIL's fixed point for 8-bit resampling: 32 - 8 - 2
 
 

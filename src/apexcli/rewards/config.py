@@ -2,13 +2,16 @@
 
 The global config nests `RewardsConfig` under `rewards.`, so every field can be overridden
 with a dotted key, e.g. `rewards.pick.source=/local/dir` or `rewards.ocr.backend=paddleocr`.
-Only plain types (str, int, float, bool) and nested dataclasses are used.
+Only plain types (str, int, float, bool) and nested dataclasses are used, except
+`rewards.extra`: the options of rewards added from outside apex, which only their own classes
+know (each declares an `Options` dataclass that types and checks them when it is built).
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import Any
 
 from apexcli.schema import check_fields, deep_merge, from_dict, parse_override, setting
 
@@ -99,6 +102,9 @@ class RewardsConfig:
     ocr: OcrConfig = field(default_factory=OcrConfig)
     toy: ToyConfig = field(default_factory=ToyConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
+    # Options of rewards from outside apex, by reward name: `rewards.extra.redness.margin=0.1`
+    # (typed by the reward's `Options` dataclass); `url` there serves it from a reward server.
+    extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
 def apply_overrides(cfg: RewardsConfig, items: list[str]) -> RewardsConfig:

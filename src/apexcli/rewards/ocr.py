@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import queue
-import re
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Callable, Protocol
 
@@ -39,25 +38,16 @@ from PIL import Image
 from rapidfuzz.distance import Levenshtein
 
 from apexcli.errors import ApexError
+from apexcli.prompts import quoted_text, quotes_text
 from apexcli.rewards.base import ImageBatch, Reward
 from apexcli.rewards.config import OcrConfig
 
-_CURLY = re.compile(r"“([^”]*)”")
 UPSIDE_DOWN = ("drop", "rotate", "read")
 
 
 def ocr_target(prompt: str) -> str | None:
-    """Normalised quoted text of the prompt, or None when it quotes nothing.
-
-    Straight quotes first, exactly as the reference (`prompt.split('"')[1]`: the text after the
-    first `"`, up to the next `"` or the end); a curly “…” span only when there is no `"`."""
-    prompt = prompt or ""
-    if '"' in prompt:
-        text = prompt.split('"')[1]
-    else:
-        match = _CURLY.search(prompt)
-        text = match.group(1) if match else ""
-    return normalize_text(text) or None
+    """Normalised quoted text of the prompt (``prompts.quoted_text``), or None when it quotes nothing."""
+    return normalize_text(quoted_text(prompt)) or None
 
 
 def normalize_text(text: str) -> str:
@@ -167,6 +157,12 @@ class OcrReward(Reward):
     needs_prompt = True
     cpu_bound = True
     uses_pil = True
+    prompt_requirement = 'prompts with quoted text ("...")'
+    prompt_fix = "prompts.train=builtin:mixed (or builtin:ocr, or your own file)"
+
+    @classmethod
+    def applies_to(cls, prompt: str) -> bool:
+        return quotes_text(prompt)
 
     def __init__(self, config: OcrConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if config.backend not in BACKENDS:

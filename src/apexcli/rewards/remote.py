@@ -31,7 +31,7 @@ from apexcli.errors import ApexError
 from apexcli.jsonsafe import finite_or_none
 from apexcli.rewards.base import ImageBatch, Reward
 from apexcli.rewards.config import RemoteConfig
-from apexcli.rewards.registry import REGISTRY
+from apexcli.rewards.registry import reward_spec
 
 TOKEN_ENV = "APEX_SERVE_TOKEN"  # the bearer token, read by `apex serve` and by every client
 
@@ -109,7 +109,7 @@ class RemoteReward(Reward):
 
     def __init__(self, name: str, url: str, config: RemoteConfig | None = None, batch_size: int = 32):
         self.name = name  # type: ignore[misc]
-        self.needs_prompt = REGISTRY[name].needs_prompt  # type: ignore[misc]
+        self.needs_prompt = reward_spec(name).needs_prompt  # type: ignore[misc]
         self.url = url.rstrip("/")
         if not self.url.startswith(("http://", "https://")):
             raise ApexError(f"reward URL {url!r} for {name} must start with http:// (e.g. {name}@http://127.0.0.1:18086)")

@@ -17,8 +17,17 @@ from PIL import Image
 from apexcli.errors import ApexError
 from apexcli.rewards.base import ImageBatch, Reward
 from apexcli.rewards.config import RewardsConfig
-from apexcli.rewards.registry import REGISTRY, build_reward, canonical_name, resolve_objective, split_remote
-
+from apexcli.rewards.registry import (
+    REWARD_NAMES,
+    build_reward,
+    canonical_name,
+    remote_batch_size,
+    resolve_objective,
+    reward_class,
+    reward_spec,
+    split_remote,
+)
+from apexcli.rewards.remote import RemoteReward
 
 SUITE_DTYPE = torch.float32
 """The dtype of every reward whose ``rewards.X.dtype`` is empty, in training, evaluation, `apex
@@ -43,7 +52,7 @@ class RewardSuite:
         if isinstance(objectives, str):
             objectives = [o for o in objectives.split(",") if o.strip()]
         if not objectives:
-            raise ApexError(f"no objectives given; valid: {', '.join(sorted(REGISTRY))}")
+            raise ApexError(f"no objectives given; valid: {', '.join(REWARD_NAMES)}")
         self.config = config or RewardsConfig()
         self.device = torch.device(device)
         self.dtype = dtype
@@ -86,16 +95,20 @@ class RewardSuite:
 
     def _build(self, key: str) -> Reward:
         if self.urls[key]:
-            from apexcli.rewards.remote import RemoteReward
-
-            section = getattr(self.config, REGISTRY[key].section)
-            return RemoteReward(key, self.urls[key], self.config.remote, getattr(section, "batch_size", 32))
+            return RemoteReward(key, self.urls[key], self.config.remote, remote_batch_size(key, self.config))
         return build_reward(key, self.config, self.device, self.dtype)
 
     @property
     def needs_prompts(self) -> list[str]:
         """Objectives that read the prompt."""
-        return [k for k in self.objectives if REGISTRY[k].needs_prompt]
+        return [k for k in self.objectives if reward_spec(k).needs_prompt]
+
+    def applies(self, prompts: Sequence[str]) -> torch.Tensor:
+        """``[P, K]`` bool: whether objective k scores prompt p (elsewhere its reward is NaN by
+        design). The reward's class decides, wherever the reward is scored."""
+        classes = [reward_class(k) for k in self.objectives]
+        rows = [[cls.applies_to(p) for cls in classes] for p in prompts]
+        return torch.tensor(rows, dtype=torch.bool).reshape(len(prompts), len(self.objectives))
 
     def __call__(self, images: torch.Tensor | Sequence[Image.Image] | ImageBatch,
                  prompts: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:

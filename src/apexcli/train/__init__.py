@@ -17,6 +17,7 @@ def run_training(
     overwrite: bool = False,
 ) -> Path:
     """Resolve the config from its layers and train; returns the run directory."""
+    # imported here: the libraries' verbosity is set (quiet_libraries) before the trainer loads them
     from apexcli.config import resolve_config
     from apexcli.quiet import quiet_libraries
     from apexcli.train.trainer import train

@@ -1,4 +1,4 @@
-"""Atomic, resumable checkpoints (DESIGN.md §7).
+"""Atomic, resumable checkpoints.
 
     checkpoints/step-000100/
         pytorch_lora_weights.safetensors    live LoRA, diffusers format (load_lora_weights reads it)
@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+import yaml
+from safetensors import safe_open
 
 from apexcli.errors import ApexError
 from apexcli.runs import CONFIG_FILE, LORA_FILE, RunDir, atomic_directory
@@ -84,8 +86,6 @@ def _torch_file(checkpoint: Path, name: str, map_location) -> dict:
 
 def _check_lora_file(checkpoint: Path, name: str) -> None:
     """Read every tensor of a LoRA file: a truncated file fails here, not half-way through setup."""
-    from safetensors import safe_open
-
     path = checkpoint / name
     if not path.is_file():
         raise CheckpointError(checkpoint, name, "is missing")
@@ -101,8 +101,6 @@ def _check_lora_file(checkpoint: Path, name: str) -> None:
 
 
 def read_checkpoint_config(checkpoint: Path) -> dict:
-    import yaml
-
     path = checkpoint / CONFIG_FILE
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))

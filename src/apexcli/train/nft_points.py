@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from apexcli.train.sampler import mix_seed
+from apexcli.seeds import mix_seed
 
 
 def flow_matching_point(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 
 from apexcli.errors import ApexError
+from apexcli.seeds import mix_seed
 
 
 @dataclass(frozen=True)
@@ -24,16 +25,6 @@ class StepBatch:
     """``[N]`` long: group of each global sample (0 .. prompts_per_step-1)."""
     shard: slice
     """The global samples this process owns."""
-
-
-def mix_seed(*parts: int) -> int:
-    """A 63-bit seed from integers (SplitMix-style), stable across processes and versions."""
-    h = 0x9E3779B97F4A7C15
-    for p in parts:
-        h ^= (p + 0x9E3779B97F4A7C15 + (h << 6) + (h >> 2)) & 0xFFFFFFFFFFFFFFFF
-        h = (h * 0xBF58476D1CE4E5B9) & 0xFFFFFFFFFFFFFFFF
-        h ^= h >> 31
-    return h & 0x7FFFFFFFFFFFFFFF
 
 
 def plan_step(

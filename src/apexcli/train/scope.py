@@ -1,4 +1,7 @@
-"""Which objectives train on which prompts: ``balance.not_on_text``."""
+"""Which objectives train on which prompts: ``balance.not_on_text``.
+
+Quoting text is a property of the prompt (``prompts.quotes_text``), the same test by which the
+OCR reward decides where it applies; no reward is named here."""
 
 from __future__ import annotations
 
@@ -7,7 +10,7 @@ from collections.abc import Sequence
 import torch
 
 from apexcli.errors import ApexError
-from apexcli.rewards.ocr import ocr_target
+from apexcli.prompts import quotes_text
 
 
 def not_on_text_mask(prompts: Sequence[str], objectives: Sequence[str], names: Sequence[str]) -> torch.Tensor | None:
@@ -24,6 +27,6 @@ def not_on_text_mask(prompts: Sequence[str], objectives: Sequence[str], names: S
             f"balance.not_on_text names {', '.join(repr(n) for n in unknown)}, not among the objectives "
             f"({', '.join(objectives)}); list only objectives being trained"
         )
-    quotes = torch.tensor([ocr_target(p) is not None for p in prompts], dtype=torch.bool)
+    quotes = torch.tensor([quotes_text(p) for p in prompts], dtype=torch.bool)
     scoped = torch.tensor([k in names for k in objectives], dtype=torch.bool)
     return quotes.unsqueeze(1) & scoped.unsqueeze(0)

@@ -10,13 +10,25 @@
     <run>/checkpoints/step-000100/
                                  pytorch_lora_weights.safetensors (diffusers format),
                                  state/ (optimizer, balancer, RNG, step), config.yaml
+    <run>/.apex-run.json         the marker: this folder holds an apex run (run id, apex version);
+                                 ``--overwrite``, ``--resume`` and pruning act only where it is
+    <run>/.apex-run.lock         an OS lock held by the one process writing the run
 """
 
 from __future__ import annotations
 
 import json
+import os
+import socket
+import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no OS lock, the marker still guards overwrite and resume
+    fcntl = None
 
 import yaml
 
@@ -28,6 +40,8 @@ COMMAND_FILE = "command.txt"
 METRICS_FILE = "metrics.jsonl"
 LORA_FILE = "pytorch_lora_weights.safetensors"
 SOUP_FILE = "soup.json"  # in a run made by ``apex soup``: parents and coefficients of the mixture
+MARKER_FILE = ".apex-run.json"
+LOCK_FILE = ".apex-run.lock"
 
 
 def step_dirname(step: int) -> str:
@@ -156,6 +170,88 @@ class RunDir:
     def latest_checkpoint(self) -> Path | None:
         steps = self.checkpoint_steps()
         return self.checkpoint_dir(steps[-1]) if steps else None
+
+    # -- ownership -------------------------------------------------------------------------
+    @property
+    def marker_path(self) -> Path:
+        return self.path / MARKER_FILE
+
+    def read_marker(self) -> dict | None:
+        """The marker's content, or None when the folder carries none (or an unreadable one)."""
+        try:
+            data = json.loads(self.marker_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None
+        return data if isinstance(data, dict) and isinstance(data.get("run_id"), str) else None
+
+    def is_owned(self) -> bool:
+        """This folder holds a run apex wrote (its marker is there)."""
+        return self.read_marker() is not None
+
+    def write_marker(self) -> dict:
+        """Mark the folder as an apex run; an existing marker keeps its run id."""
+        from apexcli import __version__
+
+        old = self.read_marker() or {}
+        marker = {"run_id": old.get("run_id") or uuid.uuid4().hex, "apex_version": __version__,
+                  "created": old.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        atomic_write_text(self.marker_path, json.dumps(marker, indent=1) + "\n")
+        return marker
+
+
+class RunLock:
+    """An exclusive OS lock on ``<run>/.apex-run.lock`` for the life of the writing process.
+
+    ``flock`` is released by the kernel when the process ends, however it ends, so a crash never
+    leaves a stale lock; a second writer fails at once, told who holds the folder."""
+
+    def __init__(self, run: RunDir):
+        self.path = run.path / LOCK_FILE
+        self.run = run
+        self._file = None
+
+    def acquire(self) -> RunLock:
+        from apexcli.errors import ApexError
+
+        self.run.path.mkdir(parents=True, exist_ok=True)
+        handle = open(self.path, "a+", encoding="utf-8")
+        if fcntl is not None:
+            try:
+                fcntl.flock(handle.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                holder = _holder(handle.read())
+                handle.close()
+                raise ApexError(f"--out '{self.run.path}' is in use by another apex process ({holder}); "
+                                "wait for it to end, or choose another --out") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        handle.flush()
+        self._file = handle
+        return self
+
+    def release(self) -> None:
+        if self._file is not None:
+            if fcntl is not None:
+                fcntl.flock(self._file.fileno(), fcntl.LOCK_UN)
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> RunLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+
+def _holder(text: str) -> str:
+    try:
+        info = json.loads(text)
+        return f"pid {info['pid']} on {info['host']}, since {info['since']}"
+    except (ValueError, KeyError, TypeError):
+        return "holder unknown"
 
 
 def find_runs(root: Path) -> list[RunDir]:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from apexcli.config import Config
 from apexcli.errors import ApexError
-from apexcli.runs import COMMAND_FILE, CONFIG_FILE, LORA_FILE, METRICS_FILE, RunDir, parse_step_dirname
+from apexcli.runs import COMMAND_FILE, CONFIG_FILE, LORA_FILE, MARKER_FILE, METRICS_FILE, RunDir, parse_step_dirname
 from apexcli.schema import iter_fields
 from apexcli.train.checkpoint import CheckpointError, TrainingState, load_training_state, read_checkpoint_config
 
@@ -40,6 +40,11 @@ RUN_ENTRIES = (CONFIG_FILE, COMMAND_FILE, METRICS_FILE, "checkpoints", "eval")
 
 def warn(message: str) -> None:
     print(f"warning: {message}", file=sys.stderr)
+
+
+class NothingToTrain(Exception):
+    """``--resume`` of a run that already reached ``train.steps``: no model is loaded and no
+    file is written; the message says how to train further."""
 
 
 @dataclass
@@ -84,11 +89,22 @@ def ensure_writable(path: Path) -> None:
 
 
 def _step_dirs(run: RunDir) -> list[tuple[int, Path]]:
-    """Every ``checkpoints/step-*`` directory, complete or not, newest first."""
+    """Every ``checkpoints/step-*`` directory, complete or not, newest first. A ``.step-N.old``
+    whose ``step-N`` is missing (a re-save killed between its two renames) counts as step N: it
+    is the checkpoint, and the next start renames it back, after this decision has used it."""
     if not run.checkpoints_dir.is_dir():
         return []
-    found = [(parse_step_dirname(p.name), p) for p in run.checkpoints_dir.iterdir() if p.is_dir()]
-    return sorted(((s, p) for s, p in found if s is not None), reverse=True)
+    found = {}
+    for p in run.checkpoints_dir.iterdir():
+        if p.is_dir():
+            step = parse_step_dirname(p.name)
+            if step is not None:
+                found[step] = p
+    for p in run.checkpoints_dir.glob(".step-*.old"):
+        step = parse_step_dirname(p.name[1 : -len(".old")])
+        if p.is_dir() and step is not None and step not in found:
+            found[step] = p
+    return sorted(found.items(), reverse=True)
 
 
 def _newest_good(run: RunDir, below: int | None = None) -> tuple[Path | None, TrainingState | None, list[str]]:
@@ -148,6 +164,13 @@ def plan_start(run: RunDir, cfg: Config, *, resume: str | None, overwrite: bool,
     if resume == "auto" and overwrite:
         raise ApexError("--overwrite starts the run in --out over and --resume auto continues it; give only one")
     plan = resolve_resume(run, resume) if resume else StartPlan()
+    entries = existing_run_entries(run)
+    if resume == "auto" and plan.checkpoint is None and entries:
+        raise ApexError(
+            f"--resume auto found no checkpoint in '{run.path}', but it holds a run ({', '.join(entries)}); "
+            "nothing to continue from. To start that run over pass --overwrite instead of --resume auto; "
+            "to keep it, choose another --out"
+        )
     if verbose:
         for line in plan.skipped:
             warn(f"checkpoint {line}; passing over it")
@@ -158,13 +181,25 @@ def plan_start(run: RunDir, cfg: Config, *, resume: str | None, overwrite: bool,
         if plan.skipped and verbose:
             warn(f"resuming from the previous good checkpoint {plan.checkpoint}")
         check_resume_config(plan.checkpoint, read_checkpoint_config(plan.checkpoint), cfg, verbose=verbose)
-    entries = existing_run_entries(run)
-    if entries and not own and not (resume == "auto" and plan.checkpoint is None):
+        if plan.state.step > cfg.train.steps:
+            raise ApexError(
+                f"--steps {cfg.train.steps} is below step {plan.state.step}, where {plan.checkpoint} already is; "
+                f"pass --steps above {plan.state.step} to train further"
+            )
+        if plan.state.step == cfg.train.steps and own:
+            raise NothingToTrain(f"'{run.path}' is complete at step {plan.state.step} (train.steps); nothing to train, "
+                                 f"nothing written. Pass --steps above {plan.state.step} to train further")
+    if entries and not own:
         if not overwrite:
             what = "a new run" if plan.checkpoint is None else f"a run resumed from {plan.checkpoint}"
             raise ApexError(
                 f"--out '{run.path}' already holds a run ({', '.join(entries)}); refusing to write {what} over it. "
                 "Continue it with --resume auto, choose another --out, or pass --overwrite to delete the old run's files"
+            )
+        if not run.is_owned():
+            raise ApexError(
+                f"--overwrite would delete {', '.join(entries)} in '{run.path}', but the folder carries no {MARKER_FILE}: "
+                "apex did not write them (or an apex too old to mark its runs did); delete them yourself, or choose another --out"
             )
         plan.overwrite = entries
     return plan
@@ -228,12 +263,14 @@ def prepare_directory(run: RunDir, plan: StartPlan) -> None:
 def clean_interrupted_saves(run: RunDir) -> list[str]:
     """Temp dirs of a save killed before its rename (``.step-N.*.tmp``) are deleted; a
     ``.step-N.old`` (killed between the two renames of a re-save) goes back to ``step-N`` if that
-    is missing, else is deleted. Temp files of atomic writes in the run dir are deleted too."""
+    is missing, else is deleted; a ``.step-N.deleting`` (pruning killed midway) is deleted. Temp
+    files of apex's own atomic writes in the run dir (``.config.yaml.*.tmp`` ...) are deleted, and
+    nothing else: the folder may hold other files."""
     cleaned = []
     ckpts = run.checkpoints_dir
     if ckpts.is_dir():
         for p in sorted(ckpts.iterdir()):
-            if p.name.startswith(".step-") and p.name.endswith(".tmp"):
+            if p.name.startswith(".step-") and p.name.endswith((".tmp", ".deleting")):
                 shutil.rmtree(p, ignore_errors=True)
                 cleaned.append(f"checkpoints/{p.name}")
             elif p.name.startswith(".step-") and p.name.endswith(".old"):
@@ -245,10 +282,11 @@ def clean_interrupted_saves(run: RunDir) -> list[str]:
                     os.replace(p, final)
                     cleaned.append(f"checkpoints/{p.name} (restored as {final.name})")
     if run.path.is_dir():
-        for p in sorted(run.path.glob(".*.tmp")):
-            if p.is_file():
-                p.unlink()
-                cleaned.append(p.name)
+        for name in (CONFIG_FILE, COMMAND_FILE, METRICS_FILE, MARKER_FILE):
+            for p in sorted(run.path.glob(f".{name}.*.tmp")):
+                if p.is_file():
+                    p.unlink()
+                    cleaned.append(p.name)
     return cleaned
 
 

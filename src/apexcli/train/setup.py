@@ -46,7 +46,16 @@ from apexcli.train.losses import PolicyLoss, PolicyModels, build_policy_loss
 from apexcli.train.lr_schedule import UpdateSchedule
 from apexcli.train.probes import GradientProbe, ProgressProbe
 from apexcli.train.rollouts import ShardSampler
-from apexcli.train.run_start import StartPlan, abandon_after, ensure_writable, plan_start, prepare_directory, warn
+from apexcli.runs import RunLock
+from apexcli.train.run_start import (
+    StartPlan,
+    abandon_after,
+    check_out_path,
+    ensure_writable,
+    plan_start,
+    prepare_directory,
+    warn,
+)
 from apexcli.train.scope import not_on_text_mask
 from apexcli.train.update import PolicyUpdate
 
@@ -112,30 +121,39 @@ class TrainingParts:
     sampler: ShardSampler
     update: PolicyUpdate
     gradient_probe: GradientProbe
+    run_lock: RunLock | None = None
 
 
 def set_up(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool, argv: list[str]) -> TrainingParts:
-    """Build the run's parts, restore a checkpoint, and open the run directory."""
-    accelerator, start = _launch(cfg, run, resume=resume, overwrite=overwrite)
-    # Rewards first: an unknown objective fails before any model is loaded. One suite holds
-    # every reward model the run uses; training, eval and the progress probe take views of it.
-    eval_objectives = list(cfg.eval.objectives or cfg.objectives) if cfg.eval.every > 0 else []
-    reward_models = RewardSuite(union_objectives(cfg.objectives, eval_objectives), device=accelerator.device,
-                                config=cfg.rewards)
+    """Build the run's parts, restore a checkpoint, and open the run directory. On any failure
+    the run folder's lock and the reward models are released before the error propagates."""
+    lock = RunLock(run)
+    reward_models = None
     try:
+        accelerator, start = _launch(cfg, run, resume=resume, overwrite=overwrite, lock=lock)
+        # Rewards first: an unknown objective fails before any model is loaded. One suite holds
+        # every reward model the run uses; training, eval and the progress probe take views of it.
+        eval_objectives = list(cfg.eval.objectives or cfg.objectives) if cfg.eval.every > 0 else []
+        reward_models = RewardSuite(union_objectives(cfg.objectives, eval_objectives), device=accelerator.device,
+                                    config=cfg.rewards)
         parts = _build(cfg, accelerator, start, reward_models, eval_objectives)
         if start.checkpoint is not None:
             parts.step = restore(parts, cfg, start.checkpoint, start.state)
         _open_run(cfg, run, parts, argv)
     except BaseException:
-        reward_models.close()
+        if reward_models is not None:
+            reward_models.close()
+        lock.release()
         raise
+    parts.run_lock = lock
     return parts
 
 
-def _launch(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool) -> tuple[Accelerator, StartPlan]:
-    """The accelerator, the layout checks and apex doctor's, then the plan for the run directory
-    (refuse to clobber a run; read the resume checkpoint in full), all before any model loads."""
+def _launch(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool, lock: RunLock) -> tuple[Accelerator, StartPlan]:
+    """The accelerator, the layout checks and apex doctor's, the run folder's lock (the main
+    process holds it for the whole run: a second writer fails at once), then the plan for the
+    run directory (refuse to clobber a run; read the resume checkpoint in full), all before any
+    model loads."""
     device = resolve_device(cfg.model.device)
     if device.type == "cuda" and device.index is not None and int(os.environ.get("WORLD_SIZE", "1")) == 1:
         torch.cuda.set_device(device)  # single process on cuda:N; launchers set it per rank
@@ -144,6 +162,9 @@ def _launch(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool) ->
     acc = Accelerator(cpu=device.type == "cpu", log_with=trackers, project_dir=str(run.path))
     layout = check_shards(cfg, acc.num_processes)
     preflight(cfg)  # apex doctor's checks: the first failing one stops the run before anything heavy loads
+    if acc.is_main_process:
+        check_out_path(run.path)
+        lock.acquire()  # before the plan: two starts can no longer both pass its checks
     start = plan_start(run, cfg, resume=resume, overwrite=overwrite, verbose=acc.is_main_process)
     if acc.is_main_process:  # announced once the run can start: a start-up error stays the only line
         ensure_writable(run.path)
@@ -290,12 +311,11 @@ def _open_run(cfg: Config, run: RunDir, parts: TrainingParts, argv: list[str]) -
     if acc.is_main_process:
         prepare_directory(run, parts.start)
         run.create()
+        run.write_marker()  # the folder is apex's own: --overwrite, --resume and pruning act only on such
         run.write_config(config_to_dict(cfg))
         run.append_command(argv)
         if parts.start.checkpoint is not None:
             abandon_after(run, parts.step)
-        elif run.metrics_path.exists():
-            run.metrics_path.unlink()  # --resume auto before any checkpoint: the log restarts
     if acc.log_with:
         acc.init_trackers(cfg.name or run.path.name, config=_flat(config_to_dict(cfg)))
     acc.wait_for_everyone()

@@ -41,7 +41,7 @@ from apexcli.train.losses import UpdateBatch
 from apexcli.train.probes import PROGRESS_NOISE_STREAM, spread_prompts
 from apexcli.train.progress import TrainProgress
 from apexcli.train.rollouts import busy_seconds as _busy_seconds
-from apexcli.train.run_start import warn
+from apexcli.train.run_start import NothingToTrain, warn
 from apexcli.train.sampler import StepBatch, plan_step
 from apexcli.train.setup import set_up
 from apexcli.train.update import selected_samples
@@ -237,6 +237,9 @@ class Trainer:
         suite = getattr(self, "reward_models", None)
         if suite is not None:
             suite.close()
+        lock = getattr(self, "run_lock", None)
+        if lock is not None:
+            lock.release()
         acc = getattr(self, "accelerator", None)
         if acc is not None and acc.log_with:
             acc.end_training()
@@ -248,5 +251,8 @@ def train(cfg: Config, *, resume: str | None = None, argv: list[str] | None = No
     try:
         trainer.setup()
         return trainer.train()
+    except NothingToTrain as done:
+        print(str(done), file=sys.stderr)
+        return trainer.run.path
     finally:
         trainer.close()

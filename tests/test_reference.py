@@ -23,7 +23,8 @@ def test_committed_page_is_current():
 def test_every_key_is_listed_and_documented():
     rows = {r.key: r for s in reference.sections() for r in s.rows}
     keys = [key for key, _, _ in iter_fields(Config())]
-    assert sorted(rows) == sorted(keys)
+    mappings = {"rewards.extra"}  # documented as one row; its leaves are the options of rewards added from outside
+    assert sorted(set(rows) - mappings) == sorted(keys) and mappings <= set(rows)
     undocumented = [k for k, r in rows.items() if not r.doc]
     assert not undocumented, f"config keys without a docstring or comment: {undocumented}"
 

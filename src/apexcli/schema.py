@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
+import re
 import types
 import typing
 from typing import Any, Union
@@ -53,7 +54,7 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ApexError(f"config key '{key}' must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, str) and value.strip().lstrip("-").isdigit():
+        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):  # ASCII digits only: not "²", not "--5"
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value

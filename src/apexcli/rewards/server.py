@@ -178,11 +178,9 @@ class RewardHTTPServer(ThreadingHTTPServer):
     # kernel's backlog meanwhile), dropping a trickling unauthenticated connection to free one
     def process_request(self, request, client_address):  # type: ignore[override]
         accepted = time.monotonic()
-        while not self.slots.acquire(timeout=_POLL_S):
-            if self._stopping.is_set():
-                self.shutdown_request(request)
-                return
-            self._drop_one(address=None)
+        if not self._wait_for_slot():
+            self.shutdown_request(request)
+            return
         try:
             self._admit(_Connection(request, str(client_address[0]), accepted))
             super().process_request(request, client_address)
@@ -190,6 +188,17 @@ class RewardHTTPServer(ThreadingHTTPServer):
             self._forget(request)
             self.slots.release()
             raise
+
+    def _wait_for_slot(self) -> bool:
+        """Take a slot, dropping a trickling connection first whenever none is free (the slot it
+        frees comes within milliseconds); False when the server stops meanwhile."""
+        while not self.slots.acquire(blocking=False):
+            if self._stopping.is_set():
+                return False
+            self._drop_one(address=None)
+            if self.slots.acquire(timeout=_POLL_S):
+                break
+        return True
 
     def process_request_thread(self, request, client_address):  # type: ignore[override]
         try:

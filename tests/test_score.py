@@ -474,3 +474,11 @@ def test_out_under_the_home_folder_is_expanded(mixed, tmp_path, monkeypatch):
                                       "--out=~/scored", "--device", "cpu", "--no-progress"])
     assert result.exit_code == 0, result.output
     assert (home / "scored" / "scores.jsonl").is_file() and not (tmp_path / "~").exists()
+
+
+def test_an_existing_name_with_glob_characters_is_that_file(tmp_path):
+    _white(tmp_path / "shot[1].png")
+    _, con = quiet()
+    report = score_paths([str(tmp_path / "shot[1].png")], objectives="brightness", out_dir=str(tmp_path / "s"),
+                         device="cpu", progress=False, console=con, err_console=con)
+    assert [os.path.basename(r["file"]) for r in report.rows] == ["shot[1].png"] and report.issues == []

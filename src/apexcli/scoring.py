@@ -109,10 +109,10 @@ def _match(raw: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
     """One PATH argument -> ([(path, how)], skipped): how is "named" (given as is), "glob" (a
     plain glob's match; a matched folder is listed) or "walk" (a recursive glob's match; its
     folders were walked already)."""
-    if not glob.has_magic(raw):
-        if not os.path.lexists(raw):
-            raise ApexError(f"{printable(raw)!r} matches no file or folder")
+    if os.path.lexists(raw):  # an existing name is itself, even with [ or * in it
         return [(raw, "named")], []
+    if not glob.has_magic(raw):
+        raise ApexError(f"{printable(raw)!r} matches no file or folder")
     if "**" not in raw:
         matches = sorted(glob.glob(raw))
         if not matches:

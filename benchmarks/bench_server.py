@@ -1,7 +1,8 @@
 """Load test of `apex serve` on loopback: throughput, latency, bursts, stalled clients, bad requests.
 
     python benchmarks/bench_server.py [--requests 120] [--concurrency 1,8,50] [--bursts 3]
-                                      [--stalled 200] [--threads 32] [--timeout 2] [--json FILE]
+                                      [--stalled 200] [--trickling 40] [--threads 32] [--timeout 2]
+                                      [--json FILE]
 
 Starts `apex serve --objectives brightness` (a cheap reward, so the server itself is measured,
 not a model) as a child process bound to 127.0.0.1 on a free port, and stops it at the end.
@@ -11,8 +12,12 @@ Every phase is bounded (a fixed number of requests, each with a client timeout):
 2. bursts: 50 connections opened at once, `--bursts` times; failures (resets) per burst;
 3. stalled clients: `--stalled` connections that send nothing; the server's thread count
    (from /proc) while they are held, how many the server closed, and the latency of one
-   valid request queued behind them (about ceil(stalled / threads) x timeout);
-4. malformed JSON bodies: their status codes (all must be 4xx).
+   valid request queued behind them (a waiting connection drops the oldest silent one after
+   the server's header grace, so about 1 s, not ceil(stalled / threads) x timeout);
+4. trickling clients: `--trickling` connections that each send one header byte every 0.5 s
+   (each read returns, so no per-read timeout fires); the latency of one valid request
+   sent while they trickle, and how many the server dropped;
+5. malformed JSON bodies: their status codes (all must be 4xx).
 Nothing leaves the machine: the server and every client use 127.0.0.1.
 """
 
@@ -151,6 +156,48 @@ def stalled_clients(url: str, pid: int, n: int, data: bytes) -> dict:
             "queued_request_status": code, "queued_request_s": seconds}
 
 
+def trickling_clients(url: str, n: int, data: bytes) -> dict:
+    """`n` connections sending a header byte every 0.5 s (at most 240 each: two minutes), and one
+    valid request sent among them."""
+    host, port = url.rsplit("/", 1)[-1].split(":")
+    stop = threading.Event()
+    dropped = []
+
+    def closed_by_server(sock: socket.socket) -> bool:
+        sock.setblocking(False)
+        try:
+            return sock.recv(1) == b""
+        except BlockingIOError:
+            return False  # still open, nothing to read
+        except OSError:
+            return True
+
+    def trickle(sock: socket.socket) -> None:
+        try:
+            for i in range(240):
+                if stop.wait(0.5):
+                    break
+                sock.sendall(b"POST /score HTTP/1.0\r\nX-Pad: "[i:i + 1] or b"a")
+            if closed_by_server(sock):
+                dropped.append(sock)
+        except OSError:
+            dropped.append(sock)
+        finally:
+            sock.close()
+
+    socks = [socket.create_connection((host, int(port)), timeout=CLIENT_TIMEOUT_S) for _ in range(n)]
+    threads = [threading.Thread(target=trickle, args=(s,), daemon=True) for s in socks]
+    for t in threads:
+        t.start()
+    try:
+        code, seconds = post(url, data)
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(CLIENT_TIMEOUT_S)
+    return {"trickling": n, "request_status": code, "request_s": seconds, "dropped_by_server": len(dropped)}
+
+
 MALFORMED = [b"[]", b"null", b'"x"', b'{"objectives": 3}', b'{"images": [1], "prompts": ["x"]}',
              b"[" * 100_000 + b"]" * 100_000, b"{not json"]
 
@@ -161,12 +208,14 @@ def main() -> None:
     ap.add_argument("--concurrency", default="1,8,50")
     ap.add_argument("--bursts", type=int, default=3)
     ap.add_argument("--stalled", type=int, default=200)
+    ap.add_argument("--trickling", type=int, default=40)
     ap.add_argument("--threads", type=int, default=32, help="apex serve --threads")
     ap.add_argument("--timeout", type=float, default=2.0, help="apex serve --timeout (short, to see stalled clients go)")
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    if not (1 <= args.requests <= 10_000 and 0 <= args.stalled <= 1000 and 0 <= args.bursts <= 20):
-        raise SystemExit("keep it bounded: --requests 1..10000, --stalled 0..1000, --bursts 0..20")
+    if not (1 <= args.requests <= 10_000 and 0 <= args.stalled <= 1000 and 0 <= args.bursts <= 20
+            and 0 <= args.trickling <= 1000):
+        raise SystemExit("keep it bounded: --requests 1..10000, --stalled 0..1000, --trickling 0..1000, --bursts 0..20")
 
     proc, url = start_server(args.threads, args.timeout)
     data = body()
@@ -177,6 +226,7 @@ def main() -> None:
         results["throughput"] = [throughput(url, int(c), args.requests, data) for c in args.concurrency.split(",")]
         results["burst_failures"] = [burst(url, 50, data) for _ in range(args.bursts)]
         results["stalled"] = stalled_clients(url, proc.pid, args.stalled, data) if args.stalled else None
+        results["trickling"] = trickling_clients(url, args.trickling, data) if args.trickling else None
         results["malformed_status"] = sorted({post(url, b)[0] for b in MALFORMED}, key=str)
         results["after_status"] = post(url, data)[0]  # still serving
     finally:
@@ -197,6 +247,10 @@ def main() -> None:
         print(f"{s['stalled']} stalled connections: server threads idle {results['idle_server_threads']}, peak "
               f"{s['peak_server_threads']}; {s['closed_by_server']}/{s['stalled']} closed by the server; a request "
               f"queued behind them answered {s['queued_request_status']} after {s['queued_request_s']:.1f} s")
+    if results["trickling"]:
+        t = results["trickling"]
+        print(f"{t['trickling']} trickling connections: a request sent among them answered {t['request_status']} "
+              f"after {t['request_s']:.1f} s; {t['dropped_by_server']} of them dropped by the server")
     print(f"malformed bodies answered {results['malformed_status']}; afterwards a valid request: {results['after_status']}")
     if args.json:
         with open(args.json, "w") as fh:

@@ -38,7 +38,7 @@ def _error(*overrides: str) -> str:
         ("train.max_grad_norm=-inf", "train.max_grad_norm", "finite"),
         ("balance.apex.tau=inf", "balance.apex.tau", "finite"),
         ("rewards.toy.jpeg_quality=0", "rewards.toy.jpeg_quality", "[1, 100]"),
-        ("rewards.ocr.workers=0", "rewards.ocr.workers", ">= 1"),
+        ("rewards.ocr.workers=0", "rewards.ocr.workers", "[1, 64]"),
         ("model.dtype=float64", "model.dtype", "float32"),
         ("eval.objectives=[]", "eval.objectives", "empty"),
     ],

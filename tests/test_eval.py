@@ -101,3 +101,45 @@ def test_apex_eval_on_another_prompt_set_writes_its_own_folder_and_leaves_the_ru
         evaluate_checkpoint(run.path, seed=7, log=True)
     with pytest.raises(ApexError, match="--num-prompts must be at least 1"):
         evaluate_checkpoint(run.path, num_prompts=0)
+
+
+def _mean_keys(row: dict) -> list[str]:
+    return [k for k in row if k.startswith("eval/") and k.endswith("/mean")]
+
+
+def test_a_checkpoint_file_named_is_the_file_evaluated(two_runs, tmp_path):
+    """--checkpoint DIR/x.safetensors evaluated DIR/pytorch_lora_weights.safetensors instead,
+    without a word. Here x is a LoRA of zeros (the base model) beside the trained file."""
+    import shutil
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from apexcli.runs import LORA_FILE
+
+    run, _ = two_runs
+    folder = tmp_path / "loras"
+    folder.mkdir()
+    shutil.copy(run.latest_checkpoint() / LORA_FILE, folder / LORA_FILE)
+    with safe_open(str(folder / LORA_FILE), framework="pt") as f:
+        zeros, metadata = {k: f.get_tensor(k) * 0 for k in f.keys()}, f.metadata()
+    save_file(zeros, str(folder / "zero.safetensors"), metadata=metadata)
+    row = evaluate_checkpoint(run.path, str(folder / "zero.safetensors"))
+    base = evaluate_checkpoint(run.path, "base")
+    trained = evaluate_checkpoint(run.path, str(folder))
+    assert all(row[k] == pytest.approx(base[k], rel=1e-4, abs=5e-6) for k in _mean_keys(base))
+    assert any(trained[k] != pytest.approx(base[k], rel=1e-4, abs=5e-6) for k in _mean_keys(base))
+    # two files of one folder never share an eval folder
+    assert row["eval_dir"].endswith("other-loras-zero-step-000000")
+    assert trained["eval_dir"].endswith("other-loras-step-000000")
+
+
+def test_eval_errors_name_its_own_options(two_runs, tmp_path):
+    """A seed out of eval.seed's range was already a one-line error; it now names --seed."""
+    from apexcli.errors import ApexError
+
+    run, _ = two_runs
+    with pytest.raises(ApexError, match="^--checkpoint '.*missing' does not exist"):
+        evaluate_checkpoint(run.path, str(tmp_path / "missing"))
+    with pytest.raises(ApexError, match=r"^--seed must be in \[0, 4294967295\], got 1180591620717411303424$"):
+        evaluate_checkpoint(run.path, seed=2**70)

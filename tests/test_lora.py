@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -189,3 +191,46 @@ def test_saved_lora_files_are_byte_identical_across_processes(tmp_path):
         subprocess.run([sys.executable, "-c", script, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
         files.append((out / "pytorch_lora_weights.safetensors").read_bytes())
     assert files[0] == files[1] == files[2]
+
+
+def _corrupted(saved_lora, tmp_path, name: str, change) -> tuple[Path, str]:
+    """A copy of the saved LoRA whose first lora_A tensor is ``change(tensor)``; (file, key)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    directory, _, _ = saved_lora
+    with safe_open(str(directory / LORA_FILE), framework="pt") as f:
+        tensors, metadata = {k: f.get_tensor(k) for k in f.keys()}, f.metadata()
+    key = sorted(k for k in tensors if ".lora_A." in k)[0]
+    tensors[key] = change(tensors[key])
+    path = tmp_path / f"{name}.safetensors"
+    save_file(tensors, str(path), metadata=metadata)
+    return path, key[len("transformer."):]
+
+
+@pytest.mark.parametrize("name, change, problem", [
+    ("flat", lambda t: t.flatten(), "LoRA factors are matrices (2-D)"),
+    ("scalar", lambda t: t.sum(), "has shape (); LoRA factors are matrices"),
+    ("rank", lambda t: t[:3], "has rank 3 but its lora_B has rank 4"),
+    ("int64", lambda t: t.to(torch.int64), "holds int64 values; LoRA factors are floating point"),
+    ("nan", lambda t: torch.full_like(t, float("nan")), "holds NaN or infinite values"),
+    ("huge", lambda t: torch.full_like(t, 1e30), "holds a value of magnitude 1e+30"),
+])
+def test_a_broken_lora_file_is_a_one_line_error_naming_file_and_tensor(saved_lora, tmp_path, name, change, problem):
+    """A NaN or 1e30 LoRA was applied without a word (black images, exit 0); the others crashed
+    inside diffusers or peft with a traceback."""
+    from apexcli.models.lora import load_lora_for_inference
+
+    path, key = _corrupted(saved_lora, tmp_path, name, change)
+    with pytest.raises(ApexError) as info:
+        load_lora_for_inference(build_tiny_pipeline(), path, option="--checkpoint")
+    message = str(info.value)
+    assert message.startswith(f"--checkpoint file '{path}': '{key}'") and problem in message and "\n" not in message
+
+
+def test_errors_name_the_commands_own_option(tmp_path):
+    with pytest.raises(ApexError, match="^--checkpoint '.*missing' does not exist"):
+        resolve_lora_path(tmp_path / "missing", option="--checkpoint")
+    (tmp_path / "notes.txt").write_text("x")
+    with pytest.raises(ApexError, match="^--lora '.*notes.txt' is a .txt file"):
+        resolve_lora_path(tmp_path / "notes.txt")

@@ -1,5 +1,6 @@
 """apex pareto on hand-made run directories: collection, skips, files written, CLI."""
 
+import io
 import json
 from pathlib import Path
 
@@ -288,3 +289,61 @@ def test_auto_normalisation_uses_the_base_models_eval_std(three_runs, tmp_path):
     assert data["normalisation"]["method"] == "base_std"
     with pytest.raises(ApexError, match="base_std"):
         run_pareto([three_runs], tmp_path / "o2", normalisation="zscore", console=quiet())
+
+
+def test_a_row_apex_cannot_have_written_costs_itself_not_the_run(tmp_path):
+    """One parseable row with a step of 10^30 and Infinity dropped the whole run: its last eval
+    had "no finite value". apex writes null for non-finite values and never such a step."""
+    root = tmp_path / "runs"
+    make_run(root, "a", {0: BASE, 2: (0.6, 0.5)}, extra_lines=[
+        '{"step": 1000000000000000000000000000000, "kind": "eval", "eval/brightness/mean": Infinity, '
+        '"eval/contrast/mean": 0.5}',
+        '{"step": 3, "kind": "eval", "eval/brightness/mean": NaN, "eval/contrast/mean": 0.5}',
+    ])
+    make_run(root, "b", {0: BASE, 2: (0.7, 0.4)})
+    table = build_points(collect_runs([root]))
+    assert [r.name for r in table.runs] == ["a", "b"] and table.skipped == []
+    assert table.steps.tolist() == [2, 2] and table.values[0].tolist() == [0.6, 0.5]
+    (warning,) = table.warnings
+    assert "a: left out 2 metrics row(s) apex cannot have written" in warning
+    assert "step 1000000000000000000000000000000 is outside 0..1000000000" in warning
+    assert "step 3: eval/brightness/mean is nan (apex writes null)" in warning
+
+
+def test_an_objective_no_run_has_a_value_for_is_left_out_with_a_note(tmp_path):
+    """Eval prompts without quoted text give ocr no value anywhere: every run was refused
+    ("no finite value for ocr"); now ocr alone is left out, said in the report and on stderr."""
+    root = tmp_path / "runs"
+    objectives = ("brightness", "contrast", "ocr")
+    make_run(root, "a", {0: (*BASE, None), 2: (0.6, 0.5, None)}, objectives=objectives)
+    make_run(root, "b", {0: (*BASE, None), 2: (0.7, 0.4, None)}, objectives=objectives)
+    err = io.StringIO()
+    res = run_pareto([root], tmp_path / "out", console=quiet(), err_console=Console(file=err, width=200))
+    assert res.table.objectives == ["brightness", "contrast"] and len(res.table.runs) == 2
+    assert "note: ocr: no finite eval value in any run" in err.getvalue()
+    assert "- Left out: ocr: no finite eval value in any run" in res.report_path.read_text()
+    assert json.loads(res.json_path.read_text())["left_out"] == res.table.left_out
+    make_run(tmp_path / "none", "c", {0: (None,), 2: (None,)}, objectives=("ocr",))
+    with pytest.raises(ApexError, match="no objective has a finite eval value in any run"):
+        build_points(collect_runs([tmp_path / "none"]))
+
+
+def test_an_earlier_report_is_kept_unless_overwrite(three_runs, tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    run_pareto([three_runs], out, console=quiet())
+    before = (out / "report.md").read_text()
+    (out / "report.md").write_text(before + "my notes\n")
+    with pytest.raises(ApexError, match="report.md' exists .*pass --overwrite"):
+        run_pareto([three_runs], out, console=quiet())
+    assert (out / "report.md").read_text().endswith("my notes\n")
+    run_pareto([three_runs], out, console=quiet(), overwrite=True)
+    assert (out / "report.md").read_text() == before
+    # --out=~/x: the home folder, not a folder named ~
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    app = typer.Typer()
+    app.command()(pareto_command)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["pareto", str(three_runs), "--out=~/report"])
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "home" / "report" / "report.md").is_file() and not (tmp_path / "~").exists()

@@ -121,3 +121,69 @@ def test_unknown_override_key_is_a_one_line_error(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "'eval.num_stepz'" in lines[0]
     assert not (tmp_path / "s").exists()
+
+
+def _one_line_error(argv: list[str]) -> str:
+    result = run_cli(argv)
+    assert result.code == 2, (result.code, result.stderr[-2000:])
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr[-2000:]
+    return lines[0]
+
+
+def test_an_earlier_output_is_kept_unless_overwrite(tmp_path):
+    out = tmp_path / "s"
+    first = _sample(out, "--prompt", "a red apple", "--num-images", "2")
+    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    line = _one_line_error(["sample", *TINY_SAMPLE, "--out", str(out), "--prompt", "a dog"])
+    assert "already holds apex sample output" in line and "--overwrite" in line
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing overwritten
+    again = _sample(out, "--prompt", "a dog", "--overwrite")
+    assert [r["prompt"] for r in again] == ["a dog"] and len(first) == 2
+    assert sorted(p.name for p in out.iterdir()) == ["00000-seed0.png", "metadata.jsonl"]  # the old second image too
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "notes.txt").write_text("mine")  # a folder of other files is no sample output
+    assert len(_sample(tmp_path / "notes", "--prompt", "a")) == 1 and (tmp_path / "notes" / "notes.txt").is_file()
+
+
+def test_each_image_lands_with_its_metadata_line(tmp_path, monkeypatch):
+    """The metadata was written only at the end: an interrupted run left images no file described."""
+    import apexcli.sample as sample_module
+
+    real_save = sample_module._save_png
+    saved = []
+
+    def save_twice_then_stop(image, path):
+        if len(saved) == 2:
+            raise KeyboardInterrupt
+        real_save(image, path)
+        saved.append(path.name)
+
+    monkeypatch.setattr(sample_module, "_save_png", save_twice_then_stop)
+    result = run_cli(["sample", *TINY_SAMPLE, "--out", str(tmp_path), "--prompt", "a", "--num-images", "4",
+                      "--batch-size", "4"])
+    assert result.code == 130
+    rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
+    assert [r["file"] for r in rows] == saved == sorted(p.name for p in tmp_path.glob("*.png"))
+
+
+@pytest.mark.parametrize("option, value, message", [
+    ("--size", "100000", "--size 100000 is beyond the limit of 4096"),
+    ("--seed", str(2**70), "--seed 1180591620717411303424: the seeds of its images"),
+    ("--device", "garbage", "'garbage' is not a device; use auto, cpu, cuda or cuda:N"),
+    ("--num-images", "100000000", "= 100000000 images, more than the limit of 100000 per call"),
+])
+def test_absurd_values_are_one_line_errors(tmp_path, option, value, message):
+    """Tracebacks before: an allocation of 40 GB, an overflow in torch's seed, torch's device
+    parser; and 10.7 GB of job list before the first image of --num-images 100000000."""
+    line = _one_line_error(["sample", *TINY_SAMPLE, "--out", str(tmp_path / "s"), "--prompt", "a", option, value])
+    assert message in line
+    assert not (tmp_path / "s").exists()
+
+
+def test_out_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["sample", *TINY_SAMPLE, "--out=~/imgs", "--prompt", "a"])
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "home" / "imgs" / "metadata.jsonl").is_file() and not (tmp_path / "~").exists()

@@ -197,7 +197,8 @@ def test_folder_lists_dangling_links_loops_subfolders_and_fifos(tmp_path):
     report = score_paths([str(d)], objectives="brightness", out_dir=str(tmp_path / "s"), device="cpu",
                          progress=False, console=con, err_console=err)
     reasons = {os.path.basename(f): r for f, r in report.issues}
-    assert set(reasons) == {"dangling.png", "loop-a.png", "loop-b.png", "sub", "linked-dir", "pipe.png"}
+    assert set(reasons) == {"dangling.png", "loop-a.png", "loop-b.png", "sub", "linked-dir", "pipe.png", ".hidden.png"}
+    assert reasons[".hidden.png"].startswith("hidden")
     assert "dangling symlink" in reasons["dangling.png"] and "gone.png" in reasons["dangling.png"]
     assert reasons["loop-a.png"] == reasons["loop-b.png"] == "symlink loop"
     assert "sub-folder" in reasons["sub"] and "sub-folder" in reasons["linked-dir"]
@@ -206,12 +207,15 @@ def test_folder_lists_dangling_links_loops_subfolders_and_fifos(tmp_path):
         assert name in err_text.getvalue()
     scored = {os.path.basename(r["file"]): r["brightness"] for r in report.rows if r["error"] is None}
     assert scored == {"good.png": 1.0, "alias.png": 1.0}
-    assert len(report.rows) == 8  # every entry but the hidden one has a row
-    # a recursive glob takes the sub-folder in: no longer reported, its image scored
+    assert len(report.rows) == 9  # every entry but the metadata.jsonl sidecar has a row
+    # a recursive glob takes the sub-folder in: no longer reported, its image scored; the
+    # symlinked folder is not followed (it is listed), so deep.png is scored once
     report = score_paths([str(d / "**")], objectives="brightness", out_dir=str(tmp_path / "t"), device="cpu",
                          progress=False, console=con, err_console=err)
-    assert {os.path.basename(f) for f, _ in report.issues} == {"dangling.png", "loop-a.png", "loop-b.png", "pipe.png"}
-    assert {os.path.basename(r["file"]) for r in report.rows if r["error"] is None} >= {"good.png", "deep.png"}
+    assert {os.path.basename(f) for f, _ in report.issues} == {"dangling.png", "loop-a.png", "loop-b.png", "pipe.png",
+                                                               "linked-dir"}
+    scored = sorted(os.path.basename(r["file"]) for r in report.rows if r["error"] is None)
+    assert scored == ["alias.png", "deep.png", "good.png"]
 
 
 class FakeRewardServer(BaseHTTPRequestHandler):
@@ -344,3 +348,137 @@ def test_every_command_scores_each_objective_in_the_same_dtype(monkeypatch, tmp_
             command()
     assert built["train"] == {"pick": torch.float32, "aes": torch.float32, "deqa": torch.float16}
     assert built["score"] == built["train"] and built["serve"] == built["train"]
+
+
+def _white(path) -> None:
+    Image.new("RGB", (8, 8), "white").save(path, format="PNG")
+
+
+def test_a_file_name_that_is_not_utf8_is_scored_and_written_with_its_bytes_escaped(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    _white(d / "ok.png")
+    _white(os.fsdecode(os.fsencode(str(d)) + b"/caf\xe9.png"))  # Latin-1 bytes: not UTF-8
+    _, con = quiet()
+    err_text, err = quiet()
+    report = score_paths([str(d)], objectives="brightness", out_dir=str(tmp_path / "s"), device="cpu",
+                         progress=False, console=con, err_console=err)
+    rows = [json.loads(line) for line in (tmp_path / "s" / "scores.jsonl").read_text(encoding="utf-8").splitlines()]
+    assert sorted(os.path.basename(r["file"]) for r in rows) == ["caf\\xe9.png", "ok.png"]
+    assert [r["brightness"] for r in rows] == [1.0, 1.0] and report.issues == []
+    with open(tmp_path / "s" / "scores.csv", encoding="utf-8") as fh:
+        assert sorted(os.path.basename(r["file"]) for r in csv.DictReader(fh)) == ["caf\\xe9.png", "ok.png"]
+
+
+def test_recursive_globs_never_follow_a_symlinked_folder(tmp_path):
+    d = tmp_path / "imgs"
+    (d / "sub").mkdir(parents=True)
+    _white(d / "top.png")
+    _white(d / "sub" / "deep.png")
+    os.symlink(d, d / "sub" / "up")  # a loop: stdlib glob scored each image once per lap
+    os.symlink(d / "sub", d / "sub" / "again")  # a second loop: stdlib glob never finished
+    _, con = quiet()
+    report = score_paths([str(d / "**" / "*.png")], objectives="brightness", out_dir=str(tmp_path / "s"),
+                         device="cpu", progress=False, console=con, err_console=con)
+    scored = sorted(os.path.relpath(r["file"], d) for r in report.rows if r["error"] is None)
+    assert scored == ["sub/deep.png", "top.png"]
+    reasons = {os.path.relpath(f, d): r for f, r in report.issues}
+    assert set(reasons) == {"sub/up", "sub/again"}
+    assert all(r.startswith("symlink to a folder, not followed") for r in reasons.values())
+
+
+def test_control_characters_in_file_names_never_reach_the_terminal(tmp_path):
+    d = tmp_path / "imgs"
+    d.mkdir()
+    _white(d / "ok.png")
+    (d / "title\x1b]0;pwned\x07-csi\x9b2J.png").write_bytes(b"")  # an empty file: reported by name
+    _, con = quiet()
+    err_text, err = quiet()
+    score_paths([str(d)], objectives="brightness", out_dir=str(tmp_path / "s"), device="cpu",
+                progress=False, console=con, err_console=err)
+    printed = err_text.getvalue()
+    assert "\x1b" not in printed and "\x9b" not in printed and "\x07" not in printed
+    assert "title\\x1b]0;pwned\\x07-csi\\x9b2J.png: empty file" in printed
+
+
+def test_hidden_files_and_other_extensions_are_listed_as_skipped(tmp_path):
+    """Only the files apex writes beside images (metadata.jsonl, scores.jsonl/csv) are passed
+    over in silence: a folder of `apex sample` output scored in place reports nothing odd."""
+    d = tmp_path / "imgs"
+    d.mkdir()
+    _white(d / "ok.png")
+    _white(d / "x.png.txt")
+    _white(d / ".hidden.png")
+    (d / "metadata.jsonl").write_text(json.dumps({"file": "ok.png", "prompt": "white"}) + "\n")
+    (d / "scores.csv").write_text("file\n")
+    _, con = quiet()
+    err_text, err = quiet()
+    report = score_paths([str(d)], objectives="brightness", out_dir=str(tmp_path / "s"), device="cpu",
+                         progress=False, console=con, err_console=err)
+    reasons = {os.path.basename(f): r for f, r in report.issues}
+    assert reasons == {".hidden.png": "hidden (its name starts with '.'); name the file to score it",
+                       "x.png.txt": "not an image file (extension .txt)"}
+    assert "x.png.txt" in err_text.getvalue() and ".hidden.png" in err_text.getvalue()
+    assert {os.path.basename(r["file"]): r["error"] for r in report.rows} == {"ok.png": None, **reasons}
+
+
+def test_decoded_pixels_per_batch_are_bounded_from_the_headers(tmp_path, monkeypatch):
+    import apexcli.scoring as scoring
+
+    d = tmp_path / "imgs"
+    d.mkdir()
+    for name, side in (("a.png", 20), ("b.png", 20), ("big.png", 40), ("c.png", 20)):
+        Image.new("RGB", (side, side), "white").save(d / name)
+    files = [str(d / n) for n in ("a.png", "b.png", "big.png", "c.png")]
+    batches, too_large = scoring.plan_batches(files, batch_size=32, max_batch_pixels=1000)
+    assert batches == [files[:2], files[3:]]  # 400 + 400 pixels, then 400: never more than 1000
+    assert too_large == [(files[2], "too large for one scoring batch: 40x40 = 1600 pixels > --max-batch-pixels 1000; "
+                                    "raise it to score this image")]
+    decoded = []
+    real_open = scoring.open_image
+    monkeypatch.setattr(scoring, "open_image", lambda path, limit: decoded.append(path) or real_open(path, limit))
+    _, con = quiet()
+    report = score_paths(files, objectives="brightness", out_dir=str(tmp_path / "s"), device="cpu",
+                         max_batch_pixels=1000, progress=False, console=con, err_console=con)
+    assert files[2] not in decoded and sorted(decoded) == sorted(files[:2] + files[3:])
+    assert [os.path.basename(f) for f, _ in report.issues] == ["big.png"]
+    with pytest.raises(ApexError, match="--max-batch-pixels must be at least 1"):
+        score_paths(files, objectives="brightness", out_dir=str(tmp_path / "t"), device="cpu",
+                    max_batch_pixels=0, progress=False, console=con, err_console=con)
+
+
+def test_existing_scores_are_kept_unless_overwrite(mixed, tmp_path):
+    _, con = quiet()
+    out = tmp_path / "s"
+    score_paths([str(mixed / "good.png")], objectives="brightness", out_dir=str(out), device="cpu",
+                progress=False, console=con, err_console=con)
+    first = (out / "scores.jsonl").read_text()
+    with pytest.raises(ApexError, match="scores.jsonl' exists .*pass --overwrite"):
+        score_paths([str(mixed / "solid.jpg")], objectives="brightness", out_dir=str(out), device="cpu",
+                    progress=False, console=con, err_console=con)
+    assert (out / "scores.jsonl").read_text() == first
+    score_paths([str(mixed / "solid.jpg")], objectives="brightness", out_dir=str(out), device="cpu",
+                overwrite=True, progress=False, console=con, err_console=con)
+    assert "solid.jpg" in (out / "scores.jsonl").read_text()
+
+
+def test_out_under_the_home_folder_is_expanded(mixed, tmp_path, monkeypatch):
+    home = tmp_path / "home"
+    home.mkdir()
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.chdir(tmp_path)
+    app = typer.Typer()
+    app.command()(score_command)
+    app.command("noop")(lambda: None)
+    result = CliRunner().invoke(app, ["score", str(mixed / "good.png"), "--objectives", "brightness",
+                                      "--out=~/scored", "--device", "cpu", "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert (home / "scored" / "scores.jsonl").is_file() and not (tmp_path / "~").exists()
+
+
+def test_an_existing_name_with_glob_characters_is_that_file(tmp_path):
+    _white(tmp_path / "shot[1].png")
+    _, con = quiet()
+    report = score_paths([str(tmp_path / "shot[1].png")], objectives="brightness", out_dir=str(tmp_path / "s"),
+                         device="cpu", progress=False, console=con, err_console=con)
+    assert [os.path.basename(r["file"]) for r in report.rows] == ["shot[1].png"] and report.issues == []

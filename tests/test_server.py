@@ -2,6 +2,8 @@
 malformed requests, stalled clients and missing tokens get the documented answers.
 Servers bind 127.0.0.1 only; every wait has a generous timeout as a hang guard."""
 
+import base64
+import contextlib
 import json
 import math
 import socket
@@ -294,7 +296,9 @@ def test_token_must_fit_a_header():
 
 
 @pytest.mark.parametrize("kwargs,match", [({"port": 70000}, "--port 70000"), ({"threads": 0}, "--threads 0"),
-                                          ({"timeout_s": math.inf}, "--timeout inf"), ({"timeout_s": 0}, "--timeout 0")])
+                                          ({"timeout_s": math.inf}, "--timeout inf"), ({"timeout_s": 0}, "--timeout 0"),
+                                          ({"max_request_pixels": 0}, "--max-request-pixels 0"),
+                                          ({"max_per_client": 0}, "--max-per-client 0")])
 def test_limits_out_of_range_are_clear_errors(kwargs, match):
     port = kwargs.pop("port", 0)
     with pytest.raises(ApexError, match=match):
@@ -329,3 +333,138 @@ def test_ipv6_loopback(start_server):
     assert srv.url.startswith("http://[::1]:")
     with urllib.request.urlopen(srv.url + "/health", timeout=HANG_GUARD_S) as resp:
         assert json.loads(resp.read())["objectives"] == ["brightness"]
+
+
+# --- hostile clients: pixel budgets, trickled headers, one address holding every slot --------
+
+
+def png_b64_of(width, height):
+    return encode_png(Image.new("RGB", (width, height), (128, 128, 128)))
+
+
+def test_decoded_pixels_per_request_are_bounded_from_the_headers(start_server, monkeypatch):
+    import apexcli.rewards.server as server_module
+    from test_score import huge_png_header
+
+    srv = start_server(max_request_pixels=1000)
+    two_small = json.dumps({"prompts": ["x"] * 2, "images": [png_b64_of(20, 20)] * 2}).encode()
+    assert post(srv.url, two_small)[0] == 200  # 800 pixels
+    decoded = []
+    real_open = server_module.open_image
+    monkeypatch.setattr(server_module, "open_image", lambda data, limit: decoded.append(data) or real_open(data, limit))
+    # a few hundred bytes declaring 5000 x 5000 each: refused before a pixel is decoded
+    bomb = base64.b64encode(huge_png_header(5000, 5000)).decode()
+    code, answer = post(srv.url, json.dumps({"prompts": ["x"] * 2, "images": [bomb, bomb]}).encode())
+    assert code == 413 and decoded == []
+    assert "50000000 decoded pixels" in answer["error"] and "limit of 1000" in answer["error"]
+    assert "--max-request-pixels" in answer["error"]
+    with urllib.request.urlopen(srv.url + "/health", timeout=HANG_GUARD_S) as resp:
+        assert json.loads(resp.read())["max_request_pixels"] == 1000
+
+
+def test_a_client_splits_its_batch_to_fit_the_servers_pixel_limit(start_server):
+    from apexcli.rewards.remote import pixel_groups
+
+    assert pixel_groups([400, 400, 400], 1000) == [(0, 2), (2, 3)]
+    assert pixel_groups([2000, 10], 1000) == [(0, 1), (1, 2)]  # too large alone: the server names its limit
+    assert pixel_groups([400, 400], None) == [(0, 2)]
+    srv = start_server(max_request_pixels=1000)
+    images = [Image.new("RGB", (20, 20), (v, v, v)) for v in (0, 51, 255)]
+    with RewardSuite([f"brightness@{srv.url}"], config=RewardsConfig(remote=FAST)) as client:
+        R, _ = client(images, None)
+    assert R[:, 0].tolist() == pytest.approx([0.0, 0.2, 1.0], abs=1e-6)
+
+
+class Trickler:
+    """A client that sends a request's headers one byte at a time and never finishes them;
+    it stops (and closes) when told, when the server drops it, or after `budget` bytes."""
+
+    def __init__(self, address, interval_s=0.05, budget=600):
+        self.sock = socket.create_connection(address, timeout=HANG_GUARD_S)
+        self.interval_s, self.budget = interval_s, budget
+        self.stop = threading.Event()
+        self.outcome = "running"  # then "dropped" (by the server), "exhausted" or "stopped"
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self):
+        text = b"POST /score HTTP/1.0\r\nX-Padding: " + b"a" * self.budget
+        try:
+            for i in range(self.budget):
+                if self.stop.wait(self.interval_s):
+                    self.outcome = "stopped"
+                    return
+                self.sock.sendall(text[i:i + 1])
+            self.outcome = "exhausted"
+        except OSError:
+            self.outcome = "dropped"
+        finally:
+            self.sock.close()  # an exhausted trickler leaves, so a server without the fix ends too
+
+    def finish(self):
+        self.stop.set()
+        self.thread.join(HANG_GUARD_S)
+
+
+@contextlib.contextmanager
+def tricklers(srv, n, **options):
+    started = [Trickler(srv.server_address[:2], **options) for _ in range(n)]
+    try:
+        yield started
+    finally:
+        for t in started:
+            t.finish()
+
+
+def test_the_deadline_covers_the_whole_request_not_each_read(start_server):
+    srv = start_server(threads=2, timeout_s=0.5)
+    with tricklers(srv, 1) as (slow,):
+        slow.thread.join(HANG_GUARD_S)  # it ends when the server drops it, or when its bytes run out
+        assert slow.outcome == "dropped"
+
+
+def test_an_authorised_request_is_served_while_tokenless_clients_trickle(start_server):
+    """40 connections trickling a byte at a time held all 32 slots: an authorised request waited
+    until they stopped. Now the oldest of them is dropped whenever a connection waits for a slot."""
+    srv = start_server(token="s3cret", threads=4, timeout_s=HANG_GUARD_S, header_grace_s=0.1)
+    with tricklers(srv, 10) as slow:
+        code, answer = post(srv.url, valid_body(), {"Authorization": "Bearer s3cret"})
+        assert code == 200 and answer["scores"] == [[pytest.approx(128 / 255, abs=1e-6)]]
+        assert "exhausted" not in [t.outcome for t in slow]  # answered while they were still trickling
+        assert "dropped" in [t.outcome for t in slow]
+
+
+def wait_for_authenticated(srv, n):
+    """Until `n` connections of the server have sent their headers with the token (hang guard)."""
+    for _ in range(int(HANG_GUARD_S / 0.01)):
+        with srv._registry:
+            if sum(c.authenticated for c in srv.connections.values()) >= n:
+                return
+        threading.Event().wait(0.01)
+    pytest.fail(f"fewer than {n} authenticated connections")
+
+
+def test_one_address_holds_at_most_max_per_client_slots(start_server):
+    srv = start_server(token="s3cret", threads=8, timeout_s=HANG_GUARD_S, max_per_client=2, header_grace_s=0.1)
+    host, port = srv.server_address[:2]
+    auth = {"Authorization": "Bearer s3cret"}
+    # an authenticated client whose body never comes: holds its slot, and is not dropped
+    held = socket.create_connection((host, port), timeout=HANG_GUARD_S)
+    try:
+        held.sendall(b"POST /score HTTP/1.0\r\nAuthorization: Bearer s3cret\r\nContent-Length: 100\r\n\r\n{")
+        wait_for_authenticated(srv, 1)
+        with tricklers(srv, 1) as (slow,):
+            # at the cap: the address's own trickling connection is dropped for it
+            assert post(srv.url, valid_body(), auth)[0] == 200
+            slow.thread.join(HANG_GUARD_S)
+            assert slow.outcome == "dropped"
+        second = socket.create_connection((host, port), timeout=HANG_GUARD_S)
+        try:
+            second.sendall(b"POST /score HTTP/1.0\r\nAuthorization: Bearer s3cret\r\nContent-Length: 100\r\n\r\n{")
+            wait_for_authenticated(srv, 2)
+            code, answer = post(srv.url, valid_body(), auth)  # two authenticated held: nothing to drop
+            assert code == 503 and "at most 2 at once: apex serve --max-per-client" in answer["error"]
+        finally:
+            second.close()
+    finally:
+        held.close()

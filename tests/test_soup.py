@@ -208,3 +208,54 @@ def test_a_half_soup_loaded_by_diffusers_applies_the_average_change(parents, tmp
     expected = 0.5 * (parts[0] + parts[1])
     assert expected.abs().max() > 0  # the runs trained: a non-trivial change
     assert torch.allclose((soup_out - base_out).double(), x.double() @ expected.T, atol=1e-5)
+
+
+def test_a_soups_config_gives_the_rank_and_alpha_of_its_file(tmp_path):
+    """config.yaml said the parents' rank 2 / alpha 4 while the file was rank 4 / alpha 8."""
+    a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b")
+    half, whole = make_soups([a, b], [[0.5, 0.5], [1.0, 0.0]], tmp_path / "soups", evaluate=False)
+    for folder, rank, alpha in ((half, 4, 8), (whole, 2, 4)):
+        config = yaml.safe_load((folder / "config.yaml").read_text())
+        meta = json.loads(read_lora(folder / "checkpoints" / "step-000002").metadata[META_KEY])
+        assert (config["lora"]["rank"], config["lora"]["alpha"]) == (rank, alpha)
+        assert (meta["transformer.r"], meta["transformer.lora_alpha"]) == (rank, alpha)
+
+
+def test_one_run_is_refused_before_any_coefficient(tmp_path):
+    """A one-run soup suggested `--coef 1`, a mixture of nothing."""
+    a = fake_run(tmp_path, "a")
+    for coef in ([], ["1"]):
+        with pytest.raises(ApexError, match="^apex soup needs two or more runs, got 1: a soup of one run is that run itself"):
+            parse_coefficients(coef, 1)
+    result = run_cli(["soup", str(a), "--out", str(tmp_path / "soups"), "--no-evaluate"])
+    assert result.code == 2 and "two or more runs" in result.stderr and "--coef 1" not in result.stderr
+
+
+def test_mixtures_that_print_alike_get_their_own_folders(tmp_path):
+    """0.3333333 and 0.33333334 named one folder and were reported as "the same --coef twice"."""
+    a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b")
+    coefficients = parse_coefficients(["0.3333333,0.6666667", "0.33333334,0.66666666"], 2)
+    made = make_soups([a, b], coefficients, tmp_path / "soups", evaluate=False)
+    assert [p.name for p in made] == ["soup-0.3333333-0.6666667", "soup-0.33333334-0.66666666"]
+    assert [json.loads((p / "soup.json").read_text())["coefficients"] for p in made] == coefficients
+    with pytest.raises(ApexError, match=r"^the mixture 0.5,0.5 is given twice \(--coef\)"):
+        make_soups([a, b], parse_coefficients(["0.5,0.5", "0.50,0.500"], 2), tmp_path / "more", evaluate=False)
+    assert not (tmp_path / "more").exists()
+
+
+def test_a_parent_with_a_broken_lora_is_refused_by_name(tmp_path):
+    a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b")
+    broken = lora(0)
+    broken.tensors["transformer.blocks.0.attn.to_q.lora_B.weight"][0, 0] = math.nan
+    save_file(broken.tensors, str(b / "checkpoints" / "step-000002" / LORA_FILE), metadata=broken.metadata)
+    with pytest.raises(ApexError, match="'transformer.blocks.0.attn.to_q.lora_B.weight' holds NaN"):
+        make_soups([a, b], [[0.5, 0.5]], tmp_path / "soups", evaluate=False)
+
+
+def test_out_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
+    a, b = fake_run(tmp_path, "a"), fake_run(tmp_path, "b")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    result = run_cli(["soup", str(a), str(b), "--coef", "0.5,0.5", "--out=~/soups", "--no-evaluate"])
+    assert result.code == 0, result.stderr
+    assert (tmp_path / "home" / "soups" / "soup-0.5-0.5" / "soup.json").is_file() and not (tmp_path / "~").exists()

@@ -21,6 +21,7 @@ from apexcli.commands.serve import serve
 from apexcli.commands.soup import soup
 from apexcli.commands.sweep import sweep
 from apexcli.commands.train import train
+from apexcli.display import printable
 from apexcli.errors import ApexError
 from apexcli.quiet import quiet_libraries
 
@@ -76,13 +77,13 @@ def main(argv: list[str] | None = None) -> None:
     try:
         app(args=argv, prog_name="apex")  # standalone: usage errors print and exit 2
     except ApexError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {printable(exc)}", file=sys.stderr)  # a file name in it cannot drive the terminal
         sys.exit(2)
     except OSError as exc:
         if not _is_filesystem_error(exc):
             raise
         where = f" '{exc.filename}'" if exc.filename else ""
-        print(f"error: cannot use{where}: {exc.strerror or exc}", file=sys.stderr)
+        print(f"error: cannot use{printable(where)}: {printable(exc.strerror or exc)}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Interrupted) as exc:
         hint = "the last complete checkpoint is intact; continue with --resume auto" if getattr(exc, "command", "train") == "train" else "what was written so far may be incomplete"

@@ -20,6 +20,10 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 IMAGE_EXTENSIONS = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm"})
 DEFAULT_MAX_PIXELS = 100_000_000  # 10k x 10k; larger images are refused before decoding
+# Decoded pixels one `apex score` batch may hold (--max-batch-pixels): an image the per-image
+# guard lets through is scored, alone if need be, but never 32 of them at once (two 10 kB PNGs
+# declaring 10k x 10k each once took 7.3 GB). Checked from the headers before decoding.
+DEFAULT_BATCH_PIXELS = DEFAULT_MAX_PIXELS
 
 
 class ImageLoadError(Exception):
@@ -88,6 +92,21 @@ def open_image(source: str | os.PathLike | bytes, max_pixels: int = DEFAULT_MAX_
     except Exception:  # a broken EXIF block must not lose the pixels: keep the stored orientation
         pass
     return to_rgb(im)
+
+
+def image_size(source: str | os.PathLike | bytes) -> tuple[int, int] | None:
+    """(width, height) read from the header alone, before any pixel is decoded; None when the
+    header cannot be read (``open_image`` then gives the reason). Budgets of decoded pixels per
+    batch or per request are checked with it, so a small file declaring a huge image costs
+    nothing."""
+    fp: object = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+        try:
+            with Image.open(fp) as im:
+                return im.size
+        except (OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+            return None
 
 
 def is_image_name(path: str) -> bool:

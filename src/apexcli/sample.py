@@ -7,9 +7,11 @@ deterministic ODE (Euler) sampler of evaluation.
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
-from collections.abc import Sequence
+import re
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -18,11 +20,22 @@ from PIL import Image
 
 from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
+from apexcli.fileio import atomic_write
 from apexcli.flow.rollout import decode_latents, rollout
 from apexcli.models.loading import load_pipeline, resolve_device
 from apexcli.models.lora import load_lora_for_inference, resolve_lora_path
 from apexcli.models.text_cache import encode_prompts
-from apexcli.runs import LORA_FILE, atomic_write_text
+from apexcli.runs import LORA_FILE
+
+# Bounds that turn absurd requests into one-line errors instead of an allocation failure or a
+# job list of 10 GB: 4096 px is 4x SD3's native 1024 (the VAE alone then needs tens of GB), and
+# 100k images is days of sampling; split larger jobs (--seed picks up where one left off).
+MAX_SIZE = 4096
+MAX_IMAGES = 100_000
+# the seeds torch.Generator.manual_seed takes: image i of a prompt uses seed + i
+MIN_SEED, MAX_SEED = -(2**63), 2**64 - 1
+METADATA_FILE = "metadata.jsonl"
+SAMPLE_NAME = re.compile(r"^\d{5,}-seed-?\d+\.png$")  # the names sample_images gives its PNGs
 
 
 @dataclass
@@ -51,6 +64,8 @@ class SampleRequest:
     """Images per forward."""
     negative_prompt: str = ""
     """Unconditional prompt of CFG."""
+    overwrite: bool = False
+    """Replace an earlier ``apex sample`` output in ``out`` (refused otherwise)."""
 
 
 def _to_pil(image: torch.Tensor) -> Image.Image:
@@ -58,58 +73,109 @@ def _to_pil(image: torch.Tensor) -> Image.Image:
     return Image.fromarray(array)
 
 
-@torch.no_grad()
-def sample_images(req: SampleRequest) -> list[Path]:
-    """Write the images and ``metadata.jsonl`` (file, prompt, seed, steps, guidance, lora)."""
+def check_request(req: SampleRequest) -> None:
+    """ApexError naming the option of the first value out of range, before any model loads."""
     if not req.prompts:
         raise ApexError("no prompts: pass --prompt TEXT or --prompts FILE")
     for flag, value in (("--num-images", req.num_images), ("--batch-size", req.batch_size), ("--steps", req.steps), ("--size", min(req.height, req.width))):
         if value < 1:
             raise ApexError(f"{flag} must be >= 1, got {value}")
+    if max(req.height, req.width) > MAX_SIZE:
+        raise ApexError(f"--size {max(req.height, req.width)} is beyond the limit of {MAX_SIZE} pixels a side")
+    total = len(req.prompts) * req.num_images
+    if total > MAX_IMAGES:
+        raise ApexError(f"--num-images {req.num_images} x {len(req.prompts)} prompt(s) = {total} images, more than the limit "
+                        f"of {MAX_IMAGES} per call; split the job (--seed picks up where one left off)")
+    if not (MIN_SEED <= req.seed and req.seed + req.num_images - 1 <= MAX_SEED):
+        raise ApexError(f"--seed {req.seed}: the seeds of its images (seed .. seed + --num-images - 1) must lie in "
+                        f"{MIN_SEED}..{MAX_SEED}")
     if req.out.exists() and not req.out.is_dir():
         raise ApexError(f"--out '{req.out}' is a file; give a folder for the images and metadata.jsonl")
     if not (math.isfinite(req.guidance_scale) and req.guidance_scale >= 0):
         raise ApexError(f"--guidance must be a finite number >= 0, got {req.guidance_scale}")
+
+
+def earlier_output(out: Path) -> list[Path]:
+    """The files an earlier ``apex sample`` left in ``out``: its metadata.jsonl and its PNGs."""
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.iterdir() if p.name == METADATA_FILE or SAMPLE_NAME.match(p.name))
+
+
+def check_out(out: Path, overwrite: bool) -> None:
+    """Refuse a folder holding an earlier sample output (its images and metadata.jsonl would be
+    overwritten or mixed with the new ones) unless ``overwrite``. Checked before any model loads."""
+    earlier = earlier_output(out)
+    if earlier and not overwrite:
+        raise ApexError(f"--out '{out}' already holds apex sample output ({len(earlier)} file(s), e.g. {earlier[0].name}); "
+                        "choose another --out, or pass --overwrite to replace it")
+
+
+def prepare_out(out: Path) -> None:
+    """Delete an earlier sample output (allowed by ``check_out``), once the model is loaded and
+    nothing is left to fail before the first image."""
+    for path in earlier_output(out):
+        path.unlink()
+    out.mkdir(parents=True, exist_ok=True)
+
+
+def _jobs(prompts: Sequence[str], num_images: int, seed: int) -> Iterator[tuple[str, int]]:
+    """(prompt, seed) of every image, made as they are needed."""
+    for prompt in prompts:
+        for i in range(num_images):
+            yield prompt, seed + i
+
+
+def _save_png(image: Image.Image, path: Path) -> None:
+    atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
+
+
+@torch.no_grad()
+def sample_images(req: SampleRequest) -> list[Path]:
+    """Write the images and ``metadata.jsonl`` (file, prompt, seed, steps, guidance, lora), each
+    image as it is made, its metadata line appended once the image is on disk: an interrupted
+    run leaves every finished image, described."""
+    check_request(req)
+    check_out(req.out, req.overwrite)
     device = resolve_device(req.model.device)
     pipe = load_pipeline(req.model)
     lora_dir = None
     if req.lora:
         lora_dir = resolve_lora_path(req.lora)
         # name the file: given only a folder, diffusers guesses among its .safetensors files
-        given = Path(req.lora)
+        given = Path(req.lora).expanduser()
         weight_file = given if given.is_file() else lora_dir / LORA_FILE
         load_lora_for_inference(pipe, weight_file)  # refuses a LoRA of another model: metadata records only what applied
         if given.is_file():
             lora_dir = given  # metadata names the exact file
     pipe.to(device)
-    jobs = [(p, req.seed + i) for p in req.prompts for i in range(req.num_images)]
+    prepare_out(req.out)
+    jobs = _jobs(req.prompts, req.num_images, req.seed)
     seq = req.model.max_sequence_length
     uncond = encode_prompts(pipe, [req.negative_prompt], max_sequence_length=seq, device=device)
-    req.out.mkdir(parents=True, exist_ok=True)
     channels = pipe.transformer.config.in_channels
     f = pipe.vae_scale_factor
-    written, rows = [], []
-    for start in range(0, len(jobs), req.batch_size):
-        chunk = jobs[start : start + req.batch_size]
-        cond = encode_prompts(pipe, [p for p, _ in chunk], max_sequence_length=seq, device=device)
-        noise = torch.stack(
-            [torch.randn((channels, req.height // f, req.width // f), generator=torch.Generator().manual_seed(s)) for _, s in chunk]
-        ).to(device)
-        traj = rollout(
-            pipe.transformer, pipe.scheduler, cond,
-            num_steps=req.steps, height=req.height, width=req.width, vae_scale_factor=f,
-            guidance_scale=req.guidance_scale, uncond=uncond, sampler="ode", initial_noise=noise,
-        )
-        images = decode_latents(pipe.vae, traj.final)
-        for j, (prompt, seed) in enumerate(chunk):
-            name = f"{start + j:05d}-seed{seed}.png"
-            _to_pil(images[j]).save(req.out / name)
-            written.append(req.out / name)
-            rows.append(
-                {"file": name, "prompt": prompt, "seed": seed, "steps": req.steps, "guidance": req.guidance_scale,
-                 "height": req.height, "width": req.width, "lora": str(lora_dir) if lora_dir else None}
+    written: list[Path] = []
+    with open(req.out / METADATA_FILE, "a", encoding="utf-8") as metadata:
+        while chunk := list(itertools.islice(jobs, req.batch_size)):
+            cond = encode_prompts(pipe, [p for p, _ in chunk], max_sequence_length=seq, device=device)
+            noise = torch.stack(
+                [torch.randn((channels, req.height // f, req.width // f), generator=torch.Generator().manual_seed(s)) for _, s in chunk]
+            ).to(device)
+            traj = rollout(
+                pipe.transformer, pipe.scheduler, cond,
+                num_steps=req.steps, height=req.height, width=req.width, vae_scale_factor=f,
+                guidance_scale=req.guidance_scale, uncond=uncond, sampler="ode", initial_noise=noise,
             )
-    atomic_write_text(req.out / "metadata.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+            images = decode_latents(pipe.vae, traj.final)
+            for j, (prompt, seed) in enumerate(chunk):
+                name = f"{len(written):05d}-seed{seed}.png"
+                _save_png(_to_pil(images[j]), req.out / name)
+                written.append(req.out / name)
+                row = {"file": name, "prompt": prompt, "seed": seed, "steps": req.steps, "guidance": req.guidance_scale,
+                       "height": req.height, "width": req.width, "lora": str(lora_dir) if lora_dir else None}
+                metadata.write(json.dumps(row) + "\n")
+                metadata.flush()
     return written
 
 
@@ -117,12 +183,15 @@ def sample_from_options(
     *, prompts: list[str], prompts_file: Path | None, out: Path, lora: str | None, preset: str | None,
     config_file: Path | None, model: str | None, num_images: int, seed: int, steps: int | None,
     guidance: float | None, size: int | None, batch_size: int, device: str | None, overrides: Sequence[str] = (),
+    overwrite: bool = False,
 ) -> list[Path]:
     """Fill a SampleRequest from CLI options, ``key=value`` overrides and the preset/config
-    defaults, then sample. The explicit options win over the overrides: they name one thing."""
+    defaults, then sample. The explicit options win over the overrides: they name one thing.
+    Paths may start with ~ (the shell leaves ``--out=~/x`` alone)."""
     from apexcli.config import resolve_config, validate
     from apexcli.prompts import load_prompts
 
+    out, prompts_file, config_file = (None if p is None else Path(p).expanduser() for p in (out, prompts_file, config_file))
     cfg = resolve_config(preset=preset, config_file=config_file, overrides=list(overrides))
     explicit = {key: value for key, value in (("pretrained", model), ("device", device)) if value is not None}
     if explicit:
@@ -137,5 +206,6 @@ def sample_from_options(
             height=cfg.model.resolution if size is None else size, width=cfg.model.resolution if size is None else size,
             batch_size=batch_size,
             negative_prompt=cfg.sampling.negative_prompt,
+            overwrite=overwrite,
         )
     )

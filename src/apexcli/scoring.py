@@ -1,15 +1,21 @@
 """`apex score PATH...`: every requested reward on a set of image files.
 
 Inputs: folders (their image files, not recursive: sub-folders, dangling symlinks, symlink
-loops and other entries that are not image files are listed as skipped; hidden entries and
-sidecar files such as metadata.jsonl are passed over), files and globs ('DIR/**/*.png' recurses).
+loops, hidden entries and other entries that are not image files are listed as skipped; only
+the files apex writes beside images, such as metadata.jsonl, are passed over), files and globs
+('DIR/**/*.png' recurses into real folders, never through a symlinked one: apexcli.walk).
 Prompts, first match wins:
 `--prompt TEXT` for every image; `--prompts FILE` (.jsonl lines or .csv rows with `file` and
 `prompt`; `file` relative to FILE's folder, or a bare file name); `metadata.jsonl` next to the
 images (the `apex sample` format: one JSON object per line with at least `file`, relative to
 that folder, and `prompt`; a bad line there is a warning, not an error).
 
-Outputs under `out_dir`, each written to a temp file and renamed (never half-written):
+Images are decoded in batches of at most `batch_size` files and `max_batch_pixels` decoded
+pixels (from their headers, before decoding), each image at most `max_pixels`.
+
+Outputs under `out_dir`, each written to a temp file and renamed (never half-written); existing
+ones are replaced only with `overwrite`. File names that are not valid UTF-8 are written with
+their bad bytes as \\xNN (apexcli.display), and nothing printed carries a control character:
 - scores.jsonl: one object per input file: {"file", "prompt", <objective>: float|null, ...,
   "error": reason|null, "info": {objective: {...}}}; strict JSON: a NaN score is null (no
   score), an infinite one is null with a note in "error" (a reward returned it).
@@ -32,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -43,15 +48,30 @@ from rich.progress import (
 from rich.table import Table
 
 from apexcli.console import make_console
+from apexcli.display import markup_safe, printable, storable
 from apexcli.errors import ApexError
 from apexcli.fileio import atomic_write_text
-from apexcli.images import DEFAULT_MAX_PIXELS, ImageLoadError, is_image_name, open_image
+from apexcli.images import (
+    DEFAULT_BATCH_PIXELS,
+    DEFAULT_MAX_PIXELS,
+    ImageLoadError,
+    image_size,
+    is_image_name,
+    open_image,
+)
 from apexcli.jsonsafe import dumps, is_finite_number
 from apexcli.rewards.config import RewardsConfig
 from apexcli.rewards.registry import canonical_name, reward_spec
+from apexcli.walk import recursive_glob
 
-# Files that live next to images and are not meant to be scored: skipped without a complaint.
-SIDECAR_EXTENSIONS = frozenset({".jsonl", ".json", ".csv", ".txt", ".yaml", ".yml", ".md", ".log"})
+# The files apex itself writes beside images (`apex sample`'s metadata.jsonl, `apex score`'s
+# outputs when --out is the image folder): passed over without a word, or every folder of
+# sample output would report them. Every other entry that is not scored is listed as skipped.
+APEX_SIDECARS = frozenset({"metadata.jsonl", "scores.jsonl", "scores.csv"})
+OUTPUT_FILES = ("scores.jsonl", "scores.csv")
+HIDDEN = "hidden (its name starts with '.'); name the file to score it"
+UNFOLLOWED_LINK = ("symlink to a folder, not followed by a recursive glob (a link back up would repeat "
+                   "every image); pass it on its own to score what it holds")
 
 
 @dataclass
@@ -77,7 +97,7 @@ def _unusable(path: str) -> str | None:
         except OSError as exc:
             if exc.errno == errno.ELOOP:
                 return "symlink loop"
-        return f"dangling symlink (its target {os.readlink(path)!r} does not exist)"
+        return f"dangling symlink (its target {storable(os.readlink(path))!r} does not exist)"
     if os.path.isdir(path):
         return "sub-folder, not scanned (folders are not recursive: pass it too, or a glob like 'DIR/**/*.png')"
     if not os.path.isfile(path):
@@ -85,41 +105,67 @@ def _unusable(path: str) -> str | None:
     return None
 
 
+def _match(raw: str) -> tuple[list[tuple[str, str]], list[tuple[str, str]]]:
+    """One PATH argument -> ([(path, how)], skipped): how is "named" (given as is), "glob" (a
+    plain glob's match; a matched folder is listed) or "walk" (a recursive glob's match; its
+    folders were walked already)."""
+    if os.path.lexists(raw):  # an existing name is itself, even with [ or * in it
+        return [(raw, "named")], []
+    if not glob.has_magic(raw):
+        raise ApexError(f"{printable(raw)!r} matches no file or folder")
+    if "**" not in raw:
+        matches = sorted(glob.glob(raw))
+        if not matches:
+            raise ApexError(f"{printable(raw)!r} matches no file or folder")
+        return [(m, "glob") for m in matches], []
+    matches, links = recursive_glob(raw)
+    if not matches and not links:
+        raise ApexError(f"{printable(raw)!r} matches no file or folder")
+    return [(m, "walk") for m in matches], [(link, UNFOLLOWED_LINK) for link in links]
+
+
+def _reason(path: str, found: bool) -> str | None:
+    """Why a candidate is skipped, None to score it. `found`: in a folder or by a glob (a file
+    named on the command line is tried whatever its name)."""
+    name = os.path.basename(path)
+    if found and name.startswith("."):
+        return HIDDEN
+    reason = _unusable(path)
+    if reason is None and found and not is_image_name(path):
+        return f"not an image file (extension {os.path.splitext(path)[1].lower() or 'none'})"
+    return reason
+
+
 def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]]:
     """Folders, files and globs -> (candidate files in order, without duplicates; skipped entries
-    with reason). A folder's hidden entries and sidecar files are passed over silently; its other
-    entries that are not image files (sub-folders, dangling symlinks, symlink loops, fifos,
-    other extensions) are listed as skipped."""
-    matched: list[tuple[str, bool]] = []  # (path, found by a glob or in a folder, not named)
+    with reason). Every entry of a folder that is not scored is listed with its reason (hidden,
+    not an image extension, sub-folder, dangling symlink, symlink loop, fifo), except the files
+    apex writes beside images (APEX_SIDECARS). Recursive globs never follow a symlinked folder
+    (apexcli.walk): it is listed as skipped instead."""
+    matched: list[tuple[str, str]] = []
+    skipped: list[tuple[str, str]] = []
     for raw in paths:
-        if glob.has_magic(raw):
-            matches = sorted(glob.glob(raw, recursive=True))
-            if not matches:
-                raise ApexError(f"{raw!r} matches no file or folder")
-            matched += [(m, True) for m in matches]
-        elif os.path.lexists(raw):
-            matched.append((raw, False))
-        else:
-            raise ApexError(f"{raw!r} matches no file or folder")
+        found, links = _match(os.path.expanduser(raw))
+        matched += found
+        skipped += links
     folders = {os.path.abspath(m) for m, _ in matched if os.path.isdir(m)}
     entries: list[tuple[str, bool]] = []
-    for path, found in matched:
-        if os.path.isdir(path):
+    for path, how in matched:
+        if how != "walk" and os.path.isdir(path):
             entries += [(os.path.join(path, name), True) for name in sorted(os.listdir(path))
-                        if not name.startswith(".") and os.path.abspath(os.path.join(path, name)) not in folders]
+                        if os.path.abspath(os.path.join(path, name)) not in folders]
+        elif how == "walk" and os.path.isdir(path):
+            if os.path.islink(path):  # a real folder needs nothing: the walk took its entries in
+                skipped.append((path, UNFOLLOWED_LINK))
         else:
-            entries.append((path, found))
+            entries.append((path, how != "named"))
     files: list[str] = []
-    skipped: list[tuple[str, str]] = []
     for path, found in entries:
-        ext = os.path.splitext(path)[1].lower()
-        reason = _unusable(path)
-        if reason is None and found and ext in SIDECAR_EXTENSIONS:
-            continue  # metadata.jsonl and the like, beside the images
-        if reason is None and found and not is_image_name(path):
-            reason = f"not an image file (extension {ext or 'none'})"
+        if found and os.path.basename(path) in APEX_SIDECARS and _unusable(path) is None:
+            continue
+        reason = _reason(path, found)
         if reason is None:
-            files.append(path)  # a file named on the command line is tried whatever its name
+            files.append(path)
         else:
             skipped.append((path, reason))
     return _unique(files, lambda f: f), _unique(skipped, lambda item: item[0])
@@ -242,75 +288,136 @@ def summary_table(summary: dict[str, dict[str, float]], n_files: int, n_bad: int
     return table
 
 
+def check_outputs_free(out_dir: str, overwrite: bool) -> None:
+    """ApexError when `out_dir` already holds scores of an earlier run and `overwrite` is off:
+    the default --out is the working folder, where a second `apex score` would otherwise
+    replace the first one's results without a word."""
+    if overwrite:
+        return
+    existing = [name for name in OUTPUT_FILES if os.path.lexists(os.path.join(out_dir, name))]
+    if existing:
+        where = printable(os.path.join(out_dir, existing[0]))
+        raise ApexError(f"'{where}' exists (an earlier apex score); pass --overwrite to replace it, "
+                        "or choose another --out")
+
+
+def plan_batches(files: Sequence[str], batch_size: int,
+                 max_batch_pixels: int) -> tuple[list[list[str]], list[tuple[str, str]]]:
+    """Files -> (batches of at most `batch_size` files and `max_batch_pixels` decoded pixels in
+    all, from the headers alone; files too large for any batch, with the reason). A file whose
+    header cannot be read counts 0 pixels: decoding it then fails with its own reason."""
+    batches: list[list[str]] = []
+    too_large: list[tuple[str, str]] = []
+    batch: list[str] = []
+    pixels = 0
+    for path in files:
+        size = image_size(path)
+        n = size[0] * size[1] if size else 0
+        if n > max_batch_pixels:
+            too_large.append((path, f"too large for one scoring batch: {size[0]}x{size[1]} = {n} pixels > "
+                                    f"--max-batch-pixels {max_batch_pixels}; raise it to score this image"))
+            continue
+        if batch and (len(batch) >= batch_size or pixels + n > max_batch_pixels):
+            batches.append(batch)
+            batch, pixels = [], 0
+        batch.append(path)
+        pixels += n
+    if batch:
+        batches.append(batch)
+    return batches, too_large
+
+
+def _empty_row(path: str, names: Sequence[str], reason: str) -> dict[str, Any]:
+    return {"file": storable(path), "prompt": None, **{n: None for n in names}, "error": reason}
+
+
+def _scored_row(path: str, prompt: str | None, scores: Sequence[float], objectives: Sequence[str],
+                prompt_needing: Sequence[str]) -> dict[str, Any]:
+    """One image's row: a score per objective (null when not finite or missing its prompt)."""
+    row: dict[str, Any] = {"file": storable(path), "prompt": None if prompt is None else storable(prompt)}
+    problems = []
+    for name, v in zip(objectives, scores):
+        if math.isinf(v):  # a reward bug, not "no score": JSON has no inf, so null and a note
+            problems.append(f"{name} returned {v}, written as null")
+        row[name] = None if (not math.isfinite(v) or (prompt is None and name in prompt_needing)) else v
+    if prompt is None and prompt_needing:
+        problems.append(f"no prompt (needed by {', '.join(prompt_needing)}); "
+                        "give --prompt, --prompts FILE or a metadata.jsonl beside the images")
+    row["error"] = "; ".join(problems) or None
+    return row
+
+
+def _check_limits(batch_size: int, max_pixels: int, max_batch_pixels: int) -> None:
+    for flag, value in (("--batch-size", batch_size), ("--max-pixels", max_pixels),
+                        ("--max-batch-pixels", max_batch_pixels)):
+        if value < 1:
+            raise ApexError(f"{flag} must be at least 1, got {value}")
+
+
 def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str = ".",
                 prompt: str | None = None, prompts_file: str | None = None,
                 device: str = "auto", dtype: str = "auto", config: RewardsConfig | None = None,
                 batch_size: int = 32, strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
+                max_batch_pixels: int = DEFAULT_BATCH_PIXELS, overwrite: bool = False,
                 progress: bool = True, console: Console | None = None,
                 err_console: Console | None = None) -> ScoreReport:
-    """Score image files on `objectives`; write scores.jsonl/csv under `out_dir`; return the report."""
+    """Score image files on `objectives`; write scores.jsonl/csv under `out_dir` (refused when
+    they exist, unless `overwrite`); return the report. Everything printed goes through
+    `markup_safe`: a file name cannot send control sequences to the terminal."""
     from apexcli.rewards.runtime import resolve_device_dtype
     from apexcli.rewards.suite import RewardSuite
 
     console = console or make_console()
     err_console = err_console or make_console(stderr=True)
+    out_dir = os.path.expanduser(out_dir)
     if isinstance(objectives, str):
         objectives = [o for o in objectives.split(",") if o.strip()]
     names = [canonical_name(o) for o in objectives]  # fail on a typo before loading anything
     prompt_needing = [n for n in names if reward_spec(n).needs_prompt]
+    _check_limits(batch_size, max_pixels, max_batch_pixels)
+    check_outputs_free(out_dir, overwrite)
     files, skipped = expand_paths(paths)
+    batches, too_large = plan_batches(files, batch_size, max_batch_pixels)
     lookup = PromptLookup(prompt, prompts_file, warn=lambda message: err_console.print(
-        f"[yellow]warning[/] {escape(message)}; skipped that line", highlight=False))
+        f"[yellow]warning[/] {markup_safe(message)}; skipped that line", highlight=False))
     dev, dt = resolve_device_dtype(device, dtype)
 
     rows: list[dict[str, Any]] = []
     issues: list[tuple[str, str]] = []
 
     def report(path: str, reason: str, label: str = "skipped") -> None:
-        issues.append((path, reason))
-        err_console.print(f"[yellow]{label}[/] {escape(path)}: {escape(reason)}", highlight=False, markup=True)
+        issues.append((storable(path), reason))
+        err_console.print(f"[yellow]{label}[/] {markup_safe(path)}: {markup_safe(reason)}", highlight=False)
 
-    for path, reason in skipped:
+    for path, reason in skipped + too_large:
         report(path, reason)
-        rows.append({"file": path, "prompt": None, **{n: None for n in names}, "error": reason})
+        rows.append(_empty_row(path, names, reason))
+
+    def load(path: str) -> tuple[str, Any]:
+        try:
+            return path, open_image(path, max_pixels)
+        except ImageLoadError as exc:
+            return path, str(exc)
 
     with RewardSuite(objectives, device=dev, dtype=dt, config=config) as suite, \
             ThreadPoolExecutor(max_workers=4, thread_name_prefix="apex-decode") as decoder, \
             Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
                      console=err_console, transient=True, disable=not progress) as bar:
-        task = bar.add_task("score", total=len(files))
-        for start in range(0, len(files), max(1, batch_size)):
-            chunk = files[start:start + max(1, batch_size)]
-
-            def load(path: str) -> tuple[str, Any]:
-                try:
-                    return path, open_image(path, max_pixels)
-                except ImageLoadError as exc:
-                    return path, str(exc)
-
+        task = bar.add_task("score", total=sum(len(b) for b in batches))
+        for chunk in batches:
             good, good_prompts = [], []
             for path, result in decoder.map(load, chunk):
                 if isinstance(result, str):
                     report(path, result)
-                    rows.append({"file": path, "prompt": None, **{n: None for n in names}, "error": result})
+                    rows.append(_empty_row(path, names, result))
                 else:
                     good.append((path, result))
                     good_prompts.append(lookup(path))
             if good:
                 R, info = suite([im for _, im in good], [p or "" for p in good_prompts])
                 for i, ((path, _), p) in enumerate(zip(good, good_prompts)):
-                    row: dict[str, Any] = {"file": path, "prompt": p}
-                    problems = []
-                    for k, name in enumerate(suite.objectives):
-                        v = float(R[i, k])
-                        if math.isinf(v):  # a reward bug, not "no score": JSON has no inf, so null and a note
-                            problems.append(f"{name} returned {v}, written as null")
-                        row[name] = None if (not math.isfinite(v) or (p is None and name in prompt_needing)) else v
-                    if p is None and prompt_needing:
-                        problems.append(f"no prompt (needed by {', '.join(prompt_needing)}); "
-                                        "give --prompt, --prompts FILE or a metadata.jsonl beside the images")
-                    row["error"] = "; ".join(problems) or None
-                    if problems:
+                    row = _scored_row(path, p, [float(v) for v in R[i]], suite.objectives, prompt_needing)
+                    if row["error"]:
                         report(path, row["error"], "problem")
                     extras = {name: {key: vals[i] for key, vals in info[name].items() if len(vals) == len(good)}
                               for name in suite.objectives if info.get(name)}
@@ -323,7 +430,7 @@ def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str
     report_obj = ScoreReport(names, rows, issues, summary)
     report_obj.files = write_outputs(out_dir, rows, names)
     console.print(summary_table(summary, len(rows), len(issues)))
-    console.print(f"wrote {report_obj.files[0]} and {report_obj.files[1]}", highlight=False)
+    console.print(f"wrote {markup_safe(report_obj.files[0])} and {markup_safe(report_obj.files[1])}", highlight=False)
     if report_obj.n_scored == 0:
         raise ApexError(f"no image could be scored ({len(rows)} inputs, {len(issues)} with problems; "
                         f"reasons in {report_obj.files[0]})")

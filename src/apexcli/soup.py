@@ -15,7 +15,8 @@ parent's tensors and metadata unchanged.
 
 Every mixture becomes a run directory that ``apex pareto`` reads like any other:
 
-    <out>/<soup-...>/config.yaml       the first parent's config; eval.objectives = union of the parents'
+    <out>/<soup-...>/config.yaml       the first parent's config with the mixture's own lora.rank and
+                                       lora.alpha (those of its file); eval.objectives = union of the parents'
     <out>/<soup-...>/soup.json         parents (paths, names, checkpoints) and coefficients
     <out>/<soup-...>/metrics.jsonl     the step-0 (base) eval row and the mixture's eval row
     <out>/<soup-...>/eval/step-*/      grid.png, scores.jsonl (the base's copied from a parent)
@@ -27,6 +28,7 @@ through the same ``Evaluator`` as training, on one pipeline loaded once.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import shutil
@@ -67,9 +69,15 @@ class LoraFile:
 
 
 def read_lora(directory: Path) -> LoraFile:
+    """A parent's LoRA file, refused (naming file and tensor) when a tensor is broken: a NaN
+    parent would otherwise make every mixture of it black."""
+    from apexcli.models.lora import check_lora_tensors
+
     path = Path(directory) / LORA_FILE
     with safe_open(str(path), framework="pt") as f:
-        return LoraFile({k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}))
+        lora = LoraFile({k: f.get_tensor(k) for k in f.keys()}, dict(f.metadata() or {}))
+    check_lora_tensors(lora.tensors, path, option="the parent's LoRA")
+    return lora
 
 
 def mix_loras(loras: Sequence[LoraFile], coefficients: Sequence[float]) -> LoraFile:
@@ -112,6 +120,12 @@ def _scaled_metadata(metadata: dict[str, str], n: int) -> dict[str, str]:
     return {**metadata, META_KEY: json.dumps(meta, indent=2)}
 
 
+def rank_and_alpha(lora: LoraFile) -> tuple[int, int | float]:
+    """The rank and alpha a LoRA file's adapter metadata gives (a mixture's: raised by its parents)."""
+    meta = json.loads(lora.metadata[META_KEY])
+    return meta[f"{META_PREFIX}r"], meta[f"{META_PREFIX}lora_alpha"]
+
+
 def delta_weights(lora: LoraFile) -> dict[str, torch.Tensor]:
     """module -> s B A (the weight change the LoRA applies), for checks and tests."""
     meta = json.loads(lora.metadata[META_KEY])
@@ -127,7 +141,11 @@ def delta_weights(lora: LoraFile) -> dict[str, torch.Tensor]:
 
 
 def parse_coefficients(texts: Sequence[str], n_runs: int) -> list[list[float]]:
-    """``["0.25,0.75", ...]`` -> coefficient vectors; default for two runs: 0.25, 0.5, 0.75."""
+    """``["0.25,0.75", ...]`` -> coefficient vectors; default for two runs: 0.25, 0.5, 0.75.
+    One run is refused before any coefficient: its only mixture is the run itself."""
+    if n_runs < 2:
+        raise ApexError(f"apex soup needs two or more runs, got {n_runs}: a soup of one run is that run itself; "
+                        "give the runs to mix")
     if not texts:
         if n_runs != 2:
             raise ApexError(f"give --coef for a soup of {n_runs} runs (e.g. --coef {','.join(['%.3g' % (1 / n_runs)] * n_runs)})")
@@ -135,7 +153,7 @@ def parse_coefficients(texts: Sequence[str], n_runs: int) -> list[list[float]]:
     out = []
     for text in texts:
         try:
-            values = [float(x) for x in str(text).split(",") if x.strip()]
+            values = [float(x) + 0.0 for x in str(text).split(",") if x.strip()]  # + 0.0: -0 is 0
         except ValueError:
             raise ApexError(f"--coef '{text}' is not a comma-separated list of numbers") from None
         if len(values) != n_runs:
@@ -195,13 +213,15 @@ def make_soups(
     if step == 0:
         raise ApexError("the parents' checkpoints are all at step 0 (the base model); train them first")
     eval_objectives = _union(_eval_objectives(p.config) for p in parents)
-    out = Path(out)
-    folders = [out / ("soup-" + "-".join(f"{c:g}" for c in coefs)) for coefs in coefficients]
+    out = Path(out).expanduser()
+    folders = [out / soup_folder_name(coefs) for coefs in coefficients]
     for folder in folders:  # checked before anything is written
         if folder.exists():
             raise ApexError(f"'{folder}' exists; remove it or choose another --out")
-    if len(set(folders)) != len(folders):
-        raise ApexError("the same --coef is given twice; give each mixture once")
+    for i, folder in enumerate(folders):  # names are exact: only the same mixture twice collides
+        if folder in folders[:i]:
+            raise ApexError(f"the mixture {','.join(map(_label, coefficients[i]))} is given twice (--coef); "
+                            "give each mixture once")
     made = []
     for coefs, folder in zip(coefficients, folders):
         mixed = mix_loras(loras, coefs)
@@ -211,6 +231,8 @@ def make_soups(
         config["name"] = "soup(" + " + ".join(f"{c:g}*{p.name}" for c, p in zip(coefs, parents) if c != 0) + ")"
         config["out"] = str(folder)
         config.setdefault("eval", {})["objectives"] = eval_objectives
+        rank, alpha = rank_and_alpha(mixed)  # the file's, not the parents' (factors are concatenated)
+        config.setdefault("lora", {}).update(rank=rank, alpha=alpha)
         run.write_config(config)
         atomic_write_text(folder / SOUP_FILE, json.dumps({
             "method": "rewarded soup: W = W0 + sum_i c_i s B_i A_i, one LoRA of concatenated factors",
@@ -227,6 +249,25 @@ def make_soups(
     if evaluate:
         _evaluate(parents, made, step, eval_objectives)
     return made
+
+
+NAME_LIMIT = 200  # bytes of a folder name, under the file systems' 255
+
+
+def _label(c: float) -> str:
+    """A coefficient as short as it prints (0.25), or its exact repr when that would lose digits:
+    0.3333333 and 0.33333334 once named one folder and were reported as "the same --coef twice"."""
+    short = f"{c:g}"
+    return short if float(short) == c else repr(c)
+
+
+def soup_folder_name(coefs: Sequence[float]) -> str:
+    """``soup-0.25-0.75``: distinct for distinct mixtures; a digest for names too long to hold."""
+    name = "soup-" + "-".join(_label(c) for c in coefs)
+    if len(name.encode()) <= NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:16]
+    return f"soup-{len(coefs)}-runs-{digest}"  # soup.json holds the coefficients
 
 
 def _evaluate(parents: list[Parent], folders: list[Path], step: int, objectives: list[str]) -> None:

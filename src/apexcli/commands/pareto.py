@@ -19,8 +19,12 @@ def pareto(
     ],
     out: Annotated[
         Path,
-        typer.Option("--out", help="Folder for pareto.json, report.md and the PNG plots."),
+        typer.Option("--out", help="Folder for pareto.json, report.md and the PNG plots (~ is your home); an earlier report there is kept unless --overwrite."),
     ] = Path("pareto"),
+    overwrite: Annotated[
+        bool,
+        typer.Option("--overwrite", help="Replace the pareto.json, report.md and plots already in --out."),
+    ] = False,
     all_steps: Annotated[
         bool,
         typer.Option(
@@ -42,4 +46,4 @@ def pareto(
     """Non-dominated set, hypervolumes, plots and a report over training runs."""
     from apexcli.eval.report import run_pareto
 
-    run_pareto(runs, out, all_steps=all_steps, normalisation=normalize)
+    run_pareto(runs, out, all_steps=all_steps, normalisation=normalize, overwrite=overwrite)

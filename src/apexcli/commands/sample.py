@@ -12,12 +12,13 @@ def sample(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, dotted, as for `apex train`, e.g. eval.num_steps=20 model.resolution=256 (sampling reads model.*, eval.num_steps, eval.guidance_scale, sampling.negative_prompt). --steps, --guidance, --size, --model and --device win over them.", show_default=False)] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder for PNGs and metadata.jsonl.")] = Path("samples"),
+    out: Annotated[Path, typer.Option(help="Output folder for PNGs and metadata.jsonl (~ is your home). Each image is written as it is made and its metadata line appended then; a folder that already holds apex sample output is refused unless --overwrite.")] = Path("samples"),
+    overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the apex sample output already in --out: its PNGs and metadata.jsonl are deleted first.")] = False,
     lora: Annotated[Optional[str], typer.Option(help="LoRA: a checkpoint dir, a run dir (its latest checkpoint) or a .safetensors file.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Preset giving the base model and sampling defaults (tiny, mini, sd35m, ...).")] = None,
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML config giving the base model (e.g. a run's config.yaml).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Hub id or local directory of the SD3 pipeline (overrides the preset).")] = None,
-    num_images: Annotated[int, typer.Option(help="Images per prompt.")] = 1,
+    num_images: Annotated[int, typer.Option(help="Images per prompt (at most 100000 images per call in all).")] = 1,
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     steps: Annotated[Optional[int], typer.Option(help="ODE steps (default: the preset's eval.num_steps).")] = None,
     guidance: Annotated[Optional[float], typer.Option(help="CFG scale (default: the preset's eval.guidance_scale).")] = None,
@@ -32,6 +33,6 @@ def sample(
     written = sample_from_options(
         prompts=list(prompt or []), prompts_file=prompts, out=out, lora=lora, preset=preset, config_file=config,
         model=model, num_images=num_images, seed=seed, steps=steps, guidance=guidance, size=size,
-        batch_size=batch_size, device=device, overrides=list(overrides or []) + list(set_ or []),
+        batch_size=batch_size, device=device, overrides=list(overrides or []) + list(set_ or []), overwrite=overwrite,
     )
-    typer.echo(f"{len(written)} images and metadata.jsonl written to {out}")
+    typer.echo(f"{len(written)} images and metadata.jsonl written to {out.expanduser()}")

@@ -8,7 +8,7 @@ import typer
 
 from apexcli.rewards.config import RewardsConfig, apply_overrides
 from apexcli.rewards.remote import TOKEN_ENV
-from apexcli.rewards.server import DEFAULT_THREADS, DEFAULT_TIMEOUT_S
+from apexcli.rewards.server import DEFAULT_MAX_PER_CLIENT, DEFAULT_REQUEST_PIXELS, DEFAULT_THREADS, DEFAULT_TIMEOUT_S
 
 
 def serve(
@@ -21,7 +21,9 @@ def serve(
     token: Annotated[str, typer.Option("--token", envvar=TOKEN_ENV, show_default=False,
                                        help=f"Require 'Authorization: Bearer TOKEN' on every request; clients send the value of {TOKEN_ENV}. Prefer the variable: a command line is visible to other users.")] = "",
     threads: Annotated[int, typer.Option(help="Connections handled at once; more wait in the listen queue.")] = DEFAULT_THREADS,
-    timeout: Annotated[float, typer.Option(help="Seconds a client may stall on a read or write before it is dropped.")] = DEFAULT_TIMEOUT_S,
+    timeout: Annotated[float, typer.Option(help="Seconds a client has to send its whole request (headers and body, however it trickles them), and to take each write of the answer.")] = DEFAULT_TIMEOUT_S,
+    max_request_pixels: Annotated[int, typer.Option("--max-request-pixels", help="Decoded pixels one request's images may hold, read from their headers before decoding (413 beyond); clients split their batches to fit.")] = DEFAULT_REQUEST_PIXELS,
+    max_per_client: Annotated[int, typer.Option("--max-per-client", help="Connections one client address may hold at once (503 beyond); the default is the whole --threads pool, as a trainer's ranks share one address.")] = DEFAULT_MAX_PER_CLIENT,
     overrides: Annotated[Optional[list[str]], typer.Option("--set", help="Reward option KEY=VALUE, repeatable, e.g. --set rewards.deqa.source=/models/deqa")] = None,
 ) -> None:
     """Serve rewards to `train` and `score` (use them as NAME@http://HOST:PORT)."""
@@ -31,4 +33,5 @@ def serve(
     # the --trust-remote-code flag, or the option given as --set rewards.deqa.trust_remote_code=true
     config.deqa.trust_remote_code = config.deqa.trust_remote_code or trust_remote_code
     serve_rewards([o for o in objectives.split(",") if o.strip()], host=host, port=port, device=device,
-                  dtype=dtype, config=config, token=token, threads=threads, timeout_s=timeout, log=typer.echo)
+                  dtype=dtype, config=config, token=token, threads=threads, timeout_s=timeout,
+                  max_request_pixels=max_request_pixels, max_per_client=max_per_client, log=typer.echo)

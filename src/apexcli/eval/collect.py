@@ -5,9 +5,12 @@ Two steps, both tolerant of bad input:
 1. ``collect_runs(paths)``: find runs, read config.yaml + metrics.jsonl, keep the eval rows
    (``kind == "eval"``, values ``eval/{k}/mean``) and the balance weights of train rows.
    A run that cannot be read or has no trained eval point is *skipped with a reason*; corrupt
-   metrics lines become warnings. No run found at all is an ApexError.
+   metrics lines become warnings, and so do rows apex cannot have written (a step beyond
+   MAX_STEP, a NaN or infinite value: apex writes null), which are left out, never the run.
+   No run found at all is an ApexError.
 2. ``build_points(collection, all_steps)``: the objectives common to every run (warning when
-   the sets differ), one point per run (its last eval step > 0) or every eval step > 0, and
+   the sets differ) that have a finite value in some run (one that none has, such as ocr on
+   eval prompts without quoted text, is left out with a note), one point per run (its last eval step > 0) or every eval step > 0, and
    the base model's point (the step-0 eval; the mean over runs, with a warning, when runs
    disagree; the per-objective minimum of the points, with a warning, when no run has one).
 """
@@ -15,6 +18,7 @@ Two steps, both tolerant of bad input:
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +32,8 @@ from apexcli.runs import SOUP_FILE, RunDir, find_runs
 EVAL_PREFIX = "eval/"
 EVAL_SUFFIX = "/mean"
 WEIGHT_PREFIX = "balance/weight/"
+# a billion updates: no run comes near; a larger step is a corrupt line, left out with a warning
+MAX_STEP = 10**9
 # step-0 points of different runs count as the same base model within this tolerance
 BASE_RTOL = 1e-6
 BASE_ATOL = 1e-9
@@ -82,6 +88,7 @@ class PointTable:
     base_std: np.ndarray | None  # [K] mean step-0 eval std per objective, None if any is missing
     skipped: list[SkippedRun]  # collection skips plus runs with no usable point
     warnings: list[str]
+    left_out: list[str] = field(default_factory=list)  # objectives with no finite value anywhere, with why
 
 
 def no_runs_message(paths: Sequence[Path]) -> str:
@@ -133,14 +140,18 @@ def _read_run(run: RunDir, collection: Collection) -> RunRecord | None:
         collection.warnings.append(
             f"{run.path}: skipped {len(metrics.skipped)} corrupt metrics.jsonl line(s): {shown}"
         )
-    if not metrics.rows:
+    rows, bad = _plausible_rows(metrics.rows)
+    if bad:
+        shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
+        collection.warnings.append(f"{run.path}: left out {len(bad)} metrics row(s) apex cannot have written: {shown}")
+    if not rows:
         collection.skipped.append(SkippedRun(run.path, "metrics.jsonl has no readable rows"))
         return None
 
     evals_by_step: dict[int, EvalRow] = {}
     objectives: list[str] = []
     weight_curves: dict[str, list[tuple[int, float]]] = {}
-    for row in metrics.rows:
+    for row in rows:
         if row.get("kind") == "eval":
             entry = evals_by_step.setdefault(row["step"], EvalRow(row["step"], {}, {}))
             for key, value in row.items():
@@ -192,6 +203,38 @@ def _read_run(run: RunDir, collection: Collection) -> RunRecord | None:
     )
 
 
+def _plausible_rows(rows: list[dict]) -> tuple[list[dict], list[str]]:
+    """(rows apex can have written, why each other one is not): its step is in 0..MAX_STEP and
+    every number is finite (apex writes null for NaN and infinities; a bare NaN or Infinity in
+    the file came from elsewhere). One such row costs itself, never the run."""
+    kept, bad = [], []
+    for row in rows:
+        step = row["step"]
+        odd = [k for k, v in row.items() if isinstance(v, float) and not math.isfinite(v)]
+        if not 0 <= step <= MAX_STEP:
+            bad.append(f"step {step} is outside 0..{MAX_STEP}")
+        elif odd:
+            bad.append(f"step {step}: {odd[0]} is {row[odd[0]]} (apex writes null)")
+        else:
+            kept.append(row)
+    return kept, bad
+
+
+def _with_values(runs: list[RunRecord], objectives: list[str]) -> tuple[list[str], list[str]]:
+    """(objectives with a finite trained eval value in some run, a note for each other one)."""
+    kept, notes = [], []
+    for k in objectives:
+        if any(k in e.means for run in runs for e in run.evals if e.step > 0):
+            kept.append(k)
+        else:
+            notes.append(f"{k}: no finite eval value in any run (none of the eval prompts applies to it, "
+                         f"e.g. no quoted text for ocr); left out of the comparison")
+    if not kept:
+        raise ApexError(f"no objective has a finite eval value in any run ({', '.join(objectives)}): "
+                        "evaluate on prompts the objectives apply to")
+    return kept, notes
+
+
 def build_points(collection: Collection, all_steps: bool = False) -> PointTable:
     """Points of every run on the common objectives, plus the base point; module docstring."""
     skipped = list(collection.skipped)
@@ -213,6 +256,7 @@ def build_points(collection: Collection, all_steps: bool = False) -> PointTable:
             f"{','.join(objectives)}"
         )
 
+    objectives, left_out = _with_values(runs, objectives)
     kept: list[RunRecord] = []
     run_index: list[int] = []
     steps: list[int] = []
@@ -256,6 +300,7 @@ def build_points(collection: Collection, all_steps: bool = False) -> PointTable:
         base_std=base_std,
         skipped=skipped,
         warnings=warnings,
+        left_out=left_out,
     )
 
 

@@ -150,27 +150,29 @@ def evaluate_checkpoint(
                             "--num-prompts or --seed is written to its own folder only: drop --log")
         cfg = _with_eval_set(cfg, prompts, num_prompts, seed)
     evals = run.path / "eval" / _eval_set_name(cfg) if own_set else run.path / "eval"
-    step, directory, lora_dir = 0, evals / step_dirname(0), None
+    step, directory, weight_file = 0, evals / step_dirname(0), None
     if checkpoint != "base":
-        ckpt = resolve_lora_path(checkpoint or run.path)
+        ckpt = resolve_lora_path(checkpoint or run.path, option="--checkpoint")
         if ckpt == run.path and checkpoint is None:
             raise ApexError(f"run '{run_path}' has no checkpoint yet; pass --checkpoint base to evaluate the base model")
         step = parse_step_dirname(ckpt.name) or parse_step_dirname(ckpt.parent.name) or 0
         directory = evals / step_dirname(step)
-        if ckpt.resolve().parent != run.checkpoints_dir.resolve():
-            # another run's checkpoint: its numbers are not this run's, so they never enter its
-            # metrics, and its images never replace this run's own eval/step-N
+        lora_dir = ckpt / "ema" if cfg.eval.use_ema and (ckpt / "ema").is_dir() else ckpt
+        given = _given_file(checkpoint)
+        weight_file = given or lora_dir / LORA_FILE  # a file named is the file used
+        if ckpt.resolve().parent != run.checkpoints_dir.resolve() or weight_file.resolve() != (lora_dir / LORA_FILE).resolve():
+            # another run's checkpoint (or another file than the run's eval uses): its numbers are not
+            # this run's, so they never enter its metrics, and its images never replace eval/step-N
             if log:
                 raise ApexError(
-                    f"--log would append the evaluation of '{ckpt}' to the metrics of '{run.path}', but that checkpoint is "
+                    f"--log would append the evaluation of '{given or ckpt}' to the metrics of '{run.path}', but that checkpoint is "
                     f"not one of this run's ({run.checkpoints_dir}); drop --log, or run apex eval on the run that owns it"
                 )
-            directory = evals / f"other-{_owner_name(ckpt)}-{step_dirname(step)}"
-        lora_dir = ckpt / "ema" if cfg.eval.use_ema and (ckpt / "ema").is_dir() else ckpt
+            directory = evals / _other_dirname(ckpt, given, step)
     device = resolve_device(cfg.model.device)
     pipe = load_pipeline(cfg.model)
-    if lora_dir is not None:
-        load_lora_for_inference(pipe, lora_dir / LORA_FILE)
+    if weight_file is not None:
+        load_lora_for_inference(pipe, weight_file, option="--checkpoint")
     pipe.to(device)
     cache = TextEmbeddingCache(cfg.model.text_cache_dir, encoder_fingerprint(pipe))
     evaluator = Evaluator(cfg, pipe, cache, cfg.objectives, device=device)
@@ -192,6 +194,15 @@ def _with_eval_set(cfg: Config, prompts: str | None, num_prompts: int | None, se
 
     if num_prompts is not None and num_prompts < 1:
         raise ApexError(f"--num-prompts must be at least 1, got {num_prompts}")
+    if seed is not None:  # checked here to name the option, by eval.seed's own rule
+        from dataclasses import fields
+
+        from apexcli.config import EvalConfig
+        from apexcli.schema import field_rule
+
+        why = field_rule(next(f for f in fields(EvalConfig) if f.name == "seed")).problem(seed)
+        if why is not None:
+            raise ApexError(f"--seed {why}")
     evaluation = replace(cfg.eval, num_prompts=cfg.eval.num_prompts if num_prompts is None else num_prompts,
                          seed=cfg.eval.seed if seed is None else seed)
     cfg = replace(cfg, eval=evaluation, prompts=replace(cfg.prompts, eval=prompts or cfg.prompts.eval))
@@ -206,6 +217,23 @@ def _eval_set_name(cfg: Config) -> str:
     label = spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).stem
     label = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:60] or "prompts"
     return f"set-{label}-n{cfg.eval.num_prompts}-seed{cfg.eval.seed}"
+
+
+def _given_file(checkpoint: str | None) -> Path | None:
+    """The LoRA file ``--checkpoint`` names, if it names a file (not a folder or ``base``)."""
+    if checkpoint is None or checkpoint == "base":
+        return None
+    path = Path(checkpoint).expanduser()
+    return path if path.is_file() else None
+
+
+def _other_dirname(checkpoint: Path, given: Path | None, step: int) -> str:
+    """``other-<owner>-step-N``, with the file's stem when a file other than the standard one
+    was named: two files of one folder never share (and overwrite) an eval folder."""
+    from apexcli.runs import LORA_FILE, step_dirname
+
+    stem = f"-{given.stem}" if given is not None and given.name != LORA_FILE else ""
+    return f"other-{_owner_name(checkpoint)}{stem}-{step_dirname(step)}"
 
 
 def _owner_name(checkpoint: Path) -> str:

@@ -80,8 +80,12 @@ def run_pareto(
     all_steps: bool = False,
     normalisation: str = "auto",
     console: Console | None = None,
+    err_console: Console | None = None,
+    overwrite: bool = False,
 ) -> ParetoResult:
-    """Compare the runs under ``paths`` and write pareto.json, PNG plots and report.md to ``out``.
+    """Compare the runs under ``paths`` and write pareto.json, PNG plots and report.md to ``out``
+    (refused when an earlier report is there, unless ``overwrite``). Objectives without a finite
+    value in any run are left out with a note in the report and on ``err_console`` (stderr).
 
     Points: each run's final eval (its last eval step > 0), or every eval step > 0 when
     ``all_steps``. Reference: the base model (step-0 eval). Normalisation: see
@@ -91,11 +95,16 @@ def run_pareto(
     of all points. Unusable runs are skipped with a reason; no run at all is an ApexError.
     """
     console = console or make_console()
+    err_console = err_console or make_console(stderr=True)
     if normalisation not in ("auto", *NORMALISATIONS):
         raise ApexError(
             f"unknown normalisation {normalisation!r}: use one of auto, {', '.join(NORMALISATIONS)}"
         )
-    table = build_points(collect_runs(paths), all_steps=all_steps)
+    out = Path(out).expanduser()
+    check_outputs_free(out, overwrite)
+    table = build_points(collect_runs([Path(p).expanduser() for p in paths]), all_steps=all_steps)
+    for note in table.left_out:
+        err_console.print(f"[yellow]note:[/] {escape(note)}", highlight=False)
     has_std = usable_base_std(table.base_std, len(table.objectives))
     if normalisation == "auto":
         normalisation = "base_std" if has_std else "spread"
@@ -112,7 +121,6 @@ def run_pareto(
     ]
     front_hv = hypervolume(normalised[on_front], origin)
 
-    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     result = ParetoResult(
         table=table,
@@ -136,6 +144,17 @@ def run_pareto(
     atomic_write_text(result.report_path, _report_markdown(result, all_steps))
     _print_terminal(result, console)
     return result
+
+
+def check_outputs_free(out: Path, overwrite: bool) -> None:
+    """ApexError when ``out`` already holds a report (``--out .`` replaced one without a word)
+    and ``overwrite`` is off. Checked before any run is read."""
+    if overwrite:
+        return
+    existing = [name for name in (REPORT_FILE, JSON_FILE) if (out / name).exists()]
+    if existing:
+        raise ApexError(f"'{out / existing[0]}' exists (an earlier apex pareto?); pass --overwrite to replace it, "
+                        "or choose another --out")
 
 
 # -- pareto.json ---------------------------------------------------------------------------
@@ -187,6 +206,7 @@ def _to_json(result: ParetoResult, all_steps: bool) -> dict:
         },
         "runs": runs,
         "skipped": [{"path": str(s.path), "reason": s.reason} for s in t.skipped],
+        "left_out": t.left_out,
         "warnings": t.warnings,
         "plots": [p.path.name for p in result.plots],
         "paired": result.paired.to_json() if result.paired is not None else None,
@@ -294,6 +314,7 @@ def _report_markdown(result: ParetoResult, all_steps: bool) -> str:
         f"- Runs compared: {len(t.runs)} (skipped: {len(t.skipped)}), on objectives: "
         f"{', '.join(ks)} (all maximised).",
         f"- Points: {'every eval step > 0 of each run' if all_steps else 'the final eval of each run'}.",
+        *(f"- Left out: {note}." for note in t.left_out),
         f"- Reference point (base model): {_fmt_named(ks, t.base)}; {t.base_source}.",
         f"- Normalisation `{norm.method}`: {norm.describe()}.",
         f"- Scale s_k: {_fmt_named(ks, norm.scale)}.",

@@ -16,14 +16,19 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 def resolve_device(name: str) -> torch.device:
+    """``auto``, ``cpu``, ``cuda`` or ``cuda:N`` as a torch device; anything torch does not know,
+    or a GPU that is not there, is an ApexError (set by --device or model.device)."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     try:
         device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ApexError(f"model.device '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
+    except (RuntimeError, ValueError, TypeError):
+        raise ApexError(f"model.device (--device) '{name}' is not a device; use auto, cpu, cuda or cuda:N") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ApexError(f"model.device is '{name}' but no CUDA GPU is visible; use model.device=cpu (or auto)")
+    if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+        raise ApexError(f"model.device is '{name}' but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
     return device
 
 

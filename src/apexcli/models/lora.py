@@ -157,12 +157,14 @@ def _laid_out_like_adapter(transformer, state: dict[str, torch.Tensor]) -> dict[
     return {k: shard_like(v, params[k]) if k in params else v for k, v in state.items()}
 
 
-def resolve_lora_path(path: str | Path) -> Path:
-    """A checkpoint dir, a LoRA .safetensors file's dir, or a run dir (its latest checkpoint)."""
-    p = Path(path)
+def resolve_lora_path(path: str | Path, option: str = "--lora") -> Path:
+    """A checkpoint dir, a LoRA .safetensors file's dir, or a run dir (its latest checkpoint).
+    ``option`` is the command's own name for it, used in the errors (``--checkpoint`` in eval).
+    For a file, the caller loads that very file: the dir returned only locates it."""
+    p = Path(path).expanduser()
     if p.is_file():
         if p.suffix != ".safetensors":
-            raise ApexError(f"--lora '{p}' is a {p.suffix or 'extension-less'} file, not a LoRA; give a .safetensors file, a checkpoint dir or a run dir")
+            raise ApexError(f"{option} '{p}' is a {p.suffix or 'extension-less'} file, not a LoRA; give a .safetensors file, a checkpoint dir or a run dir")
         return p.parent
     if (p / LORA_FILE).is_file():
         return p
@@ -170,48 +172,83 @@ def resolve_lora_path(path: str | Path) -> Path:
         latest = RunDir(p).latest_checkpoint()
         if latest is not None:
             return latest
-        raise ApexError(f"--lora '{p}' holds no {LORA_FILE} and no checkpoints/step-*/ with one")
-    raise ApexError(f"--lora '{p}' does not exist; give a checkpoint dir, a run dir or a .safetensors file")
+        raise ApexError(f"{option} '{p}' holds no {LORA_FILE} and no checkpoints/step-*/ with one")
+    raise ApexError(f"{option} '{p}' does not exist; give a checkpoint dir, a run dir or a .safetensors file")
 
 
-def load_lora_for_inference(pipe, weight_file: Path) -> int:
-    """``pipe.load_lora_weights`` with the checks it lacks: a file that is not safetensors, or a
-    LoRA of another model (UNet keys, other module names or shapes), is an ApexError naming the
-    file instead of a traceback or a silent no-op. Returns the number of transformer LoRA tensors
-    applied."""
+# LoRA entries beyond this magnitude are corrupt or hostile, never trained: a trained LoRA's
+# factors stay within a few units (Kaiming or N(0, 1/r) A, small B), and 1e30 entries (applied
+# without a word before) turn every image black.
+MAX_LORA_ABS = 1e3
+
+
+def check_lora_tensors(state: dict[str, torch.Tensor], weight_file: Path, option: str = "--lora") -> None:
+    """ApexError naming the file and tensor for what ``load_lora_weights`` would fail on with a
+    traceback or apply in silence: a tensor that is not a floating-point matrix, non-finite or
+    absurd values, or A and B factors of one layer with different ranks."""
+    where = f"{option} file '{weight_file}'"
+    for key, tensor in state.items():
+        if tensor.ndim != 2:
+            raise ApexError(f"{where}: '{key}' has shape {tuple(tensor.shape)}; LoRA factors are matrices (2-D)")
+        if not tensor.is_floating_point():
+            raise ApexError(f"{where}: '{key}' holds {str(tensor.dtype).replace('torch.', '')} values; LoRA factors are floating point")
+        values = tensor.detach().float()
+        if not torch.isfinite(values).all():
+            raise ApexError(f"{where}: '{key}' holds NaN or infinite values; the file is corrupt")
+        largest = float(values.abs().max()) if values.numel() else 0.0
+        if largest > MAX_LORA_ABS:
+            raise ApexError(f"{where}: '{key}' holds a value of magnitude {largest:.3g}, beyond {MAX_LORA_ABS:g}: "
+                            "no trained LoRA has such entries; the file is corrupt")
+    for key, a in state.items():
+        if ".lora_A." not in key:
+            continue
+        b = state.get(key.replace(".lora_A.", ".lora_B."))
+        if b is not None and a.shape[0] != b.shape[1]:
+            raise ApexError(f"{where}: '{key}' has rank {a.shape[0]} but its lora_B has rank {b.shape[1]}; "
+                            "the factors of one layer must share their rank")
+
+
+def load_lora_for_inference(pipe, weight_file: Path, option: str = "--lora") -> int:
+    """``pipe.load_lora_weights`` with the checks it lacks: a file that is not safetensors, a
+    LoRA of another model (UNet keys, other module names or shapes), or tensors it would choke
+    on or apply in silence (``check_lora_tensors``) is an ApexError naming the file (and the
+    command's ``option``) instead of a traceback, a silent no-op or black images. Returns the
+    number of transformer LoRA tensors applied."""
     weight_file = Path(weight_file)
+    where = f"{option} file '{weight_file}'"
     try:
         state = StableDiffusion3Pipeline.lora_state_dict(str(weight_file.parent), weight_name=weight_file.name)
     except Exception as exc:  # safetensors' header errors, diffusers' format guesses
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-        raise ApexError(f"--lora file '{weight_file}' is not a readable LoRA safetensors file ({first})") from None
+        raise ApexError(f"{where} is not a readable LoRA safetensors file ({first})") from None
     if isinstance(state, tuple):  # some diffusers versions return (state, alphas)
         state = state[0]
     ours = {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}
     if not ours:
         example = next(iter(state), "no keys at all")
         raise ApexError(
-            f"--lora file '{weight_file}' holds no SD3 transformer LoRA weights (e.g. '{example}'): it was made for another model"
+            f"{where} holds no SD3 transformer LoRA weights (e.g. '{example}'): it was made for another model"
         )
     ours = convert_unet_state_dict_to_peft(ours)
+    check_lora_tensors(ours, weight_file, option)
     modules = dict(pipe.transformer.named_modules())
     for key, tensor in ours.items():
         name, _, kind = key.rpartition(".lora_")
         module = modules.get(name)
         if module is None or not hasattr(module, "in_features"):
-            raise ApexError(f"--lora file '{weight_file}' does not fit this model: it has no layer '{name}' (a LoRA for another model?)")
+            raise ApexError(f"{where} does not fit this model: it has no layer '{name}' (a LoRA for another model?)")
         want = module.in_features if kind.startswith("A") else module.out_features
         got = tensor.shape[1] if kind.startswith("A") else tensor.shape[0]
-        if tensor.ndim != 2 or got != want:
+        if got != want:
             raise ApexError(
-                f"--lora file '{weight_file}' does not fit this model: '{key}' has shape {tuple(tensor.shape)}, "
+                f"{where} does not fit this model: '{key}' has shape {tuple(tensor.shape)}, "
                 f"the layer has {want} {'inputs' if kind.startswith('A') else 'outputs'} (a LoRA for another model size?)"
             )
     before = _lora_tensor_count(pipe.transformer)
     pipe.load_lora_weights(str(weight_file.parent), weight_name=weight_file.name)
     applied = _lora_tensor_count(pipe.transformer) - before
     if applied != len(ours):
-        raise ApexError(f"--lora file '{weight_file}': only {applied} of its {len(ours)} transformer tensors were applied")
+        raise ApexError(f"{where}: only {applied} of its {len(ours)} transformer tensors were applied")
     return applied
 
 

@@ -60,8 +60,10 @@ class OcrConfig:
     """Text rendering accuracy: 1 − min(Levenshtein, len)/len against the prompt's first quoted text."""
 
     backend: str = setting("rapidocr", choices=("rapidocr", "paddleocr"))  # rapidocr (ONNX, ships its models, offline) or paddleocr (2.x or 3.x)
-    workers: int = setting(2, ge=1)  # OCR threads, each with its own engine, run beside the model rewards
-    threads_per_worker: int = setting(1, ge=1)  # onnxruntime intra-op threads per engine (rapidocr)
+    # OCR threads, each with its own engine (its models loaded once more), run beside the model
+    # rewards; 64 is more than OCR ever gains from, and 100000 engines never finished loading
+    workers: int = setting(2, ge=1, le=64)
+    threads_per_worker: int = setting(1, ge=1, le=64)  # onnxruntime intra-op threads per engine (rapidocr)
     lang: str = "en"  # paddleocr language
     # Text lines printed upside down (180°): "drop" (default) reads them as nothing, as the
     # reference (PaddleOCR without its angle classifier) does; the bundled PP-OCRv6 recogniser
@@ -72,7 +74,8 @@ class OcrConfig:
     use_gpu: bool = False  # run the OCR engine on the GPU (rapidocr: onnxruntime CUDA EP; paddleocr 2.x: use_gpu)
     # rapidocr text detection scales the image's shorter side to this many pixels; 0 = RapidOCR's
     # default (736). Small renders (the mini world's 64 px) read as well at 128, about 10x faster.
-    det_side: int = 0
+    # At most 4096, the largest image apex samples (1e8 made RapidOCR's resize fail).
+    det_side: int = setting(0, ge=0, le=4096)
     url: str = ""  # reward-server URL for remote scoring
 
 

@@ -5,9 +5,11 @@ Wire format (JSON over HTTP):
     POST /score  {"objectives": ["deqa"], "prompts": [...], "images": [base64 PNG, ...]}
               -> {"objectives": [...], "scores": [[float|null]*K]*N, "info": {name: {...}}}
 null means no score (NaN, or a non-finite value, which JSON cannot carry). Images travel as
-8-bit PNG (lossless for 8-bit inputs). Connection errors, timeouts and 5xx answers are retried
-with exponential back-off; 4xx answers (a wrong request, a missing token) are not; a server that
-stays down is an ApexError, never silent zeros.
+8-bit PNG (lossless for 8-bit inputs). /health may also give "max_request_pixels", the decoded
+pixels one request may carry: a batch is then sent in as many requests as it takes to fit.
+Connection errors, timeouts and 5xx answers are retried with exponential back-off; 4xx answers
+(a wrong request, a missing token) are not; a server that stays down is an ApexError, never
+silent zeros.
 When APEX_SERVE_TOKEN is set, every request carries `Authorization: Bearer <its value>`
 (the server started with the same token refuses requests without it with 401).
 """
@@ -101,6 +103,25 @@ def serve_command(name: str) -> str:
     return f"apex serve --objectives {name} --port PORT"
 
 
+def pixel_groups(pixels: list[int], limit: int | None) -> list[tuple[int, int]]:
+    """(start, stop) of consecutive images whose pixels add up to at most `limit` each (an
+    image over it alone: the server then names its limit); one group without a limit."""
+    if limit is None or not pixels:
+        return [(0, len(pixels))] if pixels else []
+    groups, start, total = [], 0, 0
+    for i, n in enumerate(pixels):
+        if i > start and total + n > limit:
+            groups.append((start, i))
+            start, total = i, 0
+        total += n
+    groups.append((start, len(pixels)))
+    return groups
+
+
+def _positive_int(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else None
+
+
 class RemoteReward(Reward):
     """`name` scored by the server at `url` (checked at construction)."""
 
@@ -117,19 +138,31 @@ class RemoteReward(Reward):
         self.batch_size = batch_size
         health = request_json(self.url + "/health", None, self.config, name)
         served = health.get("objectives", [])
+        self.max_request_pixels = _positive_int(health.get("max_request_pixels"))  # None: a server without one
         if name not in served:
             raise ApexError(f"reward server {self.url} serves {', '.join(served) or 'nothing'}, not {name}; "
                             f"start one with `{serve_command(name)}`")
 
     def score(self, batch: ImageBatch, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
-        payload = {"objectives": [self.name], "prompts": list(prompts),
-                   "images": [encode_png(im) for im in batch.pil()]}
+        """One request per group of images that fits the server's pixel limit (usually one)."""
+        images = batch.pil()
+        parts = [self._request(images[start:stop], list(prompts[start:stop]))
+                 for start, stop in pixel_groups([im.width * im.height for im in images], self.max_request_pixels)]
+        if len(parts) == 1:
+            values, info = parts[0]
+        else:  # per-image lists, joined in order
+            values = [v for part, _ in parts for v in part]
+            info = {key: [v for _, part_info in parts for v in part_info.get(key, [])] for key in parts[0][1]}
+        return torch.tensor(values, dtype=torch.float32), info
+
+    def _request(self, images: list[Image.Image], prompts: list[str]) -> tuple[list[float], dict[str, Any]]:
+        payload = {"objectives": [self.name], "prompts": prompts, "images": [encode_png(im) for im in images]}
         answer = request_json(self.url + "/score", payload, self.config, self.name)
         try:
             column = answer["objectives"].index(self.name)
             values = none_to_nan([row[column] for row in answer["scores"]])
         except (KeyError, ValueError, IndexError, TypeError):
             raise ApexError(f"reward server {self.url} sent a malformed answer for {self.name}") from None
-        if len(values) != len(batch):
-            raise ApexError(f"reward server {self.url} returned {len(values)} scores for {len(batch)} images")
-        return torch.tensor(values, dtype=torch.float32), answer.get("info", {}).get(self.name, {})
+        if len(values) != len(images):
+            raise ApexError(f"reward server {self.url} returned {len(values)} scores for {len(images)} images")
+        return values, answer.get("info", {}).get(self.name, {})

@@ -119,3 +119,25 @@ def test_a_checkpoint_left_between_the_two_renames_of_a_re_save_is_resumed_from(
     assert "at step 2" in result.stderr and "abandoned" not in result.stderr
     assert RunDir(run).checkpoint_steps() == [1, 2, 3] and not (ckpts / ".step-000002.old").exists()
     assert [r["step"] for r in read_metrics(run)] == [1, 2, 3]
+
+
+@pytest.mark.parametrize("delay", [0.2, 0.8, 2.0])
+def test_ctrl_c_at_any_moment_of_a_start_is_one_line_and_exit_130(tmp_path, delay):
+    # while the command line imports (the first second), while the models load, while it trains
+    import signal
+
+    from conftest import APEX_BIN, HANG_GUARD_S
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen([str(APEX_BIN), "train", "--preset", "tiny", "--out", str(tmp_path / "run"),
+                             "logging.progress=false", "eval.every=0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        proc.wait(timeout=delay)
+    except subprocess.TimeoutExpired:
+        proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=HANG_GUARD_S)
+    if proc.returncode == 0:
+        pytest.skip("the run finished before the interrupt")  # a fast machine; nothing to check
+    assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
+    assert err.strip().splitlines()[-1].startswith("interrupted: ")

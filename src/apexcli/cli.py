@@ -73,8 +73,8 @@ for _name, _fn in COMMANDS.items():
 
 
 def main(argv: list[str] | None = None) -> None:
-    quiet_libraries()
     try:
+        quiet_libraries()
         app(args=argv, prog_name="apex")  # standalone: usage errors print and exit 2
     except ApexError as exc:
         print(f"error: {printable(exc)}", file=sys.stderr)  # a file name in it cannot drive the terminal

@@ -141,3 +141,38 @@ def test_ctrl_c_at_any_moment_of_a_start_is_one_line_and_exit_130(tmp_path, dela
         pytest.skip("the run finished before the interrupt")  # a fast machine; nothing to check
     assert proc.returncode == 130 and "Traceback" not in err, err[-2000:]
     assert err.strip().splitlines()[-1].startswith("interrupted: ")
+
+
+def test_a_resume_keeps_metrics_lines_that_are_not_rows_and_says_so(two_steps, tmp_path):
+    run = _copy(two_steps, tmp_path / "run")
+    with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
+        f.write('{"step": 2, "kind": "train", "loss": 0.1\n')  # half a row, cut by a kill
+    result = _train_cli(run, 3, "--resume", "auto", "train.checkpoint_every=1", "train.keep_checkpoints=0")
+    assert result.code == 0 and "line(s) that are not rows" in result.stderr and "kept as they are" in result.stderr
+    assert '{"step": 2, "kind": "train", "loss": 0.1\n' in (run / "metrics.jsonl").read_text()
+
+
+def test_pruning_goes_through_a_rename_and_clears_step_folders_without_a_lora(two_steps, tmp_path):
+    run = _copy(two_steps, tmp_path / "run")
+    broken = run / "checkpoints" / "step-000000"  # a delete killed midway, before deletes renamed first
+    (broken / "state").mkdir(parents=True)
+    result = _train_cli(run, 4, "--resume", "auto", "train.checkpoint_every=1", "train.keep_checkpoints=2")
+    assert result.code == 0, result.stderr[-2000:]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed writing file")])
+def test_a_full_disk_names_the_checkpoint_it_could_not_write_and_keeps_the_last_one(two_steps, tmp_path, monkeypatch,
+                                                                                    failure):
+    import apexcli.train.checkpoint as checkpoint_module
+
+    run = _copy(two_steps, tmp_path / "run")
+
+    def full_disk(*args, **kwargs):
+        raise failure
+
+    monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
+    line = _error_line(_train_cli(run, 3, "--resume", "auto", "train.checkpoint_every=1", "train.keep_checkpoints=0"))
+    assert "checkpoints/step-000003" in line
+    assert RunDir(run).checkpoint_steps() == [1, 2]  # the last good one is intact; nothing half-written remains
+    assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())

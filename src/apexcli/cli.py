@@ -95,7 +95,7 @@ def _is_filesystem_error(exc: OSError) -> bool:
     """A place the user named cannot be read or written (permissions, a file where a folder is
     expected, a full or read-only disk): one line, not a traceback. Other OSErrors are bugs."""
     kinds = (PermissionError, FileExistsError, NotADirectoryError, IsADirectoryError, FileNotFoundError)
-    return isinstance(exc, kinds) or exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT)
+    return isinstance(exc, kinds) or exc.errno in (errno.ENOSPC, errno.EROFS, errno.EDQUOT, errno.EIO)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ file (or checkpoint folder) intact. Every file apex writes goes through these.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -23,6 +24,9 @@ def atomic_write(path: Path | str, write: Callable[[str], None]) -> None:
     try:
         write(tmp)
         os.replace(tmp, path)
+    except OSError as exc:
+        Path(tmp).unlink(missing_ok=True)
+        raise _naming(exc, path) from exc
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
@@ -45,7 +49,12 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     final.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".{final.name}.", suffix=".tmp"))
     try:
-        yield tmp
+        try:
+            yield tmp
+        except OSError as exc:
+            raise _naming(exc, final) from exc
+        except RuntimeError as exc:  # torch.save reports a failed write (a full disk) as a RuntimeError
+            raise _naming(OSError(errno.EIO, f"writing failed ({str(exc).splitlines()[0][:120]})"), final) from exc
         if final.exists():
             old = final.with_name(f".{final.name}.old")
             shutil.rmtree(old, ignore_errors=True)
@@ -57,3 +66,12 @@ def atomic_directory(final: Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _naming(exc: OSError, path: Path) -> OSError:
+    """``exc`` with the file it was writing named, so the one-line error says where (a full disk
+    raises ENOSPC with no file name from deep inside a library)."""
+    if exc.filename:
+        return exc
+    return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
+

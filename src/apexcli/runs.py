@@ -120,11 +120,19 @@ class RunDir:
             f.flush()
 
     def truncate_metrics_after(self, step: int) -> None:
-        """On resume, drop rows logged after the checkpoint so the log matches the weights."""
+        """On resume, drop rows logged after the checkpoint so the log matches the weights. A line
+        that is not a row (not JSON, no step) is kept where it is: it may be all that is left of
+        one, and only its owner can tell."""
         if not self.metrics_path.is_file():
             return
-        kept = [r for r in self.read_metrics().rows if r["step"] <= step]
-        atomic_write_text(self.metrics_path, "".join(json.dumps(r) + "\n" for r in kept))
+        kept = []
+        with open(self.metrics_path, encoding="utf-8", errors="surrogateescape") as f:
+            for line in f:
+                row = _parse_row(line)
+                if row is None or row["step"] <= step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+        text = "".join(kept).encode("utf-8", errors="surrogateescape").decode("utf-8", errors="replace")
+        atomic_write_text(self.metrics_path, text)
 
     # -- reading ---------------------------------------------------------------------------
     def read_config(self) -> dict:
@@ -267,3 +275,13 @@ def find_runs(root: Path) -> list[RunDir]:
         if run.is_run():
             runs.append(run)
     return runs
+
+
+def _parse_row(line: str) -> dict | None:
+    """A metrics line as a row (a JSON object with an integer ``step``), or None."""
+    try:
+        row = json.loads(line)
+    except ValueError:
+        return None
+    return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
+

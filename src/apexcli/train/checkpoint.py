@@ -12,6 +12,7 @@ checkpoint under a final name; ``--resume auto`` takes the newest complete one.
 
 from __future__ import annotations
 
+import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ import yaml
 from safetensors import safe_open
 
 from apexcli.errors import ApexError
-from apexcli.runs import CONFIG_FILE, LORA_FILE, RunDir, atomic_directory
+from apexcli.runs import CONFIG_FILE, LORA_FILE, RunDir, atomic_directory, parse_step_dirname
 
 
 @dataclass
@@ -53,8 +54,26 @@ def save_checkpoint(run: RunDir, step: int, *, save_lora, save_ema_lora, state: 
     if keep > 0:
         # the one just written always stays, whatever older or higher-numbered dirs are around
         for old in [s for s in run.checkpoint_steps() if s != step][: -(keep - 1) or None]:
-            shutil.rmtree(run.checkpoint_dir(old), ignore_errors=True)
+            _delete(run.checkpoint_dir(old))
+        # step folders without a LoRA file below the newest kept one: left by a delete that was
+        # killed midway before deletes went through a rename; they are no checkpoint
+        for old in _incomplete_steps(run, below=min(run.checkpoint_steps())):
+            _delete(run.checkpoint_dir(old))
     return final
+
+
+def _delete(folder: Path) -> None:
+    """Rename first, then delete: a kill midway leaves ``.step-N.deleting``, which the next start
+    removes, never a ``step-N`` folder that looks like a checkpoint but lost its files."""
+    doomed = folder.with_name(f".{folder.name}.deleting")
+    shutil.rmtree(doomed, ignore_errors=True)
+    os.replace(folder, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
+
+
+def _incomplete_steps(run: RunDir, below: int) -> list[int]:
+    steps = [parse_step_dirname(p.name) for p in run.checkpoints_dir.iterdir() if p.is_dir()]
+    return [s for s in steps if s is not None and s < below and not (run.checkpoint_dir(s) / LORA_FILE).is_file()]
 
 
 class CheckpointError(ApexError):

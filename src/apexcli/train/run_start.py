@@ -296,7 +296,11 @@ def abandon_after(run: RunDir, step: int) -> Path | None:
     checkpoint is the one continued from. Rows after ``step`` with nothing later saved (a crash
     after the last checkpoint) are simply dropped: the resumed run recomputes them."""
     later = [p for s, p in _step_dirs(run) if s > step]
-    rows = run.read_metrics().rows
+    metrics = run.read_metrics()
+    if metrics.skipped:
+        warn(f"{run.metrics_path} has {len(metrics.skipped)} line(s) that are not rows ({metrics.skipped[0]}); "
+             "kept as they are")
+    rows = metrics.rows
     dropped = [r for r in rows if r["step"] > step]
     if not later:
         if dropped:

@@ -57,7 +57,7 @@ class Trainer:
         self.resume = resume
         self.overwrite = overwrite
         self.argv = argv or sys.argv
-        self.run = RunDir(Path(cfg.out))
+        self.run = RunDir(Path(cfg.out).expanduser())
         self.step = 0
 
     def setup(self) -> None:

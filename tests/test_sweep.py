@@ -188,3 +188,13 @@ def test_cli_refuses_too_many_points(tmp_path):
                                       "--out", str(tmp_path / "sw"), "--dry-run"])
     assert isinstance(result.exception, ApexError) and "--max-runs" in str(result.exception)
     assert result.output == ""  # not one command line printed
+
+
+def test_an_override_that_would_send_every_run_to_one_folder_is_refused(tmp_path):
+    # `-o out=X` made every weight's run write to X: one run existed, each reported ok
+    from apexcli.errors import ApexError
+    from apexcli.sweep import plan_sweep
+
+    for item in ("out=elsewhere", "objectives=[brightness]", "name=same"):
+        with pytest.raises(ApexError, match="apex sweep sets"):
+            plan_sweep(["brightness", "contrast"], 2, tmp_path, preset="tiny", overrides=[item])

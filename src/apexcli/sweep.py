@@ -34,7 +34,7 @@ from apexcli.console import make_console
 from apexcli.errors import ApexError
 
 # keys the sweep sets itself; an override may not change them
-RESERVED_OVERRIDES = ("balance.weights", "balance.strategy")
+RESERVED_OVERRIDES = ("balance.weights", "balance.strategy", "objectives", "out", "name")  # one per run: set by the sweep
 LABEL_DECIMALS = 4  # decimals of a weight in a run folder name
 MAX_RUNS = 200  # default limit on |W|: each run is a whole training run
 

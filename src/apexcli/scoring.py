@@ -35,7 +35,7 @@ import math
 import os
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from rich.console import Console
 from rich.progress import (
@@ -354,6 +354,24 @@ def _check_limits(batch_size: int, max_pixels: int, max_batch_pixels: int) -> No
             raise ApexError(f"{flag} must be at least 1, got {value}")
 
 
+def _score_batch(suite, good: list[tuple[str, Any]], prompts: list[str | None], prompt_needing: list[str],
+                 report: Callable[[str, str, str], None]) -> list[dict[str, Any]]:
+    """One decoded batch through the suite: a row per image, with each reward's per-image extras;
+    a row whose scores cannot stand (no prompt for a reward that needs one) is reported."""
+    R, info = suite([im for _, im in good], [p or "" for p in prompts])
+    rows = []
+    for i, ((path, _), p) in enumerate(zip(good, prompts)):
+        row = _scored_row(path, p, [float(v) for v in R[i]], suite.objectives, prompt_needing)
+        if row["error"]:
+            report(path, row["error"], "problem")
+        extras = {name: {key: vals[i] for key, vals in info[name].items() if len(vals) == len(good)}
+                  for name in suite.objectives if info.get(name)}
+        if extras:
+            row["info"] = extras
+        rows.append(row)
+    return rows
+
+
 def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str = ".",
                 prompt: str | None = None, prompts_file: str | None = None,
                 device: str = "auto", dtype: str = "auto", config: RewardsConfig | None = None,
@@ -414,16 +432,7 @@ def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str
                     good.append((path, result))
                     good_prompts.append(lookup(path))
             if good:
-                R, info = suite([im for _, im in good], [p or "" for p in good_prompts])
-                for i, ((path, _), p) in enumerate(zip(good, good_prompts)):
-                    row = _scored_row(path, p, [float(v) for v in R[i]], suite.objectives, prompt_needing)
-                    if row["error"]:
-                        report(path, row["error"], "problem")
-                    extras = {name: {key: vals[i] for key, vals in info[name].items() if len(vals) == len(good)}
-                              for name in suite.objectives if info.get(name)}
-                    if extras:
-                        row["info"] = extras
-                    rows.append(row)
+                rows += _score_batch(suite, good, good_prompts, prompt_needing, report)
             bar.advance(task, len(chunk))
 
     summary = summarize(rows, names)

@@ -1,108 +1,13 @@
-"""Shared test helpers: the smallest training configs, in-process CLI calls, one shared tiny run.
-
-Every training test uses ``TINY_OVERRIDES`` on top of ``--preset tiny``: 2 prompts x 2 samples,
-3 denoising steps (2 trained), 32 px images, so a step takes well under a second on a CPU.
-"""
+"""Fixtures shared by the test modules, and the settings every test runs under (offline hub,
+one intra-op thread). Helpers to import live in ``helpers.py``."""
 
 from __future__ import annotations
 
-import contextlib
-import io
-import json
-import os
-import shutil
-import subprocess
-import sys
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-# torch.compile (inductor) on a CPU writes C++ and builds it with g++
-needs_cpp_compiler = pytest.mark.skipif(
-    shutil.which("g++") is None, reason="torch.compile on a CPU needs g++ (apt install g++)"
-)
-
-# Offline, as on most training clusters: huggingface_hub and diffusers read this at import (a
-# resume once failed only in offline mode), and nothing in the tests may download anyway.
-os.environ["HF_HUB_OFFLINE"] = "1"
-
-# 2 prompts x 2 samples = 4 samples per step, rolled out and trained in micro-batches of 2;
-# 3 steps of which 2 are stochastic and trained; 32 px -> latent 4 x 16 x 16.
-TINY_OVERRIDES = [
-    "train.prompts_per_step=2",
-    "train.group_size=2",
-    "train.rollout_batch_size=2",
-    "train.train_batch_size=2",
-    "sampling.num_steps=3",
-    "model.resolution=32",
-    "logging.progress=false",
-    "eval.every=0",  # evaluation has its own tests (test_eval.py)
-]
-
-# The models here are tiny: one intra-op thread is as fast alone and several times faster when
-# the two CI cores are shared (spinning OpenMP workers of small ops fight for them).
-torch.set_num_threads(1)
-
-# Wall-clock limits in the tests only stop a hang: far above what a slow or busy machine needs
-# (the slowest check here takes minutes on two loaded cores), never the thing a test checks.
-HANG_GUARD_S = 1800
-
-APEX_BIN = Path(sys.executable).parent / "apex"
-"""The console script of the venv running the tests (subprocess checks of stderr/exit codes)."""
-
-
-def tiny_overrides(**extra) -> list[str]:
-    """``TINY_OVERRIDES`` plus ``key=value`` pairs (``tiny_overrides(**{"train.lr": 1e-3})``)."""
-    return TINY_OVERRIDES + [f"{k}={v}" for k, v in extra.items()]
-
-
-@dataclass
-class CliResult:
-    code: int
-    stdout: str
-    stderr: str
-
-
-def run_cli(argv: list[str]) -> CliResult:
-    """Run ``apex ARGV`` in this process through ``apexcli.cli.main``; SystemExit becomes a code."""
-    from apexcli.cli import main
-
-    out, err = io.StringIO(), io.StringIO()
-    code = 0
-    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-        try:
-            main(list(argv))
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
-    return CliResult(code, out.getvalue(), err.getvalue())
-
-
-def run_apex_subprocess(argv: list[str], *, env: dict | None = None, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
-    """The installed ``apex`` script in a fresh process (to see exactly what a user sees)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
-    return subprocess.run([str(APEX_BIN), *argv], capture_output=True, text=True, env=full_env, timeout=timeout)
-
-
-def train_tiny(out: Path, steps: int, *extra: str, resume: str | None = None) -> Path:
-    """A tiny training run in-process via the CLI entry point; fails the test on a non-zero exit."""
-    argv = ["train", "--preset", "tiny", "--steps", str(steps), "--out", str(out), *TINY_OVERRIDES, *extra]
-    if resume:
-        argv += ["--resume", resume]
-    result = run_cli(argv)
-    assert result.code == 0, f"apex {' '.join(argv)} failed ({result.code}):\n{result.stderr[-3000:]}"
-    return out
-
-
-def read_metrics(run: Path, kind: str = "train") -> list[dict]:
-    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return [r for r in rows if r.get("kind", "train") == kind]
-
-
-def load_lora_file(directory: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(directory / "pytorch_lora_weights.safetensors"))
+from helpers import train_tiny  # importing helpers applies the settings (offline hub, one thread)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import pytest
 import typer
 
 from apexcli.cli import COMMANDS, app
-from conftest import run_apex_subprocess, run_cli
+from helpers import run_apex_subprocess, run_cli
 
 VALID_OBJECTIVES = ["brightness", "colorfulness", "compressibility", "contrast"]
 

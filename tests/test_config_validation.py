@@ -10,7 +10,7 @@ import pytest
 from apexcli.config import Config, resolve_config
 from apexcli.errors import ApexError
 from apexcli.schema import Rule, check_fields, iter_fields, setting
-from conftest import run_cli
+from helpers import run_cli
 
 
 def _error(*overrides: str) -> str:

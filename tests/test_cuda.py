@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics, train_tiny
+from helpers import read_metrics, train_tiny
 
 pytestmark = [
     pytest.mark.cuda,

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, load_lora_file, read_metrics, run_cli, train_tiny
+from helpers import TINY_OVERRIDES, load_lora_file, read_metrics, run_cli, train_tiny
 
 from apexcli.errors import ApexError
 from apexcli.rewards import RewardsConfig, RewardSuite, apply_overrides

@@ -11,7 +11,7 @@ from apexcli import doctor
 from apexcli.doctor import FAIL, OK, Row, diagnose
 from apexcli.rewards import RewardSuite
 from apexcli.rewards.server import make_server
-from conftest import TINY_OVERRIDES, run_cli
+from helpers import TINY_OVERRIDES, run_cli
 
 TINY_ROWS = ["python", "torch", "diffusers", "transformers", "peft", "accelerate", "device", "model",
              "reward brightness", "reward colorfulness", "disk"]

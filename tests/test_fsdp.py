@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, needs_cpp_compiler, read_metrics, train_tiny
+from helpers import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, needs_cpp_compiler, read_metrics, train_tiny
 
 # minutes of two-process training (and a compile) on a CPU: `make test-all` runs them
 pytestmark = pytest.mark.slow

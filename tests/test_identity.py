@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from conftest import TINY_OVERRIDES, run_cli
+from helpers import TINY_OVERRIDES, run_cli
 
 REFERENCE = Path(__file__).parent / "data" / "identity.json"
 TINY_EVAL = ["eval.every=3", "eval.num_prompts=2", "eval.batch_size=2"]

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from apexcli.train.lr_schedule import lr_factor
-from conftest import load_lora_file, read_metrics, train_tiny
+from helpers import load_lora_file, read_metrics, train_tiny
 
 
 def test_factor_by_hand():
@@ -26,7 +26,7 @@ def test_factor_by_hand():
 
 
 def test_bad_schedule_is_a_config_error(tmp_path):
-    from conftest import run_cli
+    from helpers import run_cli
 
     result = run_cli(["train", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"), "train.lr_schedule=step"])
     assert result.code != 0

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, read_metrics
+from helpers import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, read_metrics
 from safetensors.torch import load_file
 
 # two-process training under torchrun takes minutes on two CPU cores: `make test-all` runs it
@@ -148,7 +148,7 @@ def test_nft_under_ddp_is_the_one_process_update(tmp_path):
     """train.loss=nft draws its points per group, so two ranks holding one group each compute the
     one-process gradient: same first-update grad norm and flow error, identical LoRA on both ranks.
     With kl_beta the reference forward runs between the policy forward and the backward."""
-    from conftest import train_tiny
+    from helpers import train_tiny
 
     nft = ["--objectives", "brightness", "train.loss=nft", "train.nft_timesteps=2", "train.kl_beta=0.1", "train.lr=3e-2"]
     one = read_metrics(train_tiny(tmp_path / "one", 2, *nft))

@@ -9,7 +9,7 @@ from typing import ClassVar
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES
+from helpers import TINY_OVERRIDES
 
 from apexcli.config import POLICY_LOSS_NAMES, resolve_config
 from apexcli.flow.rollout import Trajectory

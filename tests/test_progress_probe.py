@@ -7,7 +7,7 @@ progress exactly 0, where the batch means read the prompt draw as progress.
 
 from __future__ import annotations
 
-from conftest import read_metrics, train_tiny
+from helpers import read_metrics, train_tiny
 
 STILL_POLICY = ("--objectives", "brightness,colorfulness", "train.lr=1e-30", "balance.probe_every=2", "balance.apex.warmup=0")
 

@@ -16,7 +16,7 @@ from apexcli.config import resolve_config
 from apexcli.errors import ApexError
 from apexcli.models.text_cache import encode_prompts
 from apexcli.train.trainer import Trainer, _check_shards
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 
 class _DeviceTrackingPipe:

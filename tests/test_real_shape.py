@@ -22,7 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from apexcli.models import architectures as arch
-from conftest import read_metrics, run_apex_subprocess
+from helpers import read_metrics, run_apex_subprocess
 
 pytestmark = pytest.mark.slow
 

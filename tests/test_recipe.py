@@ -12,7 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import read_metrics, train_tiny
+from helpers import read_metrics, train_tiny
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from apexcli.balance import build_balancer
@@ -170,7 +170,7 @@ def test_zero_advantage_samples_are_dropped_and_padded_to_whole_micro_batches():
 
 def test_static_training_leaves_zero_advantage_samples_out(tmp_path):
     """The trainer's update with static's default trains only A != 0 samples (whole micro-batches)."""
-    from conftest import TINY_OVERRIDES
+    from helpers import TINY_OVERRIDES
 
     from apexcli.train.sampler import plan_step
 

@@ -10,7 +10,7 @@ import torch
 from apexcli.errors import ApexError
 from apexcli.runs import LORA_FILE, RunDir
 from apexcli.train.run_start import resolve_resume
-from conftest import load_lora_file, read_metrics, train_tiny
+from helpers import load_lora_file, read_metrics, train_tiny
 
 OBJECTIVES = ("--objectives", "brightness,colorfulness")
 

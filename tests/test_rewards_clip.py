@@ -18,7 +18,7 @@ from apexcli.rewards.base import pil_to_tensor
 from apexcli.rewards.clip_preprocess import ClipPreprocess
 from apexcli.rewards.hub import override_hint
 from apexcli.rewards.pick import PickScore
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S
 from reward_models import laion_like_head_state, save_tiny_aes, save_tiny_clip
 
 

@@ -90,7 +90,7 @@ def test_ocr_sizes_out_of_range_are_one_line_errors(tmp_path, override, message)
     default, and 100000 workers (one engine each) never finished loading."""
     from PIL import Image
 
-    from conftest import run_cli
+    from helpers import run_cli
 
     Image.new("RGB", (16, 16), "white").save(tmp_path / "a.png")
     result = run_cli(["score", str(tmp_path / "a.png"), "-O", "ocr", "--prompt", 'a "hi" sign', "--out",

@@ -7,7 +7,7 @@ import torch
 
 from apexcli.rewards import RewardsConfig, RewardSuite, build_reward
 from apexcli.rewards.base import ImageBatch, pil_to_tensor
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S
 from reward_models import save_tiny_aes, save_tiny_clip, text_image
 
 NAMES = ["pick", "aes", "ocr", "brightness", "colorfulness", "compressibility", "contrast"]

@@ -8,7 +8,7 @@ import torch
 
 from apexcli.config import resolve_config
 from apexcli.train.trainer import Trainer
-from conftest import tiny_overrides
+from helpers import tiny_overrides
 
 
 def test_a_non_finite_gradient_is_skipped_not_applied(tmp_path):

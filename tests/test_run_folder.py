@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from apexcli.runs import MARKER_FILE, RunDir
-from conftest import TINY_OVERRIDES, read_metrics, run_cli, train_tiny
+from helpers import TINY_OVERRIDES, read_metrics, run_cli, train_tiny
 
 OBJ = ("--objectives", "brightness,colorfulness")
 
@@ -126,7 +126,7 @@ def test_ctrl_c_at_any_moment_of_a_start_is_one_line_and_exit_130(tmp_path, dela
     # while the command line imports (the first second), while the models load, while it trains
     import signal
 
-    from conftest import APEX_BIN, HANG_GUARD_S
+    from helpers import APEX_BIN, HANG_GUARD_S
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([str(APEX_BIN), "train", "--preset", "tiny", "--out", str(tmp_path / "run"),

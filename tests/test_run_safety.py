@@ -16,7 +16,7 @@ from apexcli.models.lora import resolve_lora_path
 from apexcli.runs import LORA_FILE, RunDir
 from apexcli.train.checkpoint import CheckpointError, TrainingState, load_training_state, save_checkpoint
 from apexcli.train.run_start import clean_interrupted_saves
-from conftest import TINY_OVERRIDES, read_metrics, run_cli, train_tiny
+from helpers import TINY_OVERRIDES, read_metrics, run_cli, train_tiny
 
 OBJ = ("--objectives", "brightness,colorfulness")
 EVERY_STEP = ("train.checkpoint_every=1", "train.keep_checkpoints=0")

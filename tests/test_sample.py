@@ -10,7 +10,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file, save_file
 
-from conftest import run_cli
+from helpers import run_cli
 
 TINY_SAMPLE = ["--preset", "tiny", "--steps", "3", "--size", "32"]
 

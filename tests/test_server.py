@@ -21,7 +21,7 @@ from apexcli.errors import ApexError
 from apexcli.rewards import RemoteConfig, RewardsConfig, RewardSuite
 from apexcli.rewards.remote import TOKEN_ENV, RemoteReward, encode_png, request_json
 from apexcli.rewards.server import make_server
-from conftest import HANG_GUARD_S
+from helpers import HANG_GUARD_S
 from reward_models import save_tiny_clip
 
 FAST = RemoteConfig(timeout_s=HANG_GUARD_S, retries=1, backoff_s=0.01)

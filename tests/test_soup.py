@@ -26,7 +26,7 @@ from apexcli.soup import (
     read_lora,
 )
 from apexcli.train import run_training
-from conftest import run_cli
+from helpers import run_cli
 
 
 def lora(seed: int, r: int = 2, alpha: int = 4, rslora: bool = False) -> LoraFile:

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import needs_cpp_compiler, read_metrics, train_tiny
+from helpers import needs_cpp_compiler, read_metrics, train_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 

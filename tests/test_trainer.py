@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import TINY_OVERRIDES, load_lora_file, read_metrics, train_tiny
+from helpers import TINY_OVERRIDES, load_lora_file, read_metrics, train_tiny
 
 from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
 from apexcli.errors import ApexError

@@ -2,7 +2,7 @@
 step) the recomputed log-prob equals the rollout's, so ratio == 1 on the first micro-batch
 (``ratio_first``) and on every micro-batch of the step (``ratio_mean``).
 
-Each case is a 1-step tiny training run through the CLI (``conftest.TINY_OVERRIDES``: 2 prompts
+Each case is a 1-step tiny training run through the CLI (``helpers.TINY_OVERRIDES``: 2 prompts
 x 2 samples, 3 steps, 32 px). Switches that must not change the numbers at all (gradient
 checkpointing, the text-embedding cache with the encoders freed) are also compared with the
 plain run. The last tests cover the GPU benchmark's helpers and its CPU smoke mode.

@@ -229,3 +229,15 @@ def check_fields(obj: Any, prefix: str = "") -> None:
         why = rule.problem(value)
         if why is not None:
             raise ApexError(f"config key '{key}' {why}")
+
+
+def flatten_dict(data: dict, prefix: str = "") -> dict:
+    """``{"a": {"b": 1}}`` -> ``{"a.b": 1}``: a nested config as dotted keys (mappings recursed, other values kept)."""
+    out = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            out.update(flatten_dict(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+

@@ -31,7 +31,7 @@ from pathlib import Path
 from apexcli.config import Config
 from apexcli.errors import ApexError
 from apexcli.runs import COMMAND_FILE, CONFIG_FILE, LORA_FILE, MARKER_FILE, METRICS_FILE, RunDir, parse_step_dirname
-from apexcli.schema import iter_fields
+from apexcli.schema import flatten_dict, iter_fields
 from apexcli.train.checkpoint import CheckpointError, TrainingState, load_training_state, read_checkpoint_config
 
 RUN_ENTRIES = (CONFIG_FILE, COMMAND_FILE, METRICS_FILE, "checkpoints", "eval")
@@ -213,21 +213,11 @@ def _is_inside(path: Path, root: Path) -> bool:
         return False
 
 
-def _flatten(data: dict, prefix: str = "") -> dict:
-    out = {}
-    for k, v in data.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, f"{prefix}{k}."))
-        else:
-            out[f"{prefix}{k}"] = v
-    return out
-
-
 def check_resume_config(checkpoint: Path, saved: dict, cfg: Config, *, verbose: bool = True) -> list[str]:
     """Compare the config with the checkpoint's, field by field. A field declared
     ``resume="refuse"`` must be unchanged (ApexError listing every such key); every other change
     is applied by the trainer and announced. Returns the announced changes."""
-    old = _flatten(saved)
+    old = flatten_dict(saved)
     refused, applied = [], []
     for key, value, rule in iter_fields(cfg):
         if key not in old or old[key] == value:

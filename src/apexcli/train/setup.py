@@ -37,7 +37,8 @@ from apexcli.prompts import load_prompts
 from apexcli.rewards import RewardSuite
 from apexcli.rewards.registry import reward_class
 from apexcli.rewards.suite import union_objectives
-from apexcli.runs import RunDir
+from apexcli.runs import RunDir, RunLock
+from apexcli.schema import flatten_dict
 from apexcli.sharding import is_sharded, load_optimizer_state_by_name
 from apexcli.train.checkpoint import TrainingState
 from apexcli.train.ema import LoraEMA
@@ -46,7 +47,6 @@ from apexcli.train.losses import PolicyLoss, PolicyModels, build_policy_loss
 from apexcli.train.lr_schedule import UpdateSchedule
 from apexcli.train.probes import GradientProbe, ProgressProbe
 from apexcli.train.rollouts import ShardSampler
-from apexcli.runs import RunLock
 from apexcli.train.run_start import (
     StartPlan,
     abandon_after,
@@ -317,7 +317,7 @@ def _open_run(cfg: Config, run: RunDir, parts: TrainingParts, argv: list[str]) -
         if parts.start.checkpoint is not None:
             abandon_after(run, parts.step)
     if acc.log_with:
-        acc.init_trackers(cfg.name or run.path.name, config=_flat(config_to_dict(cfg)))
+        acc.init_trackers(cfg.name or run.path.name, config=_tracker_config(cfg))
     acc.wait_for_everyone()
 
 
@@ -328,13 +328,7 @@ def _check_tracker_installed(tracker: str | None) -> None:
         raise ApexError(f"logging.tracker={tracker} needs the '{tracker}' package: pip install {tracker} (or apexcli[tracking])")
 
 
-def _flat(d: dict, prefix: str = "") -> dict:
-    """A nested config as one level of dotted keys with plain values, as trackers take it."""
-    out = {}
-    for k, v in d.items():
-        key = f"{prefix}{k}"
-        if isinstance(v, dict):
-            out.update(_flat(v, key + "."))
-        else:
-            out[key] = v if isinstance(v, (int, float, str, bool)) else str(v)
-    return out
+def _tracker_config(cfg: Config) -> dict:
+    """The config as one level of dotted keys with plain values, as trackers take it."""
+    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten_dict(config_to_dict(cfg)).items()}
+

@@ -13,11 +13,12 @@ is computed from the same count as with it off.
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
+
+from apexcli.models.memory_plan import quiet_diffusers, sd3_transformer  # noqa: F401  (quiet_diffusers: bench_gpu's)
 
 # Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s, from the vendors' datasheets.
 # Matched against torch.cuda.get_device_name() in order, first hit wins.
@@ -60,31 +61,10 @@ def mfu(flops: float, seconds: float, peak_tflops_value: float | None) -> float 
     return flops / seconds / (peak_tflops_value * 1e12)
 
 
-@contextlib.contextmanager
-def quiet_diffusers():
-    """Silence diffusers' info/warning logs while building twins (dtype-cast notices)."""
-    from diffusers.utils import logging as dlog
-
-    level = dlog.get_verbosity()
-    dlog.set_verbosity_error()
-    try:
-        yield
-    finally:
-        dlog.set_verbosity(level)
-
-
 def meta_transformer(config: dict, dtype: torch.dtype, lora: dict | None = None) -> torch.nn.Module:
-    """An ``SD3Transformer2DModel`` from ``config`` on the meta device, optionally with LoRA
-    attached by ``apexcli.models.lora.attach_lora(**lora)``."""
-    from diffusers import SD3Transformer2DModel
-
-    with quiet_diffusers(), torch.device("meta"):
-        model = SD3Transformer2DModel.from_config(dict(config)).to(dtype)
-    if lora is not None:
-        from apexcli.models.lora import attach_lora
-
-        attach_lora(model, **lora)
-    return model
+    """An ``SD3Transformer2DModel`` from ``config`` on the meta device, LoRA attached as the
+    trainer does: the memory plan's builder, so FLOPs and memory count the same model."""
+    return sd3_transformer(config, dtype, "meta", lora)
 
 
 def transformer_flops(

@@ -105,3 +105,18 @@ def read_metrics(run: Path, kind: str = "train") -> list[dict]:
 
 def load_lora_file(directory: Path) -> dict[str, torch.Tensor]:
     return load_file(str(directory / "pytorch_lora_weights.safetensors"))
+
+
+def error_line(result: CliResult) -> str:
+    """The one ``error:`` line of a command that failed as a user error (exit 2, no traceback)."""
+    assert result.code == 2, result.stderr[-2000:]
+    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
+    return lines[0]
+
+
+def copy_run(run: Path, dest: Path) -> Path:
+    """A copy of a shared read-only run to change in one test."""
+    shutil.copytree(run, dest)
+    return dest
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,20 +12,13 @@ from pathlib import Path
 import pytest
 
 from apexcli.runs import MARKER_FILE, RunDir
-from helpers import TINY_OVERRIDES, read_metrics, run_cli, train_tiny
+from helpers import TINY_OVERRIDES, copy_run, error_line, read_metrics, run_cli, train_tiny
 
 OBJ = ("--objectives", "brightness,colorfulness")
 
 
 def _train_cli(out: Path, steps: int, *extra: str):
     return run_cli(["train", "--preset", "tiny", "--steps", str(steps), "--out", str(out), *TINY_OVERRIDES, *OBJ, *extra])
-
-
-def _error_line(result) -> str:
-    assert result.code == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    return lines[0]
 
 
 @pytest.fixture(scope="module")
@@ -36,13 +28,8 @@ def two_steps(tmp_path_factory) -> Path:
                       "train.keep_checkpoints=0")
 
 
-def _copy(run: Path, dest: Path) -> Path:
-    shutil.copytree(run, dest)
-    return dest
-
-
 def test_a_run_carries_its_marker_and_keeps_its_id_across_a_resume(two_steps, tmp_path):
-    run = _copy(two_steps, tmp_path / "run")
+    run = copy_run(two_steps, tmp_path / "run")
     marker = json.loads((run / MARKER_FILE).read_text())
     assert len(marker["run_id"]) == 32 and marker["apex_version"]
     assert _train_cli(run, 3, "--resume", "auto").code == 0
@@ -56,7 +43,7 @@ def test_resume_auto_on_a_run_without_a_checkpoint_is_refused_and_touches_nothin
     (run / "metrics.jsonl").write_text('{"step": 1, "kind": "train"}\n')
     (run / "eval").mkdir()
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
-    line = _error_line(_train_cli(run, 1, "--resume", "auto"))
+    line = error_line(_train_cli(run, 1, "--resume", "auto"))
     assert "found no checkpoint" in line and "--overwrite" in line and "another --out" in line
     assert {name: (run / name).read_bytes() for name in before} == before
     # an empty or new folder is a fresh start
@@ -64,9 +51,9 @@ def test_resume_auto_on_a_run_without_a_checkpoint_is_refused_and_touches_nothin
 
 
 def test_overwrite_deletes_only_a_folder_apex_marked_as_its_own(two_steps, tmp_path):
-    run = _copy(two_steps, tmp_path / "run")
+    run = copy_run(two_steps, tmp_path / "run")
     (run / MARKER_FILE).unlink()  # a folder of config.yaml, eval/ ... that apex did not mark
-    line = _error_line(_train_cli(run, 1, "--overwrite"))
+    line = error_line(_train_cli(run, 1, "--overwrite"))
     assert "carries no .apex-run.json" in line and "delete them yourself" in line
     assert RunDir(run).checkpoint_steps() == [1, 2]
 
@@ -80,7 +67,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
     )
     try:
         assert holder.stdout.readline().strip() == "held"
-        line = _error_line(_train_cli(run, 1))
+        line = error_line(_train_cli(run, 1))
         assert f"in use by another apex process (pid {holder.pid} on " in line
         assert not (run / "config.yaml").exists()
     finally:
@@ -90,7 +77,7 @@ def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
 
 
 def test_a_start_deletes_only_apexs_own_temp_files(two_steps, tmp_path):
-    run = _copy(two_steps, tmp_path / "run")
+    run = copy_run(two_steps, tmp_path / "run")
     own = run / ".metrics.jsonl.abc123.tmp"
     theirs = run / ".notes.tmp"
     own.write_text("half a write")
@@ -100,18 +87,18 @@ def test_a_start_deletes_only_apexs_own_temp_files(two_steps, tmp_path):
 
 
 def test_a_resume_with_nothing_to_train_writes_nothing(two_steps, tmp_path):
-    run = _copy(two_steps, tmp_path / "run")
+    run = copy_run(two_steps, tmp_path / "run")
     before = {name: (run / name).read_bytes() for name in ("config.yaml", "command.txt", "metrics.jsonl")}
     result = _train_cli(run, 2, "--resume", "auto")
     assert result.code == 0 and "complete at step 2" in result.stderr and "--steps above 2" in result.stderr
     assert {name: (run / name).read_bytes() for name in before} == before
-    line = _error_line(_train_cli(run, 1, "--resume", "auto"))
+    line = error_line(_train_cli(run, 1, "--resume", "auto"))
     assert "--steps 1 is below step 2" in line
 
 
 def test_a_checkpoint_left_between_the_two_renames_of_a_re_save_is_resumed_from(two_steps, tmp_path):
     # killed after step-2 became .step-2.old and before the new step-2 landed
-    run = _copy(two_steps, tmp_path / "run")
+    run = copy_run(two_steps, tmp_path / "run")
     ckpts = run / "checkpoints"
     os.replace(ckpts / "step-000002", ckpts / ".step-000002.old")
     result = _train_cli(run, 3, "--resume", "auto", "train.checkpoint_every=1", "train.keep_checkpoints=0")
@@ -144,7 +131,7 @@ def test_ctrl_c_at_any_moment_of_a_start_is_one_line_and_exit_130(tmp_path, dela
 
 
 def test_a_resume_keeps_metrics_lines_that_are_not_rows_and_says_so(two_steps, tmp_path):
-    run = _copy(two_steps, tmp_path / "run")
+    run = copy_run(two_steps, tmp_path / "run")
     with open(run / "metrics.jsonl", "a", encoding="utf-8") as f:
         f.write('{"step": 2, "kind": "train", "loss": 0.1\n')  # half a row, cut by a kill
     result = _train_cli(run, 3, "--resume", "auto", "train.checkpoint_every=1", "train.keep_checkpoints=0")
@@ -153,7 +140,7 @@ def test_a_resume_keeps_metrics_lines_that_are_not_rows_and_says_so(two_steps, t
 
 
 def test_pruning_goes_through_a_rename_and_clears_step_folders_without_a_lora(two_steps, tmp_path):
-    run = _copy(two_steps, tmp_path / "run")
+    run = copy_run(two_steps, tmp_path / "run")
     broken = run / "checkpoints" / "step-000000"  # a delete killed midway, before deletes renamed first
     (broken / "state").mkdir(parents=True)
     result = _train_cli(run, 4, "--resume", "auto", "train.checkpoint_every=1", "train.keep_checkpoints=2")
@@ -166,13 +153,13 @@ def test_a_full_disk_names_the_checkpoint_it_could_not_write_and_keeps_the_last_
                                                                                     failure):
     import apexcli.train.checkpoint as checkpoint_module
 
-    run = _copy(two_steps, tmp_path / "run")
+    run = copy_run(two_steps, tmp_path / "run")
 
     def full_disk(*args, **kwargs):
         raise failure
 
     monkeypatch.setattr(checkpoint_module.torch, "save", full_disk)
-    line = _error_line(_train_cli(run, 3, "--resume", "auto", "train.checkpoint_every=1", "train.keep_checkpoints=0"))
+    line = error_line(_train_cli(run, 3, "--resume", "auto", "train.checkpoint_every=1", "train.keep_checkpoints=0"))
     assert "checkpoints/step-000003" in line
     assert RunDir(run).checkpoint_steps() == [1, 2]  # the last good one is intact; nothing half-written remains
     assert not any(p.name.endswith(".tmp") for p in (run / "checkpoints").iterdir())

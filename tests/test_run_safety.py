@@ -16,7 +16,7 @@ from apexcli.models.lora import resolve_lora_path
 from apexcli.runs import LORA_FILE, RunDir
 from apexcli.train.checkpoint import CheckpointError, TrainingState, load_training_state, save_checkpoint
 from apexcli.train.run_start import clean_interrupted_saves
-from helpers import TINY_OVERRIDES, read_metrics, run_cli, train_tiny
+from helpers import TINY_OVERRIDES, copy_run, error_line, read_metrics, run_cli, train_tiny
 
 OBJ = ("--objectives", "brightness,colorfulness")
 EVERY_STEP = ("train.checkpoint_every=1", "train.keep_checkpoints=0")
@@ -26,33 +26,19 @@ def _train_cli(out: Path, steps: int, *extra: str):
     return run_cli(["train", "--preset", "tiny", "--steps", str(steps), "--out", str(out), *TINY_OVERRIDES, *OBJ, *extra])
 
 
-def _error_line(result) -> str:
-    assert result.code == 2, result.stderr[-2000:]
-    lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
-    assert len(lines) == 1 and "Traceback" not in result.stderr, result.stderr[-2000:]
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def four_steps(tmp_path_factory) -> Path:
     """A 4-step run with a checkpoint at every step (read-only: tests copy it)."""
     return train_tiny(tmp_path_factory.mktemp("safety") / "run", 4, *OBJ, *EVERY_STEP)
 
 
-def _copy(run: Path, dest: Path) -> Path:
-    import shutil
-
-    shutil.copytree(run, dest)
-    return dest
-
-
 # ---------------------------------------------------------------------------------- item 1
 
 
 def test_fresh_train_into_an_existing_run_is_refused_then_overwritten(four_steps, tmp_path):
-    run = _copy(four_steps, tmp_path / "run")
+    run = copy_run(four_steps, tmp_path / "run")
     before = (run / "metrics.jsonl").read_bytes()
-    line = _error_line(_train_cli(run, 1, "--objectives", "brightness,contrast"))
+    line = error_line(_train_cli(run, 1, "--objectives", "brightness,contrast"))
     assert "already holds a run" in line and "--overwrite" in line and "--resume auto" in line
     assert (run / "metrics.jsonl").read_bytes() == before  # nothing touched
     assert RunDir(run).checkpoint_steps() == [1, 2, 3, 4]
@@ -69,9 +55,9 @@ def test_fresh_train_into_an_existing_run_is_refused_then_overwritten(four_steps
 
 
 def test_overwrite_never_deletes_what_resume_reads(four_steps, tmp_path):
-    run = _copy(four_steps, tmp_path / "run")
-    assert "give only one" in _error_line(_train_cli(run, 5, "--resume", "auto", "--overwrite"))
-    line = _error_line(_train_cli(run, 5, "--resume", str(run / "checkpoints" / "step-000002"), "--overwrite"))
+    run = copy_run(four_steps, tmp_path / "run")
+    assert "give only one" in error_line(_train_cli(run, 5, "--resume", "auto", "--overwrite"))
+    line = error_line(_train_cli(run, 5, "--resume", str(run / "checkpoints" / "step-000002"), "--overwrite"))
     assert "would delete" in line
     assert RunDir(run).checkpoint_steps() == [1, 2, 3, 4]
 
@@ -99,7 +85,7 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
 
 
 def test_resume_from_an_older_checkpoint_moves_the_later_ones_aside(four_steps, tmp_path):
-    run = _copy(four_steps, tmp_path / "run")
+    run = copy_run(four_steps, tmp_path / "run")
     old_rows = read_metrics(run)
     result = _train_cli(run, 3, *EVERY_STEP, "--resume", str(run / "checkpoints" / "step-000002"))
     assert result.code == 0, result.stderr[-2000:]
@@ -115,9 +101,9 @@ def test_resume_from_an_older_checkpoint_moves_the_later_ones_aside(four_steps, 
 
 
 def test_resume_overrides_are_applied_or_refused_and_the_record_is_true(four_steps, tmp_path):
-    run = _copy(four_steps, tmp_path / "run")
+    run = copy_run(four_steps, tmp_path / "run")
     for override, key in (("lora.alpha=16", "lora.alpha"), ("lora.rank=8", "lora.rank"), ("model.tiny_seed=3", "model.tiny_seed"), ("seed=7", "seed")):
-        line = _error_line(_train_cli(run, 5, "--resume", "auto", override))
+        line = error_line(_train_cli(run, 5, "--resume", "auto", override))
         assert key in line and "cannot resume" in line, line
     assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["alpha"] == 8  # untouched by the refusals
 
@@ -145,7 +131,7 @@ def test_resume_overrides_are_applied_or_refused_and_the_record_is_true(four_ste
     ],
 )
 def test_a_corrupt_checkpoint_names_its_bad_file(four_steps, tmp_path, file, damage):
-    ckpt = _copy(four_steps / "checkpoints" / "step-000004", tmp_path / "step-000004")
+    ckpt = copy_run(four_steps / "checkpoints" / "step-000004", tmp_path / "step-000004")
     target = ckpt / file
     target.write_bytes(target.read_bytes()[: len(target.read_bytes()) // 2] if damage is None else damage)
     with pytest.raises(CheckpointError) as info:
@@ -154,9 +140,9 @@ def test_a_corrupt_checkpoint_names_its_bad_file(four_steps, tmp_path, file, dam
 
 
 def test_resume_names_the_bad_file_and_auto_falls_back_to_the_previous_good_checkpoint(four_steps, tmp_path):
-    run = _copy(four_steps, tmp_path / "run")
+    run = copy_run(four_steps, tmp_path / "run")
     (run / "checkpoints" / "step-000004" / "state" / "optimizer.pt").write_bytes(b"")
-    line = _error_line(_train_cli(run, 5, "--resume", str(run / "checkpoints" / "step-000004")))
+    line = error_line(_train_cli(run, 5, "--resume", str(run / "checkpoints" / "step-000004")))
     assert "state/optimizer.pt" in line and "step-000003" in line  # names the culprit, offers the fallback
 
     result = _train_cli(run, 4, *EVERY_STEP, "--resume", "auto")
@@ -198,10 +184,10 @@ def test_leftovers_of_an_interrupted_save_are_cleaned(tmp_path):
 
 
 def test_eval_log_refuses_another_runs_checkpoint(four_steps, tmp_path):
-    run = _copy(four_steps, tmp_path / "rb")
-    other = _copy(four_steps, tmp_path / "other")
+    run = copy_run(four_steps, tmp_path / "rb")
+    other = copy_run(four_steps, tmp_path / "other")
     before = (run / "metrics.jsonl").read_bytes()
-    line = _error_line(run_cli(["eval", str(run), "--checkpoint", str(other / "checkpoints" / "step-000002"), "--log"]))
+    line = error_line(run_cli(["eval", str(run), "--checkpoint", str(other / "checkpoints" / "step-000002"), "--log"]))
     assert "--log" in line and "not one of this run's" in line
     assert (run / "metrics.jsonl").read_bytes() == before
     # without --log it evaluates, into a folder that cannot pass for the run's own step 2
@@ -223,7 +209,7 @@ def test_a_lora_of_another_model_is_an_error_not_a_silent_no_op(tmp_path):
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 320),
         "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(320, 4),
     }, str(unet))
-    line = _error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s1"), "--lora", str(unet)]))
+    line = error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s1"), "--lora", str(unet)]))
     assert "unet_lora.safetensors" in line and "another model" in line
     assert not (tmp_path / "s1" / "metadata.jsonl").exists()  # nothing recorded as applied
 
@@ -232,14 +218,14 @@ def test_a_lora_of_another_model_is_an_error_not_a_silent_no_op(tmp_path):
         "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 1536),
         "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(1536, 4),
     }, str(wrong_size))
-    assert "does not fit this model" in _error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s2"), "--lora", str(wrong_size)]))
+    assert "does not fit this model" in error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s2"), "--lora", str(wrong_size)]))
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00 not safetensors" * 8)
-    assert "garbage.safetensors" in _error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s3"), "--lora", str(garbage)]))
+    assert "garbage.safetensors" in error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s3"), "--lora", str(garbage)]))
     png = tmp_path / "image.png"
     png.write_bytes(b"\x89PNG")
-    line = _error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s4"), "--lora", str(png)]))
+    line = error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s4"), "--lora", str(png)]))
     assert "image.png" in line and "not a LoRA" in line and "does not exist" not in line
 
 
@@ -275,14 +261,14 @@ def test_ctrl_c_says_what_happened_and_exits_130(monkeypatch, tmp_path):
 def test_bad_paths_are_one_line_errors(tmp_path):
     a_file = tmp_path / "file.txt"
     a_file.write_text("x")
-    assert "is a file" in _error_line(_train_cli(a_file, 1))
-    assert "is a file" in _error_line(_train_cli(a_file / "sub", 1))
-    assert "is a directory" in _error_line(run_cli(["train", "--config", str(tmp_path), "--out", str(tmp_path / "r")]))
+    assert "is a file" in error_line(_train_cli(a_file, 1))
+    assert "is a file" in error_line(_train_cli(a_file / "sub", 1))
+    assert "is a directory" in error_line(run_cli(["train", "--config", str(tmp_path), "--out", str(tmp_path / "r")]))
     latin1 = tmp_path / "prompts.txt"
     latin1.write_bytes("a caf\xe9 sign\n".encode("latin-1"))
-    line = _error_line(_train_cli(tmp_path / "r", 1, f"prompts.train={latin1}"))
+    line = error_line(_train_cli(tmp_path / "r", 1, f"prompts.train={latin1}"))
     assert "prompts.txt" in line and "UTF-8" in line and "line 1" in line
     (config := tmp_path / "c.yaml").write_bytes("name: caf\xe9\n".encode("latin-1"))
-    assert "not UTF-8" in _error_line(run_cli(["train", "--config", str(config), "--out", str(tmp_path / "r")]))
+    assert "not UTF-8" in error_line(run_cli(["train", "--config", str(config), "--out", str(tmp_path / "r")]))
     assert (run := run_cli(["serve", "-O", "brightness", "--port", "70000"])).code == 2 and "65535" in run.stderr
-    assert "is a file" in _error_line(run_cli(["sample", "--preset", "tiny", "--prompt", "x", "--out", str(a_file)]))
+    assert "is a file" in error_line(run_cli(["sample", "--preset", "tiny", "--prompt", "x", "--out", str(a_file)]))

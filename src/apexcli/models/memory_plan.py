@@ -390,7 +390,7 @@ def cpu_allocator_peak(fn: Callable[[], object]) -> int:
 
 
 @contextlib.contextmanager
-def _quiet_diffusers() -> Iterator[None]:
+def quiet_diffusers() -> Iterator[None]:
     """Silence diffusers' notices while building meta models (dtype casts)."""
     from diffusers.utils import logging as dlog
 
@@ -414,7 +414,7 @@ def sd3_transformer(config: dict, dtype: torch.dtype, device: str = "meta", lora
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
-        with _quiet_diffusers(), torch.device(device), torch.random.fork_rng(devices=[]):
+        with quiet_diffusers(), torch.device(device), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             model = SD3Transformer2DModel.from_config(dict(config)).to(dtype)
     finally:
@@ -442,7 +442,7 @@ def component_params() -> dict[str, int]:
         T5EncoderModel,
     )
 
-    with _quiet_diffusers(), torch.device("meta"):
+    with quiet_diffusers(), torch.device("meta"):
         pick = CLIPModel(CLIPConfig(text_config=dict(arch.CLIP_H_TEXT), vision_config=dict(arch.CLIP_H_VISION),
                                     projection_dim=arch.CLIP_H_PROJECTION))
         return {

@@ -7,7 +7,7 @@ TORCH_VERSION ?= 2.13.0
 TORCH_CPU_INDEX ?= https://download.pytorch.org/whl/cpu
 DEMO ?= runs/demo
 
-.PHONY: install demo test test-all bench docs clean deqa-server mini-weights
+.PHONY: install demo test test-all lint bench docs clean deqa-server mini-weights
 
 install: $(VENV)/.installed
 
@@ -67,6 +67,12 @@ test-all: install
 
 # the configuration reference, generated from the config dataclasses' field docstrings
 # (tests/test_reference.py fails when the committed page is stale)
+# style (ruff's rules and format, pyproject.toml) and words: the repository speaks of the product only
+lint: install
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	bash tools/check_process_words.sh
+
 docs: install
 	$(BIN)/python -m apexcli.reference --out docs/guide/configuration.md
 

@@ -68,7 +68,8 @@ def test_velocity_is_the_stock_transformer_call_on_packed_tokens(pipe, cond):
         txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3),
         img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32), return_dict=False,
     )[0]
-    expected = FluxPipeline._unpack_latents(out, 8 * pipe.vae_scale_factor, 8 * pipe.vae_scale_factor, pipe.vae_scale_factor)
+    side = 8 * pipe.vae_scale_factor
+    expected = FluxPipeline._unpack_latents(out, side, side, pipe.vae_scale_factor)
     torch.testing.assert_close(v, expected, rtol=0, atol=1e-6)
     # the distilled guidance is an input: another value, another velocity, from one forward
     assert not torch.allclose(v, predict_velocity(pipe.transformer, x, 0.7, cond, guidance_scale=1.0))
@@ -121,8 +122,9 @@ def test_apex_sample_reproduces_the_stock_pipeline(runs, tmp_path):
     stock.load_lora_weights(str(straight / "checkpoints" / "step-000003"), weight_name=LORA_FILE)
     f = stock.vae_scale_factor
     noise = torch.randn((16, 32 // f, 32 // f), generator=torch.Generator().manual_seed(5))[None]
-    image = stock("a red apple", height=32, width=32, num_inference_steps=4, guidance_scale=3.5, max_sequence_length=SEQ,
-                  latents=FluxPipeline._pack_latents(noise, 1, 16, 32 // f, 32 // f), output_type="np").images[0]
+    image = stock("a red apple", height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
+                  max_sequence_length=SEQ, latents=FluxPipeline._pack_latents(noise, 1, 16, 32 // f, 32 // f),
+                  output_type="np").images[0]
     theirs = (image * 255).round().astype(np.uint8)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
 

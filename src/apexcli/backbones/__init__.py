@@ -14,7 +14,9 @@ BACKBONES: tuple[Backbone, ...] = (SD3Backbone(), FluxBackbone())
 _BY_TRANSFORMER = {b.transformer_class: b for b in BACKBONES}
 _BY_PIPELINE = {b.pipeline_class: b for b in BACKBONES}
 
-__all__ = ["BACKBONES", "Backbone", "backbone_of", "backbone_of_pipeline", "backbone_for_class", "model_dtype", "unwrap_model"]
+__all__ = [
+    "BACKBONES", "Backbone", "backbone_of", "backbone_of_pipeline", "backbone_for_class", "model_dtype", "unwrap_model",
+]
 
 
 def _match(obj_type: type, table: dict[str, Backbone]) -> Backbone | None:

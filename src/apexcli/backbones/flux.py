@@ -22,7 +22,6 @@ import numpy as np
 import torch
 
 from apexcli.backbones.base import Backbone, model_dtype, unwrap_model
-from apexcli.conditioning import PromptEmbeds
 
 PATCH = 2
 """Latent pixels per token side: FLUX packs 2x2 latent pixels into one token."""
@@ -118,7 +117,9 @@ class FluxBackbone(Backbone):
         )[0]
         return unpack(out.float(), h, w)
 
-    def encode_prompt(self, pipe, prompts: Sequence[str], *, max_sequence_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(
+        self, pipe, prompts: Sequence[str], *, max_sequence_length: int, device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """T5 tokens ``[B, L, 4096]`` and pooled CLIP-L ``[B, 768]`` (the text ids are all zero
         and rebuilt at each call, so the cache stores no more than for SD3)."""
         embeds, pooled, _ = pipe.encode_prompt(

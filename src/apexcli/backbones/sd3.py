@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 
 from apexcli.backbones.base import Backbone, model_dtype
-from apexcli.conditioning import PromptEmbeds
 
 TIMESTEP_SCALE = 1000.0
 """SD3 transformers take ``timestep = 1000 * sigma``."""
@@ -96,7 +95,9 @@ class SD3Backbone(Backbone):
             return v_uncond + guidance_scale * (v_cond - v_uncond)
         return out
 
-    def encode_prompt(self, pipe, prompts: Sequence[str], *, max_sequence_length: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    def encode_prompt(
+        self, pipe, prompts: Sequence[str], *, max_sequence_length: int, device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """CLIP-L + CLIP-G + T5 joint tokens ``[B, L, 4096]`` and pooled CLIP ``[B, 2048]``, no CFG pair."""
         embeds, _, pooled, _ = pipe.encode_prompt(
             prompt=list(prompts),

@@ -239,11 +239,11 @@ def _worst(name: str, rows: list[Row]) -> Row:
 
 def model_rows(cfg: Config) -> list[Row]:
     """model.pretrained read as load_pipeline reads it, without loading anything."""
-    from apexcli.models.sources import MINI_DIR, looks_like_path
+    from apexcli.models.sources import BUILT_IN, MINI_DIR, looks_like_path
 
     m, name = cfg.model, "model"
-    if m.pretrained == "tiny":
-        return [Row(name, OK, "tiny: random weights built in code")]
+    if m.pretrained in BUILT_IN:
+        return [Row(name, OK, f"{m.pretrained}: random weights built in code")]
     if m.pretrained == "mini":
         if (MINI_DIR / "model_index.json").is_file():
             return [Row(name, OK, f"mini: packaged in {MINI_DIR}")]
@@ -435,8 +435,10 @@ def _memory_fix(cfg: Config) -> str:
 def memory_rows(cfg: Config) -> list[Row]:
     """The memory plan (``apexcli.models.memory_plan``, computed on the meta device in seconds)
     against the GPU ``model.device`` names, or against the host's RAM on a CPU."""
-    if cfg.model.pretrained == "tiny":
-        return [Row("memory", OK, "tiny: a few MB, built in code")]
+    from apexcli.models.sources import BUILT_IN
+
+    if cfg.model.pretrained in BUILT_IN:
+        return [Row("memory", OK, f"{cfg.model.pretrained}: a few MB, built in code")]
     import torch
 
     from apexcli.models.memory_plan import GB, plan_memory

@@ -21,7 +21,7 @@ from PIL import Image
 from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
 from apexcli.fileio import atomic_write
-from apexcli.flow.rollout import decode_latents, rollout
+from apexcli.flow.rollout import decode_latents, latent_channels, rollout
 from apexcli.models.loading import load_pipeline, resolve_device
 from apexcli.models.lora import load_lora_for_inference, resolve_lora_path
 from apexcli.models.text_cache import encode_prompts
@@ -153,7 +153,7 @@ def sample_images(req: SampleRequest) -> list[Path]:
     jobs = _jobs(req.prompts, req.num_images, req.seed)
     seq = req.model.max_sequence_length
     uncond = encode_prompts(pipe, [req.negative_prompt], max_sequence_length=seq, device=device)
-    channels = pipe.transformer.config.in_channels
+    channels = latent_channels(pipe.transformer)
     f = pipe.vae_scale_factor
     written: list[Path] = []
     with open(req.out / METADATA_FILE, "a", encoding="utf-8") as metadata:

@@ -17,7 +17,7 @@ from accelerate.utils import gather_object
 
 from apexcli.config import Config, config_from_dict, validate
 from apexcli.errors import ApexError
-from apexcli.flow.rollout import decode_latents, rollout
+from apexcli.flow.rollout import decode_latents, latent_channels, rollout
 from apexcli.images import image_grid  # noqa: F401  (re-exported: the eval grid's layout)
 from apexcli.jsonsafe import finite_or_none
 from apexcli.models.loading import load_pipeline, resolve_device
@@ -46,7 +46,7 @@ class Evaluator:
         self.cond = encode_prompts(pipe, self.prompts, max_sequence_length=seq, device="cpu", cache=cache)
         self.uncond = encode_prompts(pipe, [cfg.sampling.negative_prompt], max_sequence_length=seq, device=device, cache=cache)
         latent = cfg.model.resolution // pipe.vae_scale_factor
-        shape = (pipe.transformer.config.in_channels, latent, latent)
+        shape = (latent_channels(pipe.transformer), latent, latent)
         # one generator per prompt: the noise of prompt i never depends on batch size or count
         self.noise = torch.stack(
             [torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(self.seed, i))) for i in range(len(self.prompts))]

@@ -1,8 +1,9 @@
-"""Rollouts with trajectory capture, and the training-side log-prob recompute, for SD3 models.
+"""Rollouts with trajectory capture, and the training-side log-prob recompute.
 
-Glue between the step math in ``flow.sde`` and diffusers' ``SD3Transformer2DModel`` /
-``FlowMatchEulerDiscreteScheduler``. Mirrors the conventions of diffusers **0.39**'s
-``StableDiffusion3Pipeline.__call__``:
+Glue between the step math in ``flow.sde`` and a model family's transformer and scheduler
+(``apexcli.backbones``: the family decides the velocity call, the sigmas and the latent
+channels; the trajectory always holds unpacked latents ``[B, C, h, w]``). For SD3 it mirrors
+the conventions of diffusers **0.39**'s ``StableDiffusion3Pipeline.__call__``:
 
 - sigmas from ``scheduler.set_timesteps(num_steps)`` -> ``scheduler.sigmas`` ([T+1], ends in 0;
   with ``use_dynamic_shifting`` the same ``mu`` the pipeline computes from the latent size);
@@ -29,46 +30,19 @@ from dataclasses import dataclass, replace
 
 import torch
 
+from apexcli.backbones import backbone_of
+from apexcli.backbones.base import model_dtype as _model_dtype
+from apexcli.backbones.base import unwrap_model  # noqa: F401  (re-exported: the trainer's import)
+from apexcli.backbones.sd3 import TIMESTEP_SCALE  # noqa: F401  (re-exported)
+from apexcli.backbones.sd3 import scheduler_sigmas as _scheduler_sigmas  # noqa: F401  (re-exported)
 from apexcli.conditioning import PromptEmbeds, to_device  # noqa: F401  (re-exported: rollout's input type)
 from apexcli.errors import ApexError
 from apexcli.flow.sde import STEP_FUNCTIONS, StepOutput, ode_step
 
 SAMPLERS = ("sde", "cps", "cps_gaussian", "ode")
-TIMESTEP_SCALE = 1000.0
-"""SD3 transformers take ``timestep = 1000 * sigma``."""
 
 
 # --------------------------------------------------------------------------- velocity
-
-
-def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
-    """The underlying diffusers model behind DDP/FSDP (``.module``) or torch.compile (``._orig_mod``)."""
-    while True:
-        inner = getattr(model, "module", None)
-        if isinstance(inner, torch.nn.Module):
-            model = inner
-            continue
-        inner = getattr(model, "_orig_mod", None)
-        if isinstance(inner, torch.nn.Module):
-            model = inner
-            continue
-        return model
-
-
-def _model_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype of the frozen base weights (a float32 LoRA does not count). Cheaper than
-    diffusers' ``model.dtype``, which walks every module and runs on each forward here."""
-    params = unwrap_model(model).parameters()
-    first = next(params)
-    if not first.requires_grad:
-        return first.dtype
-    return next((p.dtype for p in params if not p.requires_grad), first.dtype)
-
-
-def _timesteps(sigma: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:
-    """``[batch]`` float32 ``1000 * sigma``; float32 first so scalar and per-sample sigmas agree bitwise."""
-    s = torch.as_tensor(sigma, dtype=torch.float32, device=device).reshape(-1)
-    return (s * TIMESTEP_SCALE).expand(batch)
 
 
 def predict_velocity(
@@ -80,37 +54,20 @@ def predict_velocity(
     guidance_scale: float = 1.0,
     uncond: PromptEmbeds | None = None,
 ) -> torch.Tensor:
-    """Float32 velocity ``v = eps - x0`` at ``x`` (noise level ``sigma``: scalar or ``[B]``).
+    """Float32 velocity ``v = eps - x0`` at the unpacked latent ``x`` (noise level ``sigma``:
+    scalar or ``[B]``), by the transformer's family (``apexcli.backbones``).
 
-    ``guidance_scale > 1``: classifier-free guidance ``v = v_u + g * (v_c - v_u)`` from ONE
-    forward over the batch ``[uncond, cond]`` (``uncond`` may have batch 1, it is broadcast).
-    ``guidance_scale <= 1``: one conditional forward, no unconditional pass.
+    SD3, ``guidance_scale > 1``: classifier-free guidance ``v = v_u + g * (v_c - v_u)`` from ONE
+    forward over the batch ``[uncond, cond]`` (``uncond`` may have batch 1, it is broadcast);
+    ``guidance_scale <= 1``: one conditional forward. FLUX: one conditional forward, the
+    guidance an input embedding (dev) or none (schnell).
     """
-    batch = x.shape[0]
-    dtype = _model_dtype(transformer)
-    cond = cond.expand(batch)
-    t = _timesteps(sigma, batch, x.device)
-    if guidance_scale > 1.0:
-        if uncond is None:
-            raise ValueError("guidance_scale > 1 needs the unconditional (empty-prompt) embeddings")
-        uncond = uncond.expand(batch)
-        hidden = torch.cat([x, x])
-        text = torch.cat([uncond.prompt_embeds, cond.prompt_embeds])
-        pooled = torch.cat([uncond.pooled, cond.pooled])
-        t = torch.cat([t, t])
-    else:
-        hidden, text, pooled = x, cond.prompt_embeds, cond.pooled
-    out = transformer(
-        hidden_states=hidden.to(dtype),
-        timestep=t,
-        encoder_hidden_states=text.to(device=x.device, dtype=dtype),
-        pooled_projections=pooled.to(device=x.device, dtype=dtype),
-        return_dict=False,
-    )[0].float()
-    if guidance_scale > 1.0:
-        v_uncond, v_cond = out.chunk(2)
-        return v_uncond + guidance_scale * (v_cond - v_uncond)
-    return out
+    return backbone_of(transformer).velocity(transformer, x, sigma, cond, guidance_scale=guidance_scale, uncond=uncond)
+
+
+def latent_channels(transformer: torch.nn.Module) -> int:
+    """Channels of the unpacked latent a rollout of ``transformer`` starts from."""
+    return backbone_of(transformer).latent_channels(unwrap_model(transformer).config)
 
 
 # --------------------------------------------------------------------------- trajectories
@@ -227,26 +184,6 @@ def initial_noise(
     return to_device(per_group[picks], device).to(dtype)
 
 
-def _scheduler_sigmas(scheduler, num_steps: int, latent_hw: tuple[int, int], patch_size: int) -> torch.Tensor:
-    """``[T+1]`` CPU float32 sigmas, set up as ``StableDiffusion3Pipeline`` does."""
-    kwargs = {}
-    if scheduler.config.get("use_dynamic_shifting", False):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-            calculate_shift,
-        )
-
-        seq_len = (latent_hw[0] // patch_size) * (latent_hw[1] // patch_size)
-        kwargs["mu"] = calculate_shift(
-            seq_len,
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.16),
-        )
-    scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
-    return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
-
-
 def _stochastic_mask(
     sigmas: torch.Tensor, sampler: str, noise_level: float, sde_steps: Sequence[int] | None
 ) -> torch.Tensor:
@@ -288,7 +225,7 @@ def rollout(
 ) -> Trajectory:
     """Sample ``len(cond)`` latents with ``num_steps`` steps and keep the whole trajectory.
 
-    Image size ``height x width`` pixels; the latent is ``in_channels x height/f x width/f`` with
+    Image size ``height x width`` pixels; the latent is ``C x height/f x width/f`` (``latent_channels``) with
     ``f = vae_scale_factor`` (``pipe.vae_scale_factor``: 8 for SD3, 2 for the tiny pipeline).
     ``sampler`` picks the stochastic step (``sde``, ``cps``, ``cps_gaussian``; ``ode`` = Euler
     everywhere); ``sde_steps`` lists the step indices that are stochastic (None: all), the rest
@@ -301,8 +238,9 @@ def rollout(
         raise ApexError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
     if noise_block != 1 and sampler != "sde":
         raise ApexError(f"sampling.noise_block={noise_block} needs sampling.sampler=sde (got {sampler})")
+    backbone = backbone_of(transformer)
     config = unwrap_model(transformer).config
-    patch = int(config.patch_size)
+    patch = backbone.patch_size(config)
     multiple = vae_scale_factor * patch
     if height % multiple or width % multiple:
         raise ApexError(f"image size {height}x{width} must be a multiple of {multiple} (VAE factor x patch size)")
@@ -312,11 +250,11 @@ def rollout(
     batch = len(cond)
     device = cond.prompt_embeds.device
 
-    sigmas = _scheduler_sigmas(scheduler, num_steps, latent_hw, patch)
+    sigmas = backbone.sigmas(scheduler, num_steps, latent_hw, patch)
     sigma_max = first_sigma_below_one(sigmas)
     mask = _stochastic_mask(sigmas, sampler, noise_level, sde_steps)
 
-    shape = (batch, int(config.in_channels), *latent_hw)
+    shape = (batch, backbone.latent_channels(config), *latent_hw)
     if initial_noise is None:
         gen_device = generator.device if generator is not None else device
         x = to_device(torch.randn(shape, generator=generator, device=gen_device, dtype=torch.float32), device)

@@ -73,6 +73,23 @@ SD3_VAE = MappingProxyType(dict(
 ))
 """SD3 / SD3.5 VAE: 16 latent channels, downsampling 8, scaling 1.5305, shift 0.0609."""
 
+FLUX1_DEV_TRANSFORMER = MappingProxyType(dict(
+    patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+    num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+    axes_dims_rope=(16, 56, 56),
+))
+"""FLUX.1-dev: 19 double-stream + 38 single-stream blocks of 24 x 128 = 3072 on 2x2-packed
+16-channel latents, T5-XXL tokens, pooled CLIP-L, a guidance embedding (schnell: without)."""
+
+FLUX_VAE = MappingProxyType({**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159})
+"""FLUX.1's VAE: SD3's architecture with its own latent scaling 0.3611 and shift 0.1159."""
+
+FLUX_SCHEDULER = MappingProxyType(dict(
+    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
+    base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+))
+"""FLUX.1-dev's scheduler: the shift ``mu`` grows with the token count (``calculate_shift``)."""
+
 SD3_SCHEDULER_SHIFT = 3.0
 """``FlowMatchEulerDiscreteScheduler`` shift of every SD3.5 release (static, no dynamic shifting)."""
 

@@ -1,4 +1,4 @@
-"""Load the SD3 pipeline from a hub id, a local directory, the packaged `mini` one, or build the tiny one in code."""
+"""Load an SD3 or FLUX pipeline from a hub id, a local directory, the packaged `mini` one, or build a tiny one in code."""
 
 from __future__ import annotations
 
@@ -6,8 +6,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
-
+from apexcli.backbones import backbone_for_class
 from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
 from apexcli.models.sources import MINI_DIR, looks_like_path
@@ -63,6 +62,9 @@ def compile_transformer_blocks(transformer: torch.nn.Module, **compile_kwargs) -
     blocks = getattr(transformer, "transformer_blocks", None)
     if not isinstance(blocks, torch.nn.ModuleList) or len(blocks) == 0:
         raise ValueError(f"{type(transformer).__name__} has no transformer_blocks to compile")
+    single = getattr(transformer, "single_transformer_blocks", None)  # FLUX's single-stream blocks
+    if isinstance(single, torch.nn.ModuleList):
+        blocks = [*blocks, *single]
     # One graph per (block structure x grad mode x LoRA on/off x input requires_grad): SD3.5-M
     # has three block structures, so an RL iteration needs about a dozen, over dynamo's default
     # limit of 8 per function (past it, calls silently fall back to eager).
@@ -72,13 +74,28 @@ def compile_transformer_blocks(transformer: torch.nn.Module, **compile_kwargs) -
     return len(blocks)
 
 
-def load_pipeline(cfg: ModelConfig, dtype: torch.dtype | None = None) -> StableDiffusion3Pipeline:
-    """The pipeline on CPU in the configured dtype; the caller moves modules where they belong."""
+def _pipeline_class_name(source: str, cfg: ModelConfig) -> str:
+    """``_class_name`` of the pipeline's ``model_index.json`` (a local dir, or the hub's file)."""
+    from diffusers import DiffusionPipeline
+
+    index = DiffusionPipeline.load_config(
+        source, revision=cfg.revision, local_files_only=cfg.local_files_only
+    )
+    return str(index.get("_class_name", "StableDiffusion3Pipeline"))
+
+
+def load_pipeline(cfg: ModelConfig, dtype: torch.dtype | None = None):
+    """The pipeline on CPU in the configured dtype; the caller moves modules where they belong.
+    The family (SD3 or FLUX) is the one ``model_index.json`` names; any other is an ApexError."""
     dtype = dtype or DTYPES[cfg.dtype]
     if cfg.pretrained == "tiny":
         from apexcli.models.tiny import build_tiny_pipeline
 
         return build_tiny_pipeline(seed=cfg.tiny_seed, dtype=dtype)
+    if cfg.pretrained == "tiny-flux":
+        from apexcli.models.tiny_flux import build_tiny_flux_pipeline
+
+        return build_tiny_flux_pipeline(seed=cfg.tiny_seed, dtype=dtype)
     source = cfg.pretrained
     if source == "mini":  # the pretrained miniature pipeline shipped inside the package
         source = str(MINI_DIR)
@@ -91,7 +108,9 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype | None = None) -> StableD
             )
         source = str(path)
     try:
-        return StableDiffusion3Pipeline.from_pretrained(
+        class_name = _pipeline_class_name(source, cfg)
+        backbone = backbone_for_class(class_name, f"model.pretrained '{cfg.pretrained}'")
+        return backbone.pipeline_type().from_pretrained(
             source,
             torch_dtype=dtype,
             revision=cfg.revision,

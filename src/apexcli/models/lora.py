@@ -1,7 +1,8 @@
-"""LoRA on the SD3 transformer through peft, saved and loaded in diffusers' format.
+"""LoRA on the flow transformer (SD3 or FLUX) through peft, saved and loaded in diffusers' format.
 
-Saved files are what ``StableDiffusion3Pipeline.load_lora_weights(dir)`` reads:
-``pytorch_lora_weights.safetensors`` with keys ``transformer.<module>.lora_A.weight``.
+Saved files are what the family's pipeline (``StableDiffusion3Pipeline`` / ``FluxPipeline``)
+reads with ``load_lora_weights(dir)``: ``pytorch_lora_weights.safetensors`` with keys
+``transformer.<module>.lora_A.weight``.
 """
 
 from __future__ import annotations
@@ -13,11 +14,11 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import torch
-from diffusers import StableDiffusion3Pipeline
 from diffusers.utils import convert_unet_state_dict_to_peft
 from peft import LoraConfig
 from peft.utils import get_peft_model_state_dict, set_peft_model_state_dict
 
+from apexcli.backbones import backbone_of, backbone_of_pipeline
 from apexcli.errors import ApexError
 from apexcli.runs import LORA_FILE, RunDir
 from apexcli.sharding import is_sharded, shard_like
@@ -88,7 +89,7 @@ def save_lora(transformer, directory: Path, full_state_dict: dict | None = None)
     """Write ``pytorch_lora_weights.safetensors``. The adapter config (rank, alpha, targets) goes
     into the file's metadata: without it ``load_lora_weights`` assumes alpha = rank and applies
     the LoRA with the wrong scale (alpha / rank) whenever alpha != rank."""
-    StableDiffusion3Pipeline.save_lora_weights(
+    backbone_of(transformer).pipeline_type().save_lora_weights(
         save_directory=str(directory),
         transformer_lora_layers=lora_state_dict(transformer, full_state_dict),
         safe_serialization=True,
@@ -127,7 +128,7 @@ def adapter_metadata(transformer) -> dict:
 def load_lora_into_adapter(transformer, directory: Path) -> None:
     """Load saved weights into the already-attached trainable adapter (used by resume)."""
     # weight_name given: without it diffusers refuses a local dir when HF_HUB_OFFLINE=1
-    state = StableDiffusion3Pipeline.lora_state_dict(str(directory), weight_name=LORA_FILE)
+    state = backbone_of(transformer).pipeline_type().lora_state_dict(str(directory), weight_name=LORA_FILE)
     if isinstance(state, tuple):  # some diffusers versions return (state, alphas)
         state = state[0]
     state = {k[len("transformer.") :]: v for k, v in state.items() if k.startswith("transformer.")}
@@ -216,8 +217,9 @@ def load_lora_for_inference(pipe, weight_file: Path, option: str = "--lora") -> 
     number of transformer LoRA tensors applied."""
     weight_file = Path(weight_file)
     where = f"{option} file '{weight_file}'"
+    backbone = backbone_of_pipeline(pipe)
     try:
-        state = StableDiffusion3Pipeline.lora_state_dict(str(weight_file.parent), weight_name=weight_file.name)
+        state = backbone.pipeline_type().lora_state_dict(str(weight_file.parent), weight_name=weight_file.name)
     except Exception as exc:  # safetensors' header errors, diffusers' format guesses
         first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
         raise ApexError(f"{where} is not a readable LoRA safetensors file ({first})") from None
@@ -227,7 +229,7 @@ def load_lora_for_inference(pipe, weight_file: Path, option: str = "--lora") -> 
     if not ours:
         example = next(iter(state), "no keys at all")
         raise ApexError(
-            f"{where} holds no SD3 transformer LoRA weights (e.g. '{example}'): it was made for another model"
+            f"{where} holds no {backbone.family.upper()} transformer LoRA weights (e.g. '{example}'): it was made for another model"
         )
     ours = convert_unet_state_dict_to_peft(ours)
     check_lora_tensors(ours, weight_file, option)

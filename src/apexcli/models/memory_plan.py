@@ -532,7 +532,10 @@ def transformer_config_for(cfg: Config) -> dict:
             return dict(config)
     path = Path(str(MINI_DIR) if name == "mini" else name).expanduser() / "transformer" / "config.json"
     if path.is_file():
-        return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+        if "num_single_layers" in config:  # the plan measures SD3 transformers only
+            raise ApexError(f"no memory plan for the FLUX transformer of model.pretrained '{name}' yet")
+        return config
     raise ApexError(f"no memory plan for model.pretrained '{name}': give an SD3.5 release id or a pipeline directory")
 
 

@@ -1,4 +1,4 @@
-"""Real-shape fixtures: the published SD3.5 architectures with only the depth cut, random weights.
+"""Real-shape fixtures: the published SD3.5 and FLUX.1-dev architectures with only the depth cut, random weights.
 
 Tiny models hide real bugs (a float32 ``linspace`` over a tensor of more than 2^24 elements, a
 buffer a memory plan forgot, a text length that only exists at 128 T5 tokens). These pipelines
@@ -23,13 +23,21 @@ import sys
 from pathlib import Path
 
 import torch
-from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+from diffusers import (
+    AutoencoderKL,
+    FlowMatchEulerDiscreteScheduler,
+    FluxPipeline,
+    FluxTransformer2DModel,
+    SD3Transformer2DModel,
+    StableDiffusion3Pipeline,
+)
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from transformers import (
     CLIPConfig,
     CLIPImageProcessor,
     CLIPModel,
     CLIPTextConfig,
+    CLIPTextModel,
     CLIPTextModelWithProjection,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
@@ -126,6 +134,36 @@ def build_real_shape_sd3(
     return pipe.to(dtype=dtype)
 
 
+def build_real_shape_flux(
+    *, num_layers: int = 1, num_single_layers: int = 1, text_layers: int = 1, seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+) -> FluxPipeline:
+    """A FLUX.1-dev pipeline at its published widths (3072-wide blocks, 24 x 128 heads, rotary
+    axes (16, 56, 56), 64 packed input channels, T5-XXL 4096 tokens, pooled CLIP-L 768, guidance
+    embedding), ``num_layers`` double- and ``num_single_layers`` single-stream blocks and
+    ``text_layers`` layers per text encoder. Random weights, initialised on ``device``."""
+    config = _cut(arch.FLUX1_DEV_TRANSFORMER, num_layers=num_layers, num_single_layers=num_single_layers)
+    with torch.random.fork_rng(devices=[]), torch.device(device):
+        torch.manual_seed(seed)
+        # FLUX's CLIP-L is the plain text model (pooler output, no projection)
+        clip_l = CLIPTextModel(CLIPTextConfig(**_cut(arch.CLIP_L_TEXT, num_hidden_layers=text_layers)))
+        t5 = T5EncoderModel(T5Config(**_cut(arch.T5_XXL, num_layers=text_layers)))
+        transformer = FluxTransformer2DModel(**config)
+        vae = AutoencoderKL(**dict(arch.FLUX_VAE))
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(**dict(arch.FLUX_SCHEDULER)),
+        vae=vae,
+        text_encoder=clip_l,
+        tokenizer=clip_tokenizer(),
+        text_encoder_2=t5,
+        tokenizer_2=t5_tokenizer(),
+        transformer=transformer,
+    )
+    for module in (transformer, vae, clip_l, t5):
+        module.eval()
+    return pipe.to(dtype=dtype)
+
+
 def save_real_shape_sd3(path: str | Path, family: str = "sd35m", **kwargs) -> Path:
     """``build_real_shape_sd3`` saved in diffusers' layout (safetensors) to ``path``."""
     path = Path(path)
@@ -179,13 +217,18 @@ def save_real_shape_aesthetic(path: str | Path, *, layers: int = 1, seed: int = 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Save a real-shape SD3.5 pipeline (random weights, depth cut).")
-    parser.add_argument("family", choices=sorted(arch.SD3_FAMILIES))
+    parser = argparse.ArgumentParser(description="Save a real-shape SD3.5 or FLUX.1-dev pipeline (random weights, depth cut).")
+    parser.add_argument("family", choices=[*sorted(arch.SD3_FAMILIES), "flux1-dev"])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--layers", type=int, default=2, help="transformer blocks (the release has 24 / 38)")
+    parser.add_argument("--layers", type=int, default=2, help="transformer blocks (the release has 24 / 38; FLUX: double-stream, 19)")
     parser.add_argument("--text-layers", type=int, default=1, help="layers per text encoder")
     args = parser.parse_args(argv)
-    save_real_shape_sd3(args.out, args.family, num_layers=args.layers, text_layers=args.text_layers)
+    if args.family == "flux1-dev":
+        build_real_shape_flux(num_layers=args.layers, num_single_layers=args.layers, text_layers=args.text_layers).save_pretrained(
+            args.out, safe_serialization=True
+        )
+    else:
+        save_real_shape_sd3(args.out, args.family, num_layers=args.layers, text_layers=args.text_layers)
     print(f"wrote {args.out}", file=sys.stderr)
 
 

@@ -163,15 +163,11 @@ def _encode(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.T
         enc = getattr(pipe, attr, None)
         if enc is not None:
             enc.eval()
-    embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt=prompts,
-        prompt_2=None,
-        prompt_3=None,
-        device=encoders_device(pipe),
-        do_classifier_free_guidance=False,
-        max_sequence_length=max_sequence_length,
+    from apexcli.backbones import backbone_of_pipeline
+
+    return backbone_of_pipeline(pipe).encode_prompt(
+        pipe, prompts, max_sequence_length=max_sequence_length, device=encoders_device(pipe)
     )
-    return embeds, pooled
 
 
 @torch.no_grad()
@@ -185,7 +181,8 @@ def encode_prompts(
     batch_size: int = 32,
 ) -> PromptEmbeds:
     """``PromptEmbeds`` on ``device`` (one row per prompt, in order) from ``pipe.encode_prompt``
-    (CLIP-L, CLIP-G and T5; no CFG pair; encoders put in eval mode), computed on the encoders'
+    (the family's encoders: SD3 CLIP-L, CLIP-G and T5, FLUX CLIP-L and T5; no CFG pair; encoders
+    put in eval mode), computed on the encoders'
     own device. Encode ``[""]`` for the unconditional embedding. With a
     ``cache``, only prompts not yet cached are encoded (in batches of ``batch_size``).
     """

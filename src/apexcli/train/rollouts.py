@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import torch
 
 from apexcli.config import Config
-from apexcli.flow.rollout import PromptEmbeds, Trajectory, decode_latents, initial_noise, rollout, unwrap_model
+from apexcli.flow.rollout import PromptEmbeds, Trajectory, decode_latents, initial_noise, latent_channels, rollout
 from apexcli.rewards import RewardSuite
 from apexcli.seeds import mix_seed
 from apexcli.train.sampler import StepBatch
@@ -76,7 +76,7 @@ class ShardSampler:
         if s.share_group_noise:
             latent = res // self.vae_scale_factor
             noise = initial_noise(
-                len(idx), (unwrap_model(self.transformer).config.in_channels, latent, latent),
+                len(idx), (latent_channels(self.transformer), latent, latent),
                 group_ids=plan.group_ids[idx], share_within_group=True, seed=mix_seed(cfg.seed, step), device=self.device,
             )
         return rollout(

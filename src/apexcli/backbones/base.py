@@ -1,0 +1,90 @@
+"""What every model family supplies to the shared rollout, losses and evaluation.
+
+The SDE/CPS step math (``flow.sde``), trajectories and rewards see only unpacked latents
+``[B, C, h, w]`` and float32 velocities; each family hides behind one ``Backbone`` how its
+transformer is called (timestep scale, guidance, token packing, position ids), how its text is
+encoded, how its noise schedule is set and which pipeline class saves and loads its LoRA.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+
+import torch
+
+from apexcli.conditioning import PromptEmbeds
+
+
+def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The underlying diffusers model behind DDP/FSDP (``.module``) or torch.compile (``._orig_mod``)."""
+    while True:
+        inner = getattr(model, "module", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+            continue
+        inner = getattr(model, "_orig_mod", None)
+        if isinstance(inner, torch.nn.Module):
+            model = inner
+            continue
+        return model
+
+
+def model_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype of the frozen base weights (a float32 LoRA does not count). Cheaper than
+    diffusers' ``model.dtype``, which walks every module and runs on each forward here."""
+    params = unwrap_model(model).parameters()
+    first = next(params)
+    if not first.requires_grad:
+        return first.dtype
+    return next((p.dtype for p in params if not p.requires_grad), first.dtype)
+
+
+class Backbone(ABC):
+    """One text-to-image flow model family (stateless: one shared instance per family)."""
+
+    family: str
+    """Short name used in messages: ``sd3``, ``flux``."""
+    pipeline_class: str
+    """diffusers pipeline class name, as ``model_index.json``'s ``_class_name`` spells it."""
+    transformer_class: str
+    """diffusers transformer class name the family's models are (or derive from)."""
+    default_lora_targets: tuple[str, ...]
+    """Module-name suffixes that get LoRA adapters by default."""
+
+    def pipeline_type(self) -> type:
+        """The diffusers pipeline class: it saves and reads the family's LoRA files."""
+        import diffusers
+
+        return getattr(diffusers, self.pipeline_class)
+
+    @abstractmethod
+    def latent_channels(self, config) -> int:
+        """Channels of the unpacked latent the rollout keeps, from the transformer's config."""
+
+    @abstractmethod
+    def patch_size(self, config) -> int:
+        """Latent pixels per token side: image sides must be a multiple of it times the VAE factor."""
+
+    @abstractmethod
+    def sigmas(self, scheduler, num_steps: int, latent_hw: tuple[int, int], patch: int) -> torch.Tensor:
+        """``[T+1]`` CPU float32 noise levels ending in 0, set up as the family's pipeline does."""
+
+    @abstractmethod
+    def velocity(
+        self,
+        transformer: torch.nn.Module,
+        x: torch.Tensor,
+        sigma: float | torch.Tensor,
+        cond: PromptEmbeds,
+        *,
+        guidance_scale: float,
+        uncond: PromptEmbeds | None,
+    ) -> torch.Tensor:
+        """Float32 velocity ``eps - x0`` ``[B, C, h, w]`` at the unpacked latent ``x``."""
+
+    @abstractmethod
+    def encode_prompt(
+        self, pipe, prompts: Sequence[str], *, max_sequence_length: int, device: torch.device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(prompt_embeds [B, L, D], pooled [B, P])`` of ``prompts``, what the text cache stores."""

@@ -1,0 +1,128 @@
+"""FLUX.1 (dev and schnell): a guidance-distilled MMDiT on 2x2-packed latent tokens.
+
+Mirrors diffusers' ``FluxPipeline.__call__``:
+
+- the 16-channel latent ``[B, C, h, w]`` goes in as ``(h/2)(w/2)`` tokens of ``4C`` channels
+  (``_pack_latents``) with position ids ``(0, row, col)`` per token and zero ids per text token;
+- sigmas ``linspace(1, 1/T, T)`` shifted by ``set_timesteps(sigmas=..., mu=...)`` with ``mu``
+  from ``calculate_shift`` of the token count (the resolution-dependent dynamic shift);
+- ``timestep = sigma`` (the pipeline's ``t / 1000``), not ``1000 * sigma`` as SD3;
+- FLUX.1-dev (``guidance_embeds``) takes ``guidance_scale`` as an input embedding, so one
+  conditional forward and no unconditional pass; schnell takes no guidance at all.
+
+Deviations, on purpose: no true CFG (``true_cfg_scale``), no IP-adapter; the rollout keeps the
+latent unpacked so the step math, noise blocks and decoding are the family-independent ones.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+from apexcli.backbones.base import Backbone, model_dtype, unwrap_model
+
+PATCH = 2
+"""Latent pixels per token side: FLUX packs 2x2 latent pixels into one token."""
+
+ATTENTION_PROJECTIONS = (
+    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
+    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+)
+"""Double-stream blocks' image and text projections; the suffixes ``attn.to_q/k/v`` also match
+the single-stream blocks' attention (which has no ``to_out``: ``proj_out`` fuses it with the MLP)."""
+
+
+def pack(x: torch.Tensor) -> torch.Tensor:
+    """``[B, C, h, w]`` -> ``[B, (h/2)(w/2), 4C]``, the token order of ``FluxPipeline._pack_latents``."""
+    b, c, h, w = x.shape
+    x = x.view(b, c, h // 2, 2, w // 2, 2).permute(0, 2, 4, 1, 3, 5)
+    return x.reshape(b, (h // 2) * (w // 2), c * 4)
+
+
+def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
+    """Inverse of ``pack``: ``[B, (h/2)(w/2), 4C]`` -> ``[B, C, h, w]``."""
+    b, _, channels = tokens.shape
+    x = tokens.view(b, h // 2, w // 2, channels // 4, 2, 2).permute(0, 3, 1, 4, 2, 5)
+    return x.reshape(b, channels // 4, h, w)
+
+
+def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+    """``[(h/2)(w/2), 3]`` rotary position ids ``(0, row, col)`` of the packed tokens."""
+    ids = torch.zeros(h // 2, w // 2, 3)
+    ids[..., 1] += torch.arange(h // 2)[:, None]
+    ids[..., 2] += torch.arange(w // 2)[None, :]
+    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+
+
+def scheduler_sigmas(scheduler, num_steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:
+    """``[T+1]`` CPU float32 sigmas, set up as ``FluxPipeline`` does."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    seq_len = (latent_hw[0] // PATCH) * (latent_hw[1] // PATCH)
+    mu = calculate_shift(
+        seq_len,
+        scheduler.config.get("base_image_seq_len", 256),
+        scheduler.config.get("max_image_seq_len", 4096),
+        scheduler.config.get("base_shift", 0.5),
+        scheduler.config.get("max_shift", 1.15),
+    )
+    sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
+    if sigmas is None:
+        scheduler.set_timesteps(num_steps, device="cpu", mu=mu)
+    else:
+        scheduler.set_timesteps(device="cpu", sigmas=sigmas, mu=mu)
+    return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
+
+
+class FluxBackbone(Backbone):
+    family = "flux"
+    pipeline_class = "FluxPipeline"
+    transformer_class = "FluxTransformer2DModel"
+    default_lora_targets = ATTENTION_PROJECTIONS
+
+    def latent_channels(self, config) -> int:
+        return int(config.in_channels) // (PATCH * PATCH)
+
+    def patch_size(self, config) -> int:
+        return PATCH
+
+    def sigmas(self, scheduler, num_steps: int, latent_hw: tuple[int, int], patch: int) -> torch.Tensor:
+        return scheduler_sigmas(scheduler, num_steps, latent_hw)
+
+    def velocity(self, transformer, x, sigma, cond, *, guidance_scale=1.0, uncond=None) -> torch.Tensor:
+        """One conditional forward; ``guidance_scale`` is the distilled guidance embedding of
+        FLUX.1-dev (ignored by schnell, which has none). ``uncond`` is unused: no CFG pass."""
+        batch, _, h, w = x.shape
+        dtype = model_dtype(transformer)
+        config = unwrap_model(transformer).config
+        cond = cond.expand(batch)
+        s = torch.as_tensor(sigma, dtype=torch.float32, device=x.device).reshape(-1).expand(batch)
+        # the pipeline passes its scheduler timestep (1000 * sigma) in the model dtype, divided by 1000
+        t = (s * 1000.0).to(dtype) / 1000
+        guidance = None
+        if config.guidance_embeds:
+            guidance = torch.full((batch,), float(guidance_scale), dtype=torch.float32, device=x.device)
+        text = cond.prompt_embeds.to(device=x.device, dtype=dtype)
+        out = transformer(
+            hidden_states=pack(x.to(dtype)),
+            timestep=t,
+            guidance=guidance,
+            pooled_projections=cond.pooled.to(device=x.device, dtype=dtype),
+            encoder_hidden_states=text,
+            txt_ids=torch.zeros(text.shape[1], 3, device=x.device, dtype=dtype),
+            img_ids=image_ids(h, w, x.device, dtype),
+            return_dict=False,
+        )[0]
+        return unpack(out.float(), h, w)
+
+    def encode_prompt(
+        self, pipe, prompts: Sequence[str], *, max_sequence_length: int, device
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """T5 tokens ``[B, L, 4096]`` and pooled CLIP-L ``[B, 768]`` (the text ids are all zero
+        and rebuilt at each call, so the cache stores no more than for SD3)."""
+        embeds, pooled, _ = pipe.encode_prompt(
+            prompt=list(prompts), prompt_2=None, device=device, max_sequence_length=max_sequence_length
+        )
+        return embeds, pooled

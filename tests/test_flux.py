@@ -18,7 +18,7 @@ from apexcli.models.loading import load_pipeline
 from apexcli.models.text_cache import encode_prompts
 from apexcli.models.tiny_flux import build_tiny_flux_pipeline
 from apexcli.runs import LORA_FILE
-from conftest import TINY_OVERRIDES, load_lora_file, read_metrics, run_cli
+from helpers import TINY_OVERRIDES, load_lora_file, read_metrics, run_cli
 
 SEQ = 32  # the tiny preset's model.max_sequence_length
 

@@ -10,6 +10,7 @@ Every error names the dotted key (``train.lr``) and what it expected.
 from __future__ import annotations
 
 import dataclasses
+import sys
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -17,6 +18,7 @@ from pathlib import Path
 import yaml
 
 from apexcli.balance.config import BalanceConfig
+from apexcli.config_upgrade import reject_old_keys, upgrade_config
 from apexcli.errors import ApexError
 from apexcli.rewards.config import RewardsConfig
 from apexcli.schema import check_fields, deep_merge, from_dict, parse_override, setting
@@ -56,8 +58,8 @@ class ModelConfig:
     """auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ... (ignored under accelerate launch)."""
     resolution: int = setting(512, ge=16)
     """Square image size in pixels for training rollouts and evaluation."""
-    max_sequence_length: int = setting(256, ge=1)
-    """T5 tokens kept per prompt."""
+    max_sequence_length: int = setting(128, ge=1)
+    """T5 tokens kept per prompt (Flow-GRPO: 128)."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
@@ -83,7 +85,7 @@ class LoraSettings:
     """LoRA dropout. Keep 0: dropout breaks the ratio == 1 invariant of on-policy PPO."""
     target_modules: list[str] = setting(default_factory=lambda: list(SD3_JOINT_ATTENTION_PROJECTIONS), nonempty=True, resume="refuse")
     """Module name suffixes that get adapters (default: the joint-attention projections)."""
-    init: str = setting("kaiming", choices=("kaiming", "gaussian"), resume="refuse")
+    init: str = setting("gaussian", choices=("kaiming", "gaussian"), resume="refuse")
     """Initialisation of the A matrices (B starts at 0 either way): kaiming (peft's default,
     Kaiming-uniform, std 1/sqrt(3 fan_in)) or gaussian (peft's ``gaussian``: std 1/r, Flow-GRPO's choice)."""
 
@@ -113,18 +115,16 @@ class SamplingConfig:
 
 @dataclass
 class TrainConfig:
-    steps: int = setting(300, ge=1)
+    steps: int = setting(1000, ge=1)
     """Training iterations (one rollout batch + policy update each)."""
-    prompts_per_step: int = setting(16, ge=1)
+    prompts_per_step: int = setting(48, ge=1)
     """Prompt groups per iteration, over all processes."""
     group_size: int = setting(24, ge=2)
     """Samples per prompt (the GRPO group)."""
-    rollout_batch_size: int = setting(8, ge=1)
+    rollout_batch_size: int = setting(12, ge=1)
     """Samples per rollout forward, per process."""
-    train_batch_size: int = setting(8, ge=1)
+    train_batch_size: int = setting(12, ge=1)
     """Samples per training micro-batch, per process."""
-    gradient_accumulation: int = setting(0, ge=0)
-    """Micro-batches per optimizer step; 0 = all of a process's samples (one update per epoch)."""
     inner_epochs: int = setting(1, ge=1)
     """Passes of policy updates over each rollout batch."""
     window_start: int = setting(0, ge=0)
@@ -132,7 +132,7 @@ class TrainConfig:
     window_size: int = setting(0, ge=0)
     """Number of trained (SDE) steps from window_start; 0 = all but the last step. Steps outside
     the window are sampled with the ODE and not trained (Flow-GRPO-Fast / MixGRPO style)."""
-    timestep_fraction: float = setting(1.0, gt=0, le=1)
+    timestep_fraction: float = setting(0.99, gt=0, le=1)
     """Fraction of the window's steps trained per sample (a random subset each epoch)."""
     lr: float = setting(3e-4, gt=0)
     """AdamW learning rate."""
@@ -160,7 +160,7 @@ class TrainConfig:
     """Advantages are clipped to [-adv_clip, adv_clip]."""
     kl_beta: float = setting(0.04, ge=0)
     """Weight of the KL to the base model (LoRA disabled); 0 skips the reference forward."""
-    ema_decay: float = setting(0.0, ge=0, lt=1)
+    ema_decay: float = setting(0.9, ge=0, lt=1)
     """EMA of the LoRA weights used for evaluation and saved beside them; 0 = off."""
     checkpoint_every: int = setting(50, ge=0)
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
@@ -171,16 +171,17 @@ class TrainConfig:
     the trained window per sample (0 = off), relative to the policy loss's mean over trained steps.
     A LoRA moves every timestep but the GRPO and KL terms see only the window; this keeps the
     untrained steps near the base model (docs/method/extensions.md, "The anchor")."""
-    kl_form: str = setting("exact", choices=("exact", "reference"))
+    kl_form: str = setting("reference", choices=("exact", "reference"))
     """KL penalty per step: exact (divides by the step variance sig_t^2 |dt|) or reference
     (divides by sig_t^2, as Flow-GRPO: 1/|dt| weaker, 13x on average over SD3.5-M's 10 steps).
     A kl_beta taken from Flow-GRPO needs reference."""
-    optimizer_steps_per_epoch: int = setting(0, ge=0)
-    """Optimizer steps per pass over a rollout batch; 0 = as train.gradient_accumulation says (set one).
-    Flow-GRPO makes 2: the second half of the batch then trains off-policy and the PPO clip acts."""
-    ema_every: int = setting(1, ge=1)
+    optimizer_steps_per_epoch: int = setting(2, ge=1)
+    """Optimizer steps per pass over a rollout batch, each over an equal share of its micro-batches
+    (an odd count splits into a longer and a shorter step). Flow-GRPO makes 2: the second half of
+    the batch then trains off-policy and the PPO clip acts. 1 = one on-policy step (every ratio 1)."""
+    ema_every: int = setting(8, ge=1)
     """Update the EMA of the LoRA weights every N optimizer steps (Flow-GRPO: 8)."""
-    ema_warmup: bool = False
+    ema_warmup: bool = True
     """EMA decay min(ema_decay, (1 + n) / (10 + n)) at optimizer step n (Flow-GRPO's warm-up), so
     early EMA weights follow the policy instead of staying near the initial LoRA."""
     loss: str = setting("grpo", choices=POLICY_LOSS_NAMES)
@@ -215,11 +216,11 @@ class EvalConfig:
     """ODE steps of evaluation sampling."""
     guidance_scale: float = setting(4.5, ge=0)
     """CFG of evaluation sampling."""
-    num_prompts: int = setting(16, ge=1)
+    num_prompts: int = setting(64, ge=1)
     """Held-out prompts used (the first N of the eval set)."""
     seed: int = setting(1234, ge=0, le=2**32 - 1)
     """Seed of the fixed evaluation noise (identical at every evaluation)."""
-    batch_size: int = setting(8, ge=1)
+    batch_size: int = setting(16, ge=1)
     """Samples per evaluation forward."""
     objectives: list[str] | None = setting(None, nonempty=True)
     """Objectives scored at evaluation; None = the trained objectives (may add untrained ones)."""
@@ -266,7 +267,11 @@ class Config:
 
 
 def config_from_dict(data: dict) -> Config:
-    return from_dict(Config, data)
+    """A run config from its dict, as a run's ``config.yaml`` holds it. A config written by an
+    older apex has its old keys rewritten into today's first (``apexcli.config_upgrade``); a key
+    that no version had is an error naming it."""
+    upgraded, _ = upgrade_config(data)
+    return from_dict(Config, upgraded)
 
 
 def config_to_dict(cfg) -> dict:
@@ -293,17 +298,43 @@ def field_docs(cls) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 
 
+def preset_files():
+    """The folder of the shipped presets (``src/apexcli/presets``)."""
+    return resources.files("apexcli.presets")
+
+
 def preset_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in resources.files("apexcli.presets").iterdir() if p.name.endswith(".yaml"))
+    return sorted(p.name[: -len(".yaml")] for p in preset_files().iterdir() if p.name.endswith(".yaml"))
+
+
+PRESET_BASE_KEY = "base"
+"""A preset's key naming the preset it inherits from: its own keys are deep-merged over that one's."""
 
 
 def load_preset(name: str) -> dict:
-    path = resources.files("apexcli.presets") / f"{name}.yaml"
-    if not path.is_file():
-        raise ApexError(f"unknown preset '{name}'; valid: {', '.join(preset_names())}")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    """The preset's keys, over those of the preset its ``base:`` names (recursively)."""
+    data = _load_preset_chain(name, ())
     data["preset"] = name
     return data
+
+
+def _load_preset_chain(name: str, seen: tuple[str, ...]) -> dict:
+    if name in seen:
+        raise ApexError(f"preset '{seen[0]}' inherits from itself: {' -> '.join((*seen, name))}; remove one of the base: keys")
+    path = preset_files() / f"{name}.yaml"
+    if not path.is_file():
+        if seen:
+            raise ApexError(f"preset '{seen[-1]}' has base: {name}, which is not a preset; valid: {', '.join(preset_names())}")
+        raise ApexError(f"unknown preset '{name}'; valid: {', '.join(preset_names())}")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    if not isinstance(data, dict):
+        raise ApexError(f"preset '{name}' must hold a mapping at the top level")
+    base = data.pop(PRESET_BASE_KEY, None)
+    if base is None:
+        return data
+    if not isinstance(base, str) or not base.strip():
+        raise ApexError(f"preset '{name}' has base: {base!r}; give the name of another preset")
+    return deep_merge(_load_preset_chain(base.strip(), (*seen, name)), data)
 
 
 def load_yaml_file(path: str | Path) -> dict:
@@ -332,14 +363,23 @@ def resolve_config(
     """Build and validate the config from its layers (see module docstring)."""
     data: dict = {}
     if preset:
-        data = deep_merge(data, load_preset(preset))
+        layer = load_preset(preset)
+        reject_old_keys(layer, f"in preset {preset}")
+        data = deep_merge(data, layer)
     if config_file:
-        data = deep_merge(data, load_yaml_file(config_file))
+        # may be an older run's config.yaml: its old keys are rewritten, and what could not be kept is said
+        layer, notes = upgrade_config(load_yaml_file(config_file))
+        if notes:
+            print(f"note: {config_file} holds settings this apex no longer has: {'; '.join(notes)}", file=sys.stderr)
+        data = deep_merge(data, layer)
     if options:
+        reject_old_keys(options)
         data = deep_merge(data, options)
     for text in overrides or []:
-        data = deep_merge(data, parse_override(text))
-    cfg = config_from_dict(data)
+        layer = parse_override(text)
+        reject_old_keys(layer)
+        data = deep_merge(data, layer)
+    cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
 
@@ -369,11 +409,6 @@ def validate(cfg: Config) -> None:
         t.window_start + t.window_size <= s.num_steps,
         "train.window_size",
         f"window [{t.window_start}, {t.window_start + t.window_size}) exceeds sampling.num_steps={s.num_steps}",
-    )
-    _check(
-        not (t.optimizer_steps_per_epoch and t.gradient_accumulation),
-        "train.optimizer_steps_per_epoch",
-        "and train.gradient_accumulation are two ways to set the same thing; set one of them to 0",
     )
     _check(s.noise_block == 1 or s.sampler == "sde", "sampling.noise_block",
            f"({s.noise_block}) needs sampling.sampler=sde, got {s.sampler}; set sampling.noise_block=1")

@@ -9,8 +9,8 @@ One iteration:
 3. rewards R [n, K] are gathered from all processes, and every process runs the (deterministic)
    balancer on the same global R, so advantages and balancer state agree everywhere;
 4. the policy loss of ``train.loss`` (``losses``: GRPO's PPO-clip, or nft's negative-aware flow
-   matching) is accumulated over micro-batches, one optimizer step per
-   ``gradient_accumulation`` micro-batches (``update``).
+   matching) is accumulated over micro-batches, ``train.optimizer_steps_per_epoch`` optimizer
+   steps per pass over the batch (``update``).
 
 All randomness is derived from (seed, step, sample index), so a resumed run continues exactly as
 an uninterrupted one, and the samples do not depend on how many processes share the work.

@@ -1,0 +1,163 @@
+"""Keys that older versions of apex wrote, and what each became.
+
+A run's ``config.yaml`` holds every key of the version that wrote it. So that ``apex eval``,
+``apex pareto``, ``apex soup`` and ``--resume`` keep working on runs written before a key moved,
+``upgrade_config`` rewrites such a config into today's keys; ``config_from_dict`` applies it,
+and so does ``--config FILE`` (which may be an old run's ``config.yaml``).
+
+Anywhere else (a preset, a command-line option, a ``key=value`` override) an old key is a
+one-line error naming what replaced it (``reject_old_keys``): there it is something the user can
+fix at once, and a silent translation would hide that the setting changed.
+
+``OLD_KEYS`` is the whole table: each entry is an old dotted key, what to write instead (or why
+it is gone), and how its value carries over. A value that today's keys cannot express (a setting
+that was removed) is dropped, and ``upgrade_config`` returns a note saying so.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from apexcli.errors import ApexError
+
+_MISSING = object()
+
+
+def get_key(data: dict, dotted: str, default: Any = _MISSING) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        if not isinstance(node, dict) or part not in node:
+            return default
+        node = node[part]
+    return node
+
+
+def set_key(data: dict, dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = data
+    for part in parents:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = node[part] = {}
+        node = child
+    node[last] = value
+
+
+def pop_key(data: dict, dotted: str) -> Any:
+    *parents, last = dotted.split(".")
+    node: Any = data
+    for part in parents:
+        node = node.get(part) if isinstance(node, dict) else None
+    if not isinstance(node, dict) or last not in node:
+        return _MISSING
+    return node.pop(last)
+
+
+# ---------------------------------------------------------------------------------------------
+# how each old value carries over: (config being upgraded, the old value) -> a note or None
+# ---------------------------------------------------------------------------------------------
+
+Carry = Callable[[dict, Any], "str | None"]
+
+
+def _moved(new: str) -> Carry:
+    def carry(data: dict, value: Any) -> None:
+        if get_key(data, new) is _MISSING:  # a config that already has the new key keeps it
+            set_key(data, new, value)
+
+    return carry
+
+
+def _gradient_accumulation(data: dict, value: Any) -> None:
+    """``gradient_accumulation`` g micro-batches per optimizer step, with the old
+    ``optimizer_steps_per_epoch`` 0 meaning "as g says": k = ceil(micro-batches / g) steps, one
+    process's micro-batches (g = 0: one step)."""
+    steps = get_key(data, "train.optimizer_steps_per_epoch", 0)
+    if steps:
+        return
+    g = int(value or 0)
+    if g <= 0:
+        set_key(data, "train.optimizer_steps_per_epoch", 1)
+        return
+    from apexcli.config import TrainConfig  # the defaults for keys a partial file leaves out
+
+    t = TrainConfig()
+    total = int(get_key(data, "train.prompts_per_step", t.prompts_per_step)) * int(get_key(data, "train.group_size", t.group_size))
+    micro = max(1, total // int(get_key(data, "train.train_batch_size", t.train_batch_size)))
+    set_key(data, "train.optimizer_steps_per_epoch", max(1, math.ceil(micro / g)))
+
+
+@dataclass(frozen=True)
+class OldKey:
+    key: str
+    """The dotted key as older versions wrote it."""
+    instead: str
+    """What to write now, or why the key is gone (ends the one-line error)."""
+    carry: Carry
+    """Rewrites the old value into today's keys; returns a note when it cannot keep it."""
+
+
+OLD_KEYS: tuple[OldKey, ...] = (
+    OldKey("train.gradient_accumulation", "was replaced by train.optimizer_steps_per_epoch (optimizer steps per pass over "
+           "a rollout batch: the same split counted from the other end)", _gradient_accumulation),
+)
+_BY_KEY = {entry.key: entry for entry in OLD_KEYS}
+
+
+def _flat_keys(data: dict, prefix: str = "") -> list[str]:
+    keys = []
+    for k, v in data.items():
+        key = f"{prefix}{k}"
+        keys.append(key)
+        if isinstance(v, dict):
+            keys.extend(_flat_keys(v, key + "."))
+    return keys
+
+
+def _old_keys_in(data: dict) -> list[OldKey]:
+    """The table's entries present in ``data``, in table order (the order they are carried)."""
+    present = set(_flat_keys(data))
+    return [entry for entry in OLD_KEYS if entry.key in present or _wildcard_match(entry.key, present)]
+
+
+def _wildcard_match(pattern: str, present: set[str]) -> bool:
+    if "*" not in pattern:
+        return False
+    head, _, tail = pattern.partition("*")
+    return any(k.startswith(head) and k.endswith(tail) and "." not in k[len(head): len(k) - len(tail)] for k in present)
+
+
+def _expand(entry: OldKey, data: dict) -> list[str]:
+    """The concrete keys of ``data`` an entry stands for (``rewards.extra.*.url``: one per reward)."""
+    if "*" not in entry.key:
+        return [entry.key]
+    head, _, tail = entry.key.partition("*")
+    return [k for k in _flat_keys(data) if k.startswith(head) and k.endswith(tail) and "." not in k[len(head): len(k) - len(tail)]]
+
+
+def reject_old_keys(data: dict, where: str = "") -> None:
+    """A one-line ApexError for the first key of ``data`` that only older versions had."""
+    for entry in _old_keys_in(data):
+        key = _expand(entry, data)[0]
+        source = f" ({where})" if where else ""
+        raise ApexError(f"config key '{key}'{source} {entry.instead}")
+
+
+def upgrade_config(data: dict) -> tuple[dict, list[str]]:
+    """``data`` (a copy) with every old key rewritten into today's keys, and a note for each old
+    value that could not be kept (a removed setting whose value was not its neutral one)."""
+    out = copy.deepcopy(data)
+    notes: list[str] = []
+    for entry in _old_keys_in(out):
+        for key in _expand(entry, out):
+            value = pop_key(out, key)
+            if value is _MISSING:
+                continue
+            note = entry.carry(out, value)
+            if note:
+                notes.append(f"{key}={value!r} {note}")
+    return out, notes

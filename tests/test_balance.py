@@ -216,27 +216,20 @@ def test_apex_conflict_proxy_identical_vs_opposed():
     assert info["metrics"]["balance/cp_exact"] == 0.0
 
 
-def test_apex_leader_yields_moves_weight_to_the_lagging_side_of_a_conflict():
+def test_apex_conflict_penalty_is_symmetric():
     # a and b fully opposed in every group (proxy cosine -1); the progress probe says b lags
     r, g = noisy_batch(3, k=1)
     opposed = torch.cat([r, -r], 1)
-    weights = {}
-    for mode in ("symmetric", "leader_yields"):
-        b = make("apex", progress_prompts=4, probe_every=1, warmup=0, smoothing=0.0, terms="cp", conflict=mode)
-        b.set_progress_means(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
-        b.set_progress_means(torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.0]))  # a ahead, b behind
-        _, info = b(opposed, g)
-        m = info["metrics"]
-        weights[mode] = (m["balance/weight/a"], m["balance/weight/b"])
-        assert m["balance/cos/a,b"] == pytest.approx(-1.0)
-        if mode == "symmetric":
-            assert m["balance/cp/a"] == pytest.approx(1.0) and m["balance/cp/b"] == pytest.approx(1.0)
-        else:
-            assert m["balance/cp/a"] == pytest.approx(1.0) and m["balance/cp/b"] == pytest.approx(0.0, abs=1e-9)
-    assert weights["symmetric"][0] == pytest.approx(weights["symmetric"][1])  # both pay: no shift
-    assert weights["leader_yields"][1] > weights["leader_yields"][0]  # the leader gave way
-    with pytest.raises(ApexError, match="balance.apex.conflict"):
-        make("apex", conflict="loser_yields")
+    b = make("apex", progress_prompts=4, probe_every=1, warmup=0, smoothing=0.0, terms="cp")
+    b.set_progress_means(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
+    b.set_progress_means(torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.0]))  # a ahead, b behind
+    _, info = b(opposed, g)
+    m = info["metrics"]
+    assert m["balance/cos/a,b"] == pytest.approx(-1.0)
+    assert m["balance/cp/a"] == pytest.approx(1.0) and m["balance/cp/b"] == pytest.approx(1.0)  # both pay
+    assert m["balance/weight/a"] == pytest.approx(m["balance/weight/b"])  # so the weights do not shift
+    with pytest.raises(ApexError, match="unknown option 'conflict'"):
+        make("apex", conflict="leader_yields")
 
 
 def test_apex_uses_probe_gram_on_the_next_step_only():
@@ -381,7 +374,7 @@ def test_build_balancer_errors():
         build_balancer("apex", ["a", "b"], tau=0)
     with pytest.raises(ApexError, match="unknown option 'temperature' for balance strategy 'apex'"):
         build_balancer("apex", ["a", "b"], temperature=2.0)
-    with pytest.raises(ApexError, match="balance.progress_prompts needs balance.probe_every > 0"):
+    with pytest.raises(ApexError, match="balance.experimental.progress_prompts needs balance.probe_every > 0"):
         build_balancer("apex", ["a", "b"], progress_prompts=4, probe_every=0)
     with pytest.raises(ApexError, match="balance.apex.terms has unknown term 'xx'"):
         build_balancer("apex", ["a", "b"], terms="lp,xx")

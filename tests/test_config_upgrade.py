@@ -92,6 +92,37 @@ def test_an_old_run_config_loads_as_todays_keys():
     assert again == cfg
 
 
+def test_research_settings_of_an_old_run_load_from_their_experimental_sections():
+    cfg = config_from_dict(_old_run_config())
+    assert cfg.sampling.experimental.noise_block == 2
+    assert cfg.train.experimental.nft_timesteps == 4 and cfg.train.experimental.anchor_beta == 0
+    assert cfg.balance.experimental.progress_prompts == 16
+
+
+def test_a_removed_setting_of_an_old_run_is_noted_and_dropped():
+    data = _old_run_config()
+    assert upgrade_config(data)[1] == []  # not_on_text [] and the symmetric conflict: what remains
+    data["balance"]["not_on_text"] = ["quality", "appeal"]
+    data["balance"]["apex"]["conflict"] = "leader_yields"
+    upgraded, notes = upgrade_config(data)
+    assert notes == ["balance.not_on_text=['quality', 'appeal'] is no longer a setting: ignored",
+                     "balance.apex.conflict='leader_yields' is no longer a setting: ignored"]
+    assert "not_on_text" not in upgraded["balance"] and "conflict" not in upgraded["balance"]["apex"]
+    config_from_dict(data)  # apex eval / soup / pareto still read the run
+
+
+def test_a_resume_from_an_old_checkpoint_compares_todays_keys(capsys):
+    from apexcli.train.run_start import check_resume_config
+
+    data = _old_run_config()
+    data["balance"]["not_on_text"] = ["quality"]
+    cfg = config_from_dict(_old_run_config())
+    cfg.train.experimental.nft_timesteps = 2
+    applied = check_resume_config("ckpt", data, cfg, verbose=False)
+    assert applied == ["balance.not_on_text=['quality'] is no longer a setting: ignored",
+                       "train.experimental.nft_timesteps: 4 -> 2"]
+
+
 def test_gradient_accumulation_carries_over_as_optimizer_steps():
     def steps(**train) -> int:
         return config_from_dict({"train": train}).train.optimizer_steps_per_epoch

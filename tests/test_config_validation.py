@@ -49,20 +49,21 @@ def test_bad_values_name_the_dotted_key(override, key, expected):
 
 
 def test_block_noise_needs_the_sde_sampler():
-    message = _error("sampling.noise_block=4", "sampling.sampler=cps")
-    assert "'sampling.noise_block'" in message and "sampler=sde" in message, message
-    assert _error("sampling.noise_block=0").count("'sampling.noise_block'") == 1
-    assert resolve_config(preset="tiny", overrides=["sampling.noise_block=4"]).sampling.noise_block == 4
+    message = _error("sampling.experimental.noise_block=4", "sampling.sampler=cps")
+    assert "'sampling.experimental.noise_block'" in message and "sampler=sde" in message, message
+    assert _error("sampling.experimental.noise_block=0").count("'sampling.experimental.noise_block'") == 1
+    cfg = resolve_config(preset="tiny", overrides=["sampling.experimental.noise_block=4"])
+    assert cfg.sampling.experimental.noise_block == 4
 
 
 def test_nft_loss_settings():
-    message = _error("train.loss=nft", "train.anchor_beta=1.0")
-    assert "'train.anchor_beta'" in message and "train.anchor_beta=0" in message, message
-    message = _error("train.loss=nft", "train.nft_timesteps=9", "sampling.num_steps=3")
-    assert "'train.nft_timesteps'" in message and "<=3" in message, message
+    message = _error("train.loss=nft", "train.experimental.anchor_beta=1.0")
+    assert "'train.experimental.anchor_beta'" in message and "train.experimental.anchor_beta=0" in message, message
+    message = _error("train.loss=nft", "train.experimental.nft_timesteps=9", "sampling.num_steps=3")
+    assert "'train.experimental.nft_timesteps'" in message and "<=3" in message, message
     assert "'train.loss'" in _error("train.loss=dpo")
-    cfg = resolve_config(preset="mini", overrides=["train.loss=nft", "train.anchor_beta=0"])
-    assert cfg.train.loss == "nft" and cfg.train.nft_adv_scale == cfg.train.adv_clip
+    cfg = resolve_config(preset="mini", overrides=["train.loss=nft", "train.experimental.anchor_beta=0"])
+    assert cfg.train.loss == "nft" and cfg.train.experimental.nft_adv_scale == cfg.train.adv_clip
 
 
 def test_rules_are_declared_beside_the_fields():

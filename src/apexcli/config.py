@@ -91,6 +91,19 @@ class LoraSettings:
 
 
 @dataclass
+class SamplingExperimental:
+    """Research settings of the sampler, ours, measured only on the small ``mini`` preset
+    (docs/method/extensions.md); a run that changes one says so when it starts."""
+
+    noise_block: int = setting(1, ge=1)
+    """sde only: the trained steps' noise is constant on latent blocks of this side (1 = per
+    element, Flow-GRPO); must divide the latent size. The marginals stay exact, and the noise
+    dimensions a reward ignores leave the gradient (docs/method/extensions.md, "Exploration on latent
+    blocks"). Measured on mini: a brightness update's signal 0.0117 -> 0.0457 at 4; ocr and adherence
+    unresolved either way (docs/experiments/2026-11-30-gradient-signal-noise-blocks.md)."""
+
+
+@dataclass
 class SamplingConfig:
     num_steps: int = setting(10, ge=2)
     """Denoising steps of a training rollout."""
@@ -102,15 +115,38 @@ class SamplingConfig:
     with the full Gaussian density: the last trained step then dominates the gradient)."""
     noise_level: float = setting(0.7, gt=0, le=1.5)
     """The SDE noise level a (sigma_t = a * sqrt(s / (1 - s)))."""
-    noise_block: int = setting(1, ge=1)
-    """sde only: the trained steps' noise is constant on latent blocks of this side (1 = per
-    element, Flow-GRPO); must divide the latent size. The marginals stay exact, and the noise
-    dimensions a reward ignores leave the gradient (docs/method/extensions.md, "Exploration on latent
-    blocks")."""
     share_group_noise: bool = False
-    """Start every sample of a prompt group from the same initial noise."""
+    """Start every sample of a prompt group from the same initial noise (Flow-GRPO's ``same_latent``)."""
     negative_prompt: str = ""
     """Prompt of the unconditional branch of CFG."""
+    experimental: SamplingExperimental = field(default_factory=SamplingExperimental)
+    """Research settings of the sampler (sampling.experimental.*)."""
+
+
+@dataclass
+class TrainExperimental:
+    """Research settings of training, ours, measured only on the small ``mini`` preset
+    (docs/method/extensions.md); a run that changes one says so when it starts."""
+
+    anchor_beta: float = setting(0.0, ge=0)
+    """grpo: weight of a penalty ``mean (v_theta - v_base)^2`` on the velocity at one random step
+    outside the trained window per sample (0 = off), relative to the policy loss's mean over trained
+    steps: a LoRA moves every timestep but the GRPO and KL terms see only the window. Measured on
+    mini at lr 1e-2: no ocr run collapsed with it, all did without; it cost brightness some gain
+    (docs/experiments/2026-11-30-anchor.md)."""
+    nft_beta: float = setting(1.0, gt=0)
+    """train.loss=nft: trust-region strength; the loss's minimiser is ``d = -w (v_old - target) /
+    nft_beta``. Not measured apart from the loss (docs/experiments/2026-11-30-nft-loss.md)."""
+    nft_adv_scale: float = setting(5.0, gt=0)
+    """train.loss=nft: a sample's weight is ``clamp(A / nft_adv_scale, -1, 1)``. At train.adv_clip (5)
+    nothing is clamped, so a group's weights still sum to 0 and what its samples share cancels;
+    DiffusionNFT clamps at 1 std. Not measured apart from the loss
+    (docs/experiments/2026-11-30-nft-loss.md)."""
+    nft_timesteps: int = setting(1, ge=1)
+    """train.loss=nft: grid steps trained per sample and epoch (distinct, random; shared within a
+    group, with one noise per group and step, so a group's samples differ only in their x0). Measured
+    on mini at 4 (its preset): adherence +0.152 ± 0.016 raw in 30 updates, the only loss that moved it
+    beyond seed noise (docs/experiments/2026-12-01-mini-without-guidance.md)."""
 
 
 @dataclass
@@ -166,11 +202,6 @@ class TrainConfig:
     """Save a checkpoint every N steps (and at the end); 0 = only at the end."""
     keep_checkpoints: int = setting(3, ge=0)
     """Keep the N most recent checkpoints; 0 = keep all."""
-    anchor_beta: float = setting(0.0, ge=0)
-    """Weight of a penalty ``mean (v_theta - v_base)^2`` on the velocity at one random step outside
-    the trained window per sample (0 = off), relative to the policy loss's mean over trained steps.
-    A LoRA moves every timestep but the GRPO and KL terms see only the window; this keeps the
-    untrained steps near the base model (docs/method/extensions.md, "The anchor")."""
     kl_form: str = setting("reference", choices=("exact", "reference"))
     """KL penalty per step: exact (divides by the step variance sig_t^2 |dt|) or reference
     (divides by sig_t^2, as Flow-GRPO: 1/|dt| weaker, 13x on average over SD3.5-M's 10 steps).
@@ -185,19 +216,14 @@ class TrainConfig:
     """EMA decay min(ema_decay, (1 + n) / (10 + n)) at optimizer step n (Flow-GRPO's warm-up), so
     early EMA weights follow the policy instead of staying near the initial LoRA."""
     loss: str = setting("grpo", choices=POLICY_LOSS_NAMES)
-    """Policy loss. grpo: PPO-clip on the trained steps' log-probs (Flow-GRPO). nft: negative-aware
-    flow matching on the final samples at random steps of the sampler's grid (DiffusionNFT's idea,
-    docs/method/extensions.md "The nft loss"): first-order in the model, needs no log-probs, and any sampler's
-    samples train it; kl_beta then weighs ``mean (v_theta - v_base)^2`` at the trained point."""
-    nft_beta: float = setting(1.0, gt=0)
-    """nft: trust-region strength; the loss's minimiser is ``d = -w (v_old - target) / nft_beta``."""
-    nft_adv_scale: float = setting(5.0, gt=0)
-    """nft: a sample's weight is ``clamp(A / nft_adv_scale, -1, 1)``. At train.adv_clip (5) nothing is
-    clamped, so a group's weights still sum to 0 and what its samples share cancels; DiffusionNFT
-    clamps at 1 std."""
-    nft_timesteps: int = setting(1, ge=1)
-    """nft: grid steps trained per sample and epoch (distinct, random; shared within a group, with
-    one noise per group and step, so a group's samples differ only in their x0)."""
+    """Policy loss. grpo: PPO-clip on the trained steps' log-probs (Flow-GRPO). nft (experimental,
+    ours): negative-aware flow matching on the final samples at random steps of the sampler's grid
+    (DiffusionNFT's idea, docs/method/extensions.md "The nft loss"): first-order in the model, needs
+    no log-probs, and any sampler's samples train it; kl_beta then weighs ``mean (v_theta -
+    v_base)^2`` at the trained point. Measured on mini: a brightness update's signal 0.0270 against
+    grpo's 0.0117 (docs/experiments/2026-11-30-nft-loss.md)."""
+    experimental: TrainExperimental = field(default_factory=TrainExperimental)
+    """Research settings of training (train.experimental.*)."""
 
 
 @dataclass
@@ -410,14 +436,61 @@ def validate(cfg: Config) -> None:
         "train.window_size",
         f"window [{t.window_start}, {t.window_start + t.window_size}) exceeds sampling.num_steps={s.num_steps}",
     )
-    _check(s.noise_block == 1 or s.sampler == "sde", "sampling.noise_block",
-           f"({s.noise_block}) needs sampling.sampler=sde, got {s.sampler}; set sampling.noise_block=1")
+    sx, tx = s.experimental, t.experimental
+    _check(sx.noise_block == 1 or s.sampler == "sde", "sampling.experimental.noise_block",
+           f"({sx.noise_block}) needs sampling.sampler=sde, got {s.sampler}; set sampling.experimental.noise_block=1")
     if t.loss == "nft":
-        _check(t.anchor_beta == 0, "train.anchor_beta",
-               f"({t.anchor_beta}) holds the steps grpo does not train; train.loss=nft trains every step: set train.anchor_beta=0")
-        _check(t.nft_timesteps <= s.num_steps, "train.nft_timesteps",
-               f"({t.nft_timesteps}) exceeds the sampler's {s.num_steps} steps; set train.nft_timesteps<={s.num_steps}")
+        _check(tx.anchor_beta == 0, "train.experimental.anchor_beta",
+               f"({tx.anchor_beta}) holds the steps grpo does not train; train.loss=nft trains every step: "
+               "set train.experimental.anchor_beta=0")
+        _check(tx.nft_timesteps <= s.num_steps, "train.experimental.nft_timesteps",
+               f"({tx.nft_timesteps}) exceeds the sampler's {s.num_steps} steps; set train.experimental.nft_timesteps<={s.num_steps}")
     cfg.balance.validate(len(cfg.objectives))
+
+
+EXPERIMENTAL_SECTION = "experimental"
+"""The name of each area's section of research settings (``train.experimental``, ...)."""
+
+EXPERIMENTAL_VALUES: dict[str, tuple[str, ...]] = {"train.loss": ("nft",), "sampling.sampler": ("cps_gaussian",)}
+"""Values of regular keys that are research settings of ours (docs/method/extensions.md)."""
+
+
+def experimental_settings(cfg: Config) -> list[str]:
+    """``key=value`` of every research setting ``cfg`` makes: an experimental value of a regular
+    key (``EXPERIMENTAL_VALUES``), then each key of an ``experimental`` section that differs from
+    its default. Empty for a config that trains only what Flow-GRPO and the APEX paper describe."""
+    out = []
+    for key, values in EXPERIMENTAL_VALUES.items():
+        section, _, name = key.rpartition(".")
+        value = getattr(getattr(cfg, section), name)
+        if value in values:
+            out.append(f"{key}={value}")
+    for key, value, default in _experimental_fields(cfg, ""):
+        if value != default:
+            out.append(f"{key}={_yaml_text(value)}")
+    return out
+
+
+def _experimental_fields(obj, prefix: str):
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        if not dataclasses.is_dataclass(value):
+            continue
+        if f.name == EXPERIMENTAL_SECTION:
+            defaults = type(value)()
+            for g in dataclasses.fields(value):
+                yield f"{prefix}{f.name}.{g.name}", getattr(value, g.name), getattr(defaults, g.name)
+        else:
+            yield from _experimental_fields(value, f"{prefix}{f.name}.")
+
+
+def _yaml_text(value) -> str:
+    """A value as an override would write it."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
 
 
 def trained_steps(cfg: Config) -> list[int]:

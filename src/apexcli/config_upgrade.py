@@ -72,23 +72,34 @@ def _moved(new: str) -> Carry:
     return carry
 
 
-def _gradient_accumulation(data: dict, value: Any) -> None:
+def _gradient_accumulation(data: dict, value: Any) -> str | None:
     """``gradient_accumulation`` g micro-batches per optimizer step, with the old
-    ``optimizer_steps_per_epoch`` 0 meaning "as g says": k = ceil(micro-batches / g) steps, one
-    process's micro-batches (g = 0: one step)."""
+    ``optimizer_steps_per_epoch`` 0 meaning "as g says": k = ceil(micro-batches / g) steps, the
+    micro-batches of one process (g = 0: one step)."""
     steps = get_key(data, "train.optimizer_steps_per_epoch", 0)
     if steps:
-        return
-    g = int(value or 0)
-    if g <= 0:
-        set_key(data, "train.optimizer_steps_per_epoch", 1)
-        return
-    from apexcli.config import TrainConfig  # the defaults for keys a partial file leaves out
+        return None
+    from apexcli.config import TrainConfig  # the defaults of keys a partial file leaves out
 
     t = TrainConfig()
-    total = int(get_key(data, "train.prompts_per_step", t.prompts_per_step)) * int(get_key(data, "train.group_size", t.group_size))
-    micro = max(1, total // int(get_key(data, "train.train_batch_size", t.train_batch_size)))
-    set_key(data, "train.optimizer_steps_per_epoch", max(1, math.ceil(micro / g)))
+    sizes = [value or 0, get_key(data, "train.prompts_per_step", t.prompts_per_step),
+             get_key(data, "train.group_size", t.group_size), get_key(data, "train.train_batch_size", t.train_batch_size)]
+    if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in sizes) or not sizes[3]:
+        return "could not be carried over: set train.optimizer_steps_per_epoch"
+    g, prompts, group, micro_size = sizes
+    micro = max(1, prompts * group // micro_size)
+    set_key(data, "train.optimizer_steps_per_epoch", 1 if g == 0 else max(1, math.ceil(micro / g)))
+    return None
+
+
+def _removed(neutral: Any) -> Carry:
+    """A setting that is gone: its neutral value (what the run did without it) carries over as
+    nothing; any other value is noted as dropped."""
+
+    def carry(data: dict, value: Any) -> str | None:
+        return None if value == neutral else "is no longer a setting: ignored"
+
+    return carry
 
 
 @dataclass(frozen=True)
@@ -101,7 +112,28 @@ class OldKey:
     """Rewrites the old value into today's keys; returns a note when it cannot keep it."""
 
 
+CONFLICT_RECORD = "docs/experiments/2026-12-01-conflict-on-signs.md"
+
+
+def _now(new: str) -> str:
+    return f"is now '{new}'"
+
+
 OLD_KEYS: tuple[OldKey, ...] = (
+    # research settings moved under their area's experimental section
+    OldKey("train.anchor_beta", _now("train.experimental.anchor_beta"), _moved("train.experimental.anchor_beta")),
+    OldKey("train.nft_beta", _now("train.experimental.nft_beta"), _moved("train.experimental.nft_beta")),
+    OldKey("train.nft_adv_scale", _now("train.experimental.nft_adv_scale"), _moved("train.experimental.nft_adv_scale")),
+    OldKey("train.nft_timesteps", _now("train.experimental.nft_timesteps"), _moved("train.experimental.nft_timesteps")),
+    OldKey("sampling.noise_block", _now("sampling.experimental.noise_block"), _moved("sampling.experimental.noise_block")),
+    OldKey("balance.progress_prompts", _now("balance.experimental.progress_prompts"),
+           _moved("balance.experimental.progress_prompts")),
+    # research settings that made no measurable difference
+    OldKey("balance.not_on_text", "was removed: keeping objectives off the prompts that quote text made no measurable "
+           f"difference (ocr +0.018 ± 0.026 base stds over 8 seeds, {CONFLICT_RECORD})", _removed([])),
+    OldKey("balance.apex.conflict", "was removed: the conflict penalty is symmetric (leader_yields changed nothing "
+           f"measurable: ocr -0.003 ± 0.025 base stds, {CONFLICT_RECORD})", _removed("symmetric")),
+    # two keys that said one thing: one stays
     OldKey("train.gradient_accumulation", "was replaced by train.optimizer_steps_per_epoch (optimizer steps per pass over "
            "a rollout batch: the same split counted from the other end)", _gradient_accumulation),
 )

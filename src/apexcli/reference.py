@@ -31,11 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from apexcli.balance.config import BalanceConfig
-from apexcli.config import Config
+from apexcli.config import EXPERIMENTAL_SECTION, Config
 from apexcli.rewards.config import RewardsConfig
 from apexcli.schema import Rule, field_rule
-
-EXPERIMENTAL_SECTION = "experimental"
 
 HEADER = """\
 # Configuration reference

@@ -33,11 +33,9 @@ class ApexBalancer(Balancer):
     P³ priorities:
         LP_k = mean_g std_g,k / S_k                           learning potential
         CP_k = mean_{j!=k} max(0, -cos(k, j))                 conflict penalty; cos from the
-               probe's gradient Gram on the step after a probe, else cos(z_k, z_j) over the batch;
-               ``conflict=leader_yields``: each term times max(0, PN_j - PN_k), so only the side
-               that is ahead pays
+               probe's gradient Gram on the step after a probe, else cos(z_k, z_j) over the batch
         p_k  = (M_k - M_k(0)) / S_k(0)   [or (M_k - M_k(0)) / (T_k - M_k(0)) with targets]
-               with ``progress_prompts`` > 0, M_k and S_k(0) are the progress probe's mean and
+               with ``experimental.progress_prompts`` > 0, M_k and S_k(0) are the progress probe's mean and
                first std instead: the same prompts and noise every time, so p_k follows the policy
         PN_k = (max_j p_j - p_k) / (max_j p_j - min_j p_j + eps)   progress need
         s_k  = log u_k + b_L LP_k + b_N PN_k - b_C CP_k       (u = user weights, sum K;
@@ -62,7 +60,7 @@ class ApexBalancer(Balancer):
         self.mean0 = torch.zeros(k, dtype=torch.float64)
         self.weights = self.user_weights.clone()
         self.pending_gram: torch.Tensor | None = None
-        # the progress probe's readings (used for p_k when cfg.progress_prompts > 0)
+        # the progress probe's readings (used for p_k when cfg.experimental.progress_prompts > 0)
         self.probe_seen = torch.zeros(k, dtype=torch.bool)
         self.probe_mean = torch.zeros(k, dtype=torch.float64)
         self.probe_mean0 = torch.zeros(k, dtype=torch.float64)
@@ -79,7 +77,7 @@ class ApexBalancer(Balancer):
             self.pending_gram = g
 
     def wants_progress(self, step: int) -> bool:
-        return (self.k > 1 and self.cfg.progress_prompts > 0 and "pn" in self.terms and self.cfg.apex.b_pn > 0
+        return (self.k > 1 and self.cfg.experimental.progress_prompts > 0 and "pn" in self.terms and self.cfg.apex.b_pn > 0
                 and self._probe_due(step))  # one objective has no need relative to others
 
     def set_progress_means(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -122,7 +120,7 @@ class ApexBalancer(Balancer):
         cos = gram_to_cosine(self.pending_gram) if exact else cosine_matrix(z)
         self.pending_gram = None  # an exact Gram serves the step right after its probe
         targets = None if a.targets is None else torch.tensor(a.targets, dtype=torch.float64)
-        if self.cfg.progress_prompts > 0:
+        if self.cfg.experimental.progress_prompts > 0:
             measured = self.probe_seen
             p = progress(self.probe_mean, self.probe_mean0, self.probe_scale0, targets)
         else:
@@ -130,7 +128,7 @@ class ApexBalancer(Balancer):
             p = progress(self.mean, self.mean0, self.scale0, targets)
         p = torch.where(measured, p, torch.zeros_like(p))
         pn = progress_need(p, measured, self.cfg.eps)
-        cp = conflict_penalty(cos, pn if a.conflict == "leader_yields" else None)
+        cp = conflict_penalty(cos)
 
         if self.step < a.warmup:
             w = self.user_weights.clone()

@@ -15,7 +15,6 @@ from apexcli.schema import setting
 
 STRATEGIES = ("static", "gdpo", "apex", "dwa", "mgda", "random", "pareto")
 APEX_TERMS = ("lp", "cp", "pn")
-CONFLICT_MODES = ("symmetric", "leader_yields")
 
 
 @dataclass
@@ -26,9 +25,6 @@ class ApexConfig:
     """Coefficient of the learning-potential term LP_k (share of k's spread inside groups)."""
     b_cp: float = 1.0
     """Coefficient of the conflict-penalty term CP_k (mean negative cosine to the other objectives)."""
-    conflict: str = "symmetric"
-    """Who pays for a conflict (negative cosine) between k and j: "symmetric" both; "leader_yields"
-    only the one further ahead, by how much less progress need it has (docs/method/extensions.md)."""
     b_pn: float = 1.0
     """Coefficient of the progress-need term PN_k (1 for the most lagging objective, 0 for the leader)."""
     tau: float = 1.0
@@ -108,6 +104,19 @@ class ParetoConfig:
 
 
 @dataclass
+class BalanceExperimental:
+    """Research settings of the balancer, ours, measured only on the small ``mini`` preset
+    (docs/method/extensions.md); a run that changes one says so when it starts."""
+
+    progress_prompts: int = 0
+    """apex: training prompts (spread over the list) sampled every probe_every steps with fixed noise and the
+    ODE sampler, whose mean rewards measure progress p_k; 0 = the running mean of the training batches, which
+    follows which prompts were drawn as much as the policy. Measured on mini at 16 (its preset): ocr, which
+    lags, gets weight 1.3-1.7; no eval change beyond noise at 10 updates
+    (docs/experiments/2026-12-01-apex-vs-static-60-updates.md)."""
+
+
+@dataclass
 class BalanceConfig:
     """How K rewards become one GRPO advantage per sample."""
 
@@ -123,14 +132,6 @@ class BalanceConfig:
     """Gradient probe period in steps for apex (exact conflict term) and mgda; 0 = never (apex then uses the proxy)."""
     probe_samples: int = 4
     """Samples of the sub-batch the gradient probe backpropagates through (one sampled timestep), taken round-robin over the step's prompts."""
-    progress_prompts: int = 0
-    """apex: training prompts (spread over the list) sampled every probe_every steps with fixed noise and the
-    ODE sampler, whose mean rewards measure progress p_k; 0 = the running mean of the training batches, which
-    follows which prompts were drawn as much as the policy."""
-    not_on_text: list[str] = field(default_factory=list)
-    """Objectives not trained on prompts that quote text (their rewards there are masked, as ocr's is on
-    prompts that quote nothing); the eval still scores them everywhere. On mini, quality and appeal
-    trained on signs erase the glyphs (docs/experiments/2026-12-01-conflict-on-signs.md)."""
     apex: ApexConfig = field(default_factory=ApexConfig)
     """APEX options (balance.apex.*)."""
     dwa: DwaConfig = field(default_factory=DwaConfig)
@@ -143,6 +144,8 @@ class BalanceConfig:
     """static options (balance.static.*)."""
     pareto: ParetoConfig = field(default_factory=ParetoConfig)
     """Pareto-filter options (balance.pareto.*)."""
+    experimental: BalanceExperimental = field(default_factory=BalanceExperimental)
+    """Research settings of the balancer (balance.experimental.*)."""
 
     def validate(self, n_objectives: int | None = None, prefix: str = "balance") -> None:
         """Raise ApexError naming the dotted key of the first bad value."""
@@ -191,13 +194,12 @@ def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None,
     _check(_finite(cfg.eps) and cfg.eps > 0, f"{p}.eps", f"must be > 0, got {cfg.eps}")
     _check(isinstance(cfg.probe_every, int) and cfg.probe_every >= 0, f"{p}.probe_every", f"must be an integer >= 0, got {cfg.probe_every}")
     _check(isinstance(cfg.probe_samples, int) and cfg.probe_samples >= 1, f"{p}.probe_samples", f"must be an integer >= 1, got {cfg.probe_samples}")
+    pp = cfg.experimental.progress_prompts
+    _check(isinstance(pp, int) and pp >= 0, f"{p}.experimental.progress_prompts", f"must be an integer >= 0, got {pp}")
     _check(
-        isinstance(cfg.progress_prompts, int) and cfg.progress_prompts >= 0,
-        f"{p}.progress_prompts", f"must be an integer >= 0, got {cfg.progress_prompts}",
-    )
-    _check(
-        cfg.progress_prompts == 0 or cfg.probe_every > 0,
-        f"{p}.progress_prompts", f"needs {p}.probe_every > 0 (its period), got probe_every {cfg.probe_every}; set one or progress_prompts=0",
+        pp == 0 or cfg.probe_every > 0,
+        f"{p}.experimental.progress_prompts",
+        f"needs {p}.probe_every > 0 (its period), got probe_every {cfg.probe_every}; set one or progress_prompts=0",
     )
 
     a, q = cfg.apex, f"{p}.apex"
@@ -219,9 +221,6 @@ def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None,
             )
         _check(all(_finite(t) for t in a.targets), f"{q}.targets", f"must be finite numbers, got {a.targets}")
     parse_terms(a.terms, f"{q}.terms")
-    _check(
-        a.conflict in CONFLICT_MODES, f"{q}.conflict", f"must be one of {', '.join(CONFLICT_MODES)}, got '{a.conflict}'"
-    )
 
     d = cfg.dwa
     _check(_finite(d.temperature) and d.temperature > 0, f"{p}.dwa.temperature", f"must be > 0, got {d.temperature}")

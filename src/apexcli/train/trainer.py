@@ -117,12 +117,7 @@ class Trainer:
         self.transformer.eval()
         trajectories, rewards_local, timings = self._sample(plan)
         rewards = acc.gather(rewards_local.to(self.device)).cpu()  # [N, K] in global sample order
-        # balance.not_on_text: those objectives sit out the prompts that quote text. Those NaN are
-        # deliberate, so the reward-health count and the logged reward means read the raw rewards.
-        trained = rewards
-        if self.text_mask is not None:
-            trained = rewards.masked_fill(self.text_mask[plan.prompt_ids], float("nan"))
-        advantages, info = self.balancer(trained, plan.group_ids)
+        advantages, info = self.balancer(rewards, plan.group_ids)
         for k, any_finite in enumerate(torch.isfinite(rewards).any(dim=0).tolist()):
             self.nan_steps[k] += not any_finite
         local_ids = [plan.prompt_ids[i] for i in range(plan.shard.start, plan.shard.stop)]

@@ -84,6 +84,13 @@ def test_an_old_run_config_loads_as_todays_keys():
     cfg = config_from_dict(_old_run_config())
     # train.gradient_accumulation=1 with 2 micro-batches of 8 (2 prompts x 8): 2 optimizer steps
     assert cfg.train.optimizer_steps_per_epoch == 2
+    # balance.apex.terms=lp,pn: cp's coefficient 0; dsan=false: no floor
+    assert (cfg.balance.apex.b_lp, cfg.balance.apex.b_cp, cfg.balance.apex.b_pn) == (1.0, 0.0, 1.0)
+    assert cfg.balance.apex.rho == 0
+    # the strategy's own eps and dropping (apex: 1e-6, keep A = 0 samples), as the run had them
+    assert cfg.balance.eps is None and cfg.balance.drop_zero_advantage is None
+    # rewards.ocr.url: the objective names its server
+    assert cfg.objectives == ["adherence", "quality", "appeal", "ocr@http://127.0.0.1:18086"]
     # the rest of the run is as it was written
     assert cfg.preset == "mini" and cfg.train.loss == "nft" and cfg.train.kl_form == "exact"
     assert cfg.lora.init == "kaiming" and cfg.model.max_sequence_length == 48 and cfg.train.ema_decay == 0
@@ -121,6 +128,39 @@ def test_a_resume_from_an_old_checkpoint_compares_todays_keys(capsys):
     applied = check_resume_config("ckpt", data, cfg, verbose=False)
     assert applied == ["balance.not_on_text=['quality'] is no longer a setting: ignored",
                        "train.experimental.nft_timesteps: 4 -> 2"]
+
+
+def test_the_pairs_that_said_one_thing_carry_over_as_the_key_that_stays():
+    def balance(**section) -> dict:
+        return upgrade_config({"balance": section})[0]["balance"]
+
+    # static had its own eps and switch; at their defaults they are the strategy's own (null)
+    assert balance(strategy="static", eps=1e-6, static={"eps": 1e-4, "drop_zero_advantage": True}) == {
+        "strategy": "static", "eps": None, "static": {}}
+    assert balance(strategy="static", eps=1e-6, static={"eps": 1e-3, "drop_zero_advantage": False}) == {
+        "strategy": "static", "eps": 1e-3, "drop_zero_advantage": False, "static": {}}
+    # another strategy never read static's: its eps stays, null when it was the default
+    assert balance(strategy="gdpo", eps=1e-5, static={"eps": 1e-3}) == {"strategy": "gdpo", "eps": 1e-5, "static": {}}
+    assert balance(strategy="pareto", pareto={"drop_filtered": False}) == {
+        "strategy": "pareto", "pareto": {}, "drop_zero_advantage": False}
+    assert balance(strategy="apex", pareto={"drop_filtered": False}) == {"strategy": "apex", "pareto": {}}
+    assert balance(apex={"terms": "", "dsan": True}) == {"apex": {"b_lp": 0.0, "b_cp": 0.0, "b_pn": 0.0}}
+    assert upgrade_config({"balance": {"apex": {"terms": "lp,xx"}}})[1] == [
+        "balance.apex.terms='lp,xx' could not be carried over (unknown term 'xx'): set balance.apex.b_lp, b_cp, b_pn"]
+
+
+def test_a_reward_url_moves_into_the_objectives_that_name_it():
+    data = {"objectives": ["pickscore", "ocr", "deqa@http://b:2"], "eval": {"objectives": ["pick", "aes"]},
+            "rewards": {"pick": {"url": "http://a:1", "batch_size": 4}, "deqa": {"url": "http://c:3"},
+                        "extra": {"redness": {"url": ""}}}}
+    upgraded, notes = upgrade_config(data)
+    assert upgraded["objectives"] == ["pickscore@http://a:1", "ocr", "deqa@http://b:2"]  # an explicit @ won
+    assert upgraded["eval"]["objectives"] == ["pick@http://a:1", "aes"]
+    assert upgraded["rewards"] == {"pick": {"batch_size": 4}, "deqa": {}, "extra": {}}
+    assert notes == []
+    # a file without objectives: where the server applied is unknown, so it is said
+    assert upgrade_config({"rewards": {"deqa": {"url": "http://c:3"}}})[1] == [
+        "rewards.deqa.url='http://c:3' could not be carried over: write deqa@http://c:3 in objectives"]
 
 
 def test_gradient_accumulation_carries_over_as_optimizer_steps():

@@ -132,7 +132,7 @@ def test_static_default_is_flow_grpos_multi_score():
     # group-std form blows it up to unit size
     assert adv[4:8].abs().max() < 0.02
     group_std, _ = build_balancer("static", ["pick", "aes"], weights=weights, std_scope="group",
-                                  static={"eps": 1e-6, "reference_scales": False})(r, g)
+                                  eps=1e-6, static={"reference_scales": False})(r, g)
     assert group_std[4:8].abs().max() > 1.5
 
 

@@ -58,21 +58,21 @@ def pop_key(data: dict, dotted: str) -> Any:
 
 
 # ---------------------------------------------------------------------------------------------
-# how each old value carries over: (config being upgraded, the old value) -> a note or None
+# how each old value carries over: (config being upgraded, the old value, the old key) -> a note or None
 # ---------------------------------------------------------------------------------------------
 
-Carry = Callable[[dict, Any], "str | None"]
+Carry = Callable[[dict, Any, str], "str | None"]
 
 
 def _moved(new: str) -> Carry:
-    def carry(data: dict, value: Any) -> None:
+    def carry(data: dict, value: Any, key: str) -> None:
         if get_key(data, new) is _MISSING:  # a config that already has the new key keeps it
             set_key(data, new, value)
 
     return carry
 
 
-def _gradient_accumulation(data: dict, value: Any) -> str | None:
+def _gradient_accumulation(data: dict, value: Any, key: str) -> str | None:
     """``gradient_accumulation`` g micro-batches per optimizer step, with the old
     ``optimizer_steps_per_epoch`` 0 meaning "as g says": k = ceil(micro-batches / g) steps, the
     micro-batches of one process (g = 0: one step)."""
@@ -96,10 +96,80 @@ def _removed(neutral: Any) -> Carry:
     """A setting that is gone: its neutral value (what the run did without it) carries over as
     nothing; any other value is noted as dropped."""
 
-    def carry(data: dict, value: Any) -> str | None:
+    def carry(data: dict, value: Any, key: str) -> str | None:
         return None if value == neutral else "is no longer a setting: ignored"
 
     return carry
+
+
+def _apex_terms(data: dict, value: Any, key: str) -> str | None:
+    """``terms: "lp,pn"``: a term left out has coefficient 0 (what the balancer did with it)."""
+    terms = {t.strip().lower() for t in str(value).split(",") if t.strip()}
+    unknown = terms - {"lp", "cp", "pn"}
+    if unknown:
+        return f"could not be carried over (unknown term {sorted(unknown)[0]!r}): set balance.apex.b_lp, b_cp, b_pn"
+    for term in ("lp", "cp", "pn"):
+        if term not in terms:
+            set_key(data, f"balance.apex.b_{term}", 0.0)
+    return None
+
+
+def _apex_dsan(data: dict, value: Any, key: str) -> None:
+    """``dsan: false`` was gdpo's stage 1 (std + eps): today's ``rho: 0``."""
+    if value is False:
+        set_key(data, "balance.apex.rho", 0.0)
+
+
+OLD_STATIC_EPS, OLD_EPS = 1e-4, 1e-6
+
+
+def _static_eps(data: dict, value: Any, key: str) -> None:
+    """``balance.static.eps`` (static's std of R) and ``balance.eps`` (everything else): one
+    ``balance.eps``, null = each strategy's own (1e-4 static, 1e-6 the others)."""
+    strategy = get_key(data, "balance.strategy", None)
+    eps = get_key(data, "balance.eps", None)
+    if strategy == "static":
+        same = value == OLD_STATIC_EPS and eps in (None, OLD_EPS)
+        set_key(data, "balance.eps", None if same else value)
+    elif eps == OLD_EPS:
+        set_key(data, "balance.eps", None)
+
+
+def _drop_zero(strategy: str) -> Carry:
+    """The strategy's own switch for dropping A = 0 samples: ``balance.drop_zero_advantage`` when
+    that strategy trained the run and the switch was off (on is every strategy's default there)."""
+
+    def carry(data: dict, value: Any, key: str) -> None:
+        if get_key(data, "balance.strategy", None) == strategy and value is False:
+            set_key(data, "balance.drop_zero_advantage", False)
+
+    return carry
+
+
+def _reward_url(data: dict, value: Any, key: str) -> str | None:
+    """``rewards.<section>.url`` or ``rewards.extra.<reward>.url``: the objectives naming that
+    reward become ``reward@URL``."""
+    parts = key.split(".")
+    reward = parts[2] if parts[1] == "extra" else parts[1]
+    if parts[1] == "extra" and get_key(data, f"rewards.extra.{reward}", None) == {}:
+        pop_key(data, f"rewards.extra.{reward}")  # only the url was set
+    if not value:
+        return None
+    from apexcli.rewards.registry import canonical_name
+
+    def served(name: Any) -> Any:
+        """An objective naming the reward without a server of its own (an explicit @ won)."""
+        try:
+            same = isinstance(name, str) and "@" not in name and canonical_name(name) == reward
+        except ApexError:
+            same = False
+        return f"{name}@{value}" if same else name
+
+    lists = [key for key in ("objectives", "eval.objectives") if isinstance(get_key(data, key, None), list)]
+    for key in lists:
+        set_key(data, key, [served(name) for name in get_key(data, key)])
+    # with no objectives in this config (a partial file), where the URL applied is unknown
+    return None if lists else f"could not be carried over: write {reward}@{value} in objectives"
 
 
 @dataclass(frozen=True)
@@ -134,6 +204,18 @@ OLD_KEYS: tuple[OldKey, ...] = (
     OldKey("balance.apex.conflict", "was removed: the conflict penalty is symmetric (leader_yields changed nothing "
            f"measurable: ocr -0.003 ± 0.025 base stds, {CONFLICT_RECORD})", _removed("symmetric")),
     # two keys that said one thing: one stays
+    OldKey("balance.apex.terms", "was replaced by the coefficients balance.apex.b_lp, b_cp and b_pn: 0 switches a "
+           "term off", _apex_terms),
+    OldKey("balance.apex.dsan", "was replaced by balance.apex.rho: rho=0 turns the DSAN floor off (gdpo's std + eps)",
+           _apex_dsan),
+    OldKey("balance.static.eps", "was replaced by balance.eps (null = the strategy's own: 1e-4 for static)", _static_eps),
+    OldKey("balance.static.drop_zero_advantage", "was replaced by balance.drop_zero_advantage (null = the strategy's "
+           "default: true for static)", _drop_zero("static")),
+    OldKey("balance.pareto.drop_filtered", "was replaced by balance.drop_zero_advantage (null = the strategy's default: "
+           "true for pareto)", _drop_zero("pareto")),
+    *(OldKey(f"rewards.{r}.url", f"was removed: serve the reward from a server with {r}@URL in objectives "
+             f"(e.g. --objectives {r}@http://127.0.0.1:18086)", _reward_url) for r in ("pick", "aes", "deqa", "ocr")),
+    OldKey("rewards.extra.*.url", "was removed: serve the reward from a server with NAME@URL in objectives", _reward_url),
     OldKey("train.gradient_accumulation", "was replaced by train.optimizer_steps_per_epoch (optimizer steps per pass over "
            "a rollout batch: the same split counted from the other end)", _gradient_accumulation),
 )
@@ -189,7 +271,7 @@ def upgrade_config(data: dict) -> tuple[dict, list[str]]:
             value = pop_key(out, key)
             if value is _MISSING:
                 continue
-            note = entry.carry(out, value)
+            note = entry.carry(out, value, key)
             if note:
                 notes.append(f"{key}={value!r} {note}")
     return out, notes

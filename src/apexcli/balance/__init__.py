@@ -91,8 +91,6 @@ def build_balancer(name: str, objectives: list[str], weights: list[float] | None
             current = getattr(cfg, key)
             setattr(cfg, key, dataclasses.replace(current, **value) if isinstance(value, dict) else value)
         elif section_name and key in {f.name for f in dataclasses.fields(getattr(cfg, section_name))}:
-            if key == "terms" and isinstance(value, (list, tuple)):
-                value = ",".join(value)
             setattr(getattr(cfg, section_name), key, value)
         elif key in _EXPERIMENTAL:
             setattr(cfg.experimental, key, value)

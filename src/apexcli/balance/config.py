@@ -14,7 +14,6 @@ from apexcli.errors import ApexError
 from apexcli.schema import setting
 
 STRATEGIES = ("static", "gdpo", "apex", "dwa", "mgda", "random", "pareto")
-APEX_TERMS = ("lp", "cp", "pn")
 
 
 @dataclass
@@ -22,11 +21,13 @@ class ApexConfig:
     """APEX = DSAN normalization + P³ priorities (docs/method/balancing.md)."""
 
     b_lp: float = 1.0
-    """Coefficient of the learning-potential term LP_k (share of k's spread inside groups)."""
+    """Coefficient of the learning-potential term LP_k (share of k's spread inside groups); 0 switches the term off."""
     b_cp: float = 1.0
-    """Coefficient of the conflict-penalty term CP_k (mean negative cosine to the other objectives)."""
+    """Coefficient of the conflict-penalty term CP_k (mean negative cosine to the other objectives);
+    0 switches the term off, and the gradient probe with it."""
     b_pn: float = 1.0
-    """Coefficient of the progress-need term PN_k (1 for the most lagging objective, 0 for the leader)."""
+    """Coefficient of the progress-need term PN_k (1 for the most lagging objective, 0 for the leader);
+    0 switches the term off, and the progress probe with it."""
     tau: float = 1.0
     """Softmax temperature of the priorities: w = K softmax(s / tau). Larger = closer to the user weights."""
     floor: float = 0.1
@@ -36,15 +37,12 @@ class ApexConfig:
     warmup: int = 10
     """Steps that use the user weights unchanged while the statistics (scales, progress) accumulate."""
     rho: float = 0.1
-    """DSAN floor: the group std in stage 1 is replaced by max(std_g,k, rho S_k), S_k the running batch std."""
+    """DSAN floor: the group std in stage 1 is replaced by max(std_g,k, rho S_k), S_k the running batch
+    std; 0 = no floor: stage 1 is then gdpo's per-group z-score (std_g,k + balance.eps)."""
     ema_decay: float = 0.9
     """Decay of the running batch std S_k and of the running mean reward used for progress."""
     targets: list[float] | None = None
     """Optional per-objective target rewards: progress becomes the fraction of the way from the start to T_k."""
-    terms: str = "lp,cp,pn"
-    """Comma-separated subset of lp,cp,pn to use (ablation); an empty string keeps only the user weights."""
-    dsan: bool = True
-    """Stage-1 DSAN floor on; false falls back to gdpo's per-group z-scores (std + eps)."""
 
 
 @dataclass
@@ -79,14 +77,9 @@ class RandomConfig:
 
 @dataclass
 class StaticConfig:
-    """static = Flow-GRPO's ``multi_score`` + per-prompt advantages; the defaults reproduce its SD3 recipe."""
+    """static = Flow-GRPO's ``multi_score`` + per-prompt advantages; the defaults reproduce its SD3
+    recipe (with balance.eps and balance.drop_zero_advantage left null)."""
 
-    eps: float = 1e-4
-    """Added to the std of the weighted sum R (Flow-GRPO: 1e-4)."""
-    drop_zero_advantage: bool = True
-    """Leave samples whose advantage is exactly 0 (flat groups) out of the policy update, as Flow-GRPO
-    does (padded back with dropped samples to whole micro-batches), instead of paying KL and diluting
-    the batch mean with them."""
     reference_scales: bool = True
     """Divide pick by 26 and deqa by 5 before the weighted sum, as Flow-GRPO trains on them; other rewards
     keep their units. Logged rewards, eval, score and pareto stay in raw units either way."""
@@ -98,9 +91,6 @@ class ParetoConfig:
 
     min_score: float | None = 0.0
     """Low-reward suppression: a non-dominated sample keeps its advantage only when its combined group z-score sum_k w_k z_k exceeds this; null = keep every non-dominated sample."""
-    drop_filtered: bool = True
-    """Leave filtered samples (advantage exactly 0) out of the policy update altogether, KL term and
-    loss mean included, as masking reads in Flow-Multi; false keeps them in with A = 0 (KL only)."""
 
 
 @dataclass
@@ -126,8 +116,16 @@ class BalanceConfig:
     """User priorities, one per objective (rescaled to sum to K); null = uniform."""
     std_scope: str = "global"
     """static only: divide by the std of the whole batch ("global", Flow-GRPO's SD3 configs) or of the group ("group"); the mean is always the group's."""
-    eps: float = 1e-6
-    """Added to standard deviations (gdpo and stage 2 of the others; static has static.eps) and used as the tolerance of flat batches."""
+    eps: float | None = None
+    """Added to standard deviations and used as the tolerance of flat batches; null = the strategy's
+    own: 1e-4 for static (Flow-GRPO's, added to the std of the weighted sum; its logged per-objective
+    z-scores keep 1e-6), 1e-6 for the others."""
+    drop_zero_advantage: bool | None = None
+    """Leave samples whose advantage is exactly 0 out of the policy update (padded back with dropped
+    samples to whole micro-batches), instead of paying KL and diluting the batch mean with them; null
+    = the strategy's default: true for static (flat groups, as Flow-GRPO drops them) and pareto (the
+    filtered samples, as masking reads in Flow-Multi), false for the others, whose flat groups are per
+    objective (a sample flat on one objective still carries the others' signal)."""
     probe_every: int = 10
     """Gradient probe period in steps for apex (exact conflict term) and mgda; 0 = never (apex then uses the proxy)."""
     probe_samples: int = 4
@@ -150,15 +148,6 @@ class BalanceConfig:
     def validate(self, n_objectives: int | None = None, prefix: str = "balance") -> None:
         """Raise ApexError naming the dotted key of the first bad value."""
         validate_balance_config(self, n_objectives, prefix)
-
-
-def parse_terms(terms: str, key: str = "balance.apex.terms") -> frozenset[str]:
-    """'lp,cp,pn' -> {'lp','cp','pn'}; an unknown term raises ApexError."""
-    parts = [t.strip().lower() for t in str(terms).split(",") if t.strip()]
-    unknown = [t for t in parts if t not in APEX_TERMS]
-    if unknown:
-        raise ApexError(f"{key} has unknown term '{unknown[0]}'; use a comma-separated subset of lp,cp,pn")
-    return frozenset(parts)
 
 
 def _finite(x) -> bool:
@@ -191,7 +180,7 @@ def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None,
         if cfg.strategy == "apex":
             _check(all(x > 0 for x in w), f"{p}.weights", f"must be > 0 for apex (they enter as log-priors), got {w}")
     _check(cfg.std_scope in ("group", "global"), f"{p}.std_scope", f"must be group or global, got '{cfg.std_scope}'")
-    _check(_finite(cfg.eps) and cfg.eps > 0, f"{p}.eps", f"must be > 0, got {cfg.eps}")
+    _check(cfg.eps is None or (_finite(cfg.eps) and cfg.eps > 0), f"{p}.eps", f"must be > 0, got {cfg.eps}")
     _check(isinstance(cfg.probe_every, int) and cfg.probe_every >= 0, f"{p}.probe_every", f"must be an integer >= 0, got {cfg.probe_every}")
     _check(isinstance(cfg.probe_samples, int) and cfg.probe_samples >= 1, f"{p}.probe_samples", f"must be an integer >= 1, got {cfg.probe_samples}")
     pp = cfg.experimental.progress_prompts
@@ -220,7 +209,6 @@ def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None,
                 f"has {len(a.targets)} values but there are {n_objectives} objectives; give one target per objective",
             )
         _check(all(_finite(t) for t in a.targets), f"{q}.targets", f"must be finite numbers, got {a.targets}")
-    parse_terms(a.terms, f"{q}.terms")
 
     d = cfg.dwa
     _check(_finite(d.temperature) and d.temperature > 0, f"{p}.dwa.temperature", f"must be > 0, got {d.temperature}")
@@ -230,7 +218,5 @@ def validate_balance_config(cfg: BalanceConfig, n_objectives: int | None = None,
     r = cfg.random
     _check(isinstance(r.seed, int) and r.seed >= 0, f"{p}.random.seed", f"must be an integer >= 0, got {r.seed}")
     _check(_finite(r.alpha) and r.alpha > 0, f"{p}.random.alpha", f"must be > 0, got {r.alpha}")
-    st = cfg.static
-    _check(_finite(st.eps) and st.eps > 0, f"{p}.static.eps", f"must be > 0, got {st.eps}")
     ms = cfg.pareto.min_score
     _check(ms is None or _finite(ms), f"{p}.pareto.min_score", f"must be a finite number or null, got {ms}")

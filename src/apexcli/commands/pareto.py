@@ -19,7 +19,7 @@ def pareto(
     ],
     out: Annotated[
         Path,
-        typer.Option("--out", help="Folder for pareto.json, report.md and the PNG plots."),
+        typer.Option("--out", "-o", help="Folder for pareto.json, report.md and the PNG plots."),
     ] = Path("pareto"),
     all_steps: Annotated[
         bool,

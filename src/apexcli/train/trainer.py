@@ -100,7 +100,7 @@ class Trainer:
         most = None
         if acc.num_processes > 1:
             most = lambda n: int(acc.gather(torch.tensor([n], device=self.device)).max())
-        return selected_samples(advantages, micro, drop_zero=getattr(self.balancer, "drops_zero_advantage", False),
+        return selected_samples(advantages, micro, drop_zero=self.balancer.drops_zero_advantage,
                                 seed=self.cfg.seed, step=self.step, rank=acc.process_index, most_micro_batches=most)
 
     def train_step(self) -> dict:

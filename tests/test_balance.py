@@ -386,13 +386,13 @@ def test_load_state_dict_rejects_other_strategy_or_objectives():
 def test_build_balancer_errors():
     with pytest.raises(ApexError, match="unknown balance strategy 'fancy'; valid: static, gdpo, apex, dwa, mgda, random"):
         build_balancer("fancy", ["a"])
-    with pytest.raises(ApexError, match=r"balance.weights has 3 values but there are 2 objectives"):
+    with pytest.raises(ApexError, match=r"config key 'balance.weights' has 3 values but there are 2 objectives"):
         build_balancer("gdpo", ["a", "b"], weights=[1, 2, 3])
-    with pytest.raises(ApexError, match=r"balance.apex.tau must be > 0, got 0"):
+    with pytest.raises(ApexError, match=r"config key 'balance.apex.tau' must be > 0, got 0"):
         build_balancer("apex", ["a", "b"], tau=0)
     with pytest.raises(ApexError, match="unknown option 'temperature' for balance strategy 'apex'"):
         build_balancer("apex", ["a", "b"], temperature=2.0)
-    with pytest.raises(ApexError, match="balance.experimental.progress_prompts needs balance.probe_every > 0"):
+    with pytest.raises(ApexError, match="config key 'balance.experimental.progress_prompts' needs balance.probe_every > 0"):
         build_balancer("apex", ["a", "b"], progress_prompts=4, probe_every=0)
     with pytest.raises(ApexError, match="unknown option 'terms' for balance strategy 'apex'"):
         build_balancer("apex", ["a", "b"], terms="lp,cp")
@@ -406,14 +406,18 @@ def test_config_validate_names_dotted_keys():
     cfg = BalanceConfig()
     cfg.validate(2)
     for path, value, message in [
-        ("apex.floor", 1.5, "balance.apex.floor must be in [0, 1], got 1.5"),
-        ("apex.smoothing", 1.0, "balance.apex.smoothing must be in [0, 1), got 1.0"),
-        ("apex.targets", [1.0], "balance.apex.targets has 1 values but there are 2 objectives"),
-        ("dwa.temperature", -1.0, "balance.dwa.temperature must be > 0"),
-        ("random.alpha", 0.0, "balance.random.alpha must be > 0"),
-        ("std_scope", "batch", "balance.std_scope must be group or global"),
-        ("probe_every", -1, "balance.probe_every must be an integer >= 0"),
-        ("weights", [1.0, 0.0], "balance.weights must be > 0 for apex"),
+        ("apex.floor", 1.5, "config key 'balance.apex.floor' must be in [0, 1], got 1.5"),
+        ("apex.smoothing", 1.0, "config key 'balance.apex.smoothing' must be in [0, 1), got 1.0"),
+        ("apex.targets", [1.0], "config key 'balance.apex.targets' has 1 values but there are 2 objectives"),
+        ("apex.targets", [1.0, float("inf")], "config key 'balance.apex.targets' must be a finite number, got inf"),
+        ("dwa.temperature", -1.0, "config key 'balance.dwa.temperature' must be > 0"),
+        ("random.alpha", 0.0, "config key 'balance.random.alpha' must be > 0"),
+        ("std_scope", "batch", "config key 'balance.std_scope' must be one of global, group, got 'batch'"),
+        ("probe_every", -1, "config key 'balance.probe_every' must be >= 0, got -1"),
+        ("weights", [1.0, 0.0], "config key 'balance.weights' must be > 0 for apex"),
+        ("weights", [1.0, -1.0], "config key 'balance.weights' must be >= 0, got -1.0"),
+        ("eps", 0.0, "config key 'balance.eps' must be > 0, got 0.0"),
+        ("pareto.min_score", float("nan"), "config key 'balance.pareto.min_score' must be a finite number"),
     ]:
         cfg = BalanceConfig()
         section, _, field_name = path.rpartition(".")

@@ -56,10 +56,10 @@ class ModelConfig:
     """Dtype of the frozen base weights: float32, bfloat16 or float16. LoRA weights train in float32."""
     device: str = "auto"
     """auto (CUDA if available, else CPU), cpu, cuda, cuda:1, ... (ignored under accelerate launch)."""
-    resolution: int = setting(512, ge=16)
+    resolution: int = setting(512, ge=16, le=4096)
     """Square image size in pixels for training rollouts and evaluation."""
-    max_sequence_length: int = setting(128, ge=1)
-    """T5 tokens kept per prompt (Flow-GRPO: 128)."""
+    max_sequence_length: int = setting(128, ge=1, le=512)
+    """T5 tokens kept per prompt (Flow-GRPO: 128; T5's own limit is 512)."""
     gradient_checkpointing: bool = False
     """Recompute transformer activations in the backward pass: less memory, ~30% more compute."""
     compile: bool = False
@@ -77,7 +77,7 @@ class ModelConfig:
 
 @dataclass
 class LoraSettings:
-    rank: int = setting(32, ge=1, resume="refuse")
+    rank: int = setting(32, ge=1, le=1024, resume="refuse")
     """LoRA rank r."""
     alpha: int = setting(64, gt=0, resume="refuse")
     """LoRA alpha; the update is scaled by alpha / rank."""
@@ -105,7 +105,7 @@ class SamplingExperimental:
 
 @dataclass
 class SamplingConfig:
-    num_steps: int = setting(10, ge=2)
+    num_steps: int = setting(10, ge=2, le=1000)
     """Denoising steps of a training rollout."""
     guidance_scale: float = setting(4.5, ge=0)
     """Classifier-free guidance in rollouts and training; <= 1 disables CFG (half the forwards)."""
@@ -153,9 +153,9 @@ class TrainExperimental:
 class TrainConfig:
     steps: int = setting(1000, ge=1)
     """Training iterations (one rollout batch + policy update each)."""
-    prompts_per_step: int = setting(48, ge=1)
+    prompts_per_step: int = setting(48, ge=1, le=4096)
     """Prompt groups per iteration, over all processes."""
-    group_size: int = setting(24, ge=2)
+    group_size: int = setting(24, ge=2, le=1024)
     """Samples per prompt (the GRPO group)."""
     rollout_batch_size: int = setting(12, ge=1)
     """Samples per rollout forward, per process."""
@@ -238,7 +238,7 @@ class PromptsConfig:
 class EvalConfig:
     every: int = setting(50, ge=0)
     """Evaluate at step 0, every N steps and at the end; 0 disables evaluation."""
-    num_steps: int = setting(40, ge=1)
+    num_steps: int = setting(40, ge=1, le=1000)
     """ODE steps of evaluation sampling."""
     guidance_scale: float = setting(4.5, ge=0)
     """CFG of evaluation sampling."""
@@ -445,7 +445,32 @@ def validate(cfg: Config) -> None:
                "set train.experimental.anchor_beta=0")
         _check(tx.nft_timesteps <= s.num_steps, "train.experimental.nft_timesteps",
                f"({tx.nft_timesteps}) exceeds the sampler's {s.num_steps} steps; set train.experimental.nft_timesteps<={s.num_steps}")
-    cfg.balance.validate(len(cfg.objectives))
+    _balance_rules(cfg.balance, len(cfg.objectives))
+
+
+def validate_balance(b: BalanceConfig, n_objectives: int | None = None) -> None:
+    """The balance section alone (``build_balancer`` without a run config): every field against its
+    rule, then the rules that relate its fields; ``n_objectives`` enables the per-objective lengths."""
+    check_fields(b, "balance.")
+    _balance_rules(b, n_objectives)
+
+
+def _balance_rules(b: BalanceConfig, n_objectives: int | None) -> None:
+    if b.weights is not None:
+        w = list(b.weights)
+        if n_objectives is not None:
+            _check(len(w) == n_objectives, "balance.weights",
+                   f"has {len(w)} values but there are {n_objectives} objectives; give one weight per objective")
+        _check(sum(w) > 0, "balance.weights", f"must not all be 0, got {w}")
+        if b.strategy == "apex":
+            _check(all(x > 0 for x in w), "balance.weights", f"must be > 0 for apex (they enter as log-priors), got {w}")
+    targets = b.apex.targets
+    if targets is not None and n_objectives is not None:
+        _check(len(targets) == n_objectives, "balance.apex.targets",
+               f"has {len(targets)} values but there are {n_objectives} objectives; give one target per objective")
+    pp = b.experimental.progress_prompts
+    _check(pp == 0 or b.probe_every > 0, "balance.experimental.progress_prompts",
+           f"needs balance.probe_every > 0 (its period), got probe_every {b.probe_every}; set one or progress_prompts=0")
 
 
 EXPERIMENTAL_SECTION = "experimental"

@@ -24,7 +24,6 @@ from apexcli.balance.config import (
     ParetoConfig,
     RandomConfig,
     StaticConfig,
-    validate_balance_config,
 )
 from apexcli.balance.dwa import DwaBalancer
 from apexcli.balance.gdpo import GdpoBalancer
@@ -58,7 +57,6 @@ __all__ = [
     "StaticConfig",
     "build_balancer",
     "build_balancer_from_config",
-    "validate_balance_config",
 ]
 
 _SECTIONS = ("apex", "dwa", "mgda", "random", "static", "pareto")  # strategies with their own config section

@@ -71,7 +71,7 @@ class OcrConfig:
     use_gpu: bool = False  # run the OCR engine on the GPU (rapidocr: onnxruntime CUDA EP; paddleocr 2.x: use_gpu)
     # rapidocr text detection scales the image's shorter side to this many pixels; 0 = RapidOCR's
     # default (736). Small renders (the mini world's 64 px) read as well at 128, about 10x faster.
-    det_side: int = 0
+    det_side: int = setting(0, ge=0)
 
 
 @dataclass
@@ -85,9 +85,9 @@ class ToyConfig:
 class RemoteConfig:
     """HTTP client settings for rewards served by `apex serve`."""
 
-    timeout_s: float = 300.0  # per request
-    retries: int = 2  # extra attempts on connection errors and 5xx answers
-    backoff_s: float = 1.0  # wait before retry n is backoff_s · 2^(n-1)
+    timeout_s: float = setting(300.0, gt=0)  # per request
+    retries: int = setting(2, ge=0)  # extra attempts on connection errors and 5xx answers
+    backoff_s: float = setting(1.0, ge=0)  # wait before retry n is backoff_s · 2^(n-1)
 
 
 @dataclass

@@ -3,6 +3,7 @@ loads as today's keys; anywhere else each is a one-line error naming what replac
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,6 +78,34 @@ def test_the_sd35_presets_hold_only_their_differences():
             assert getattr(cfg, section) == getattr(sd35m, section), (name, section)
         assert {s for s in changed if getattr(cfg, s) != getattr(sd35m, s)} == changed
         assert cfg.train.kl_form == "reference" and cfg.train.optimizer_steps_per_epoch == 2
+
+
+PRESETS_0_1 = Path(__file__).parent / "data" / "presets_0.1.json"
+"""Every preset's resolved config as apex 0.1.0 wrote it (``config_to_dict(resolve_config(preset=P))``)."""
+
+# what the recipe defaults changed on purpose; the same training wherever they differ
+# (ceil(0.99 n) = n trained steps for n <= 100; mini's EMA is off)
+CHANGED_ON_PURPOSE = {
+    "mini": {"train.timestep_fraction": (1.0, 0.99), "train.ema_every": (1, 8), "train.ema_warmup": (False, True)},
+    "sd35m-1gpu": {"train.timestep_fraction": (1.0, 0.99)},
+    "tiny": {"train.timestep_fraction": (1.0, 0.99)},
+}
+
+
+def _flat(data: dict, prefix: str = "") -> dict:
+    out = {}
+    for k, v in data.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+@pytest.mark.parametrize("preset", ["mini", "sd35l", "sd35m", "sd35m-1gpu", "tiny"])
+def test_every_preset_resolves_to_the_config_it_did_before(preset):
+    old = config_to_dict(config_from_dict(json.loads(PRESETS_0_1.read_text(encoding="utf-8"))[preset]))
+    now = config_to_dict(resolve_config(preset=preset))
+    a, b = _flat(old), _flat(now)
+    assert a.keys() == b.keys()
+    assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == CHANGED_ON_PURPOSE.get(preset, {})
 
 
 # ----------------------------------------------------------------------------- old keys

@@ -251,6 +251,7 @@ def test_tiny_preset_keeps_its_behaviour():
     cfg = resolve_config(preset="tiny")
     assert cfg.train.kl_form == "exact" and cfg.train.optimizer_steps_per_epoch == 1
     assert cfg.lora.init == "kaiming" and cfg.train.ema_decay == 0
+    assert cfg.train.ema_every == 1 and not cfg.train.ema_warmup  # a test that turns the EMA on sees it move
 
 
 def test_the_recipe_is_the_default():

@@ -219,7 +219,6 @@ OLD_KEYS: tuple[OldKey, ...] = (
     OldKey("train.gradient_accumulation", "was replaced by train.optimizer_steps_per_epoch (optimizer steps per pass over "
            "a rollout batch: the same split counted from the other end)", _gradient_accumulation),
 )
-_BY_KEY = {entry.key: entry for entry in OLD_KEYS}
 
 
 def _flat_keys(data: dict, prefix: str = "") -> list[str]:
@@ -232,31 +231,24 @@ def _flat_keys(data: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _old_keys_in(data: dict) -> list[OldKey]:
-    """The table's entries present in ``data``, in table order (the order they are carried)."""
-    present = set(_flat_keys(data))
-    return [entry for entry in OLD_KEYS if entry.key in present or _wildcard_match(entry.key, present)]
+def _matches(pattern: str, key: str) -> bool:
+    """``key`` is ``pattern``, whose ``*`` stands for one key part (``rewards.extra.*.url``)."""
+    head, star, tail = pattern.partition("*")
+    if not star:
+        return key == pattern
+    middle = key[len(head): len(key) - len(tail)]
+    return len(key) > len(head) + len(tail) and key.startswith(head) and key.endswith(tail) and "." not in middle
 
 
-def _wildcard_match(pattern: str, present: set[str]) -> bool:
-    if "*" not in pattern:
-        return False
-    head, _, tail = pattern.partition("*")
-    return any(k.startswith(head) and k.endswith(tail) and "." not in k[len(head): len(k) - len(tail)] for k in present)
-
-
-def _expand(entry: OldKey, data: dict) -> list[str]:
-    """The concrete keys of ``data`` an entry stands for (``rewards.extra.*.url``: one per reward)."""
-    if "*" not in entry.key:
-        return [entry.key]
-    head, _, tail = entry.key.partition("*")
-    return [k for k in _flat_keys(data) if k.startswith(head) and k.endswith(tail) and "." not in k[len(head): len(k) - len(tail)]]
+def _present(data: dict) -> list[tuple[OldKey, str]]:
+    """(entry, concrete key) for each old key in ``data``, in table order (the order they carry over)."""
+    keys = _flat_keys(data)
+    return [(entry, key) for entry in OLD_KEYS for key in keys if _matches(entry.key, key)]
 
 
 def reject_old_keys(data: dict, where: str = "") -> None:
     """A one-line ApexError for the first key of ``data`` that only older versions had."""
-    for entry in _old_keys_in(data):
-        key = _expand(entry, data)[0]
+    for entry, key in _present(data):
         source = f" ({where})" if where else ""
         raise ApexError(f"config key '{key}'{source} {entry.instead}")
 
@@ -266,12 +258,11 @@ def upgrade_config(data: dict) -> tuple[dict, list[str]]:
     value that could not be kept (a removed setting whose value was not its neutral one)."""
     out = copy.deepcopy(data)
     notes: list[str] = []
-    for entry in _old_keys_in(out):
-        for key in _expand(entry, out):
-            value = pop_key(out, key)
-            if value is _MISSING:
-                continue
-            note = entry.carry(out, value, key)
-            if note:
-                notes.append(f"{key}={value!r} {note}")
+    for entry, key in _present(out):
+        value = pop_key(out, key)
+        if value is _MISSING:
+            continue
+        note = entry.carry(out, value, key)
+        if note:
+            notes.append(f"{key}={value!r} {note}")
     return out, notes

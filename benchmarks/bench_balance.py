@@ -14,7 +14,7 @@ conflicting) and reports, averaged over seeds:
 
 Every strategy runs with its library defaults (BalanceConfig()) and the same seeds, task and
 optimizer. The last line is one JSON object keyed by strategy name (``--apex-ablation`` adds
-keys such as ``apex[terms=pn]``).
+keys such as ``apex[b_lp=0,b_cp=0]``: P³ with only the progress-need term).
 
     python benchmarks/bench_balance.py --tiny --seeds 3
 
@@ -59,7 +59,7 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds per strategy (0..seeds-1)")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps, help="policy updates per run")
     parser.add_argument("--strategies", default=",".join(BALANCERS), help="comma-separated strategies to compare")
-    parser.add_argument("--apex-ablation", action="store_true", help="also run apex with each P³ term subset, dsan=false and probe_every=0")
+    parser.add_argument("--apex-ablation", action="store_true", help="also run apex with each subset of the P³ terms (the others' coefficients 0), rho=0 (no DSAN floor) and probe_every=0")
     parser.add_argument("--tiny", action="store_true", help="compare on the tiny diffusion preset instead of the testbed")
     parser.add_argument("--objectives", default="", help="--tiny / --mini: rewards to train on (default: brightness,compressibility,contrast / adherence,quality,appeal,ocr)")
     parser.add_argument("--mini", action="store_true", help="compare on the pretrained mini preset instead of the testbed")
@@ -82,9 +82,10 @@ def main() -> None:
     summary: dict[str, dict] = {}
     runs: list[tuple[str, str, dict]] = [(s.strip(), s.strip(), {}) for s in args.strategies.split(",") if s.strip()]
     if args.apex_ablation:
-        for terms in ("", "lp", "cp", "pn", "lp,cp", "lp,pn", "cp,pn"):
-            runs.append((f"apex[terms={terms}]", "apex", {"terms": terms}))
-        runs.append(("apex[dsan=false]", "apex", {"dsan": False}))
+        for kept in ("", "lp", "cp", "pn", "lp,cp", "lp,pn", "cp,pn"):
+            off = [term for term in ("lp", "cp", "pn") if term not in kept.split(",")]
+            runs.append((f"apex[{','.join(f'b_{term}=0' for term in off)}]", "apex", {f"b_{term}": 0.0 for term in off}))
+        runs.append(("apex[rho=0]", "apex", {"rho": 0.0}))
         runs.append(("apex[probe_every=0]", "apex", {"probe_every": 0}))
     for label, strategy, options in runs:
         t0 = time.perf_counter()

@@ -4,7 +4,7 @@ objective needs before GRPO can move it.
     python benchmarks/grad_signal.py                               # mini: brightness, appeal, adherence, ocr
     python benchmarks/grad_signal.py --objectives ocr --updates 24 --set train.prompts_per_step=4
     python benchmarks/grad_signal.py --objectives brightness --updates 32 --set train.loss=nft \
-        --set sampling.share_group_noise=false --set train.nft_timesteps=4   # the nft loss's gradient
+        --set sampling.share_group_noise=false --set train.experimental.nft_timesteps=4   # the nft loss's gradient
 
 For each objective alone, the preset's training iteration is run ``--updates`` times at the *base*
 model (the optimizer step is intercepted, so the LoRA never moves; anchor and KL are off, as both
@@ -66,7 +66,7 @@ def measure(preset: str, objective: str, updates: int, overrides: list[str], sav
 
     with tempfile.TemporaryDirectory() as out:
         settings = [f"objectives=[{objective}]", "balance.strategy=static", "eval.every=0", "train.checkpoint_every=0",
-                    "train.anchor_beta=0", "train.kl_beta=0", f"out={out}"]
+                    "train.experimental.anchor_beta=0", "train.kl_beta=0", f"out={out}"]
         if objective in PROMPTS:
             settings.append(f"prompts.train={PROMPTS[objective]}")
         cfg = resolve_config(preset=preset, overrides=settings + overrides)

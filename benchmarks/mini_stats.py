@@ -107,7 +107,7 @@ def main() -> None:
                            vae_scale_factor=pipe.vae_scale_factor, guidance_scale=guidance, uncond=uncond,
                            sampler=sampler, noise_level=cfg.sampling.noise_level, initial_noise=noise[idx],
                            generator=generator, sde_steps=sde_steps,
-                           noise_block=cfg.sampling.noise_block if sampler == "sde" else 1)
+                           noise_block=cfg.sampling.experimental.noise_block if sampler == "sde" else 1)
             images = decode_latents(pipe.vae, traj.final)
             t0 = time.perf_counter()
             r, _ = suite(images, [prompts[i] for i in idx])

@@ -70,13 +70,12 @@ def test_static_hand_values_group_and_global_std():
     r = torch.tensor([[1.0, 0.0], [3.0, 2.0], [5.0, 4.0], [0.0, 0.0], [0.0, 2.0]])
     g = torch.tensor([7, 7, 7, 9, 9])
     # R = [1, 5, 9 | 0, 2]; group 7: mean 5, std sqrt(32/3); group 9: mean 1, std 1
-    tight = {"eps": 1e-6}
-    adv, info = make("static", std_scope="group", static=tight)(r, g)
+    adv, info = make("static", std_scope="group", eps=1e-6)(r, g)
     s7 = math.sqrt(32 / 3)
     assert torch.allclose(adv, torch.tensor([-4 / s7, 0.0, 4 / s7, -1.0, 1.0]), atol=1e-5)
     # global: std of all R = [1, 5, 9, 0, 2] about its mean 3.4
     sd = torch.tensor([1.0, 5, 9, 0, 2]).std(unbiased=False).item()
-    adv_g, _ = make("static", std_scope="global", static=tight)(r, g)
+    adv_g, _ = make("static", std_scope="global", eps=1e-6)(r, g)
     assert torch.allclose(adv_g, torch.tensor([-4 / sd, 0, 4 / sd, -1 / sd, 1 / sd]), atol=1e-5)
     # shares of the advantage's variance always sum to 1
     m = info["metrics"]
@@ -86,7 +85,7 @@ def test_static_hand_values_group_and_global_std():
 def test_static_nan_is_replaced_by_group_mean():
     # b's NaN -> mean of the group's valid b = (0 + 2) / 2 = 1, so R = [1, 4, 7] -> ±3/sqrt(6)
     r = torch.tensor([[1.0, 0.0], [3.0, NAN], [5.0, 2.0]])
-    adv, info = make("static", static={"eps": 1e-6})(r, torch.zeros(3, dtype=torch.long))
+    adv, info = make("static", eps=1e-6)(r, torch.zeros(3, dtype=torch.long))
     assert_clean(adv, info, 2)
     assert torch.allclose(adv, torch.tensor([-3 / math.sqrt(6), 0.0, 3 / math.sqrt(6)]), atol=1e-5)
     assert info["metrics"]["balance/nan_frac/b"] == pytest.approx(1 / 3)
@@ -216,27 +215,20 @@ def test_apex_conflict_proxy_identical_vs_opposed():
     assert info["metrics"]["balance/cp_exact"] == 0.0
 
 
-def test_apex_leader_yields_moves_weight_to_the_lagging_side_of_a_conflict():
+def test_apex_conflict_penalty_is_symmetric():
     # a and b fully opposed in every group (proxy cosine -1); the progress probe says b lags
     r, g = noisy_batch(3, k=1)
     opposed = torch.cat([r, -r], 1)
-    weights = {}
-    for mode in ("symmetric", "leader_yields"):
-        b = make("apex", progress_prompts=4, probe_every=1, warmup=0, smoothing=0.0, terms="cp", conflict=mode)
-        b.set_progress_means(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
-        b.set_progress_means(torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.0]))  # a ahead, b behind
-        _, info = b(opposed, g)
-        m = info["metrics"]
-        weights[mode] = (m["balance/weight/a"], m["balance/weight/b"])
-        assert m["balance/cos/a,b"] == pytest.approx(-1.0)
-        if mode == "symmetric":
-            assert m["balance/cp/a"] == pytest.approx(1.0) and m["balance/cp/b"] == pytest.approx(1.0)
-        else:
-            assert m["balance/cp/a"] == pytest.approx(1.0) and m["balance/cp/b"] == pytest.approx(0.0, abs=1e-9)
-    assert weights["symmetric"][0] == pytest.approx(weights["symmetric"][1])  # both pay: no shift
-    assert weights["leader_yields"][1] > weights["leader_yields"][0]  # the leader gave way
-    with pytest.raises(ApexError, match="balance.apex.conflict"):
-        make("apex", conflict="loser_yields")
+    b = make("apex", progress_prompts=4, probe_every=1, warmup=0, smoothing=0.0, b_lp=0.0, b_pn=0.0)
+    b.set_progress_means(torch.tensor([1.0, 1.0]), torch.tensor([1.0, 1.0]))
+    b.set_progress_means(torch.tensor([2.0, 0.5]), torch.tensor([1.0, 1.0]))  # a ahead, b behind
+    _, info = b(opposed, g)
+    m = info["metrics"]
+    assert m["balance/cos/a,b"] == pytest.approx(-1.0)
+    assert m["balance/cp/a"] == pytest.approx(1.0) and m["balance/cp/b"] == pytest.approx(1.0)  # both pay
+    assert m["balance/weight/a"] == pytest.approx(m["balance/weight/b"])  # so the weights do not shift
+    with pytest.raises(ApexError, match="unknown option 'conflict'"):
+        make("apex", conflict="leader_yields")
 
 
 def test_apex_uses_probe_gram_on_the_next_step_only():
@@ -255,7 +247,7 @@ def test_apex_uses_probe_gram_on_the_next_step_only():
     _, info = b(same, g)
     assert info["metrics"]["balance/cp_exact"] == 0.0
     assert not make("apex", probe_every=0).wants_probe(0)
-    assert not make("apex", terms="lp,pn").wants_probe(0)
+    assert not make("apex", b_cp=0.0).wants_probe(0)  # the term off: no probe for it
     assert not make("gdpo").wants_probe(0)
 
 
@@ -273,7 +265,7 @@ def test_apex_weights_sum_to_k_and_respect_floor():
     assert w.max().item() > 2.0  # the extreme settings do move the weights
 
 
-def test_apex_warmup_uses_user_weights_and_terms_ablation():
+def test_apex_warmup_uses_user_weights_and_zero_coefficients_switch_terms_off():
     r, g = noisy_batch(4, k=3)
     b = make("apex", objectives=["a", "b", "c"], weights=[1.0, 2.0, 3.0], warmup=2)
     for _ in range(2):
@@ -281,8 +273,8 @@ def test_apex_warmup_uses_user_weights_and_terms_ablation():
         assert torch.allclose(info["weights"], torch.tensor([0.5, 1.0, 1.5]))
     _, info = b(r, g)
     assert not torch.allclose(info["weights"], torch.tensor([0.5, 1.0, 1.5]))
-    # terms="" and no floor/smoothing: the user weights exactly (softmax(log u) = u / sum u)
-    plain = make("apex", objectives=["a", "b", "c"], weights=[1.0, 2.0, 3.0], terms="", floor=0.0)
+    # every coefficient 0 and no floor/smoothing: the user weights exactly (softmax(log u) = u / sum u)
+    plain = make("apex", objectives=["a", "b", "c"], weights=[1.0, 2.0, 3.0], b_lp=0.0, b_cp=0.0, b_pn=0.0, floor=0.0)
     for _ in range(3):
         _, info = plain(r, g)
     assert torch.allclose(info["weights"], torch.tensor([0.5, 1.0, 1.5]), atol=1e-6)
@@ -295,10 +287,29 @@ def test_apex_dsan_floor_tames_near_flat_groups():
     g = torch.tensor([0, 0, 0, 1, 1, 1])
     _, gd = make("gdpo", objectives=["a"])(r, g)
     _, ap = make("apex", objectives=["a"])(r, g)
-    _, off = make("apex", objectives=["a"], dsan=False)(r, g)
+    _, off = make("apex", objectives=["a"], rho=0.0)(r, g)
     assert gd["per_objective"][3:].abs().max() > 0.5
     assert ap["per_objective"][3:].abs().max() < 1e-3
-    assert torch.allclose(off["per_objective"], gd["per_objective"])
+    # rho 0: no floor, gdpo's std + eps exactly (bounded on a near-flat group; a flat one is 0)
+    assert torch.equal(off["per_objective"], gd["per_objective"])
+    flat = torch.tensor([[1.0], [1.0], [1.0], [0.0], [1.0], [2.0]], dtype=torch.float64)
+    _, z = make("apex", objectives=["a"], rho=0.0)(flat, g)
+    assert torch.equal(z["per_objective"][:3], torch.zeros(3, 1)) and torch.isfinite(z["per_objective"]).all()
+
+
+def test_eps_and_dropping_default_to_each_strategys_own():
+    r, g = noisy_batch(4, k=2)
+    for name in BALANCERS:
+        b = make(name)
+        assert b.eps == (1e-4 if name == "static" else 1e-6), name
+        assert b.drops_zero_advantage == (name in ("static", "pareto")), name
+        assert make(name, eps=1e-3).eps == 1e-3
+        assert make(name, drop_zero_advantage=False).drops_zero_advantage is False
+        assert make(name, drop_zero_advantage=True).drops_zero_advantage is True
+    # left null, static's advantages use 1e-4 for the std of R and its logged z-scores 1e-6 (gdpo's)
+    _, default = make("static")(r, g)
+    _, gd = make("gdpo")(r, g)
+    assert torch.equal(default["per_objective"], gd["per_objective"])
 
 
 # ----------------------------------------------------------------------------- dwa / mgda / random
@@ -375,16 +386,16 @@ def test_load_state_dict_rejects_other_strategy_or_objectives():
 def test_build_balancer_errors():
     with pytest.raises(ApexError, match="unknown balance strategy 'fancy'; valid: static, gdpo, apex, dwa, mgda, random"):
         build_balancer("fancy", ["a"])
-    with pytest.raises(ApexError, match=r"balance.weights has 3 values but there are 2 objectives"):
+    with pytest.raises(ApexError, match=r"config key 'balance.weights' has 3 values but there are 2 objectives"):
         build_balancer("gdpo", ["a", "b"], weights=[1, 2, 3])
-    with pytest.raises(ApexError, match=r"balance.apex.tau must be > 0, got 0"):
+    with pytest.raises(ApexError, match=r"config key 'balance.apex.tau' must be > 0, got 0"):
         build_balancer("apex", ["a", "b"], tau=0)
     with pytest.raises(ApexError, match="unknown option 'temperature' for balance strategy 'apex'"):
         build_balancer("apex", ["a", "b"], temperature=2.0)
-    with pytest.raises(ApexError, match="balance.progress_prompts needs balance.probe_every > 0"):
+    with pytest.raises(ApexError, match="config key 'balance.experimental.progress_prompts' needs balance.probe_every > 0"):
         build_balancer("apex", ["a", "b"], progress_prompts=4, probe_every=0)
-    with pytest.raises(ApexError, match="balance.apex.terms has unknown term 'xx'"):
-        build_balancer("apex", ["a", "b"], terms="lp,xx")
+    with pytest.raises(ApexError, match="unknown option 'terms' for balance strategy 'apex'"):
+        build_balancer("apex", ["a", "b"], terms="lp,cp")
     with pytest.raises(ApexError, match="rewards have shape"):
         build_balancer("gdpo", ["a", "b"])(torch.zeros(4, 3), torch.zeros(4, dtype=torch.long))
     with pytest.raises(ApexError, match="duplicates"):
@@ -395,14 +406,18 @@ def test_config_validate_names_dotted_keys():
     cfg = BalanceConfig()
     cfg.validate(2)
     for path, value, message in [
-        ("apex.floor", 1.5, "balance.apex.floor must be in [0, 1], got 1.5"),
-        ("apex.smoothing", 1.0, "balance.apex.smoothing must be in [0, 1), got 1.0"),
-        ("apex.targets", [1.0], "balance.apex.targets has 1 values but there are 2 objectives"),
-        ("dwa.temperature", -1.0, "balance.dwa.temperature must be > 0"),
-        ("random.alpha", 0.0, "balance.random.alpha must be > 0"),
-        ("std_scope", "batch", "balance.std_scope must be group or global"),
-        ("probe_every", -1, "balance.probe_every must be an integer >= 0"),
-        ("weights", [1.0, 0.0], "balance.weights must be > 0 for apex"),
+        ("apex.floor", 1.5, "config key 'balance.apex.floor' must be in [0, 1], got 1.5"),
+        ("apex.smoothing", 1.0, "config key 'balance.apex.smoothing' must be in [0, 1), got 1.0"),
+        ("apex.targets", [1.0], "config key 'balance.apex.targets' has 1 values but there are 2 objectives"),
+        ("apex.targets", [1.0, float("inf")], "config key 'balance.apex.targets' must be a finite number, got inf"),
+        ("dwa.temperature", -1.0, "config key 'balance.dwa.temperature' must be > 0"),
+        ("random.alpha", 0.0, "config key 'balance.random.alpha' must be > 0"),
+        ("std_scope", "batch", "config key 'balance.std_scope' must be one of global, group, got 'batch'"),
+        ("probe_every", -1, "config key 'balance.probe_every' must be >= 0, got -1"),
+        ("weights", [1.0, 0.0], "config key 'balance.weights' must be > 0 for apex"),
+        ("weights", [1.0, -1.0], "config key 'balance.weights' must be >= 0, got -1.0"),
+        ("eps", 0.0, "config key 'balance.eps' must be > 0, got 0.0"),
+        ("pareto.min_score", float("nan"), "config key 'balance.pareto.min_score' must be a finite number"),
     ]:
         cfg = BalanceConfig()
         section, _, field_name = path.rpartition(".")

@@ -59,15 +59,10 @@ def test_conflict_penalty_from_proxy_and_gram():
     assert conflict_penalty(torch.ones(1, 1, dtype=D)).tolist() == [0.0]
 
 
-def test_conflict_penalty_leader_yields():
-    # a and b conflict (cos -1), c agrees with both; b lags (PN 1), a leads (PN 0), c between
+def test_conflict_penalty_both_sides_pay():
+    # a and b conflict (cos -1), c agrees with both
     cos = torch.tensor([[1.0, -1.0, 0.5], [-1.0, 1.0, 0.5], [0.5, 0.5, 1.0]], dtype=D)
-    assert torch.allclose(conflict_penalty(cos), torch.tensor([0.5, 0.5, 0.0], dtype=D))  # both sides pay
-    need = torch.tensor([0.0, 1.0, 0.3], dtype=D)
-    # only the leader pays, by its gap in need: CP_a = (1 - 0) * 1 / 2; the lagging b pays nothing
-    assert torch.allclose(conflict_penalty(cos, need), torch.tensor([0.5, 0.0, 0.0], dtype=D))
-    # equal need: nobody is ahead, so nobody yields
-    assert torch.allclose(conflict_penalty(cos, torch.full((3,), 0.4, dtype=D)), torch.zeros(3, dtype=D))
+    assert torch.allclose(conflict_penalty(cos), torch.tensor([0.5, 0.5, 0.0], dtype=D))
 
 
 def test_progress_and_progress_need():

@@ -16,6 +16,18 @@ def _click_commands() -> dict:
     return dict(typer.main.get_command(app).commands)
 
 
+def test_short_options_mean_the_same_in_every_command():
+    """-o is --out wherever a command writes somewhere; overrides are --set (or KEY=VALUE), never -o."""
+    for name, command in _click_commands().items():
+        options = {opt: param for param in command.params for opt in param.opts}
+        if "--out" in options:
+            assert "-o" in options["--out"].opts, f"apex {name}: --out has no -o"
+        assert "-o" not in options or options["-o"] is options.get("--out"), f"apex {name}: -o is not --out"
+        assert "--override" not in options, f"apex {name}: overrides are --set"
+    for name in ("train", "sample", "score", "serve", "sweep", "doctor"):
+        assert "--set" in {opt for param in _click_commands()[name].params for opt in param.opts}, name
+
+
 def test_top_level_help_lists_every_command():
     result = run_cli(["--help"])
     assert result.code == 0

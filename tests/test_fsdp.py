@@ -75,7 +75,7 @@ main(sys.argv[3:])
 ARGV = [
     "train", "--preset", "tiny", "--objectives", "brightness,colorfulness", *TINY_OVERRIDES,
     "eval.every=3", "eval.num_prompts=3", "eval.num_steps=3", "eval.batch_size=1",
-    "train.ema_decay=0.9", "balance.probe_every=1", "balance.progress_prompts=3",
+    "train.ema_decay=0.9", "balance.probe_every=1", "balance.experimental.progress_prompts=3",
 ]
 COMPARED = ("loss", "kl", "ratio_mean", "grad_norm", "balance/weight/brightness", "balance/weight/colorfulness",
             "balance/progress/brightness", "balance/progress/colorfulness",

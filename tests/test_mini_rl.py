@@ -34,7 +34,7 @@ MINI_RL = {
     "sampling": {"num_steps": 6, "guidance_scale": 1.0, "share_group_noise": True},
     "train": {
         "loss": "grpo", "steps": STEPS, "prompts_per_step": 2, "group_size": 4, "rollout_batch_size": 8,
-        "train_batch_size": 8, "lr": 2e-2, "window_size": 3, "kl_beta": 0.001, "anchor_beta": 0.0,
+        "train_batch_size": 8, "lr": 2e-2, "window_size": 3, "kl_beta": 0.001, "experimental": {"anchor_beta": 0.0},
         "checkpoint_every": 0,
     },
     "eval": {"every": STEPS, "num_prompts": 8, "num_steps": 6, "guidance_scale": 1.0, "batch_size": 8},
@@ -44,7 +44,7 @@ MINI_RL = {
 
 # train.loss=nft as measured in docs/experiments/2026-11-30-nft-loss.md: a noise per sample, 4 points each
 # (0.659 -> 0.940, 8 of 8 brighter, in the same 6 updates)
-NFT = {"loss": "nft", "nft_timesteps": 4}
+NFT = {"loss": "nft", "experimental": {"nft_timesteps": 4}}
 
 
 @pytest.fixture(scope="module", params=["grpo", "nft"])

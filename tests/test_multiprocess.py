@@ -135,7 +135,7 @@ def test_anchor_under_ddp_keeps_the_ranks_identical(tmp_path):
     all-reduced with the policy term's, or the ranks (different samples) would drift apart."""
     out = tmp_path / "run"
     argv = ["train", "--preset", "tiny", "--steps", "2", "--out", str(out), "--objectives", "brightness", *TINY_OVERRIDES,
-            "train.window_size=1", "train.anchor_beta=1.0", "train.lr=3e-2"]
+            "train.window_size=1", "train.experimental.anchor_beta=1.0", "train.lr=3e-2"]
     proc = _torchrun(tmp_path, 2, argv)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0 = load_file(str(tmp_path / "rank0.safetensors"))
@@ -150,7 +150,7 @@ def test_nft_under_ddp_is_the_one_process_update(tmp_path):
     With kl_beta the reference forward runs between the policy forward and the backward."""
     from helpers import train_tiny
 
-    nft = ["--objectives", "brightness", "train.loss=nft", "train.nft_timesteps=2", "train.kl_beta=0.1", "train.lr=3e-2"]
+    nft = ["--objectives", "brightness", "train.loss=nft", "train.experimental.nft_timesteps=2", "train.kl_beta=0.1", "train.lr=3e-2"]
     one = read_metrics(train_tiny(tmp_path / "one", 2, *nft))
     out = tmp_path / "two"
     proc = _torchrun(tmp_path, 2, ["train", "--preset", "tiny", "--steps", "2", "--out", str(out), *TINY_OVERRIDES, *nft])

@@ -17,7 +17,7 @@ def _progress(run) -> list[tuple[float, float]]:
 
 
 def test_probe_reads_no_progress_from_an_unchanged_policy(tmp_path):
-    probed = train_tiny(tmp_path / "probe", 5, *STILL_POLICY, "balance.progress_prompts=3")
+    probed = train_tiny(tmp_path / "probe", 5, *STILL_POLICY, "balance.experimental.progress_prompts=3")
     rows = read_metrics(probed)
     assert [r["time/progress_probe"] > 0 for r in rows] == [True, False, True, False, True]  # every probe_every steps
     assert _progress(probed) == [(0.0, 0.0)] * 5
@@ -27,7 +27,7 @@ def test_probe_reads_no_progress_from_an_unchanged_policy(tmp_path):
 
 def test_probe_reads_the_progress_of_a_moving_policy(tmp_path):
     run = train_tiny(tmp_path / "run", 3, "--objectives", "brightness,colorfulness", "train.lr=3e-2",
-                     "balance.probe_every=2", "balance.progress_prompts=3", "balance.apex.warmup=0")
+                     "balance.probe_every=2", "balance.experimental.progress_prompts=3", "balance.apex.warmup=0")
     first, _, third = _progress(run)
     assert first == (0.0, 0.0)  # the first reading is the base
     assert third != (0.0, 0.0)  # two updates later the same prompts and noise score differently

@@ -54,7 +54,7 @@ def _setup_trainer(tmp_path, *extra: str) -> Trainer:
 
 def test_one_reward_suite_serves_training_eval_and_the_progress_probe(tmp_path):
     trainer = _setup_trainer(tmp_path, "eval.every=1", "eval.num_prompts=2", "balance.strategy=apex",
-                             "balance.progress_prompts=2", "balance.probe_every=1")
+                             "balance.experimental.progress_prompts=2", "balance.probe_every=1")
     try:
         trainer.setup()
         assert trainer.progress_probe is not None and trainer.evaluator is not None
@@ -124,6 +124,25 @@ def test_the_run_layout_and_the_ema_delay_are_printed_at_start(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "apex: one process; 4 samples per update = 4 per process in 2 micro-batch(es) of 2" in err
     assert "evaluations before update 4 show the base model" in err
+
+
+def test_the_experimental_settings_a_run_makes_are_one_warning_at_start(tmp_path, capsys):
+    trainer = _setup_trainer(tmp_path, "train.loss=nft", "train.experimental.nft_timesteps=2",
+                             "sampling.experimental.noise_block=2", "train.experimental.nft_beta=1.0")
+    try:
+        trainer.setup()
+    finally:
+        trainer.close()
+    lines = [line for line in capsys.readouterr().err.splitlines() if "experimental" in line]
+    # nft_beta is set to its default: not a change, not listed
+    assert lines == ["warning: experimental settings: train.loss=nft, sampling.experimental.noise_block=2, "
+                     "train.experimental.nft_timesteps=2 (docs/method/extensions.md)"]
+    trainer = _setup_trainer(tmp_path / "plain")
+    try:
+        trainer.setup()
+    finally:
+        trainer.close()
+    assert "experimental" not in capsys.readouterr().err
 
 
 def test_a_single_process_accelerate_launch_asked_for_several_says_so(tmp_path, capsys, monkeypatch):

@@ -16,7 +16,7 @@ from helpers import read_metrics, train_tiny
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from apexcli.balance import build_balancer
-from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
+from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, Config, resolve_config
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import _scheduler_sigmas, first_sigma_below_one
 from apexcli.flow.sde import STEP_FUNCTIONS, sde_step_with_logprob
@@ -94,8 +94,8 @@ def test_two_optimizer_steps_per_epoch_make_the_second_half_off_policy(tmp_path)
     assert abs(off["ratio_first"] - 1) < 1e-5  # the first micro-batch is still on-policy
     assert off["ratio_max_dev"] > 1e-4  # later ones are not: beyond the clip range 1e-4
     assert off["clip_frac"] > 0
-    with pytest.raises(ApexError, match="optimizer_steps_per_epoch"):
-        resolve_config(preset="tiny", overrides=["train.optimizer_steps_per_epoch=2", "train.gradient_accumulation=1"])
+    with pytest.raises(ApexError, match="'train.optimizer_steps_per_epoch' must be >= 1"):
+        resolve_config(preset="tiny", overrides=["train.optimizer_steps_per_epoch=0"])
 
 
 # ----------------------------------------------------------------------------- 4. static advantages
@@ -132,7 +132,7 @@ def test_static_default_is_flow_grpos_multi_score():
     # group-std form blows it up to unit size
     assert adv[4:8].abs().max() < 0.02
     group_std, _ = build_balancer("static", ["pick", "aes"], weights=weights, std_scope="group",
-                                  static={"eps": 1e-6, "reference_scales": False})(r, g)
+                                  eps=1e-6, static={"reference_scales": False})(r, g)
     assert group_std[4:8].abs().max() > 1.5
 
 
@@ -241,7 +241,7 @@ def test_lora_gaussian_init_has_std_one_over_rank():
 def test_reference_presets_use_the_reference_recipe(preset):
     cfg = resolve_config(preset=preset)
     assert cfg.train.kl_form == "reference" and cfg.train.kl_beta == 0.04
-    assert cfg.train.optimizer_steps_per_epoch == 2 and cfg.train.gradient_accumulation == 0
+    assert cfg.train.optimizer_steps_per_epoch == 2 and cfg.train.timestep_fraction == 0.99
     assert cfg.lora.init == "gaussian" and cfg.model.max_sequence_length == 128
     assert cfg.train.ema_decay == 0.9 and cfg.train.ema_every == 8 and cfg.train.ema_warmup
     assert cfg.sampling.guidance_scale == 4.5 and cfg.eval.guidance_scale == 4.5
@@ -249,5 +249,17 @@ def test_reference_presets_use_the_reference_recipe(preset):
 
 def test_tiny_preset_keeps_its_behaviour():
     cfg = resolve_config(preset="tiny")
-    assert cfg.train.kl_form == "exact" and cfg.train.optimizer_steps_per_epoch == 0
-    assert cfg.lora.init == "kaiming" and cfg.train.ema_every == 1 and not cfg.train.ema_warmup
+    assert cfg.train.kl_form == "exact" and cfg.train.optimizer_steps_per_epoch == 1
+    assert cfg.lora.init == "kaiming" and cfg.train.ema_decay == 0
+    assert cfg.train.ema_every == 1 and not cfg.train.ema_warmup  # a test that turns the EMA on sees it move
+
+
+def test_the_recipe_is_the_default():
+    """A config that names no preset trains the Flow-GRPO recipe; sd35m adds nothing to it."""
+    default, sd35m = Config(), resolve_config(preset="sd35m")
+    assert default.train.kl_form == "reference" and default.train.optimizer_steps_per_epoch == 2
+    assert default.lora.init == "gaussian" and default.model.max_sequence_length == 128
+    assert (default.train.ema_decay, default.train.ema_every, default.train.ema_warmup) == (0.9, 8, True)
+    assert (default.train.group_size, default.train.prompts_per_step, default.train.timestep_fraction) == (24, 48, 0.99)
+    for section in ("model", "lora", "sampling", "train", "balance", "rewards", "prompts", "eval"):
+        assert getattr(sd35m, section) == getattr(default, section), section

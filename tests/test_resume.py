@@ -24,11 +24,10 @@ def _without_times(row: dict) -> dict:
 # with a gradient probe and a progress probe each step, per-epoch timestep subsets) and the other sampling paths
 # (CPS, CFG, shared group noise).
 EVERYTHING = (
-    "train.ema_decay=0.9", "train.gradient_accumulation=1", "train.timestep_fraction=0.5", "train.inner_epochs=2",
-    "train.warmup_steps=3", "balance.probe_every=1", "balance.progress_prompts=2", "balance.apex.warmup=0", "sampling.share_group_noise=true",
+    "train.ema_decay=0.9", "train.optimizer_steps_per_epoch=2", "train.timestep_fraction=0.5", "train.inner_epochs=2",
+    "train.warmup_steps=3", "balance.probe_every=1", "balance.experimental.progress_prompts=2", "balance.apex.warmup=0", "sampling.share_group_noise=true",
     "sampling.sampler=cps", "sampling.guidance_scale=2.0",
     "train.ema_every=3", "train.ema_warmup=true", "lora.init=gaussian", "train.kl_form=reference",
-    "balance.apex.conflict=leader_yields", "balance.not_on_text=[brightness]",
 )
 
 

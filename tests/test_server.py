@@ -19,6 +19,7 @@ from PIL import Image
 
 from apexcli.errors import ApexError
 from apexcli.rewards import RemoteConfig, RewardsConfig, RewardSuite
+from apexcli.rewards.config import apply_overrides
 from apexcli.rewards.remote import TOKEN_ENV, RemoteReward, encode_png, request_json
 from apexcli.rewards.server import make_server
 from helpers import HANG_GUARD_S
@@ -71,10 +72,12 @@ def test_round_trip_equals_in_process(server, config):
     assert info["ocr"]["target"][2] == "sign"
 
 
-def test_url_from_config_section(server, config):
-    cfg = RewardsConfig(remote=FAST)
-    cfg.pick.url = server.url
-    with RewardSuite(["pick"], config=cfg) as suite:
+def test_a_server_is_named_in_the_objective_only(server):
+    with pytest.raises(ApexError, match=r"config key 'rewards.pick.url' was removed: serve the reward from a server with pick@URL"):
+        apply_overrides(RewardsConfig(), [f"rewards.pick.url={server.url}"])
+    with pytest.raises(ApexError, match=r"'rewards.extra.redness.url' was removed"):
+        apply_overrides(RewardsConfig(), [f"extra.redness.url={server.url}"])
+    with RewardSuite([f"pick@{server.url}"], config=RewardsConfig(remote=FAST)) as suite:
         assert isinstance(suite.rewards["pick"], RemoteReward)
 
 

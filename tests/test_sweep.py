@@ -133,8 +133,8 @@ def test_cli_dry_run_prints_the_command_lines(tmp_path):
     app.command("noop")(lambda: None)  # two commands so typer keeps the subcommand name
     out = tmp_path / "sw"
     result = CliRunner().invoke(app, [
-        "sweep", "--objectives", "brightness,contrast", "--points", "3", "--out", str(out),
-        "--preset", "tiny", "--steps", "4", "-o", "train.lr=1e-4", "--dry-run",
+        "sweep", "--objectives", "brightness,contrast", "--points", "3", "-o", str(out),
+        "--preset", "tiny", "--steps", "4", "--set", "train.lr=1e-4", "--dry-run",
     ])
     assert result.exit_code == 0, result.output
     assert result.output.splitlines() == [

@@ -156,8 +156,8 @@ def test_anchor_holds_the_untrained_steps_near_the_base_model(tmp_path):
     """With one trained step, the anchor penalises the velocity drift at the other: 0 while the
     LoRA is still the identity, and a heavy anchor_beta keeps that drift far below a negligible one."""
     base = ["train.window_size=1", "train.lr=3e-2", "--objectives", "brightness"]
-    light = read_metrics(train_tiny(tmp_path / "light", 4, *base, "train.anchor_beta=1e-9"))
-    heavy = read_metrics(train_tiny(tmp_path / "heavy", 4, *base, "train.anchor_beta=1e3"))
+    light = read_metrics(train_tiny(tmp_path / "light", 4, *base, "train.experimental.anchor_beta=1e-9"))
+    heavy = read_metrics(train_tiny(tmp_path / "heavy", 4, *base, "train.experimental.anchor_beta=1e3"))
     assert light[0]["anchor"] == 0.0 and heavy[0]["anchor"] == 0.0  # LoRA B = 0 on the first update
     assert light[-1]["anchor"] > 0
     assert heavy[-1]["anchor"] < 0.2 * light[-1]["anchor"]
@@ -167,7 +167,7 @@ def test_nft_loss_trains_from_the_rollout_policy(tmp_path):
     """train.loss=nft: one optimizer step per iteration is on-policy (drift 0 on the first update)
     and moves the LoRA; with two epochs the reference velocities are the rollout policy's, taken
     before any step (a tiny lr leaves the drift ~0, a large one does not); no ratio statistics."""
-    nft = ["train.loss=nft", "train.nft_timesteps=2"]
+    nft = ["train.loss=nft", "train.experimental.nft_timesteps=2"]
     rows = read_metrics(train_tiny(tmp_path / "one", 2, *nft, "train.lr=3e-2"))
     assert rows[0]["nft_drift"] == 0.0 and rows[0]["grad_norm"] > 0
     assert "ratio_first" not in rows[0] and "ratio_max_dev" not in rows[0]

@@ -358,7 +358,7 @@ def _objective_row(objective: str, cfg: Config) -> Row:
     from apexcli.rewards.registry import REWARD_NAMES, resolve_objective, reward_spec
 
     try:
-        key, url = resolve_objective(objective, cfg.rewards)
+        key, url = resolve_objective(objective)
     except ApexError as exc:
         return _unknown_objective_row(objective, exc, cfg.objectives)
     name = f"reward {key}"

@@ -31,11 +31,9 @@ from pathlib import Path
 from typing import Any
 
 from apexcli.balance.config import BalanceConfig
-from apexcli.config import Config
+from apexcli.config import EXPERIMENTAL_SECTION, Config
 from apexcli.rewards.config import RewardsConfig
 from apexcli.schema import Rule, field_rule
-
-EXPERIMENTAL_SECTION = "experimental"
 
 HEADER = """\
 # Configuration reference
@@ -47,8 +45,10 @@ Do not edit by hand: edit the field's docstring and run `make docs`. -->
 Every key of a run config, with its type, its default and what it does. A config is built in
 layers, later ones winning: the preset (`--preset`), then `--config FILE`, then the command's
 options, then `key=value` overrides (`apex train ... train.lr=1e-4 balance.apex.tau=0.5`). The
-defaults below are the dataclasses' own; each preset (`src/apexcli/presets/*.yaml`) overrides many
-of them. `apex score` and `apex serve` take the `rewards.*` keys with `--set`.
+defaults below are the Flow-GRPO recipe for SD3.5 Medium (docs/method/flow-grpo-parity.md), so the
+`sd35m` preset sets little more than its output folder; every other preset
+(`src/apexcli/presets/*.yaml`) names the preset it starts from (`base:`) or sets what differs.
+`apex score` and `apex serve` take the `rewards.*` keys with `--set`.
 
 Every value is checked before any model loads; an error names the dotted key. "Kept on resume"
 marks a key whose value a resumed run must keep (a different value is refused, because the saved

@@ -40,6 +40,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from apexcli.config_upgrade import upgrade_config
 from apexcli.errors import ApexError
 from apexcli.runs import LORA_FILE, SOUP_FILE, RunDir, atomic_directory, atomic_write_text, parse_step_dirname
 
@@ -173,7 +174,7 @@ def load_parents(paths: Sequence[Path]) -> list[Parent]:
         run = RunDir(Path(p))
         if not run.config_path.is_file():
             raise ApexError(f"'{p}' is not a run directory (no config.yaml); give folders made by apex train")
-        config = run.read_config()
+        config, _ = upgrade_config(run.read_config())  # a run written before keys moved reads as today's
         ckpt = run.latest_checkpoint()
         if ckpt is None:
             raise ApexError(f"run '{p}' has no checkpoint with a LoRA yet; train it longer or with checkpoints on")

@@ -18,12 +18,12 @@ from apexcli.balance.config import (
     STRATEGIES,
     ApexConfig,
     BalanceConfig,
+    BalanceExperimental,
     DwaConfig,
     MgdaConfig,
     ParetoConfig,
     RandomConfig,
     StaticConfig,
-    validate_balance_config,
 )
 from apexcli.balance.dwa import DwaBalancer
 from apexcli.balance.gdpo import GdpoBalancer
@@ -48,6 +48,7 @@ __all__ = [
     "BALANCERS",
     "ApexConfig",
     "BalanceConfig",
+    "BalanceExperimental",
     "Balancer",
     "DwaConfig",
     "MgdaConfig",
@@ -56,11 +57,11 @@ __all__ = [
     "StaticConfig",
     "build_balancer",
     "build_balancer_from_config",
-    "validate_balance_config",
 ]
 
 _SECTIONS = ("apex", "dwa", "mgda", "random", "static", "pareto")  # strategies with their own config section
-_TOP_LEVEL = {f.name for f in dataclasses.fields(BalanceConfig)} - {"strategy", "weights", *_SECTIONS}
+_EXPERIMENTAL = {f.name for f in dataclasses.fields(BalanceExperimental)}
+_TOP_LEVEL = {f.name for f in dataclasses.fields(BalanceConfig)} - {"strategy", "weights", "experimental", *_SECTIONS}
 
 
 def build_balancer_from_config(cfg: BalanceConfig, objectives: list[str]) -> Balancer:
@@ -74,8 +75,8 @@ def build_balancer(name: str, objectives: list[str], weights: list[float] | None
     """Build a balancer without a run config.
 
     ``options`` are BalanceConfig fields (``eps``, ``probe_every``, ``std_scope``, ...), fields
-    of the strategy's own section (``tau=0.5`` for apex, ``temperature`` for dwa, ...), or a
-    whole section (``apex=ApexConfig(...)`` or a dict).
+    of the strategy's own section (``tau=0.5`` for apex, ``temperature`` for dwa, ...) or of
+    ``experimental`` (``progress_prompts``), or a whole section (``apex=ApexConfig(...)`` or a dict).
     """
     if name not in BALANCERS:
         raise ApexError(f"unknown balance strategy '{name}'; valid: {', '.join(BALANCERS)}")
@@ -84,15 +85,15 @@ def build_balancer(name: str, objectives: list[str], weights: list[float] | None
     for key, value in options.items():
         if key in _TOP_LEVEL:
             setattr(cfg, key, value)
-        elif key in _SECTIONS:
+        elif key in (*_SECTIONS, "experimental"):
             current = getattr(cfg, key)
             setattr(cfg, key, dataclasses.replace(current, **value) if isinstance(value, dict) else value)
         elif section_name and key in {f.name for f in dataclasses.fields(getattr(cfg, section_name))}:
-            if key == "terms" and isinstance(value, (list, tuple)):
-                value = ",".join(value)
             setattr(getattr(cfg, section_name), key, value)
+        elif key in _EXPERIMENTAL:
+            setattr(cfg.experimental, key, value)
         else:
             section = getattr(cfg, section_name) if section_name else None
-            valid = sorted(_TOP_LEVEL | ({f.name for f in dataclasses.fields(section)} if section else set()))
+            valid = sorted(_TOP_LEVEL | _EXPERIMENTAL | ({f.name for f in dataclasses.fields(section)} if section else set()))
             raise ApexError(f"unknown option '{key}' for balance strategy '{name}'; valid: {', '.join(valid)}")
     return build_balancer_from_config(cfg, objectives)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from apexcli.balance.base import Balancer, Batch, Outcome, list_to_tensor, tensor_to_list
-from apexcli.balance.config import BalanceConfig, parse_terms
+from apexcli.balance.config import BalanceConfig
 from apexcli.balance.normalize import batch_standardize, dsan_denominator, group_zscores
 from apexcli.balance.priorities import (
     conflict_penalty,
@@ -28,20 +28,18 @@ class ApexBalancer(Balancer):
 
     DSAN stage 1:  z[i,k] = (r[i,k] - mean_g,k) / max(std_g,k, rho S_k)   (0 if masked or flat)
     DSAN stage 2:  A = standardize_batch(sum_k w_k z[:,k])
-    (``dsan=false``: stage 1 uses std_g,k + eps, i.e. gdpo.)
+    (``rho`` = 0: no floor, stage 1 is gdpo's (r - mean_g,k) / (std_g,k + eps).)
 
     P³ priorities:
         LP_k = mean_g std_g,k / S_k                           learning potential
         CP_k = mean_{j!=k} max(0, -cos(k, j))                 conflict penalty; cos from the
-               probe's gradient Gram on the step after a probe, else cos(z_k, z_j) over the batch;
-               ``conflict=leader_yields``: each term times max(0, PN_j - PN_k), so only the side
-               that is ahead pays
+               probe's gradient Gram on the step after a probe, else cos(z_k, z_j) over the batch
         p_k  = (M_k - M_k(0)) / S_k(0)   [or (M_k - M_k(0)) / (T_k - M_k(0)) with targets]
-               with ``progress_prompts`` > 0, M_k and S_k(0) are the progress probe's mean and
+               with ``experimental.progress_prompts`` > 0, M_k and S_k(0) are the progress probe's mean and
                first std instead: the same prompts and noise every time, so p_k follows the policy
         PN_k = (max_j p_j - p_k) / (max_j p_j - min_j p_j + eps)   progress need
         s_k  = log u_k + b_L LP_k + b_N PN_k - b_C CP_k       (u = user weights, sum K;
-                                                                a term outside ``terms`` has coefficient 0)
+                                                                a coefficient 0 switches its term off)
         w*   = (1 - floor) K softmax(s / tau) + floor
         w_t  = smoothing w_{t-1} + (1 - smoothing) w*         (w_t = u during the first ``warmup`` steps)
 
@@ -53,7 +51,6 @@ class ApexBalancer(Balancer):
 
     def __init__(self, objectives: list[str], cfg: BalanceConfig):
         super().__init__(objectives, cfg)
-        self.terms = parse_terms(cfg.apex.terms)
         k = self.k
         self.seen = torch.zeros(k, dtype=torch.bool)
         self.scale = torch.zeros(k, dtype=torch.float64)
@@ -62,7 +59,7 @@ class ApexBalancer(Balancer):
         self.mean0 = torch.zeros(k, dtype=torch.float64)
         self.weights = self.user_weights.clone()
         self.pending_gram: torch.Tensor | None = None
-        # the progress probe's readings (used for p_k when cfg.progress_prompts > 0)
+        # the progress probe's readings (used for p_k when cfg.experimental.progress_prompts > 0)
         self.probe_seen = torch.zeros(k, dtype=torch.bool)
         self.probe_mean = torch.zeros(k, dtype=torch.float64)
         self.probe_mean0 = torch.zeros(k, dtype=torch.float64)
@@ -71,7 +68,7 @@ class ApexBalancer(Balancer):
     # ------------------------------------------------------------------ probe
     def wants_probe(self, step: int) -> bool:
         a = self.cfg.apex
-        return self.k > 1 and "cp" in self.terms and a.b_cp > 0 and self._probe_due(step)
+        return self.k > 1 and a.b_cp > 0 and self._probe_due(step)
 
     def set_gradient_gram(self, gram: torch.Tensor) -> None:
         g = self._checked_gram(gram)
@@ -79,7 +76,7 @@ class ApexBalancer(Balancer):
             self.pending_gram = g
 
     def wants_progress(self, step: int) -> bool:
-        return (self.k > 1 and self.cfg.progress_prompts > 0 and "pn" in self.terms and self.cfg.apex.b_pn > 0
+        return (self.k > 1 and self.cfg.experimental.progress_prompts > 0 and self.cfg.apex.b_pn > 0
                 and self._probe_due(step))  # one objective has no need relative to others
 
     def set_progress_means(self, mean: torch.Tensor, std: torch.Tensor) -> None:
@@ -112,9 +109,9 @@ class ApexBalancer(Balancer):
         a = self.cfg.apex
         self._update_running(batch)
         stats = batch.stats
-        if a.dsan:
+        if a.rho > 0:
             z = group_zscores(batch.values, batch.mask, stats, dsan_denominator(stats, self.scale, a.rho))
-        else:
+        else:  # no floor: a group's own std, + eps so a near-flat group stays bounded
             z = self.gdpo_z(batch)
 
         lp = learning_potential(stats, self.scale)
@@ -122,30 +119,27 @@ class ApexBalancer(Balancer):
         cos = gram_to_cosine(self.pending_gram) if exact else cosine_matrix(z)
         self.pending_gram = None  # an exact Gram serves the step right after its probe
         targets = None if a.targets is None else torch.tensor(a.targets, dtype=torch.float64)
-        if self.cfg.progress_prompts > 0:
+        if self.cfg.experimental.progress_prompts > 0:
             measured = self.probe_seen
             p = progress(self.probe_mean, self.probe_mean0, self.probe_scale0, targets)
         else:
             measured = self.seen
             p = progress(self.mean, self.mean0, self.scale0, targets)
         p = torch.where(measured, p, torch.zeros_like(p))
-        pn = progress_need(p, measured, self.cfg.eps)
-        cp = conflict_penalty(cos, pn if a.conflict == "leader_yields" else None)
+        pn = progress_need(p, measured, self.eps)
+        cp = conflict_penalty(cos)
 
         if self.step < a.warmup:
             w = self.user_weights.clone()
         else:
-            b_l = a.b_lp if "lp" in self.terms else 0.0
-            b_c = a.b_cp if "cp" in self.terms else 0.0
-            b_n = a.b_pn if "pn" in self.terms else 0.0
-            s = self.user_weights.log() + b_l * lp + b_n * pn - b_c * cp
+            s = self.user_weights.log() + a.b_lp * lp + a.b_pn * pn - a.b_cp * cp
             target = mix_floor(softmax_weights(s, a.tau), a.floor)
             w = a.smoothing * self.weights + (1 - a.smoothing) * target
             w = w * (self.k / w.sum())  # guard the sum against rounding drift
         self.weights = w
 
         contrib = z * w
-        adv = batch_standardize(contrib.sum(1), self.cfg.eps)
+        adv = batch_standardize(contrib.sum(1), self.eps)
         metrics = {"balance/cp_exact": 1.0 if exact else 0.0}
         for i, name in enumerate(self.objectives):
             metrics[f"balance/pn/{name}"] = float(pn[i])

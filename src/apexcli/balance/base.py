@@ -76,10 +76,18 @@ def list_to_tensor(x) -> torch.Tensor | None:
     return None if x is None else torch.as_tensor(x, dtype=torch.float64)
 
 
+DEFAULT_EPS = 1e-6
+"""``balance.eps`` of every strategy but static, whose own is 1e-4 (Flow-GRPO's)."""
+
+
 class Balancer:
     """Base of every strategy. Deterministic, CPU, stateful only through ``state_dict``."""
 
     name = "base"
+    default_eps = DEFAULT_EPS
+    """``balance.eps`` when the config leaves it null."""
+    drops_zero_by_default = False
+    """``balance.drop_zero_advantage`` when the config leaves it null."""
 
     def __init__(self, objectives: list[str], cfg: BalanceConfig):
         if not objectives:
@@ -91,7 +99,15 @@ class Balancer:
         self.cfg = cfg
         self.k = len(objectives)
         self.user_weights = normalize_user_weights(cfg.weights, self.k)
+        self.eps = cfg.eps if cfg.eps is not None else self.default_eps
         self.step = 0  # number of batches balanced so far
+
+    @property
+    def drops_zero_advantage(self) -> bool:
+        """True when the trainer should leave zero-advantage samples out of the update
+        (``balance.drop_zero_advantage``, else the strategy's default)."""
+        dza = self.cfg.drop_zero_advantage
+        return self.drops_zero_by_default if dza is None else dza
 
     # ---------------------------------------------------------------- probe hooks
     def wants_probe(self, step: int) -> bool:
@@ -155,9 +171,11 @@ class Balancer:
         count, mean, std = masked_batch_moments(values, mask)
         return Batch(values, mask, stats, count, mean, std)
 
-    def gdpo_z(self, batch: Batch) -> torch.Tensor:
-        """Per-objective group z-scores (r - mean_g,k) / (std_g,k + eps), 0 when masked or flat."""
-        return group_zscores(batch.values, batch.mask, batch.stats, gdpo_denominator(batch.stats, self.cfg.eps))
+    def gdpo_z(self, batch: Batch, eps: float | None = None) -> torch.Tensor:
+        """Per-objective group z-scores (r - mean_g,k) / (std_g,k + eps), 0 when masked or flat
+        (``eps``: this balancer's unless given)."""
+        eps = self.eps if eps is None else eps
+        return group_zscores(batch.values, batch.mask, batch.stats, gdpo_denominator(batch.stats, eps))
 
     # ---------------------------------------------------------------- diagnostics
     def _metrics(self, batch: Batch, out: Outcome, adv: torch.Tensor) -> dict[str, float]:

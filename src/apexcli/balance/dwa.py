@@ -48,7 +48,7 @@ class DwaBalancer(Balancer):
             w = self.user_weights.clone()
         z = self.gdpo_z(batch)
         contrib = z * w
-        adv = batch_standardize(contrib.sum(1), self.cfg.eps)
+        adv = batch_standardize(contrib.sum(1), self.eps)
         # then fold this batch into the running statistics
         decay = d_cfg.ema_decay
         ok = batch.batch_count >= 2

@@ -21,5 +21,5 @@ class GdpoBalancer(Balancer):
         z = self.gdpo_z(batch)
         w = self.user_weights
         contrib = z * w
-        adv = batch_standardize(contrib.sum(1), self.cfg.eps)
+        adv = batch_standardize(contrib.sum(1), self.eps)
         return Outcome(adv, w.clone(), z, contrib)

@@ -88,7 +88,7 @@ class MgdaBalancer(Balancer):
         z = self.gdpo_z(batch)
         w = self.weights.clone()
         contrib = z * w
-        adv = batch_standardize(contrib.sum(1), self.cfg.eps)
+        adv = batch_standardize(contrib.sum(1), self.eps)
         return Outcome(adv, w, z, contrib)
 
     def _extra_state(self) -> dict:

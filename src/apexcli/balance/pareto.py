@@ -45,16 +45,12 @@ class ParetoBalancer(Balancer):
         A      = standardize_batch(keep * s)
 
     A dropped sample gets A = 0 exactly, so it adds nothing to the policy-gradient term, and with
-    ``balance.pareto.drop_filtered`` (default) the trainer leaves it out of the update altogether. Scale- and offset-invariant per
+    ``balance.drop_zero_advantage`` (true unless set) the trainer leaves it out of the update altogether. Scale- and offset-invariant per
     reward (dominance and z both are); stateless apart from the step counter.
     """
 
     name = "pareto"
-
-    @property
-    def drops_zero_advantage(self) -> bool:
-        """True when the trainer should leave the filtered (A = 0) samples out of the update."""
-        return self.cfg.pareto.drop_filtered
+    drops_zero_by_default = True  # the filtered (A = 0) samples leave the update: masking, as Flow-Multi reads
 
     def _balance(self, batch: Batch) -> Outcome:
         z = self.gdpo_z(batch)
@@ -66,7 +62,7 @@ class ParetoBalancer(Balancer):
         suppressed = keep & (s <= threshold) if threshold is not None else torch.zeros_like(keep)
         keep = keep & ~suppressed
         contrib = z * w * keep.unsqueeze(1)
-        adv = batch_standardize(torch.where(keep, s, torch.zeros_like(s)), self.cfg.eps)
+        adv = batch_standardize(torch.where(keep, s, torch.zeros_like(s)), self.eps)
         metrics = {
             "balance/pareto/dominated_frac": float(dominated.double().mean()),
             "balance/pareto/suppressed_frac": float(suppressed.double().mean()),

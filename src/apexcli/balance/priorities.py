@@ -41,22 +41,13 @@ def gram_to_cosine(gram: torch.Tensor) -> torch.Tensor:
     return cos.clamp(-1.0, 1.0)
 
 
-def conflict_penalty(cos: torch.Tensor, need: torch.Tensor | None = None) -> torch.Tensor:
-    """CP_k = mean_{j != k} max(0, -cos(k, j)); 0 when K == 1.
-
-    With ``need`` (the progress need PN), a conflict penalises only the side that is ahead:
-    CP_k = mean_{j != k} max(0, PN_j - PN_k) max(0, -cos(k, j)). The symmetric form lowers both
-    sides of a conflict, so the objective that conflicts with the most others (often the one
-    the rest are hurting) loses the most weight, against what PN asks for.
-    """
+def conflict_penalty(cos: torch.Tensor) -> torch.Tensor:
+    """CP_k = mean_{j != k} max(0, -cos(k, j)); 0 when K == 1. Both sides of a conflict pay."""
     k = cos.shape[0]
     if k < 2:
         return torch.zeros(k, dtype=cos.dtype)
     neg = (-cos).clamp(min=0)
     neg = neg - torch.diag(torch.diagonal(neg))
-    if need is not None:
-        need = need.to(cos.dtype)
-        neg = neg * (need.unsqueeze(0) - need.unsqueeze(1)).clamp(min=0)  # [k, j]: PN_j - PN_k
     return neg.sum(1) / (k - 1)
 
 

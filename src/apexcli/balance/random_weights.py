@@ -35,5 +35,5 @@ class RandomBalancer(Balancer):
         w = self._draw(self.step)
         z = self.gdpo_z(batch)
         contrib = z * w
-        adv = batch_standardize(contrib.sum(1), self.cfg.eps)
+        adv = batch_standardize(contrib.sum(1), self.eps)
         return Outcome(adv, w, z, contrib)

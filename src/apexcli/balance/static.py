@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from apexcli.balance.base import Balancer, Batch, Outcome
+from apexcli.balance.base import DEFAULT_EPS, Balancer, Batch, Outcome
 from apexcli.balance.normalize import fill_masked_with_group_mean, group_statistics
 
 REFERENCE_TRAINING_SCALES = {"pick": 1 / 26, "deqa": 1 / 5}
@@ -19,9 +19,9 @@ class StaticBalancer(Balancer):
         A_i = (R_i - mean_g(i)(R)) / (std_batch(R) + eps)       std_scope = "global" (default)
         A_i = (R_i - mean_g(i)(R)) / (std_g(i)(R) + eps)        std_scope = "group"
 
-    With its defaults (global std, ``static.eps`` 1e-4, ``static.reference_scales``) this is
-    Flow-GRPO's SD3 recipe, and ``drops_zero_advantage`` tells the trainer to leave A = 0
-    samples out of the update as Flow-GRPO does. ``c_k = 1`` for every k when
+    With its defaults (global std, eps 1e-4, ``static.reference_scales``) this is Flow-GRPO's SD3
+    recipe, and ``drops_zero_advantage`` (``balance.drop_zero_advantage``, true unless set) tells
+    the trainer to leave A = 0 samples out of the update as Flow-GRPO does. ``c_k = 1`` for every k when
     ``static.reference_scales`` is false.
 
     A group with a constant R gets A = 0. The effective weight of k is proportional to
@@ -32,11 +32,8 @@ class StaticBalancer(Balancer):
     """
 
     name = "static"
-
-    @property
-    def drops_zero_advantage(self) -> bool:
-        """True when the trainer should leave zero-advantage samples out of the update."""
-        return self.cfg.static.drop_zero_advantage
+    default_eps = 1e-4  # Flow-GRPO's, added to the std of the weighted sum R
+    drops_zero_by_default = True
 
     def training_scales(self) -> torch.Tensor:
         """[K] float64: c_k, the factor each objective's reward is multiplied by before the sum."""
@@ -44,7 +41,7 @@ class StaticBalancer(Balancer):
         return torch.tensor([table.get(name, 1.0) for name in self.objectives], dtype=torch.float64)
 
     def _balance(self, batch: Batch) -> Outcome:
-        eps = self.cfg.static.eps
+        eps = self.eps
         # the weights as the user gave them (1 each by default), as multi_score sums them: a
         # rescaling would change the result through eps; the reported weights are normalized to K
         w = torch.tensor(self.cfg.weights or [1.0] * self.k, dtype=torch.float64)
@@ -64,4 +61,7 @@ class StaticBalancer(Balancer):
         # Contribution of k: w_k (r_k - group mean of filled r_k) / the same denominator; they sum to A.
         fs = group_statistics(filled, torch.ones_like(batch.mask), gi)
         contrib = torch.where(keep, w * (filled - fs.mean[gi]) / per_sample_denom, torch.zeros_like(filled))
-        return Outcome(adv, self.user_weights.clone(), self.gdpo_z(batch), contrib)
+        # the per-objective z-scores (logged, and what the probe would read) keep the gdpo eps
+        # unless balance.eps is set: static's own 1e-4 is for the std of R
+        z = self.gdpo_z(batch, DEFAULT_EPS if self.cfg.eps is None else self.eps)
+        return Outcome(adv, self.user_weights.clone(), z, contrib)

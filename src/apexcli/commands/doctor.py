@@ -21,7 +21,7 @@ def doctor(
     config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file, applied over the preset.")] = None,
     objectives: Annotated[Optional[str], typer.Option(help="Comma-separated rewards, as for apex train (name@URL for a reward server).")] = None,
     model: Annotated[Optional[str], typer.Option(help="Hub id or local directory of the SD3 pipeline (model.pretrained).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory whose disk is checked (out).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory whose disk is checked (out).")] = None,
     set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE (repeatable), as for apex train.")] = None,
 ) -> None:
     """Check that a preset or config can train here (versions, GPU, weights, reward backends, disk, the memory plan); exit 1 on any FAIL."""

@@ -19,7 +19,7 @@ def pareto(
     ],
     out: Annotated[
         Path,
-        typer.Option("--out", help="Folder for pareto.json, report.md and the PNG plots (~ is your home); an earlier report there is kept unless --overwrite."),
+        typer.Option("--out", "-o", help="Folder for pareto.json, report.md and the PNG plots (~ is your home); an earlier report there is kept unless --overwrite."),
     ] = Path("pareto"),
     overwrite: Annotated[
         bool,

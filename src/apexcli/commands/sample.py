@@ -12,7 +12,7 @@ def sample(
     overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, dotted, as for `apex train`, e.g. eval.num_steps=20 model.resolution=256 (sampling reads model.*, eval.num_steps, eval.guidance_scale, sampling.negative_prompt). --steps, --guidance, --size, --model and --device win over them.", show_default=False)] = None,
     prompt: Annotated[Optional[list[str]], typer.Option("--prompt", help="A prompt (repeatable).")] = None,
     prompts: Annotated[Optional[Path], typer.Option("--prompts", help="Prompt file: .txt (one per line) or .jsonl ({\"prompt\": ...}).")] = None,
-    out: Annotated[Path, typer.Option(help="Output folder for PNGs and metadata.jsonl (~ is your home). Each image is written as it is made and its metadata line appended then; a folder that already holds apex sample output is refused unless --overwrite.")] = Path("samples"),
+    out: Annotated[Path, typer.Option("--out", "-o", help="Output folder for PNGs and metadata.jsonl (~ is your home). Each image is written as it is made and its metadata line appended then; a folder that already holds apex sample output is refused unless --overwrite.")] = Path("samples"),
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Replace the apex sample output already in --out: its PNGs and metadata.jsonl are deleted first.")] = False,
     lora: Annotated[Optional[str], typer.Option(help="LoRA: a checkpoint dir, a run dir (its latest checkpoint) or a .safetensors file.")] = None,
     preset: Annotated[Optional[str], typer.Option(help="Preset giving the base model and sampling defaults (tiny, mini, sd35m, ...).")] = None,

@@ -25,7 +25,7 @@ def sweep(
     ] = 5,
     out: Annotated[
         Path,
-        typer.Option("--out", help="Sweep folder; each run goes to <out>/w-<w1>-<w2>-..."),
+        typer.Option("--out", "-o", help="Sweep folder; each run goes to <out>/w-<w1>-<w2>-..."),
     ] = Path("runs/sweep"),
     steps: Annotated[
         int | None,
@@ -39,13 +39,9 @@ def sweep(
         Path | None,
         typer.Option("--config", help="Config YAML passed to every apex train run."),
     ] = None,
-    override: Annotated[
+    set_: Annotated[
         list[str] | None,
-        typer.Option(
-            "-o",
-            "--override",
-            help="KEY=VALUE config override passed to every run; repeat for several.",
-        ),
+        typer.Option("--set", help="KEY=VALUE config override passed to every run; repeat for several."),
     ] = None,
     dry_run: Annotated[
         bool,
@@ -70,7 +66,7 @@ def sweep(
         preset=preset,
         steps=steps,
         config=config,
-        overrides=override or [],
+        overrides=set_ or [],
         dry_run=dry_run,
         resume=resume,
         max_runs=max_runs,

@@ -18,7 +18,7 @@ def train(
     balance: Annotated[Optional[str], typer.Option(help="Balancing strategy: apex, gdpo, static, dwa, mgda, random, pareto.")] = None,
     weights: Annotated[Optional[str], typer.Option(help="Comma-separated user weights, one per objective (balance.weights).")] = None,
     steps: Annotated[Optional[int], typer.Option(help="Training iterations (train.steps).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Run directory (config, metrics.jsonl, checkpoints, eval).")] = None,
+    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (config, metrics.jsonl, checkpoints, eval).")] = None,
     resume: Annotated[Optional[str], typer.Option(help="'auto' (newest readable checkpoint of --out, or start fresh) or a checkpoint/run path.")] = None,
     overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run already in --out (config, metrics, checkpoints, eval) and start a new one.")] = False,
     eval_every: Annotated[Optional[int], typer.Option(help="Evaluate at step 0, every N steps and at the end (eval.every); 0 = off.")] = None,

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apexcli.config_upgrade import upgrade_config
 from apexcli.errors import ApexError
 from apexcli.jsonsafe import is_finite_number
 from apexcli.runs import SOUP_FILE, RunDir, find_runs
@@ -130,7 +131,7 @@ def collect_runs(paths: Sequence[Path]) -> Collection:
 
 def _read_run(run: RunDir, collection: Collection) -> RunRecord | None:
     try:
-        config = run.read_config()
+        config, _ = upgrade_config(run.read_config())  # a run written before keys moved reads as today's
     except Exception as exc:  # YAML errors, not a mapping, unreadable file
         collection.skipped.append(SkippedRun(run.path, f"config.yaml unreadable: {_one_line(exc)}"))
         return None

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from apexcli.config_upgrade import upgrade_config
 from apexcli.eval import stats
 from apexcli.eval.collect import PointTable
 from apexcli.runs import SOUP_FILE, RunDir
@@ -250,7 +251,7 @@ def _seed_groups(table: PointTable, normalised: np.ndarray, run_hv: list[float])
     seeds: dict[int, object] = {}
     for r, run in enumerate(table.runs):
         try:
-            config = RunDir(run.path).read_config()
+            config, _ = upgrade_config(RunDir(run.path).read_config())  # runs from before keys moved group with today's
         except Exception:  # unreadable configs were reported by collect
             continue
         seeds[r] = config.get("seed")

@@ -237,7 +237,7 @@ def rollout(
     if sampler not in SAMPLERS:
         raise ApexError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
     if noise_block != 1 and sampler != "sde":
-        raise ApexError(f"sampling.noise_block={noise_block} needs sampling.sampler=sde (got {sampler})")
+        raise ApexError(f"sampling.experimental.noise_block={noise_block} needs sampling.sampler=sde (got {sampler})")
     backbone = backbone_of(transformer)
     config = unwrap_model(transformer).config
     patch = backbone.patch_size(config)
@@ -246,7 +246,7 @@ def rollout(
         raise ApexError(f"image size {height}x{width} must be a multiple of {multiple} (VAE factor x patch size)")
     latent_hw = (height // vae_scale_factor, width // vae_scale_factor)
     if latent_hw[0] % noise_block or latent_hw[1] % noise_block:
-        raise ApexError(f"sampling.noise_block={noise_block} must divide the latent size {latent_hw[0]}x{latent_hw[1]}")
+        raise ApexError(f"sampling.experimental.noise_block={noise_block} must divide the latent size {latent_hw[0]}x{latent_hw[1]}")
     batch = len(cond)
     device = cond.prompt_embeds.device
 

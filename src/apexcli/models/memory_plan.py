@@ -564,7 +564,7 @@ def reward_rows(cfg: Config, params: dict[str, int]) -> list[PlanRow]:
     wanted, rows = _objectives(cfg), []
     for name, key, label in (("pick", "pick_clip_h", "PickScore (CLIP-H/14)"),
                              ("aes", "aes_clip_l_vision", "aesthetic (CLIP-L/14 vision + MLP)")):
-        if name in wanted and not wanted[name] and not getattr(cfg.rewards, name).url:
+        if name in wanted and not wanted[name]:
             dtype = resolve_dtype(getattr(cfg.rewards, name).dtype, torch.float32)
             size = torch.finfo(dtype).bits // 8
             detail = f"{params[key]:,} parameters, {str(dtype).removeprefix('torch.')}"

@@ -2,6 +2,7 @@
 
 The global config nests `RewardsConfig` under `rewards.`, so every field can be overridden
 with a dotted key, e.g. `rewards.pick.source=/local/dir` or `rewards.ocr.backend=paddleocr`.
+Where a reward is scored is part of the objective, not of its options: `deqa@http://host:port`.
 Only plain types (str, int, float, bool) and nested dataclasses are used, except
 `rewards.extra`: the options of rewards added from outside apex, which only their own classes
 know (each declares an `Options` dataclass that types and checks them when it is built).
@@ -13,6 +14,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
+from apexcli.config_upgrade import reject_old_keys
 from apexcli.schema import check_fields, deep_merge, from_dict, parse_override, setting
 
 
@@ -24,7 +26,6 @@ class PickConfig:
     processor_source: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id or dir: image processor + tokenizer
     batch_size: int = setting(32, ge=1)  # images per forward pass
     dtype: str = ""  # "" = the suite's dtype (float32 unless score/serve get --dtype); else float32 / float16 / bfloat16
-    url: str = ""  # reward-server URL; when set, pick is scored remotely (same as `pick@URL`)
 
 
 @dataclass
@@ -40,7 +41,6 @@ class AesConfig:
     head_filename: str = "sac+logos+ava1-l14-linearMSE.pth"  # file inside head_source when it is a repo or dir
     batch_size: int = setting(32, ge=1)  # images per forward pass
     dtype: str = ""  # "" = the suite's dtype (float32 unless score/serve get --dtype)
-    url: str = ""  # reward-server URL for remote scoring
 
 
 @dataclass
@@ -52,7 +52,6 @@ class DeqaConfig:
     attn_implementation: str = "eager"  # passed to from_pretrained ("" = library default)
     batch_size: int = setting(8, ge=1)  # images per score() call
     dtype: str = "float16"  # its score() casts its inputs to half: other dtypes fail there
-    url: str = ""  # reward-server URL (DeQA runs in its own environment: `make deqa-server`, docs/guide/rewards.md)
 
 
 @dataclass
@@ -76,7 +75,6 @@ class OcrConfig:
     # default (736). Small renders (the mini world's 64 px) read as well at 128, about 10x faster.
     # At most 4096, the largest image apex samples (1e8 made RapidOCR's resize fail).
     det_side: int = setting(0, ge=0, le=4096)
-    url: str = ""  # reward-server URL for remote scoring
 
 
 @dataclass
@@ -90,9 +88,9 @@ class ToyConfig:
 class RemoteConfig:
     """HTTP client settings for rewards served by `apex serve`."""
 
-    timeout_s: float = 300.0  # per request
-    retries: int = 2  # extra attempts on connection errors and 5xx answers
-    backoff_s: float = 1.0  # wait before retry n is backoff_s · 2^(n-1)
+    timeout_s: float = setting(300.0, gt=0)  # per request
+    retries: int = setting(2, ge=0)  # extra attempts on connection errors and 5xx answers
+    backoff_s: float = setting(1.0, ge=0)  # wait before retry n is backoff_s · 2^(n-1)
 
 
 @dataclass
@@ -106,7 +104,7 @@ class RewardsConfig:
     toy: ToyConfig = field(default_factory=ToyConfig)
     remote: RemoteConfig = field(default_factory=RemoteConfig)
     # Options of rewards from outside apex, by reward name: `rewards.extra.redness.margin=0.1`
-    # (typed by the reward's `Options` dataclass); `url` there serves it from a reward server.
+    # (typed by the reward's `Options` dataclass). A reward server is named in the objective: `redness@URL`.
     extra: dict[str, dict[str, Any]] = field(default_factory=dict)
 
 
@@ -116,6 +114,7 @@ def apply_overrides(cfg: RewardsConfig, items: list[str]) -> RewardsConfig:
     data = dataclasses.asdict(cfg)
     for item in items:
         tree = parse_override(item if item.startswith("rewards.") else f"rewards.{item}")
+        reject_old_keys(tree)
         data = deep_merge(data, tree["rewards"])
     config = from_dict(RewardsConfig, data, "rewards.")
     check_fields(config, "rewards.")

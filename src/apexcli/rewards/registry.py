@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from apexcli.config_upgrade import reject_old_keys
 from apexcli.errors import ApexError
 from apexcli.rewards.base import Reward
 from apexcli.rewards.config import RewardsConfig
@@ -105,14 +106,11 @@ def reward_class(name: str) -> type[Reward]:
     return getattr(importlib.import_module(REGISTRY[key].module), REGISTRY[key].cls)
 
 
-def resolve_objective(objective: str, config: RewardsConfig) -> tuple[str, str]:
-    """'deqa@URL' -> ('deqa', URL); 'deqa' -> ('deqa', rewards.deqa.url): the reward and the server
-    that scores it ('' = in process), decided once for the suite and the doctor checks alike."""
+def resolve_objective(objective: str) -> tuple[str, str]:
+    """'deqa@URL' -> ('deqa', URL); 'deqa' -> ('deqa', ''): the reward and the server that scores
+    it ('' = in process), decided once for the suite and the doctor checks alike."""
     name, url = split_remote(objective)
-    key = canonical_name(name)
-    section = reward_spec(key).section
-    configured = getattr(getattr(config, section), "url", "") if section else config.extra.get(key, {}).get("url", "")
-    return key, url or str(configured)
+    return canonical_name(name), url
 
 
 def remote_batch_size(key: str, config: RewardsConfig) -> int:
@@ -136,8 +134,8 @@ def build_reward(name: str, config: RewardsConfig, device: torch.device | str, d
 def _options(cls: type[Reward], key: str, config: RewardsConfig) -> Any:
     """``rewards.extra.<key>`` as the reward's ``Options`` dataclass, typed and range-checked."""
     data = dict(config.extra.get(key, {}))
-    data.pop("url", None)  # where it is served, not how it scores
     prefix = f"rewards.extra.{key}."
+    reject_old_keys({"rewards": {"extra": {key: data}}})
     if cls.Options is None:
         if data:
             raise ApexError(f"config key '{prefix}{next(iter(data))}' is set, but reward '{key}' takes no options "

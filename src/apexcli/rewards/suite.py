@@ -42,8 +42,8 @@ class RewardSuite:
         fut = suite.submit(images, prompts)  # Future -> (R, info)
         suite.close()
 
-    `objectives` are names or aliases (pickscore -> pick, aesthetic -> aes); `name@URL`, or a
-    `url` in the reward's config section, scores that reward on a reward server.
+    `objectives` are names or aliases (pickscore -> pick, aesthetic -> aes); `name@URL` scores that
+    reward on a reward server.
     `info[name]` holds that reward's per-image extras (e.g. OCR text), lists of length N.
     """
 
@@ -59,7 +59,7 @@ class RewardSuite:
         self.objectives: list[str] = []
         self.urls: dict[str, str] = {}
         for objective in objectives:
-            key, url = resolve_objective(objective, self.config)
+            key, url = resolve_objective(objective)
             if key in self.objectives:
                 raise ApexError(f"objective {key!r} is listed twice in {', '.join(objectives)}")
             self.objectives.append(key)

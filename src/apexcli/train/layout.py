@@ -49,7 +49,7 @@ def optimizer_steps_per_update(cfg: Config, world_size: int) -> int:
     """Optimizer steps per epoch over the rollout batch (the update loop's count, all samples kept)."""
     t = cfg.train
     micro = t.prompts_per_step * t.group_size // world_size // t.train_batch_size
-    return t.optimizer_steps_per_epoch or -(-micro // (t.gradient_accumulation or micro))
+    return min(t.optimizer_steps_per_epoch, micro)
 
 
 def warn_single_process_launch(world_size: int) -> None:

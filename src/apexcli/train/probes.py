@@ -1,5 +1,5 @@
 """What the balancer measures besides the rewards: the per-objective gradient Gram of the policy
-loss (``balance.probe_every``) and apex's progress probe (``balance.progress_prompts``)."""
+loss (``balance.probe_every``) and apex's progress probe (``balance.experimental.progress_prompts``)."""
 
 from __future__ import annotations
 
@@ -69,7 +69,7 @@ class ProgressProbe:
         # training prompts, not the eval set: weights tuned on eval scores would leave no held-out eval
         self.cfg, self.objectives, self.accelerator = cfg, objectives, accelerator
         self.evaluator = Evaluator(cfg, pipe, cache, objectives, device=device, accelerator=accelerator,
-                                   prompts=spread_prompts(prompts, cfg.balance.progress_prompts),
+                                   prompts=spread_prompts(prompts, cfg.balance.experimental.progress_prompts),
                                    seed=mix_seed(cfg.seed, PROGRESS_NOISE_STREAM), suite=suite)
 
     @property

@@ -82,6 +82,6 @@ class ShardSampler:
         return rollout(
             self.transformer, self.scheduler, cond, num_steps=s.num_steps, height=res, width=res,
             vae_scale_factor=self.vae_scale_factor, guidance_scale=s.guidance_scale, uncond=self.uncond,
-            sampler=s.sampler, noise_level=s.noise_level, noise_block=s.noise_block, sde_steps=self.steps_trained,
+            sampler=s.sampler, noise_level=s.noise_level, noise_block=s.experimental.noise_block, sde_steps=self.steps_trained,
             initial_noise=noise, generator=generator,
         )

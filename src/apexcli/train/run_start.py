@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from apexcli.config import Config
+from apexcli.config_upgrade import upgrade_config
 from apexcli.errors import ApexError
 from apexcli.runs import COMMAND_FILE, CONFIG_FILE, LORA_FILE, MARKER_FILE, METRICS_FILE, RunDir, parse_step_dirname
 from apexcli.schema import flatten_dict, iter_fields
@@ -217,8 +218,9 @@ def check_resume_config(checkpoint: Path, saved: dict, cfg: Config, *, verbose: 
     """Compare the config with the checkpoint's, field by field. A field declared
     ``resume="refuse"`` must be unchanged (ApexError listing every such key); every other change
     is applied by the trainer and announced. Returns the announced changes."""
-    old = flatten_dict(saved)
-    refused, applied = [], []
+    upgraded, dropped = upgrade_config(saved)  # a checkpoint written before keys moved
+    old = flatten_dict(upgraded)
+    refused, applied = [], list(dropped)
     for key, value, rule in iter_fields(cfg):
         if key not in old or old[key] == value:
             continue

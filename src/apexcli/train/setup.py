@@ -19,7 +19,7 @@ from accelerate.utils import set_seed
 
 from apexcli.balance import build_balancer_from_config
 from apexcli.balance.base import Balancer
-from apexcli.config import Config, config_to_dict, trained_steps
+from apexcli.config import Config, config_to_dict, experimental_settings, trained_steps
 from apexcli.doctor import preflight
 from apexcli.errors import ApexError
 from apexcli.eval.evaluator import Evaluator
@@ -56,7 +56,6 @@ from apexcli.train.run_start import (
     prepare_directory,
     warn,
 )
-from apexcli.train.scope import not_on_text_mask
 from apexcli.train.update import PolicyUpdate
 
 
@@ -98,8 +97,6 @@ class TrainingParts:
     objectives: list[str]
     balancer: Balancer
     prompts: list[str]
-    text_mask: torch.Tensor | None
-    """``[P, K]`` True where objective k sits out prompt p (``balance.not_on_text``)."""
     pipe: Any
     scheduler: Any
     vae_scale_factor: int
@@ -169,6 +166,9 @@ def _launch(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool, lo
     if acc.is_main_process:  # announced once the run can start: a start-up error stays the only line
         ensure_writable(run.path)
         print(f"apex: {layout}", file=sys.stderr)
+        experimental = experimental_settings(cfg)
+        if experimental:
+            warn(f"experimental settings: {', '.join(experimental)} (docs/method/extensions.md)")
         warn_single_process_launch(acc.num_processes)
         note_ema_delay(cfg, optimizer_steps_per_update(cfg, acc.num_processes))
     set_seed(cfg.seed)
@@ -189,7 +189,6 @@ def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: Rewar
     balancer = build_balancer_from_config(cfg.balance, objectives)
     prompts = load_prompts(cfg.prompts.train)
     _check_objectives_apply(suite, prompts, cfg.prompts.train)
-    text_mask = not_on_text_mask(prompts, objectives, cfg.balance.not_on_text)
     pipe = load_pipeline(cfg.model)
     text = _encode(cfg, pipe, prompts, device)
     evaluator = progress_probe = None
@@ -204,7 +203,7 @@ def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: Rewar
             _warn_unscored(evaluator.suite, evaluator.prompts, f"the evaluation (prompts.eval={cfg.prompts.eval})")
         if progress_probe is not None:
             _warn_unscored(progress_probe.suite, progress_probe.evaluator.prompts,
-                           f"the progress probe (balance.progress_prompts={cfg.balance.progress_prompts})")
+                           f"the progress probe (balance.experimental.progress_prompts={cfg.balance.experimental.progress_prompts})")
     if cfg.model.free_text_encoders:
         free_text_encoders(pipe)
     lora = _lora(cfg, pipe, acc)
@@ -214,7 +213,7 @@ def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: Rewar
     policy_loss = build_policy_loss(cfg, models, steps_trained)
     return TrainingParts(
         accelerator=acc, device=device, start=start, step=0, reward_models=reward_models, suite=suite,
-        objectives=objectives, balancer=balancer, prompts=prompts, text_mask=text_mask, pipe=pipe,
+        objectives=objectives, balancer=balancer, prompts=prompts, pipe=pipe,
         scheduler=pipe.scheduler, vae_scale_factor=pipe.vae_scale_factor, **text._asdict(), evaluator=evaluator,
         progress_probe=progress_probe, **lora._asdict(), steps_trained=steps_trained, policy_loss=policy_loss,
         sampler=ShardSampler(cfg, lora.transformer, pipe.scheduler, lora.vae, pipe.vae_scale_factor, prompts,

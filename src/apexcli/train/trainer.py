@@ -9,8 +9,8 @@ One iteration:
 3. rewards R [n, K] are gathered from all processes, and every process runs the (deterministic)
    balancer on the same global R, so advantages and balancer state agree everywhere;
 4. the policy loss of ``train.loss`` (``losses``: GRPO's PPO-clip, or nft's negative-aware flow
-   matching) is accumulated over micro-batches, one optimizer step per
-   ``gradient_accumulation`` micro-batches (``update``).
+   matching) is accumulated over micro-batches, ``train.optimizer_steps_per_epoch`` optimizer
+   steps per pass over the batch (``update``).
 
 All randomness is derived from (seed, step, sample index), so a resumed run continues exactly as
 an uninterrupted one, and the samples do not depend on how many processes share the work.
@@ -100,7 +100,7 @@ class Trainer:
         most = None
         if acc.num_processes > 1:
             most = lambda n: int(acc.gather(torch.tensor([n], device=self.device)).max())
-        return selected_samples(advantages, micro, drop_zero=getattr(self.balancer, "drops_zero_advantage", False),
+        return selected_samples(advantages, micro, drop_zero=self.balancer.drops_zero_advantage,
                                 seed=self.cfg.seed, step=self.step, rank=acc.process_index, most_micro_batches=most)
 
     def train_step(self) -> dict:
@@ -117,12 +117,7 @@ class Trainer:
         self.transformer.eval()
         trajectories, rewards_local, timings = self._sample(plan)
         rewards = acc.gather(rewards_local.to(self.device)).cpu()  # [N, K] in global sample order
-        # balance.not_on_text: those objectives sit out the prompts that quote text. Those NaN are
-        # deliberate, so the reward-health count and the logged reward means read the raw rewards.
-        trained = rewards
-        if self.text_mask is not None:
-            trained = rewards.masked_fill(self.text_mask[plan.prompt_ids], float("nan"))
-        advantages, info = self.balancer(trained, plan.group_ids)
+        advantages, info = self.balancer(rewards, plan.group_ids)
         for k, any_finite in enumerate(torch.isfinite(rewards).any(dim=0).tolist()):
             self.nan_steps[k] += not any_finite
         local_ids = [plan.prompt_ids[i] for i in range(plan.shard.start, plan.shard.stop)]

@@ -51,11 +51,10 @@ def selected_samples(advantages: torch.Tensor, micro: int, *, drop_zero: bool, s
     return kept
 
 
-def micro_batches_per_step(n_micro: int, optimizer_steps_per_epoch: int, gradient_accumulation: int) -> int:
-    """Micro-batches accumulated into one optimizer step (the last step of an epoch may take fewer)."""
-    if optimizer_steps_per_epoch:
-        return -(-n_micro // min(optimizer_steps_per_epoch, n_micro))  # ceil: k steps, the last may be shorter
-    return gradient_accumulation or n_micro
+def micro_batches_per_step(n_micro: int, optimizer_steps_per_epoch: int) -> int:
+    """Micro-batches accumulated into one optimizer step: ``optimizer_steps_per_epoch`` steps (no
+    more than there are micro-batches), the last of an epoch possibly shorter."""
+    return -(-n_micro // max(1, min(optimizer_steps_per_epoch, n_micro)))
 
 
 def idle_statistics(lr: float) -> dict:
@@ -118,7 +117,7 @@ class PolicyUpdate:
         n_micro = len(selected) // micro
         if n_micro == 0:  # every advantage is 0 on every process: nothing to learn this step
             return idle_statistics(self.schedule.lr)
-        per_step = micro_batches_per_step(n_micro, t.optimizer_steps_per_epoch, t.gradient_accumulation)
+        per_step = micro_batches_per_step(n_micro, t.optimizer_steps_per_epoch)
         # one optimizer step over one epoch: the policy is the rollout's at every micro-batch
         self.policy_loss.prepare(batch, on_policy=t.inner_epochs == 1 and per_step >= n_micro)
         stats = UpdateStatistics(self.policy_loss.reductions)

@@ -28,7 +28,7 @@ class GrpoLoss(PolicyLoss):
         super().prepare(batch, on_policy=on_policy)
         # the steps outside the window (the last excepted: it only jumps to x0) hold the anchor
         self.outside = ([i for i in range(batch.traj.num_steps - 1) if i not in self.steps_trained]
-                        if self.cfg.train.anchor_beta > 0 else [])
+                        if self.cfg.train.experimental.anchor_beta > 0 else [])
 
     def begin_epoch(self, epoch: int, generator: torch.Generator) -> None:
         """Per sample, a random order of the window's steps: the first ``points_per_sample`` train."""
@@ -57,7 +57,7 @@ class GrpoLoss(PolicyLoss):
             anchor = self._anchor(rows, micro.cond)
             stats["anchor"] = anchor.detach()
             # x points_per_sample: weighed against the policy loss's mean over trained steps
-            loss = loss + t.anchor_beta * self.points_per_sample * anchor
+            loss = loss + t.experimental.anchor_beta * self.points_per_sample * anchor
         return loss, stats
 
     def _anchor(self, rows: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:

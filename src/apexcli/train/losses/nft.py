@@ -14,7 +14,7 @@ from apexcli.train.nft_points import NftPoints, draw_nft_points
 class NftLoss(PolicyLoss):
     @property
     def points_per_sample(self) -> int:
-        return self.cfg.train.nft_timesteps
+        return self.cfg.train.experimental.nft_timesteps
 
     def prepare(self, batch: UpdateBatch, *, on_policy: bool) -> None:
         super().prepare(batch, on_policy=on_policy)
@@ -27,7 +27,7 @@ class NftLoss(PolicyLoss):
         x_t, sigma_t, target = self.points.at(micro.epoch, rows, micro.point, b.sigmas, b.traj.final)
         v = self.models.velocity(self.models.policy, x_t, sigma_t, micro.cond)
         v_old = v if self.v_old is None else self.v_old[micro.epoch, micro.point][rows]
-        result = nft_loss(v, v_old, target, micro.advantages, beta=t.nft_beta, adv_scale=t.nft_adv_scale)
+        result = nft_loss(v, v_old, target, micro.advantages, beta=t.experimental.nft_beta, adv_scale=t.experimental.nft_adv_scale)
         loss, stats = result.loss, {}
         if t.kl_beta > 0:
             kl = velocity_anchor(v, self.models.base_velocity(x_t, sigma_t, micro.cond)).mean()
@@ -46,7 +46,7 @@ class NftLoss(PolicyLoss):
             v = self.models.velocity(model, x_t, sigma_t, cond)
             return 2.0 * ((v.detach() - target) * v).flatten(1).mean(dim=1)
 
-        scale = self.cfg.train.nft_adv_scale
+        scale = self.cfg.train.experimental.nft_adv_scale
         return ProbeTerms(terms=terms, weight=lambda adv: nft_weight(adv, scale))
 
     def _points(self, traj: Trajectory, group_ids: torch.Tensor | None, per_sample: int, step: int) -> NftPoints:

@@ -59,12 +59,35 @@ def main() -> None:
     parser.add_argument("--seeds", type=int, default=5, help="seeds per strategy (0..seeds-1)")
     parser.add_argument("--steps", type=int, default=TrainSettings.steps, help="policy updates per run")
     parser.add_argument("--strategies", default=",".join(BALANCERS), help="comma-separated strategies to compare")
-    parser.add_argument("--apex-ablation", action="store_true", help="also run apex with each subset of the P³ terms (the others' coefficients 0), rho=0 (no DSAN floor) and probe_every=0")
-    parser.add_argument("--tiny", action="store_true", help="compare on the tiny diffusion preset instead of the testbed")
-    parser.add_argument("--objectives", default="", help="--tiny / --mini: rewards to train on (default: brightness,compressibility,contrast / adherence,quality,appeal,ocr)")
-    parser.add_argument("--mini", action="store_true", help="compare on the pretrained mini preset instead of the testbed")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="--tiny / --mini: config override for every run, repeatable")
-    parser.add_argument("--jobs", type=int, default=1, help="--tiny / --mini: runs at once, each in its own process with one thread (default 1: in this process)")
+    parser.add_argument(
+        "--apex-ablation",
+        action="store_true",
+        help="also run apex with each subset of the P³ terms (the others' coefficients 0), rho=0 (no DSAN floor) and probe_every=0",
+    )
+    parser.add_argument(
+        "--tiny", action="store_true", help="compare on the tiny diffusion preset instead of the testbed"
+    )
+    parser.add_argument(
+        "--objectives",
+        default="",
+        help="--tiny / --mini: rewards to train on (default: brightness,compressibility,contrast / adherence,quality,appeal,ocr)",
+    )
+    parser.add_argument(
+        "--mini", action="store_true", help="compare on the pretrained mini preset instead of the testbed"
+    )
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="--tiny / --mini: config override for every run, repeatable",
+    )
+    parser.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="--tiny / --mini: runs at once, each in its own process with one thread (default 1: in this process)",
+    )
     args = parser.parse_args()
     if args.tiny or args.mini:
         tiny_main(args, "mini" if args.mini else "tiny")
@@ -75,16 +98,24 @@ def main() -> None:
     settings = TrainSettings(steps=args.steps)
     evaluator = Evaluator(task, settings.eval_samples)
     names = task.names
-    print(f"task: {', '.join(names)}; start J = {[round(x, 4) for x in evaluator.start.tolist()]}, best J = {[round(x, 4) for x in evaluator.best.tolist()]}")
+    print(
+        f"task: {', '.join(names)}; start J = {[round(x, 4) for x in evaluator.start.tolist()]}, best J = {[round(x, 4) for x in evaluator.best.tolist()]}"
+    )
     print(f"settings: {settings}; seeds 0..{args.seeds - 1}; every strategy at its BalanceConfig defaults\n")
-    header = f"{'strategy':20s} {'hypervolume':>16s} {'hv_final':>9s} " + " ".join(f"{'gain/' + n:>14s}" for n in names) + f" {'s/run':>6s}"
+    header = (
+        f"{'strategy':20s} {'hypervolume':>16s} {'hv_final':>9s} "
+        + " ".join(f"{'gain/' + n:>14s}" for n in names)
+        + f" {'s/run':>6s}"
+    )
     print(header)
     summary: dict[str, dict] = {}
     runs: list[tuple[str, str, dict]] = [(s.strip(), s.strip(), {}) for s in args.strategies.split(",") if s.strip()]
     if args.apex_ablation:
         for kept in ("", "lp", "cp", "pn", "lp,cp", "lp,pn", "cp,pn"):
             off = [term for term in ("lp", "cp", "pn") if term not in kept.split(",")]
-            runs.append((f"apex[{','.join(f'b_{term}=0' for term in off)}]", "apex", {f"b_{term}": 0.0 for term in off}))
+            runs.append(
+                (f"apex[{','.join(f'b_{term}=0' for term in off)}]", "apex", {f"b_{term}": 0.0 for term in off})
+            )
         runs.append(("apex[rho=0]", "apex", {"rho": 0.0}))
         runs.append(("apex[probe_every=0]", "apex", {"probe_every": 0}))
     for label, strategy, options in runs:
@@ -106,7 +137,9 @@ def main() -> None:
             "all_improved_frac": float((g > 0).all(1).double().mean()),
         }
         cells = " ".join(f"{mean_gains[n]:>14.3f}" for n in names)
-        print(f"{label:20s} {statistics.fmean(hv):>8.4f} ± {statistics.pstdev(hv):<6.4f} {statistics.fmean(hv_final):>9.4f} {cells} {per_run:>6.2f}")
+        print(
+            f"{label:20s} {statistics.fmean(hv):>8.4f} ± {statistics.pstdev(hv):<6.4f} {statistics.fmean(hv_final):>9.4f} {cells} {per_run:>6.2f}"
+        )
     if "apex" in summary and "static" in summary:
         ratio = summary["apex"]["hypervolume"] - summary["static"]["hypervolume"]
         print(f"\napex - static hypervolume: {ratio:+.4f}")
@@ -128,23 +161,31 @@ def tiny_main(args, preset: str = "tiny") -> None:
     default_objectives = "adherence,quality,appeal,ocr" if preset == "mini" else "brightness,compressibility,contrast"
     names = [o.strip() for o in (args.objectives or default_objectives).split(",") if o.strip()]
     strategies = [s.strip() for s in args.strategies.split(",") if s.strip()]
-    print(f"{preset} preset, objectives {names}, {steps} steps, seeds 0..{args.seeds - 1}, eval at step 0 and {steps}\n")
-    print(f"{'strategy':12s} {'hypervolume':>12s} " + " ".join(f"{'gain/' + n:>20s}" for n in names) + f" {'s/run':>7s}")
+    print(
+        f"{preset} preset, objectives {names}, {steps} steps, seeds 0..{args.seeds - 1}, eval at step 0 and {steps}\n"
+    )
+    print(
+        f"{'strategy':12s} {'hypervolume':>12s} " + " ".join(f"{'gain/' + n:>20s}" for n in names) + f" {'s/run':>7s}"
+    )
     summary: dict[str, dict] = {}
     with tempfile.TemporaryDirectory() as tmp:
         runs = {
             (strategy, seed): dict(
                 preset=preset,
                 options={
-                    "objectives": names, "seed": seed, "out": str(Path(tmp) / f"{strategy}-{seed}"),
+                    "objectives": names,
+                    "seed": seed,
+                    "out": str(Path(tmp) / f"{strategy}-{seed}"),
                     "balance": {"strategy": strategy},
                     "train": {"steps": steps, "checkpoint_every": 0, "keep_checkpoints": 1},
-                    "eval": {"every": steps}, "logging": {"progress": False},
+                    "eval": {"every": steps},
+                    "logging": {"progress": False},
                 },
                 overrides=args.set,
                 argv=["bench_balance", f"--{preset}"],
             )
-            for strategy in strategies for seed in range(args.seeds)
+            for strategy in strategies
+            for seed in range(args.seeds)
         }
         seconds = _run_all(runs, args.jobs)
         for strategy in strategies:
@@ -162,7 +203,9 @@ def tiny_main(args, preset: str = "tiny") -> None:
                 base_means.append([base[f"eval/{n}/mean"] for n in names])
                 final_means.append([final[f"eval/{n}/mean"] for n in names])
                 train_rows = [r for r in all_rows if r["kind"] == "train"]
-                shares.append([np.nanmean([r.get(f"balance/share/{n}", np.nan) for r in train_rows] or [np.nan]) for n in names])
+                shares.append(
+                    [np.nanmean([r.get(f"balance/share/{n}", np.nan) for r in train_rows] or [np.nan]) for n in names]
+                )
                 hvs.append(hv_of(gain[None, :], np.zeros(len(names))))
             g, d = np.stack(gains), np.stack(raw)
             summary[strategy] = {
@@ -174,16 +217,20 @@ def tiny_main(args, preset: str = "tiny") -> None:
             per_run = statistics.fmean(seconds[strategy, seed] for seed in range(args.seeds))
             if preset == "mini":
                 sh = np.array(shares, dtype=float)
-                summary[strategy].update({
-                    "hypervolume_std": float(np.std(hvs)),
-                    "base_std": {n: float(scale[i]) for i, n in enumerate(names)},
-                    "eval_start": {n: float(np.mean(base_means, axis=0)[i]) for i, n in enumerate(names)},
-                    "eval_final": {n: float(np.mean(final_means, axis=0)[i]) for i, n in enumerate(names)},
-                    "gain_raw": {n: float(d[:, i].mean()) for i, n in enumerate(names)},
-                    "gain_raw_seed_std": {n: float(d[:, i].std(ddof=1)) if len(d) > 1 else None for i, n in enumerate(names)},
-                    "share": {n: float(np.nanmean(sh[:, i])) for i, n in enumerate(names)},
-                    "seconds_per_run": per_run,
-                })
+                summary[strategy].update(
+                    {
+                        "hypervolume_std": float(np.std(hvs)),
+                        "base_std": {n: float(scale[i]) for i, n in enumerate(names)},
+                        "eval_start": {n: float(np.mean(base_means, axis=0)[i]) for i, n in enumerate(names)},
+                        "eval_final": {n: float(np.mean(final_means, axis=0)[i]) for i, n in enumerate(names)},
+                        "gain_raw": {n: float(d[:, i].mean()) for i, n in enumerate(names)},
+                        "gain_raw_seed_std": {
+                            n: float(d[:, i].std(ddof=1)) if len(d) > 1 else None for i, n in enumerate(names)
+                        },
+                        "share": {n: float(np.nanmean(sh[:, i])) for i, n in enumerate(names)},
+                        "seconds_per_run": per_run,
+                    }
+                )
             cells = " ".join(f"{summary[strategy]['gains'][n]:>20.3f}" for n in names)
             print(f"{strategy:12s} {np.mean(hvs):>12.4g} {cells} {per_run:>7.1f}")
     if "static" in summary and len(summary) > 1 and args.seeds > 1:
@@ -220,7 +267,9 @@ def _run_all(runs: dict, jobs: int) -> dict:
         return {key: f.result() for key, f in futures.items()}
 
 
-def paired_difference(gains: dict[str, list[float]], reference: dict[str, list[float]]) -> dict[str, tuple[float, float]]:
+def paired_difference(
+    gains: dict[str, list[float]], reference: dict[str, list[float]]
+) -> dict[str, tuple[float, float]]:
     """Per objective, the mean and standard error of (gain - reference gain) over the shared seeds.
 
     Runs with one seed draw the same prompts and noise whatever the strategy, so their gains move

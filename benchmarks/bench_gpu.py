@@ -46,11 +46,10 @@ from dataclasses import dataclass, field
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import mfu as mfu_lib  # noqa: E402  (benchmarks/ is not a package)
+import mfu as mfu_lib
 
 # --------------------------------------------------------------------------- public configs
-
-from apexcli.models.architectures import (  # noqa: E402  (published configs, one place for every user)
+from apexcli.models.architectures import (
     CLIP_H_PROJECTION,
     CLIP_H_TEXT,
     CLIP_H_VISION,
@@ -65,13 +64,33 @@ CLIP_TEXT_TOKENS = 77  # SD3's CLIP-L/CLIP-G token count, prepended to the T5 to
 
 # Smoke mode: tiny towers with the same classes, and small sizes on top of the tiny preset.
 SMOKE_OVERRIDES = [
-    "model.device=cpu", "model.dtype=float32", "train.prompts_per_step=2", "train.group_size=2",
-    "train.rollout_batch_size=4", "train.train_batch_size=2", "sampling.num_steps=4", "train.window_size=2",
+    "model.device=cpu",
+    "model.dtype=float32",
+    "train.prompts_per_step=2",
+    "train.group_size=2",
+    "train.rollout_batch_size=4",
+    "train.train_batch_size=2",
+    "sampling.num_steps=4",
+    "train.window_size=2",
 ]
-TINY_CLIP_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                      max_position_embeddings=32, vocab_size=128, hidden_act="gelu")
-TINY_CLIP_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                        image_size=32, patch_size=8, hidden_act="gelu")
+TINY_CLIP_TEXT = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    max_position_embeddings=32,
+    vocab_size=128,
+    hidden_act="gelu",
+)
+TINY_CLIP_VISION = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=1,
+    num_attention_heads=4,
+    image_size=32,
+    patch_size=8,
+    hidden_act="gelu",
+)
 
 
 # --------------------------------------------------------------------------- timing helpers
@@ -156,8 +175,14 @@ class Bench:
 
 
 def lora_kwargs(cfg) -> dict:
-    return dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                target_modules=cfg.lora.target_modules, seed=cfg.seed, init=cfg.lora.init)
+    return dict(
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        seed=cfg.seed,
+        init=cfg.lora.init,
+    )
 
 
 def build_bench(args) -> Bench:
@@ -191,9 +216,17 @@ def build_bench(args) -> Bench:
         text_tokens = CLIP_TEXT_TOKENS + cfg.model.max_sequence_length
         vae_factor = 2 ** (len(SD3_VAE["block_out_channels"]) - 1)
     return Bench(
-        args=args, cfg=cfg, device=device, dtype=dtype, gpu_name=gpu_name, peak=peak,
-        transformer_config=transformer_config, vae_config=vae_config, text_tokens=text_tokens,
-        latent_hw=cfg.model.resolution // vae_factor, window=trained_steps(cfg),
+        args=args,
+        cfg=cfg,
+        device=device,
+        dtype=dtype,
+        gpu_name=gpu_name,
+        peak=peak,
+        transformer_config=transformer_config,
+        vae_config=vae_config,
+        text_tokens=text_tokens,
+        latent_hw=cfg.model.resolution // vae_factor,
+        window=trained_steps(cfg),
     )
 
 
@@ -226,7 +259,9 @@ def clip_configs(smoke: bool):
         full = CLIPConfig(text_config=TINY_CLIP_TEXT, vision_config=TINY_CLIP_VISION, projection_dim=16)
         vision = CLIPVisionConfig(**TINY_CLIP_VISION, projection_dim=16)
     else:
-        full = CLIPConfig(text_config=dict(CLIP_H_TEXT), vision_config=dict(CLIP_H_VISION), projection_dim=CLIP_H_PROJECTION)
+        full = CLIPConfig(
+            text_config=dict(CLIP_H_TEXT), vision_config=dict(CLIP_H_VISION), projection_dim=CLIP_H_PROJECTION
+        )
         vision = CLIPVisionConfig(**CLIP_L_VISION)
     return full, vision
 
@@ -289,10 +324,18 @@ def do_rollout(b: Bench, n: int, guidance: float, seed: int = 0):
     uncond = text_embeds(b, 1, 99) if guidance > 1 else None
     s = b.cfg.sampling
     return rollout(
-        b.transformer, b.scheduler, cond,
-        num_steps=s.num_steps, height=b.cfg.model.resolution, width=b.cfg.model.resolution,
-        vae_scale_factor=b.vae_scale_factor, guidance_scale=guidance, uncond=uncond,
-        sampler=s.sampler, noise_level=s.noise_level, sde_steps=b.window,
+        b.transformer,
+        b.scheduler,
+        cond,
+        num_steps=s.num_steps,
+        height=b.cfg.model.resolution,
+        width=b.cfg.model.resolution,
+        vae_scale_factor=b.vae_scale_factor,
+        guidance_scale=guidance,
+        uncond=uncond,
+        sampler=s.sampler,
+        noise_level=s.noise_level,
+        sde_steps=b.window,
         generator=torch.Generator(b.device).manual_seed(seed),
     )
 
@@ -321,17 +364,22 @@ def part_flops(b: Bench) -> dict:
     common = dict(batch=1, latent_hw=b.latent_hw, text_tokens=b.text_tokens, dtype=b.dtype, lora=lora)
     full, vision = clip_configs(b.args.smoke)
     size = full.vision_config.image_size
-    pixels = lambda: torch.empty(1, 3, size, size, device="meta", dtype=b.dtype)  # noqa: E731
+    pixels = lambda: torch.empty(1, 3, size, size, device="meta", dtype=b.dtype)
     from transformers import CLIPModel
 
     out = {
         "transformer_fwd_tflop": mfu_lib.transformer_flops(b.transformer_config, train=False, **common) / 1e12,
         "train_micro_tflop": mfu_lib.transformer_flops(b.transformer_config, train=True, **common) / 1e12,
-        "vae_decode_tflop": mfu_lib.vae_decode_flops(b.vae_config, batch=1, latent_hw=b.latent_hw, dtype=b.dtype) / 1e12,
-        "pick_image_tflop": mfu_lib.module_flops(lambda: CLIPModel(full).to(b.dtype),
-                                                 lambda m: m.get_image_features(pixel_values=pixels())) / 1e12,
-        "aes_image_tflop": mfu_lib.module_flops(lambda: CLIPVisionModelWithProjection(vision).to(b.dtype),
-                                                lambda m: m(pixel_values=pixels())) / 1e12,
+        "vae_decode_tflop": mfu_lib.vae_decode_flops(b.vae_config, batch=1, latent_hw=b.latent_hw, dtype=b.dtype)
+        / 1e12,
+        "pick_image_tflop": mfu_lib.module_flops(
+            lambda: CLIPModel(full).to(b.dtype), lambda m: m.get_image_features(pixel_values=pixels())
+        )
+        / 1e12,
+        "aes_image_tflop": mfu_lib.module_flops(
+            lambda: CLIPVisionModelWithProjection(vision).to(b.dtype), lambda m: m(pixel_values=pixels())
+        )
+        / 1e12,
     }
     b.flops = out
     return out
@@ -361,7 +409,9 @@ def part_rollout(b: Bench) -> dict:
         "images_per_s": n / (t_roll + t_dec),
         "transformer_forward_s": t_fwd,
         "mfu": mfu_lib.mfu(fwd_flops * steps, t_roll, b.peak),
-        "mfu_with_decode": mfu_lib.mfu(fwd_flops * steps + b.flops["vae_decode_tflop"] * 1e12 * n, t_roll + t_dec, b.peak),
+        "mfu_with_decode": mfu_lib.mfu(
+            fwd_flops * steps + b.flops["vae_decode_tflop"] * 1e12 * n, t_roll + t_dec, b.peak
+        ),
         "overhead_frac": max(0.0, 1.0 - steps * t_fwd / t_roll),
         "host_syncs": syncs,
         "peak_gib": peak,
@@ -382,7 +432,9 @@ def make_update(b: Bench, n: int, guidance: float):
     cond = text_embeds(b, n)
     uncond = text_embeds(b, 1, 99) if guidance > 1 else None
     adv = torch.randn(n, generator=torch.Generator().manual_seed(3)).to(b.device)
-    optimizer = torch.optim.AdamW(b.lora_params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay)
+    optimizer = torch.optim.AdamW(
+        b.lora_params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay
+    )
     layers = adapter_layers(b.transformer)
     sigmas = traj.sigmas.to(b.device)  # as the trainer: no host-to-device copy per step
 
@@ -396,7 +448,9 @@ def make_update(b: Bench, n: int, guidance: float):
             with torch.no_grad(), adapters_disabled(layers):
                 ref = step_log_prob(b.transformer, x, x_next, sigmas[i], sigmas[i + 1], cond, **kw)
             kl = gaussian_kl(out.mean, ref.mean, out.std)
-            res = grpo_policy_loss(out.log_prob, traj.log_probs[:, i], adv, clip_range=t.clip_range, kl=kl, kl_beta=t.kl_beta)
+            res = grpo_policy_loss(
+                out.log_prob, traj.log_probs[:, i], adv, clip_range=t.clip_range, kl=kl, kl_beta=t.kl_beta
+            )
             (res.loss / len(steps)).backward()
             ratio = res.ratio_mean
         torch.nn.utils.clip_grad_norm_(b.lora_params, t.max_grad_norm)
@@ -438,8 +492,7 @@ def part_train(b: Bench) -> dict:
     r = b.results.get("rollout", {})
     if "rollout_s" in r:
         out["iteration_estimate_s"] = (
-            samples / c.rollout_batch_size * (r["rollout_s"] + r["decode_s"])
-            + samples / n * len(b.window) * micro
+            samples / c.rollout_batch_size * (r["rollout_s"] + r["decode_s"]) + samples / n * len(b.window) * micro
         )
     return out
 
@@ -487,8 +540,13 @@ def part_levers(b: Bench) -> dict:
     with mfu_lib.quiet_diffusers():
         b.transformer.to(base)
     _lora_back_to_fp32(b)
-    out["dtype"] = {"base": str(base).replace("torch.", ""), "alt": str(alt).replace("torch.", ""),
-                    "base_forward_s": t_base, "alt_forward_s": t_alt, "alt_speedup": t_base / t_alt}
+    out["dtype"] = {
+        "base": str(base).replace("torch.", ""),
+        "alt": str(alt).replace("torch.", ""),
+        "base_forward_s": t_base,
+        "alt_forward_s": t_alt,
+        "alt_speedup": t_base / t_alt,
+    }
     # attention: SDPA's default backend choice vs the math reference
     with sdpa_kernel([SDPBackend.MATH]):
         t_math = forward_seconds(b, n, repeats=reps)
@@ -503,8 +561,13 @@ def part_levers(b: Bench) -> dict:
     t_window = timed(lambda: b.update(b.window), b.device, warmup=0, repeats=1)
     t_full = timed(lambda: b.update(full), b.device, warmup=0, repeats=1)
     b.transformer.eval()
-    out["window"] = {"window_steps": len(b.window), "window_update_s": t_window,
-                     "all_steps": len(full), "all_update_s": t_full, "window_speedup": t_full / t_window}
+    out["window"] = {
+        "window_steps": len(b.window),
+        "window_update_s": t_window,
+        "all_steps": len(full),
+        "all_update_s": t_full,
+        "window_speedup": t_full / t_window,
+    }
     # batch size: forward throughput per sample
     sizes = [1, 2, 4] if b.args.smoke else [1, 4, 8, 16]
     out["batch"] = {str(k): k / forward_seconds(b, k, repeats=reps) for k in sizes}
@@ -551,8 +614,14 @@ def part_compile(b: Bench) -> dict:
     forward_seconds(b, n, repeats=1)  # the first calls compile
     warmup = time.perf_counter() - t0
     t_comp = forward_seconds(b, n, repeats=b.args.repeats)
-    return {"backend": b.args.compile_backend, "blocks": blocks, "warmup_s": warmup, "eager_forward_s": eager,
-            "compiled_forward_s": t_comp, "speedup": eager / t_comp}
+    return {
+        "backend": b.args.compile_backend,
+        "blocks": blocks,
+        "warmup_s": warmup,
+        "eager_forward_s": eager,
+        "compiled_forward_s": t_comp,
+        "speedup": eager / t_comp,
+    }
 
 
 PARTS = {
@@ -563,8 +632,13 @@ PARTS = {
     "levers": part_levers,
     "compile": part_compile,
 }
-NEEDS = {"rollout": ["flops"], "train": ["flops", "rollout"], "rewards": ["flops"], "levers": ["flops", "rollout", "train"],
-         "compile": []}
+NEEDS = {
+    "rollout": ["flops"],
+    "train": ["flops", "rollout"],
+    "rewards": ["flops"],
+    "levers": ["flops", "rollout", "train"],
+    "compile": [],
+}
 DEFAULT_PARTS = "flops,rollout,train,rewards,levers"
 
 
@@ -596,13 +670,23 @@ def print_table(report: dict) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--smoke", action="store_true", help="CPU, tiny pipeline and tiny reward towers (same code paths)")
+    parser.add_argument(
+        "--smoke", action="store_true", help="CPU, tiny pipeline and tiny reward towers (same code paths)"
+    )
     parser.add_argument("--parts", default=DEFAULT_PARTS, help=f"comma-separated parts of {', '.join(PARTS)}")
-    parser.add_argument("--preset", default=None, help="preset giving the sizes (default sd35m-1gpu; tiny with --smoke)")
-    parser.add_argument("--set", action="append", help="config override key=value (repeatable), e.g. train.rollout_batch_size=16")
+    parser.add_argument(
+        "--preset", default=None, help="preset giving the sizes (default sd35m-1gpu; tiny with --smoke)"
+    )
+    parser.add_argument(
+        "--set", action="append", help="config override key=value (repeatable), e.g. train.rollout_batch_size=16"
+    )
     parser.add_argument("--repeats", type=int, default=3, help="timed repeats per measurement (median)")
-    parser.add_argument("--budget-s", type=float, default=420.0, help="skip the remaining parts once this many seconds have passed")
-    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; eager with --smoke)")
+    parser.add_argument(
+        "--budget-s", type=float, default=420.0, help="skip the remaining parts once this many seconds have passed"
+    )
+    parser.add_argument(
+        "--compile-backend", default=None, help="torch.compile backend (default inductor; eager with --smoke)"
+    )
     parser.add_argument("--peak-tflops", type=float, default=None, help="override the GPU's dense bf16 peak (TFLOP/s)")
     parser.add_argument("--json-out", default=None, help="also write the JSON line to this file")
     args = parser.parse_args(argv)

@@ -23,12 +23,11 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
-from reward_models import save_tiny_aes, save_tiny_clip, text_image  # noqa: E402
-
-from apexcli.rewards import RewardsConfig, RewardSuite  # noqa: E402
-from apexcli.rewards.base import ImageBatch, pil_to_tensor  # noqa: E402
-from apexcli.rewards.ocr import ocr_reward, ocr_target, to_bgr  # noqa: E402
-from apexcli.rewards.toy import brightness, colorfulness, contrast, jpeg_kilobytes  # noqa: E402
+from apexcli.rewards import RewardsConfig, RewardSuite
+from apexcli.rewards.base import ImageBatch, pil_to_tensor
+from apexcli.rewards.ocr import ocr_reward, ocr_target, to_bgr
+from apexcli.rewards.toy import brightness, colorfulness, contrast, jpeg_kilobytes
+from reward_models import save_tiny_aes, save_tiny_clip, text_image
 
 OBJECTIVES = ["pick", "aes", "ocr", "brightness", "colorfulness", "compressibility", "contrast"]
 WORDS = ["HELLO WORLD", "APEX", "OPEN 24H", "GRPO", "FLOW", "PARETO", "STOP", "CAFE"]
@@ -82,7 +81,9 @@ class NaiveScorer:
                 px = self.proc(images=im, return_tensors="pt").pixel_values.to(dev)
                 t = self.tok([p], padding=True, truncation=True, max_length=32, return_tensors="pt").to(dev)
                 a = F.normalize(self.pick.get_image_features(pixel_values=px), dim=-1)
-                b = F.normalize(self.pick.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"]), dim=-1)
+                b = F.normalize(
+                    self.pick.get_text_features(input_ids=t["input_ids"], attention_mask=t["attention_mask"]), dim=-1
+                )
                 vals.append((self.pick.logit_scale.exp() * (a * b).sum(-1)).item())
             return vals
 
@@ -96,8 +97,13 @@ class NaiveScorer:
         cols = [
             self._timed("pick", pick),
             self._timed("aes", aes),
-            self._timed("ocr", lambda: [ocr_reward(" ".join(self.engine(to_bgr(im)).txts or ()), ocr_target(p))
-                                        for im, p in zip(pils, prompts)]),
+            self._timed(
+                "ocr",
+                lambda: [
+                    ocr_reward(" ".join(self.engine(to_bgr(im)).txts or ()), ocr_target(p))
+                    for im, p in zip(pils, prompts)
+                ],
+            ),
             self._timed("brightness", lambda: [brightness(pil_to_tensor(im).unsqueeze(0)).item() for im in pils]),
             self._timed("colorfulness", lambda: [colorfulness(pil_to_tensor(im).unsqueeze(0)).item() for im in pils]),
             self._timed("compressibility", lambda: [-jpeg_kilobytes(im, self.cfg.toy.jpeg_quality) for im in pils]),
@@ -121,8 +127,10 @@ def main() -> None:
     cfg.aes.clip_source, cfg.aes.head_source = save_tiny_aes(os.path.join(tmp, "aes"))
     cfg.ocr.workers = args.ocr_workers
     images, prompts = make_batch(args.n, args.size)
-    print(f"{args.n} images {args.size}x{args.size}, device {args.device}, torch threads {torch.get_num_threads()}, "
-          f"ocr workers {cfg.ocr.workers}; objectives {','.join(OBJECTIVES)}")
+    print(
+        f"{args.n} images {args.size}x{args.size}, device {args.device}, torch threads {torch.get_num_threads()}, "
+        f"ocr workers {cfg.ocr.workers}; objectives {','.join(OBJECTIVES)}"
+    )
 
     naive_scorer = NaiveScorer(cfg, args.device)
     naive_scorer(images[:4], prompts[:4])  # warm-up, as for the suite

@@ -58,8 +58,9 @@ def png_b64(seed: int, size: int = 64) -> str:
 
 
 def body(n_images: int = 4) -> bytes:
-    return json.dumps({"objectives": ["brightness"], "prompts": ["x"] * n_images,
-                       "images": [png_b64(i) for i in range(n_images)]}).encode()
+    return json.dumps(
+        {"objectives": ["brightness"], "prompts": ["x"] * n_images, "images": [png_b64(i) for i in range(n_images)]}
+    ).encode()
 
 
 def post(url: str, data: bytes) -> tuple[int | str, float]:
@@ -87,8 +88,24 @@ def server_threads(pid: int) -> int:
 
 def start_server(threads: int, timeout: float) -> tuple[subprocess.Popen, str]:
     port = free_port()
-    cmd = [sys.executable, "-m", "apexcli", "serve", "--objectives", "brightness", "--host", HOST, "--port", str(port),
-           "--device", "cpu", "--threads", str(threads), "--timeout", str(timeout)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "apexcli",
+        "serve",
+        "--objectives",
+        "brightness",
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--device",
+        "cpu",
+        "--threads",
+        str(threads),
+        "--timeout",
+        str(timeout),
+    ]
     env = dict(os.environ)
     env.pop("APEX_SERVE_TOKEN", None)
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
@@ -112,9 +129,14 @@ def throughput(url: str, concurrency: int, n: int, data: bytes) -> dict:
         results = list(pool.map(lambda _: post(url, data), range(n)))
     wall = time.perf_counter() - start
     lat = sorted(t for _, t in results)
-    return {"concurrency": concurrency, "requests": n, "ok": sum(c == 200 for c, _ in results),
-            "req_per_s": n / wall, "p50_ms": 1000 * statistics.median(lat),
-            "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))]}
+    return {
+        "concurrency": concurrency,
+        "requests": n,
+        "ok": sum(c == 200 for c, _ in results),
+        "req_per_s": n / wall,
+        "p50_ms": 1000 * statistics.median(lat),
+        "p95_ms": 1000 * lat[min(len(lat) - 1, int(0.95 * len(lat)))],
+    }
 
 
 def burst(url: str, n: int, data: bytes) -> int:
@@ -152,8 +174,13 @@ def stalled_clients(url: str, pid: int, n: int, data: bytes) -> dict:
         except OSError:
             pass
         s.close()
-    return {"stalled": n, "peak_server_threads": peak, "closed_by_server": closed,
-            "queued_request_status": code, "queued_request_s": seconds}
+    return {
+        "stalled": n,
+        "peak_server_threads": peak,
+        "closed_by_server": closed,
+        "queued_request_status": code,
+        "queued_request_s": seconds,
+    }
 
 
 def trickling_clients(url: str, n: int, data: bytes) -> dict:
@@ -177,7 +204,7 @@ def trickling_clients(url: str, n: int, data: bytes) -> dict:
             for i in range(240):
                 if stop.wait(0.5):
                     break
-                sock.sendall(b"POST /score HTTP/1.0\r\nX-Pad: "[i:i + 1] or b"a")
+                sock.sendall(b"POST /score HTTP/1.0\r\nX-Pad: "[i : i + 1] or b"a")
             if closed_by_server(sock):
                 dropped.append(sock)
         except OSError:
@@ -198,8 +225,15 @@ def trickling_clients(url: str, n: int, data: bytes) -> dict:
     return {"trickling": n, "request_status": code, "request_s": seconds, "dropped_by_server": len(dropped)}
 
 
-MALFORMED = [b"[]", b"null", b'"x"', b'{"objectives": 3}', b'{"images": [1], "prompts": ["x"]}',
-             b"[" * 100_000 + b"]" * 100_000, b"{not json"]
+MALFORMED = [
+    b"[]",
+    b"null",
+    b'"x"',
+    b'{"objectives": 3}',
+    b'{"images": [1], "prompts": ["x"]}',
+    b"[" * 100_000 + b"]" * 100_000,
+    b"{not json",
+]
 
 
 def main() -> None:
@@ -210,11 +244,17 @@ def main() -> None:
     ap.add_argument("--stalled", type=int, default=200)
     ap.add_argument("--trickling", type=int, default=40)
     ap.add_argument("--threads", type=int, default=32, help="apex serve --threads")
-    ap.add_argument("--timeout", type=float, default=2.0, help="apex serve --timeout (short, to see stalled clients go)")
+    ap.add_argument(
+        "--timeout", type=float, default=2.0, help="apex serve --timeout (short, to see stalled clients go)"
+    )
     ap.add_argument("--json", help="also write the results here")
     args = ap.parse_args()
-    if not (1 <= args.requests <= 10_000 and 0 <= args.stalled <= 1000 and 0 <= args.bursts <= 20
-            and 0 <= args.trickling <= 1000):
+    if not (
+        1 <= args.requests <= 10_000
+        and 0 <= args.stalled <= 1000
+        and 0 <= args.bursts <= 20
+        and 0 <= args.trickling <= 1000
+    ):
         raise SystemExit("keep it bounded: --requests 1..10000, --stalled 0..1000, --trickling 0..1000, --bursts 0..20")
 
     proc, url = start_server(args.threads, args.timeout)
@@ -236,22 +276,32 @@ def main() -> None:
         except subprocess.TimeoutExpired:
             proc.kill()
 
-    print(f"apex serve on {HOST}, brightness, 4 PNGs 64x64 per request, --threads {args.threads} --timeout {args.timeout}")
+    print(
+        f"apex serve on {HOST}, brightness, 4 PNGs 64x64 per request, --threads {args.threads} --timeout {args.timeout}"
+    )
     print("| concurrency | requests | ok | req/s | p50 ms | p95 ms |")
     print("|---|---|---|---|---|---|")
     for r in results["throughput"]:
-        print(f"| {r['concurrency']} | {r['requests']} | {r['ok']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |")
+        print(
+            f"| {r['concurrency']} | {r['requests']} | {r['ok']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | {r['p95_ms']:.1f} |"
+        )
     print(f"bursts of 50 simultaneous connections: failures per burst {results['burst_failures']}")
     if results["stalled"]:
         s = results["stalled"]
-        print(f"{s['stalled']} stalled connections: server threads idle {results['idle_server_threads']}, peak "
-              f"{s['peak_server_threads']}; {s['closed_by_server']}/{s['stalled']} closed by the server; a request "
-              f"queued behind them answered {s['queued_request_status']} after {s['queued_request_s']:.1f} s")
+        print(
+            f"{s['stalled']} stalled connections: server threads idle {results['idle_server_threads']}, peak "
+            f"{s['peak_server_threads']}; {s['closed_by_server']}/{s['stalled']} closed by the server; a request "
+            f"queued behind them answered {s['queued_request_status']} after {s['queued_request_s']:.1f} s"
+        )
     if results["trickling"]:
         t = results["trickling"]
-        print(f"{t['trickling']} trickling connections: a request sent among them answered {t['request_status']} "
-              f"after {t['request_s']:.1f} s; {t['dropped_by_server']} of them dropped by the server")
-    print(f"malformed bodies answered {results['malformed_status']}; afterwards a valid request: {results['after_status']}")
+        print(
+            f"{t['trickling']} trickling connections: a request sent among them answered {t['request_status']} "
+            f"after {t['request_s']:.1f} s; {t['dropped_by_server']} of them dropped by the server"
+        )
+    print(
+        f"malformed bodies answered {results['malformed_status']}; afterwards a valid request: {results['after_status']}"
+    )
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=2)

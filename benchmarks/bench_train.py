@@ -67,10 +67,17 @@ from apexcli.train.trainer import Trainer
 # --smoke: a CPU in float32 at 64 px (16 image tokens), T5 length 16, 20 prompts to embed, 2 prompts x
 # 2 samples, 3 steps of which 2 trained; with --arch sd35m one real-width transformer block
 SMOKE_OVERRIDES = [
-    "model.device=cpu", "model.dtype=float32", "model.resolution=64", "model.max_sequence_length=16",
+    "model.device=cpu",
+    "model.dtype=float32",
+    "model.resolution=64",
+    "model.max_sequence_length=16",
     "prompts.train=builtin:ocr",
-    "train.prompts_per_step=2", "train.group_size=2", "train.rollout_batch_size=2", "train.train_batch_size=2",
-    "sampling.num_steps=3", "train.window_size=2",
+    "train.prompts_per_step=2",
+    "train.group_size=2",
+    "train.rollout_batch_size=2",
+    "train.train_batch_size=2",
+    "sampling.num_steps=3",
+    "train.window_size=2",
 ]
 
 
@@ -195,9 +202,15 @@ def step_gradient_shares(trainer: Trainer) -> dict[int, float]:
 
     cfg = trainer.cfg
     trainer.step += 1
-    plan = plan_step(step=trainer.step, seed=cfg.seed, num_prompts=len(trainer.prompts),
-                     prompts_per_step=cfg.train.prompts_per_step, group_size=cfg.train.group_size,
-                     rank=0, world_size=1)
+    plan = plan_step(
+        step=trainer.step,
+        seed=cfg.seed,
+        num_prompts=len(trainer.prompts),
+        prompts_per_step=cfg.train.prompts_per_step,
+        group_size=cfg.train.group_size,
+        rank=0,
+        world_size=1,
+    )
     trainer.transformer.eval()
     trajectories, rewards, _ = trainer._sample(plan)
     advantages, _ = trainer.balancer(rewards, plan.group_ids)
@@ -212,13 +225,25 @@ def step_gradient_shares(trainer: Trainer) -> dict[int, float]:
         adv = advantages[rows].to(trainer.device)
         for t in trainer.steps_trained:
             x, x_next, sigma, sigma_next = traj.transition(t)
-            out = step_log_prob(model, x, x_next, sigma, sigma_next, cond, guidance_scale=cfg.sampling.guidance_scale,
-                                uncond=trainer.uncond, **traj.step_options)
+            out = step_log_prob(
+                model,
+                x,
+                x_next,
+                sigma,
+                sigma_next,
+                cond,
+                guidance_scale=cfg.sampling.guidance_scale,
+                uncond=trainer.uncond,
+                **traj.step_options,
+            )
             loss = -(adv * torch.exp(out.log_prob - traj.log_probs[:, t])).sum() / n
             grads = torch.autograd.grad(loss, trainer.lora_params, allow_unused=True)
             grads = [torch.zeros_like(p) if g is None else g.detach() for p, g in zip(trainer.lora_params, grads)]
             summed[t] = grads if t not in summed else [a + g for a, g in zip(summed[t], grads)]
-    norms = {t: float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads]))) for t, grads in summed.items()}
+    norms = {
+        t: float(torch.linalg.vector_norm(torch.stack([g.float().norm() for g in grads])))
+        for t, grads in summed.items()
+    }
     total = sum(norms.values())
     return {t: (v / total if total > 0 else 0.0) for t, v in norms.items()}
 
@@ -255,8 +280,10 @@ def time_text_encoding(cfg, prompts: list[str], repeats: int) -> dict[str, float
     pipe = load_pipeline(cfg.model)
     seq = cfg.model.max_sequence_length
     cache = TextEmbeddingCache(None, encoder_fingerprint(pipe))
-    batches = [[prompts[(i * cfg.train.prompts_per_step + j) % len(prompts)] for j in range(cfg.train.prompts_per_step)] + [""]
-               for i in range(repeats)]
+    batches = [
+        [prompts[(i * cfg.train.prompts_per_step + j) % len(prompts)] for j in range(cfg.train.prompts_per_step)] + [""]
+        for i in range(repeats)
+    ]
     encode_prompts(pipe, batches[0], max_sequence_length=seq, device="cpu")  # warm-up
     t0 = time.perf_counter()
     for batch in batches:
@@ -279,13 +306,24 @@ def main() -> None:
     parser.add_argument("--warmup", type=int, default=2, help="iterations run before measuring")
     parser.add_argument("--steps", type=int, default=5, help="measured iterations")
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
-    parser.add_argument("--arch", choices=["preset", "sd35m"], default="preset",
-                        help="sd35m: the preset's config on SD3.5-Medium's real-shape fixture, random weights "
-                             "(no download; for GPUs, e.g. --preset sd35m-1gpu)")
-    parser.add_argument("--layers", type=int, default=None,
-                        help="transformer blocks with --arch sd35m (default 24, the release; 1 with --smoke)")
-    parser.add_argument("--smoke", action="store_true",
-                        help="CPU, float32, 64 px, 2 x 2 samples, 3 steps: the same code paths in seconds")
+    parser.add_argument(
+        "--arch",
+        choices=["preset", "sd35m"],
+        default="preset",
+        help="sd35m: the preset's config on SD3.5-Medium's real-shape fixture, random weights "
+        "(no download; for GPUs, e.g. --preset sd35m-1gpu)",
+    )
+    parser.add_argument(
+        "--layers",
+        type=int,
+        default=None,
+        help="transformer blocks with --arch sd35m (default 24, the release; 1 with --smoke)",
+    )
+    parser.add_argument(
+        "--smoke",
+        action="store_true",
+        help="CPU, float32, 64 px, 2 x 2 samples, 3 steps: the same code paths in seconds",
+    )
     args = parser.parse_args()
     layers = args.layers or (1 if args.smoke else 24)
     quiet_libraries()
@@ -296,7 +334,12 @@ def main() -> None:
         cfg = resolve_config(
             preset=args.preset,
             options={"out": f"{tmp}/run", "objectives": args.objectives.split(",")},
-            overrides=["logging.progress=false", "eval.every=0", *(SMOKE_OVERRIDES if args.smoke else []), *args.overrides],
+            overrides=[
+                "logging.progress=false",
+                "eval.every=0",
+                *(SMOKE_OVERRIDES if args.smoke else []),
+                *args.overrides,
+            ],
         )
         if args.arch == "sd35m":
             import apexcli.train.setup as setup_module
@@ -371,9 +414,13 @@ def main() -> None:
     for name, seconds in (("transformer fwd", fwd), ("transformer bwd", bwd), ("vae decode", vae)):
         print(f"{name:<18} {seconds:9.4f} {seconds / step:7.1%}")
     print(f"outside model fwd/bwd + VAE decode: {outside:.1%} of the iteration (target < 10%)")
-    print(f"scoring thread time (overlapped with sampling): {mean([r['time/score'] for _, _, r in per_step]):.4f} s/iter")
-    print(f"gradient share per trained step ({s.sampler}, {s.num_steps} steps, noise level {s.noise_level}): "
-          + " ".join(f"t{t}={v:.1%}" for t, v in shares.items()))
+    print(
+        f"scoring thread time (overlapped with sampling): {mean([r['time/score'] for _, _, r in per_step]):.4f} s/iter"
+    )
+    print(
+        f"gradient share per trained step ({s.sampler}, {s.num_steps} steps, noise level {s.noise_level}): "
+        + " ".join(f"t{t}={v:.1%}" for t, v in shares.items())
+    )
     if text is not None:
         print(
             f"text encoding of one iteration's prompts: {text['uncached_s']:.4f} s uncached "
@@ -382,10 +429,12 @@ def main() -> None:
         )
     if plan is not None:
         measured = f"{peak:.2f} GiB" if peak is not None else f"not measured on {trainer.device.type}"
-        print(f"peak memory of the iterations (torch.cuda.max_memory_allocated): {measured}; "
-              f"memory_plan.py plans {plan['total']:.2f} GiB (transformer {plan['transformer']:.2f}, "
-              f"train activations {plan['activations_train']:.2f}, the rest {plan['total'] - plan['transformer'] - plan['activations_train']:.2f}) "
-              "+ the transient rollout/decode working sets")
+        print(
+            f"peak memory of the iterations (torch.cuda.max_memory_allocated): {measured}; "
+            f"memory_plan.py plans {plan['total']:.2f} GiB (transformer {plan['transformer']:.2f}, "
+            f"train activations {plan['activations_train']:.2f}, the rest {plan['total'] - plan['transformer'] - plan['activations_train']:.2f}) "
+            "+ the transient rollout/decode working sets"
+        )
     print(
         json.dumps(
             {

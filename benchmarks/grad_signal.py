@@ -56,8 +56,13 @@ def signal_fraction(grads: torch.Tensor) -> dict[str, float]:
     se = float(((n - 1) / n * (leave_one_out - leave_one_out.mean()).square().sum()).sqrt())
     a, b = g[: n // 2].mean(0), g[n // 2 :].mean(0)
     halves = float(a @ b / (a.norm() * b.norm()).clamp_min(1e-30))
-    return {"rho": rho, "rho_se": se, "updates_needed": (1.0 / rho) if rho > 0 else float("inf"),
-            "half_cosine": halves, "grad_norm": float(g.norm(dim=1).mean())}
+    return {
+        "rho": rho,
+        "rho_se": se,
+        "updates_needed": (1.0 / rho) if rho > 0 else float("inf"),
+        "half_cosine": halves,
+        "grad_norm": float(g.norm(dim=1).mean()),
+    }
 
 
 def measure(preset: str, objective: str, updates: int, overrides: list[str], save: str = "") -> dict[str, float]:
@@ -65,8 +70,15 @@ def measure(preset: str, objective: str, updates: int, overrides: list[str], sav
     from apexcli.train.trainer import Trainer
 
     with tempfile.TemporaryDirectory() as out:
-        settings = [f"objectives=[{objective}]", "balance.strategy=static", "eval.every=0", "train.checkpoint_every=0",
-                    "train.experimental.anchor_beta=0", "train.kl_beta=0", f"out={out}"]
+        settings = [
+            f"objectives=[{objective}]",
+            "balance.strategy=static",
+            "eval.every=0",
+            "train.checkpoint_every=0",
+            "train.experimental.anchor_beta=0",
+            "train.kl_beta=0",
+            f"out={out}",
+        ]
         if objective in PROMPTS:
             settings.append(f"prompts.train={PROMPTS[objective]}")
         cfg = resolve_config(preset=preset, overrides=settings + overrides)
@@ -75,8 +87,14 @@ def measure(preset: str, objective: str, updates: int, overrides: list[str], sav
         kept: list[torch.Tensor] = []
 
         def keep_gradient(*_args, **_kwargs) -> None:  # instead of the optimizer step: the LoRA stays at base
-            kept.append(torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
-                                   for p in trainer.lora_params]).cpu())
+            kept.append(
+                torch.cat(
+                    [
+                        (p.grad if p.grad is not None else torch.zeros_like(p)).detach().flatten()
+                        for p in trainer.lora_params
+                    ]
+                ).cpu()
+            )
 
         trainer.optimizer.step = keep_gradient
         t0 = time.perf_counter()
@@ -88,8 +106,11 @@ def measure(preset: str, objective: str, updates: int, overrides: list[str], sav
     if save:  # the raw gradients, to re-estimate without rerunning: torch.load(path)
         torch.save(torch.stack(kept), f"{save}.{objective}.pt")
     result = signal_fraction(torch.stack(kept))
-    result.update(samples_per_update=cfg.train.prompts_per_step * cfg.train.group_size, updates=len(kept),
-                  seconds_per_update=seconds / updates)
+    result.update(
+        samples_per_update=cfg.train.prompts_per_step * cfg.train.group_size,
+        updates=len(kept),
+        seconds_per_update=seconds / updates,
+    )
     return result
 
 
@@ -99,7 +120,9 @@ def main() -> None:
     parser.add_argument("--objectives", default="brightness,appeal,adherence,ocr")
     parser.add_argument("--updates", type=int, default=16, help="independent updates per objective (>= 4)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
-    parser.add_argument("--save", default="", metavar="PREFIX", help="also write each objective's gradients to PREFIX.<objective>.pt")
+    parser.add_argument(
+        "--save", default="", metavar="PREFIX", help="also write each objective's gradients to PREFIX.<objective>.pt"
+    )
     args = parser.parse_args()
     if args.updates < 4:
         parser.error("--updates must be at least 4 (two halves of two)")
@@ -108,12 +131,17 @@ def main() -> None:
 
     quiet_libraries()
     results = {}
-    print(f"{'objective':12s} {'rho':>8s} {'± se':>7s} {'updates_needed':>15s} {'half_cosine':>12s} {'samples/update':>15s} {'s/update':>9s}")
+    print(
+        f"{'objective':12s} {'rho':>8s} {'± se':>7s} {'updates_needed':>15s} {'half_cosine':>12s} {'samples/update':>15s} {'s/update':>9s}"
+    )
     for objective in [o.strip() for o in args.objectives.split(",") if o.strip()]:
         r = measure(args.preset, objective, args.updates, args.set, args.save)
         results[objective] = r
-        print(f"{objective:12s} {r['rho']:8.4f} {r['rho_se']:7.4f} {r['updates_needed']:15.1f} {r['half_cosine']:12.3f} "
-              f"{r['samples_per_update']:15d} {r['seconds_per_update']:9.1f}", flush=True)
+        print(
+            f"{objective:12s} {r['rho']:8.4f} {r['rho_se']:7.4f} {r['updates_needed']:15.1f} {r['half_cosine']:12.3f} "
+            f"{r['samples_per_update']:15d} {r['seconds_per_update']:9.1f}",
+            flush=True,
+        )
     print(json.dumps({"preset": args.preset, "overrides": args.set, "results": results}))
 
 

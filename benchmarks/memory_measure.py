@@ -82,7 +82,7 @@ def measure_step(model: torch.nn.Module, shape: mp.StepShape, checkpointing: boo
     gc.collect()
     box: dict = {}
     start = time.perf_counter()
-    run = lambda: box.setdefault("step", mp.step_memory(model, inputs, shape, checkpointing=checkpointing))  # noqa: E731
+    run = lambda: box.setdefault("step", mp.step_memory(model, inputs, shape, checkpointing=checkpointing))
     peak = mp.cpu_allocator_peak(run)
     return {"allocator_peak": peak, "live": box["step"], "seconds": time.perf_counter() - start}
 
@@ -117,18 +117,26 @@ def block_table(kinds: dict[int, str], cpu: dict[bool, dict], meta: dict[bool, m
         row: dict = {"block": b, "kind": kind}
         if False in cpu:
             off = cpu[False]["live"]
-            row.update(raw_measured=off.block_saved_raw[b], raw_computed=meta[False].block_saved_raw[b],
-                       unique_measured=off.block_saved_by_data_ptr[b], unique_computed=meta[False].block_saved[b])
+            row.update(
+                raw_measured=off.block_saved_raw[b],
+                raw_computed=meta[False].block_saved_raw[b],
+                unique_measured=off.block_saved_by_data_ptr[b],
+                unique_computed=meta[False].block_saved[b],
+            )
         if True in cpu:
-            row.update(working_set_measured=cpu[True]["live"].block_working_set[b],
-                       working_set_computed=meta[True].block_working_set[b])
+            row.update(
+                working_set_measured=cpu[True]["live"].block_working_set[b],
+                working_set_computed=meta[True].block_working_set[b],
+            )
         rows.append(row)
     return rows
 
 
 def print_blocks(rows: list[dict], shape: mp.StepShape) -> None:
-    print(f"\nper block, forward batch {shape.forward_batch}, {shape.image_tokens}+{shape.text_tokens} tokens (MB; "
-          "measured = CPU real tensors, computed = meta)")
+    print(
+        f"\nper block, forward batch {shape.forward_batch}, {shape.image_tokens}+{shape.text_tokens} tokens (MB; "
+        "measured = CPU real tensors, computed = meta)"
+    )
     print(f"{'block':<28}{'saved raw':>22}{'saved unique':>22}{'ckpt working set':>22}")
     for r in rows:
         cells = [(r.get(k + "_measured"), r.get(k + "_computed")) for k in ("raw", "unique", "working_set")]
@@ -140,23 +148,33 @@ def full_table(cpu: dict[bool, dict], meta: dict[bool, mp.StepMemory]) -> list[d
     rows = []
     for ckpt in cpu:
         m, c = meta[ckpt], cpu[ckpt]
-        rows.append({
-            "checkpointing": ckpt, "allocator_peak": c["allocator_peak"], "cpu_live_peak": c["live"].peak,
-            "computed_peak": m.peak, "computed_kept": m.kept,
-            "computed_max_block_working_set": max(m.block_working_set, default=0),
-            "measured_over_computed": ratio(c["allocator_peak"], m.peak), "seconds": c["seconds"],
-        })
+        rows.append(
+            {
+                "checkpointing": ckpt,
+                "allocator_peak": c["allocator_peak"],
+                "cpu_live_peak": c["live"].peak,
+                "computed_peak": m.peak,
+                "computed_kept": m.kept,
+                "computed_max_block_working_set": max(m.block_working_set, default=0),
+                "measured_over_computed": ratio(c["allocator_peak"], m.peak),
+                "seconds": c["seconds"],
+            }
+        )
     return rows
 
 
 def print_full(rows: list[dict], layers: int) -> None:
     print(f"\nwhole micro-step, {layers} blocks (MB)")
-    print(f"{'checkpointing':<14}{'allocator':>11}{'CPU live':>10}{'computed':>10}{'meas/comp':>10}"
-          f"{'kept':>9}{'max W':>8}")
+    print(
+        f"{'checkpointing':<14}{'allocator':>11}{'CPU live':>10}{'computed':>10}{'meas/comp':>10}"
+        f"{'kept':>9}{'max W':>8}"
+    )
     for r in rows:
-        print(f"{'on' if r['checkpointing'] else 'off':<14}{r['allocator_peak'] / MB:11.1f}{r['cpu_live_peak'] / MB:10.1f}"
-              f"{r['computed_peak'] / MB:10.1f}{r['measured_over_computed']:10.3f}"
-              f"{r['computed_kept'] / MB:9.1f}{r['computed_max_block_working_set'] / MB:8.1f}")
+        print(
+            f"{'on' if r['checkpointing'] else 'off':<14}{r['allocator_peak'] / MB:11.1f}{r['cpu_live_peak'] / MB:10.1f}"
+            f"{r['computed_peak'] / MB:10.1f}{r['measured_over_computed']:10.3f}"
+            f"{r['computed_kept'] / MB:9.1f}{r['computed_max_block_working_set'] / MB:8.1f}"
+        )
 
 
 LOAD_CHILD = """
@@ -218,31 +236,45 @@ def host_loading(layers: int, disk_dtype: str) -> dict:
     """Peak RSS of a fresh process loading a saved real-shape pipeline in bfloat16, then reading
     one value of every page of its weights (as a copy to the GPU does)."""
     with tempfile.TemporaryDirectory() as tmp:
-        save = ("import torch; from apexcli.models.real_shape import save_real_shape_sd3; "
-                f"save_real_shape_sd3({tmp!r}, 'sd35m', num_layers={layers}, dtype=torch.{disk_dtype})")
+        save = (
+            "import torch; from apexcli.models.real_shape import save_real_shape_sd3; "
+            f"save_real_shape_sd3({tmp!r}, 'sd35m', num_layers={layers}, dtype=torch.{disk_dtype})"
+        )
         subprocess.run([sys.executable, "-c", save], check=True, capture_output=True)
         disk = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
         child = _child_json(LOAD_CHILD.format(bench=str(Path(__file__).resolve().parent), path=tmp))
     b, loaded, touched, peaks = child["before"], child["loaded"], child["touched"], child["sampled_peaks"]
     return {
-        "layers": layers, "disk_dtype": disk_dtype, "disk_bytes": disk, "weights_bytes": child["weights"],
-        "load_peak_rise": loaded["VmHWM"] - b["VmRSS"], "load_anon_peak_rise": peaks["RssAnon"] - b["RssAnon"],
-        "load_file_peak_rise": peaks["RssFile"] - b["RssFile"], "loaded_rise": loaded["VmRSS"] - b["VmRSS"],
-        "touched_rise": touched["VmRSS"] - b["VmRSS"], "touched_file_rise": touched["RssFile"] - b["RssFile"],
+        "layers": layers,
+        "disk_dtype": disk_dtype,
+        "disk_bytes": disk,
+        "weights_bytes": child["weights"],
+        "load_peak_rise": loaded["VmHWM"] - b["VmRSS"],
+        "load_anon_peak_rise": peaks["RssAnon"] - b["RssAnon"],
+        "load_file_peak_rise": peaks["RssFile"] - b["RssFile"],
+        "loaded_rise": loaded["VmRSS"] - b["VmRSS"],
+        "touched_rise": touched["VmRSS"] - b["VmRSS"],
+        "touched_file_rise": touched["RssFile"] - b["RssFile"],
         "pos_embed_dtype": child["pos_embed_dtype"],
     }
 
 
 def print_host(build: dict, loads: list[dict]) -> None:
-    print(f"\nhost RAM (MB). Building SD3.5-M's PatchEmbed alone: peak RSS +{build['peak_rise'] / MB:.0f} "
-          f"= {build['bytes_per_value']:.2f} bytes per pos_embed value ({build['values']:,} values)")
-    print(f"{'pipeline':<22}{'on disk':>9}{'load peak':>11}{'anon':>8}{'file':>8}{'loaded':>8}{'read':>8}{'read file':>11}"
-          f"{'peak/disk':>11}")
+    print(
+        f"\nhost RAM (MB). Building SD3.5-M's PatchEmbed alone: peak RSS +{build['peak_rise'] / MB:.0f} "
+        f"= {build['bytes_per_value']:.2f} bytes per pos_embed value ({build['values']:,} values)"
+    )
+    print(
+        f"{'pipeline':<22}{'on disk':>9}{'load peak':>11}{'anon':>8}{'file':>8}{'loaded':>8}{'read':>8}{'read file':>11}"
+        f"{'peak/disk':>11}"
+    )
     for h in loads:
-        print(f"{h['layers']} blocks, {h['disk_dtype']:<11}{h['disk_bytes'] / MB:9.0f}{h['load_peak_rise'] / MB:11.0f}"
-              f"{h['load_anon_peak_rise'] / MB:8.0f}{h['load_file_peak_rise'] / MB:8.0f}{h['loaded_rise'] / MB:8.0f}"
-              f"{h['touched_rise'] / MB:8.0f}{h['touched_file_rise'] / MB:11.0f}"
-              f"{h['load_peak_rise'] / h['disk_bytes']:11.2f}")
+        print(
+            f"{h['layers']} blocks, {h['disk_dtype']:<11}{h['disk_bytes'] / MB:9.0f}{h['load_peak_rise'] / MB:11.0f}"
+            f"{h['load_anon_peak_rise'] / MB:8.0f}{h['load_file_peak_rise'] / MB:8.0f}{h['loaded_rise'] / MB:8.0f}"
+            f"{h['touched_rise'] / MB:8.0f}{h['touched_file_rise'] / MB:11.0f}"
+            f"{h['load_peak_rise'] / h['disk_bytes']:11.2f}"
+        )
     print(f"pos_embed after loading: {loads[0]['pos_embed_dtype']}")
 
 
@@ -252,12 +284,17 @@ HOST_CASES = ((2, "bfloat16"), (6, "bfloat16"), (2, "float16"))
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--layers", type=int, default=SD35M_TRANSFORMER["num_layers"], help="transformer blocks (24: all)")
+    parser.add_argument(
+        "--layers", type=int, default=SD35M_TRANSFORMER["num_layers"], help="transformer blocks (24: all)"
+    )
     parser.add_argument("--samples", type=int, default=1, help="samples per micro-batch (x2 forwards with CFG)")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels")
     parser.add_argument("--skip-host", action="store_true", help="leave out the host-RAM-while-loading measurement")
-    parser.add_argument("--checkpointing-only", action="store_true",
-                        help="only the step with gradient checkpointing (the preset's micro-batch without it needs ~26 GB)")
+    parser.add_argument(
+        "--checkpointing-only",
+        action="store_true",
+        help="only the step with gradient checkpointing (the preset's micro-batch without it needs ~26 GB)",
+    )
     args = parser.parse_args()
     torch.manual_seed(0)
     shape = mp.StepShape(args.samples, args.resolution // 8, 77 + 128, 4.5)
@@ -267,8 +304,11 @@ def main() -> None:
     model = mp.sd3_transformer(config, torch.bfloat16, "cpu", LORA)
     cpu = {ckpt: measure_step(model, shape, ckpt) for ckpt in modes}
     forward = measure_forward(model, shape)
-    forward["computed_peak"] = mp.forward_peak(mp.sd3_transformer(config, torch.bfloat16, "meta", LORA),
-                                               mp.step_inputs(config, shape, "meta"), shape.guidance_scale)
+    forward["computed_peak"] = mp.forward_peak(
+        mp.sd3_transformer(config, torch.bfloat16, "meta", LORA),
+        mp.step_inputs(config, shape, "meta"),
+        shape.guidance_scale,
+    )
     del model
     gc.collect()
     blocks = block_table(block_kinds(args.layers), cpu, meta)
@@ -277,15 +317,30 @@ def main() -> None:
     host = None if args.skip_host else [host_loading(layers, dtype) for layers, dtype in HOST_CASES]
     print_blocks(blocks, shape)
     print_full(full, args.layers)
-    print(f"no-grad forward (a rollout step): allocator {forward['allocator_peak'] / MB:.1f}, CPU live "
-          f"{forward['cpu_live_peak'] / MB:.1f}, computed {forward['computed_peak'] / MB:.1f} MB, measured/computed "
-          f"{ratio(forward['allocator_peak'], forward['computed_peak']):.3f}")
+    print(
+        f"no-grad forward (a rollout step): allocator {forward['allocator_peak'] / MB:.1f}, CPU live "
+        f"{forward['cpu_live_peak'] / MB:.1f}, computed {forward['computed_peak'] / MB:.1f} MB, measured/computed "
+        f"{ratio(forward['allocator_peak'], forward['computed_peak']):.3f}"
+    )
     if host is not None:
         print_host(build, host)
-    print(json.dumps({"layers": args.layers, "samples": args.samples, "forward_batch": shape.forward_batch,
-                      "resolution": args.resolution, "image_tokens": shape.image_tokens, "text_tokens": shape.text_tokens,
-                      "blocks": blocks, "step": full, "forward": forward, "pos_embed_build": build,
-                      "host_loading": host}))
+    print(
+        json.dumps(
+            {
+                "layers": args.layers,
+                "samples": args.samples,
+                "forward_batch": shape.forward_batch,
+                "resolution": args.resolution,
+                "image_tokens": shape.image_tokens,
+                "text_tokens": shape.text_tokens,
+                "blocks": blocks,
+                "step": full,
+                "forward": forward,
+                "pos_embed_build": build,
+                "host_loading": host,
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

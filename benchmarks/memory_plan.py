@@ -34,39 +34,63 @@ def print_step(name: str, step: StepMemory) -> None:
     s = step.shape
     ws = max(step.block_working_set, default=0)
     saved = max(step.block_saved, default=0)
-    print(f"{name:<18} forward batch {s.forward_batch:>2}, {s.image_tokens}+{s.text_tokens} tokens, checkpointing "
-          f"{'on ' if step.checkpointing else 'off'}: kept {step.kept / GB:6.2f}  "
-          f"reference peak {step.reference_peak / GB:6.2f}  backward peak {step.backward_peak / GB:6.2f}  "
-          f"PEAK {step.peak / GB:6.2f} GB"
-          + (f"  (max block working set {ws / GB:.2f})" if ws else f"  (max block saved {saved / GB:.2f})"))
+    print(
+        f"{name:<18} forward batch {s.forward_batch:>2}, {s.image_tokens}+{s.text_tokens} tokens, checkpointing "
+        f"{'on ' if step.checkpointing else 'off'}: kept {step.kept / GB:6.2f}  "
+        f"reference peak {step.reference_peak / GB:6.2f}  backward peak {step.backward_peak / GB:6.2f}  "
+        f"PEAK {step.peak / GB:6.2f} GB"
+        + (f"  (max block working set {ws / GB:.2f})" if ws else f"  (max block saved {saved / GB:.2f})")
+    )
 
 
 def print_totals(name: str, plan: MemoryPlan) -> None:
     for deqa in (False, True):
         fits = plan.fits(deqa)
         verdict = "" if fits is None else ("  fits" if fits else "  DOES NOT FIT")
-        print(f"{name:<18} DeQA {'on this GPU ' if deqa else 'elsewhere   '} resident {plan.resident(deqa) / GB:6.2f}  "
-              f"training peak {plan.peak(deqa) / GB:6.2f}  while encoding {plan.encoding_peak(deqa) / GB:6.2f} GB{verdict}")
+        print(
+            f"{name:<18} DeQA {'on this GPU ' if deqa else 'elsewhere   '} resident {plan.resident(deqa) / GB:6.2f}  "
+            f"training peak {plan.peak(deqa) / GB:6.2f}  while encoding {plan.encoding_peak(deqa) / GB:6.2f} GB{verdict}"
+        )
 
 
 def summary(plan: MemoryPlan) -> dict:
     s = plan.step
     return {
         "rows": {r.key: {"bytes": r.nbytes, "where": r.where, "detail": r.detail} for r in plan.rows},
-        "resident": plan.resident(), "resident_deqa_here": plan.resident(True),
-        "peak": plan.peak(), "peak_deqa_here": plan.peak(True), "encoding_peak_deqa_here": plan.encoding_peak(True),
+        "resident": plan.resident(),
+        "resident_deqa_here": plan.resident(True),
+        "peak": plan.peak(),
+        "peak_deqa_here": plan.peak(True),
+        "encoding_peak_deqa_here": plan.encoding_peak(True),
         "fits_deqa_here": plan.fits(True),
-        "step": {"forward_batch": s.shape.forward_batch, "image_tokens": s.shape.image_tokens,
-                 "text_tokens": s.shape.text_tokens, "checkpointing": s.checkpointing, "kept": s.kept,
-                 "reference_peak": s.reference_peak, "backward_peak": s.backward_peak, "peak": s.peak,
-                 "outside_saved": s.outside_saved, "block_saved": list(s.block_saved),
-                 "block_saved_raw": list(s.block_saved_raw), "block_working_set": list(s.block_working_set)},
+        "step": {
+            "forward_batch": s.shape.forward_batch,
+            "image_tokens": s.shape.image_tokens,
+            "text_tokens": s.shape.text_tokens,
+            "checkpointing": s.checkpointing,
+            "kept": s.kept,
+            "reference_peak": s.reference_peak,
+            "backward_peak": s.backward_peak,
+            "peak": s.peak,
+            "outside_saved": s.outside_saved,
+            "block_saved": list(s.block_saved),
+            "block_saved_raw": list(s.block_saved_raw),
+            "block_working_set": list(s.block_working_set),
+        },
     }
 
 
-
-TRAINER_ROWS = ("transformer", "pos_embed", "vae", "lora_weights", "lora_grads", "adamw_states", "lora_ema",
-                "trajectories", "step_embeds")
+TRAINER_ROWS = (
+    "transformer",
+    "pos_embed",
+    "vae",
+    "lora_weights",
+    "lora_grads",
+    "adamw_states",
+    "lora_ema",
+    "trajectories",
+    "step_embeds",
+)
 """What ``bench_train.py --arch sd35m`` keeps on its device: no reward towers (toy rewards), no
 text encoders (freed after caching)."""
 
@@ -83,8 +107,12 @@ def trainer_plan(cfg, transformer_config: dict) -> dict[str, int]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--preset", default="sd35m-1gpu")
-    parser.add_argument("--gpu-gib", type=float, default=80 * 1e9 / 2**30,
-                        help="GPU memory for the verdict, GiB (default: 80 GB, an H100's nominal size)")
+    parser.add_argument(
+        "--gpu-gib",
+        type=float,
+        default=80 * 1e9 / 2**30,
+        help="GPU memory for the verdict, GiB (default: 80 GB, an H100's nominal size)",
+    )
     args = parser.parse_args()
     gpu = int(args.gpu_gib * 2**30)
     plans = {name: plan_memory(resolve_config(preset=args.preset, overrides=o), gpu) for name, o in VARIANTS.items()}

@@ -18,7 +18,7 @@ from collections.abc import Callable
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from apexcli.models.memory_plan import quiet_diffusers, sd3_transformer  # noqa: F401  (quiet_diffusers: bench_gpu's)
+from apexcli.models.memory_plan import quiet_diffusers, sd3_transformer
 
 # Dense (no sparsity) bf16 / fp16 tensor-core peaks in TFLOP/s, from the vendors' datasheets.
 # Matched against torch.cuda.get_device_name() in order, first hit wins.
@@ -80,7 +80,9 @@ def transformer_flops(
     inputs = dict(
         hidden_states=torch.empty(batch, config["in_channels"], latent_hw, latent_hw, device="meta", dtype=dtype),
         timestep=torch.empty(batch, device="meta"),
-        encoder_hidden_states=torch.empty(batch, text_tokens, config["joint_attention_dim"], device="meta", dtype=dtype),
+        encoder_hidden_states=torch.empty(
+            batch, text_tokens, config["joint_attention_dim"], device="meta", dtype=dtype
+        ),
         pooled_projections=torch.empty(batch, config["pooled_projection_dim"], device="meta", dtype=dtype),
         return_dict=False,
     )

@@ -50,8 +50,11 @@ def column_stats(values: np.ndarray, names: list[str]) -> dict[str, dict[str, fl
     stats = {}
     for k, name in enumerate(names):
         col = values[:, k][np.isfinite(values[:, k])]
-        stats[name] = {"n": int(col.size), "mean": float(col.mean()) if col.size else math.nan,
-                       "std": float(col.std()) if col.size > 1 else math.nan}
+        stats[name] = {
+            "n": int(col.size),
+            "mean": float(col.mean()) if col.size else math.nan,
+            "std": float(col.std()) if col.size > 1 else math.nan,
+        }
     return stats
 
 
@@ -70,7 +73,9 @@ def main() -> None:
     parser.add_argument("--objectives", default="", help="comma-separated; default: the preset's objectives")
     parser.add_argument("--prompts", type=int, default=64, help="eval view: held-out prompts (0 skips the view)")
     parser.add_argument("--groups", type=int, default=16, help="group view: training prompts (0 skips the view)")
-    parser.add_argument("--per-step", action="store_true", help="also the within-group std with one stochastic step at a time")
+    parser.add_argument(
+        "--per-step", action="store_true", help="also the within-group std with one stochastic step at a time"
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override, repeatable")
     args = parser.parse_args()
 
@@ -96,18 +101,38 @@ def main() -> None:
     summary: dict = {"preset": args.preset, "pretrained": cfg.model.pretrained, "objectives": suite.objectives}
     print(f"model {cfg.model.pretrained}, objectives {', '.join(suite.objectives)}\n")
 
-    def sample(prompts: list[str], noise: torch.Tensor, *, steps: int, guidance: float, sampler: str,
-               generator: torch.Generator | None = None, sde_steps: list[int] | None = None) -> tuple[np.ndarray, float]:
+    def sample(
+        prompts: list[str],
+        noise: torch.Tensor,
+        *,
+        steps: int,
+        guidance: float,
+        sampler: str,
+        generator: torch.Generator | None = None,
+        sde_steps: list[int] | None = None,
+    ) -> tuple[np.ndarray, float]:
         cond = encode_prompts(pipe, prompts, max_sequence_length=seq, device=device)
         rows, t_score = [], 0.0
         bs = cfg.eval.batch_size
         for start in range(0, len(prompts), bs):
             idx = list(range(start, min(start + bs, len(prompts))))
-            traj = rollout(pipe.transformer, pipe.scheduler, cond.index(idx), num_steps=steps, height=res, width=res,
-                           vae_scale_factor=pipe.vae_scale_factor, guidance_scale=guidance, uncond=uncond,
-                           sampler=sampler, noise_level=cfg.sampling.noise_level, initial_noise=noise[idx],
-                           generator=generator, sde_steps=sde_steps,
-                           noise_block=cfg.sampling.experimental.noise_block if sampler == "sde" else 1)
+            traj = rollout(
+                pipe.transformer,
+                pipe.scheduler,
+                cond.index(idx),
+                num_steps=steps,
+                height=res,
+                width=res,
+                vae_scale_factor=pipe.vae_scale_factor,
+                guidance_scale=guidance,
+                uncond=uncond,
+                sampler=sampler,
+                noise_level=cfg.sampling.noise_level,
+                initial_noise=noise[idx],
+                generator=generator,
+                sde_steps=sde_steps,
+                noise_block=cfg.sampling.experimental.noise_block if sampler == "sde" else 1,
+            )
             images = decode_latents(pipe.vae, traj.final)
             t0 = time.perf_counter()
             r, _ = suite(images, [prompts[i] for i in idx])
@@ -118,23 +143,35 @@ def main() -> None:
     k = len(suite.objectives)
     if args.prompts > 0:
         prompts = load_prompts(cfg.prompts.eval)[: args.prompts]
-        noise = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(cfg.eval.seed, i)))
-                             for i in range(len(prompts))])
+        noise = torch.stack(
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(cfg.eval.seed, i)))
+                for i in range(len(prompts))
+            ]
+        )
         t0 = time.perf_counter()
         R, t_score = sample(prompts, noise, steps=cfg.eval.num_steps, guidance=cfg.eval.guidance_scale, sampler="ode")
         stats = column_stats(R, suite.objectives)
         stds = {n: s["std"] for n, s in stats.items() if math.isfinite(s["std"]) and s["std"] > 0}
         loud, quiet = max(stds, key=stds.get), min(stds, key=stds.get)
         corr = corr_matrix(R)
-        print(f"eval view: {len(prompts)} held-out prompts x 1 image, ODE {cfg.eval.num_steps} steps, "
-              f"CFG {cfg.eval.guidance_scale} ({time.perf_counter() - t0:.0f} s, scoring {t_score:.1f} s)")
+        print(
+            f"eval view: {len(prompts)} held-out prompts x 1 image, ODE {cfg.eval.num_steps} steps, "
+            f"CFG {cfg.eval.guidance_scale} ({time.perf_counter() - t0:.0f} s, scoring {t_score:.1f} s)"
+        )
         print(f"{'objective':>12s} {'n':>5s} {'mean':>9s} {'std':>9s}")
         for n, s in stats.items():
             print(f"{n:>12s} {s['n']:>5d} {s['mean']:>9.4f} {s['std']:>9.4f}")
         print(f"loudest / quietest std: {loud} / {quiet} = {stds[loud] / stds[quiet]:.1f}x\n")
         print_matrix("correlation over images (pairwise complete)", suite.objectives, corr)
-        summary["eval"] = {"prompts": len(prompts), "stats": stats, "std_ratio": stds[loud] / stds[quiet],
-                           "loudest": loud, "quietest": quiet, "corr": corr}
+        summary["eval"] = {
+            "prompts": len(prompts),
+            "stats": stats,
+            "std_ratio": stds[loud] / stds[quiet],
+            "loudest": loud,
+            "quietest": quiet,
+            "corr": corr,
+        }
 
     if args.groups > 0:
         g = cfg.train.group_size
@@ -144,21 +181,37 @@ def main() -> None:
         prompts = [p for p in chosen for _ in range(g)]
         group_ids = torch.arange(len(chosen)).repeat_interleave(g)
         gen = torch.Generator().manual_seed(cfg.seed)
-        noise = initial_noise(len(prompts), shape, generator=gen, group_ids=group_ids,
-                              share_within_group=cfg.sampling.share_group_noise, device="cpu")
+        noise = initial_noise(
+            len(prompts),
+            shape,
+            generator=gen,
+            group_ids=group_ids,
+            share_within_group=cfg.sampling.share_group_noise,
+            device="cpu",
+        )
         t0 = time.perf_counter()
-        R, _ = sample(prompts, noise, steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance_scale,
-                      sampler=cfg.sampling.sampler, generator=gen)
+        R, _ = sample(
+            prompts,
+            noise,
+            steps=cfg.sampling.num_steps,
+            guidance=cfg.sampling.guidance_scale,
+            sampler=cfg.sampling.sampler,
+            generator=gen,
+        )
         Rg = R.reshape(len(chosen), g, k)
         with np.errstate(invalid="ignore"):
             within = np.nanstd(Rg, axis=1)  # [G, K]; NaN for groups an objective does not apply to
             dev = (Rg - np.nanmean(Rg, axis=1, keepdims=True)).reshape(-1, k)
         within_std = {n: float(np.nanmean(within[:, j])) for j, n in enumerate(suite.objectives)}
-        flat_groups = {n: float(np.mean(within[np.isfinite(within[:, j]), j] < 1e-6)) for j, n in enumerate(suite.objectives)}
+        flat_groups = {
+            n: float(np.mean(within[np.isfinite(within[:, j]), j] < 1e-6)) for j, n in enumerate(suite.objectives)
+        }
         corr_w = corr_matrix(dev)
-        print(f"group view: {len(chosen)} training prompts x {g}, {cfg.sampling.sampler} {cfg.sampling.num_steps} steps, "
-              f"CFG {cfg.sampling.guidance_scale}, shared noise {cfg.sampling.share_group_noise} "
-              f"({time.perf_counter() - t0:.0f} s)")
+        print(
+            f"group view: {len(chosen)} training prompts x {g}, {cfg.sampling.sampler} {cfg.sampling.num_steps} steps, "
+            f"CFG {cfg.sampling.guidance_scale}, shared noise {cfg.sampling.share_group_noise} "
+            f"({time.perf_counter() - t0:.0f} s)"
+        )
         print(f"{'objective':>12s} {'within std':>11s} {'flat groups':>12s}")
         for n in suite.objectives:
             print(f"{n:>12s} {within_std[n]:>11.4f} {flat_groups[n]:>12.2f}")
@@ -166,18 +219,37 @@ def main() -> None:
         ratio = max(ws.values()) / min(ws.values()) if ws else math.nan
         print(f"loudest / quietest within-group std: {ratio:.1f}x\n")
         print_matrix("correlation of within-group deviations", suite.objectives, corr_w)
-        summary["group"] = {"prompts": len(chosen), "group_size": g, "within_std": within_std,
-                            "flat_group_frac": flat_groups, "std_ratio": ratio, "corr": corr_w}
+        summary["group"] = {
+            "prompts": len(chosen),
+            "group_size": g,
+            "within_std": within_std,
+            "flat_group_frac": flat_groups,
+            "std_ratio": ratio,
+            "corr": corr_w,
+        }
         if args.per_step:
             # one starting noise per group whatever the config says: only the one step differs
-            shared = initial_noise(len(prompts), shape, generator=torch.Generator().manual_seed(cfg.seed),
-                                   group_ids=group_ids, share_within_group=True, device="cpu")
+            shared = initial_noise(
+                len(prompts),
+                shape,
+                generator=torch.Generator().manual_seed(cfg.seed),
+                group_ids=group_ids,
+                share_within_group=True,
+                device="cpu",
+            )
             per_step = {}
             print(f"{'stochastic step':>15s}" + "".join(f"{n:>11s}" for n in suite.objectives))
             for step in range(cfg.sampling.num_steps - 1):  # the last step is never stochastic in training
                 gen = torch.Generator().manual_seed(cfg.seed + 1 + step)
-                R, _ = sample(prompts, shared, steps=cfg.sampling.num_steps, guidance=cfg.sampling.guidance_scale,
-                              sampler=cfg.sampling.sampler, generator=gen, sde_steps=[step])
+                R, _ = sample(
+                    prompts,
+                    shared,
+                    steps=cfg.sampling.num_steps,
+                    guidance=cfg.sampling.guidance_scale,
+                    sampler=cfg.sampling.sampler,
+                    generator=gen,
+                    sde_steps=[step],
+                )
                 with np.errstate(invalid="ignore"):
                     spread = np.nanstd(R.reshape(len(chosen), g, k), axis=1)
                 per_step[step] = {n: float(np.nanmean(spread[:, j])) for j, n in enumerate(suite.objectives)}

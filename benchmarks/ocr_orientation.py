@@ -21,8 +21,20 @@ from PIL import Image, ImageDraw, ImageFont
 from apexcli.rewards import OcrConfig
 from apexcli.rewards.ocr import OcrReward
 
-WORDS = ["OPEN", "STOP", "Kitchen", "GRAPE", "Bakery", "REWARD", "lighthouse", "Fresh Juice", "HELLO WORLD",
-         "Coffee Shop", "SALE 50% OFF", "Happy Birthday"]
+WORDS = [
+    "OPEN",
+    "STOP",
+    "Kitchen",
+    "GRAPE",
+    "Bakery",
+    "REWARD",
+    "lighthouse",
+    "Fresh Juice",
+    "HELLO WORLD",
+    "Coffee Shop",
+    "SALE 50% OFF",
+    "Happy Birthday",
+]
 FONTS = ["DejaVuSans.ttf"]  # DejaVuSerif.ttf too with --serif
 
 
@@ -31,7 +43,9 @@ def render(text: str, font_file: str, size: tuple[int, int] = (480, 112), font_s
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    draw.text(((size[0] - (right - left)) // 2 - left, (size[1] - (bottom - top)) // 2 - top), text, fill="black", font=font)
+    draw.text(
+        ((size[0] - (right - left)) // 2 - left, (size[1] - (bottom - top)) // 2 - top), text, fill="black", font=font
+    )
     return img
 
 
@@ -51,11 +65,17 @@ def main() -> None:
             down, _ = reward(flipped, prompts)
         finally:
             reward.close()
-        out[mode] = {"upright_mean": round(up.mean().item(), 3), "upright_exact": int((up == 1).sum()),
-                     "upside_down_mean": round(down.mean().item(), 3), "upside_down_exact": int((down == 1).sum()),
-                     "n": len(images)}
-        print(f"{mode:<7} upright mean {out[mode]['upright_mean']:.3f} ({out[mode]['upright_exact']}/{len(images)} exact)"
-              f"   upside down mean {out[mode]['upside_down_mean']:.3f} ({out[mode]['upside_down_exact']}/{len(images)} exact)")
+        out[mode] = {
+            "upright_mean": round(up.mean().item(), 3),
+            "upright_exact": int((up == 1).sum()),
+            "upside_down_mean": round(down.mean().item(), 3),
+            "upside_down_exact": int((down == 1).sum()),
+            "n": len(images),
+        }
+        print(
+            f"{mode:<7} upright mean {out[mode]['upright_mean']:.3f} ({out[mode]['upright_exact']}/{len(images)} exact)"
+            f"   upside down mean {out[mode]['upside_down_mean']:.3f} ({out[mode]['upside_down_exact']}/{len(images)} exact)"
+        )
     print(json.dumps({"bench": "ocr_orientation", **out}))
 
 

@@ -82,9 +82,17 @@ def run_cli(argv: list[str]) -> CliResult:
     return CliResult(code, out.getvalue(), err.getvalue())
 
 
-def run_apex_subprocess(argv: list[str], *, env: dict | None = None, timeout: float = HANG_GUARD_S) -> subprocess.CompletedProcess:
+def run_apex_subprocess(
+    argv: list[str], *, env: dict | None = None, timeout: float = HANG_GUARD_S
+) -> subprocess.CompletedProcess:
     """The installed ``apex`` script in a fresh process (to see exactly what a user sees)."""
-    full_env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false", "OMP_NUM_THREADS": "1", **(env or {})}
+    full_env = {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "OMP_NUM_THREADS": "1",
+        **(env or {}),
+    }
     return subprocess.run([str(APEX_BIN), *argv], capture_output=True, text=True, env=full_env, timeout=timeout)
 
 
@@ -119,4 +127,3 @@ def copy_run(run: Path, dest: Path) -> Path:
     """A copy of a shared read-only run to change in one test."""
     shutil.copytree(run, dest)
     return dest
-

@@ -23,19 +23,38 @@ def save_tiny_clip(path: str, seed: int = 0, projection_dim: int = 16, image_siz
     """A 1-layer CLIPModel + CLIPImageProcessor + character tokenizer in `path`."""
     tok = build_char_tokenizer(max_length=32)
     cfg = CLIPConfig(
-        text_config=dict(vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=4, max_position_embeddings=32, pad_token_id=0, bos_token_id=2,
-                         eos_token_id=3),
-        vision_config=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=4,
-                           image_size=image_size, patch_size=8),
+        text_config=dict(
+            vocab_size=len(tok),
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            max_position_embeddings=32,
+            pad_token_id=0,
+            bos_token_id=2,
+            eos_token_id=3,
+        ),
+        vision_config=dict(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=1,
+            num_attention_heads=4,
+            image_size=image_size,
+            patch_size=8,
+        ),
         projection_dim=projection_dim,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = CLIPModel(cfg)
     model.save_pretrained(path)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       image_mean=CLIP_MEAN, image_std=CLIP_STD, do_convert_rgb=True).save_pretrained(path)
+    CLIPImageProcessor(
+        size={"shortest_edge": image_size},
+        crop_size={"height": image_size, "width": image_size},
+        image_mean=CLIP_MEAN,
+        image_std=CLIP_STD,
+        do_convert_rgb=True,
+    ).save_pretrained(path)
     tok.save_pretrained(path)
     return path
 
@@ -47,7 +66,7 @@ def laion_like_head_state(in_dim: int = 768, seed: int = 0) -> dict[str, torch.T
     keys = ["layers.0", "layers.2", "layers.4", "layers.6", "layers.7"]
     state = {}
     for key, d_in, d_out in zip(keys, dims[:-1], dims[1:]):
-        state[f"{key}.weight"] = torch.randn(d_out, d_in, generator=g) / d_in ** 0.5
+        state[f"{key}.weight"] = torch.randn(d_out, d_in, generator=g) / d_in**0.5
         state[f"{key}.bias"] = torch.randn(d_out, generator=g) * 0.1
     return state
 
@@ -60,13 +79,13 @@ def save_tiny_aes(path: str, seed: int = 0) -> tuple[str, str]:
     return clip_dir, head_file
 
 
-DEQA_CONFIG_PY = '''
+DEQA_CONFIG_PY = """
 from transformers import PretrainedConfig
 
 
 class TinyDeqaConfig(PretrainedConfig):
     model_type = "tiny_deqa"
-'''
+"""
 
 DEQA_MODELING_PY = '''
 import numpy as np
@@ -113,14 +132,18 @@ def save_tiny_deqa(path: str) -> str:
     config = {
         "model_type": "tiny_deqa",
         "architectures": ["TinyDeqaModel"],
-        "auto_map": {"AutoConfig": "configuration_tiny_deqa.TinyDeqaConfig",
-                     "AutoModelForCausalLM": "modeling_tiny_deqa.TinyDeqaModel"},
+        "auto_map": {
+            "AutoConfig": "configuration_tiny_deqa.TinyDeqaConfig",
+            "AutoModelForCausalLM": "modeling_tiny_deqa.TinyDeqaModel",
+        },
         "torch_dtype": "float32",
     }
     with open(os.path.join(path, "config.json"), "w") as fh:
         json.dump(config, fh)
-    save_file({"proj.weight": torch.tensor([list(DEQA_WEIGHT)]), "proj.bias": torch.tensor([DEQA_BIAS])},
-              os.path.join(path, "model.safetensors"))
+    save_file(
+        {"proj.weight": torch.tensor([list(DEQA_WEIGHT)]), "proj.bias": torch.tensor([DEQA_BIAS])},
+        os.path.join(path, "model.safetensors"),
+    )
     return path
 
 
@@ -144,6 +167,7 @@ def text_image(text: str = "HELLO WORLD", size: tuple[int, int] = (320, 96), fon
     img = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(img)
     left, top, right, bottom = draw.textbbox((0, 0), text, font=font)
-    draw.text(((size[0] - (right - left)) // 2 - left, (size[1] - (bottom - top)) // 2 - top), text,
-              fill="black", font=font)
+    draw.text(
+        ((size[0] - (right - left)) // 2 - left, (size[1] - (bottom - top)) // 2 - top), text, fill="black", font=font
+    )
     return img

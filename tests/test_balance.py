@@ -384,7 +384,9 @@ def test_load_state_dict_rejects_other_strategy_or_objectives():
 
 # ----------------------------------------------------------------------------- construction errors
 def test_build_balancer_errors():
-    with pytest.raises(ApexError, match="unknown balance strategy 'fancy'; valid: static, gdpo, apex, dwa, mgda, random"):
+    with pytest.raises(
+        ApexError, match="unknown balance strategy 'fancy'; valid: static, gdpo, apex, dwa, mgda, random"
+    ):
         build_balancer("fancy", ["a"])
     with pytest.raises(ApexError, match=r"config key 'balance.weights' has 3 values but there are 2 objectives"):
         build_balancer("gdpo", ["a", "b"], weights=[1, 2, 3])
@@ -392,7 +394,9 @@ def test_build_balancer_errors():
         build_balancer("apex", ["a", "b"], tau=0)
     with pytest.raises(ApexError, match="unknown option 'temperature' for balance strategy 'apex'"):
         build_balancer("apex", ["a", "b"], temperature=2.0)
-    with pytest.raises(ApexError, match="config key 'balance.experimental.progress_prompts' needs balance.probe_every > 0"):
+    with pytest.raises(
+        ApexError, match="config key 'balance.experimental.progress_prompts' needs balance.probe_every > 0"
+    ):
         build_balancer("apex", ["a", "b"], progress_prompts=4, probe_every=0)
     with pytest.raises(ApexError, match="unknown option 'terms' for balance strategy 'apex'"):
         build_balancer("apex", ["a", "b"], terms="lp,cp")

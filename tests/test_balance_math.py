@@ -55,7 +55,9 @@ def test_conflict_penalty_from_proxy_and_gram():
     opposed = gram_to_cosine(torch.tensor([[1.0, -3.0], [-3.0, 9.0]]))  # g_b = -3 g_a
     assert torch.allclose(conflict_penalty(opposed), torch.ones(2, dtype=D))
     orth = gram_to_cosine(torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 2.0]]))
-    assert torch.allclose(orth, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=D))  # zero gradient: cos 0
+    assert torch.allclose(
+        orth, torch.tensor([[1.0, 0.0, 0.0], [0.0, 0.0, 0.0], [0.0, 0.0, 1.0]], dtype=D)
+    )  # zero gradient: cos 0
     assert conflict_penalty(torch.ones(1, 1, dtype=D)).tolist() == [0.0]
 
 
@@ -66,9 +68,19 @@ def test_conflict_penalty_both_sides_pay():
 
 
 def test_progress_and_progress_need():
-    p = progress(torch.tensor([3.0, 1.0, 0.0], dtype=D), torch.tensor([1.0, 0.0, 0.0], dtype=D), torch.tensor([1.0, 2.0, 0.0], dtype=D), None)
+    p = progress(
+        torch.tensor([3.0, 1.0, 0.0], dtype=D),
+        torch.tensor([1.0, 0.0, 0.0], dtype=D),
+        torch.tensor([1.0, 2.0, 0.0], dtype=D),
+        None,
+    )
     assert p.tolist() == [2.0, 0.5, 0.0]  # S_k(0) = 0 -> no unit yet -> 0
-    pt = progress(torch.tensor([3.0, 1.0], dtype=D), torch.tensor([1.0, 0.0], dtype=D), torch.ones(2, dtype=D), torch.tensor([5.0, 0.0]))
+    pt = progress(
+        torch.tensor([3.0, 1.0], dtype=D),
+        torch.tensor([1.0, 0.0], dtype=D),
+        torch.ones(2, dtype=D),
+        torch.tensor([5.0, 0.0]),
+    )
     assert pt.tolist() == [0.5, 1.0]  # half way; start already at target -> reached
     pn = progress_need(torch.tensor([2.0, 0.5, 1.0], dtype=D), eps=0.0)
     assert torch.allclose(pn, torch.tensor([0.0, 1.0, 2 / 3], dtype=D))

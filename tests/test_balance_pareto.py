@@ -20,9 +20,19 @@ NAN = float("nan")
 
 
 def test_dominance_within_groups_only_and_nan_compares_on_the_rest():
-    r = torch.tensor([[1.0, 4.0], [4.0, 1.0], [2.0, 2.0], [3.0, 3.0],  # group 0: (3,3) dominates (2,2)
-                      [0.0, 0.0], [0.0, 0.0],  # group 1: duplicates dominate nothing
-                      [1.0, NAN], [2.0, 5.0]], dtype=torch.float64)  # group 2: compared on a only
+    r = torch.tensor(
+        [
+            [1.0, 4.0],
+            [4.0, 1.0],
+            [2.0, 2.0],
+            [3.0, 3.0],  # group 0: (3,3) dominates (2,2)
+            [0.0, 0.0],
+            [0.0, 0.0],  # group 1: duplicates dominate nothing
+            [1.0, NAN],
+            [2.0, 5.0],
+        ],
+        dtype=torch.float64,
+    )  # group 2: compared on a only
     g = torch.tensor([0, 0, 0, 0, 1, 1, 2, 2])
     mask = torch.isfinite(r)
     values = torch.where(mask, r, torch.zeros_like(r))
@@ -30,7 +40,9 @@ def test_dominance_within_groups_only_and_nan_compares_on_the_rest():
     assert dom.tolist() == [False, False, True, False, False, False, True, False]
     # a (100, 100) in another group dominates nobody here: groups are not compared
     big = torch.cat([values[:4], torch.tensor([[100.0, 100.0]], dtype=torch.float64)])
-    dom = dominated_in_groups(big, torch.ones_like(big, dtype=torch.bool), torch.tensor([0, 0, 0, 0, 1]), torch.tensor([True, True]))
+    dom = dominated_in_groups(
+        big, torch.ones_like(big, dtype=torch.bool), torch.tensor([0, 0, 0, 0, 1]), torch.tensor([True, True])
+    )
     assert dom.tolist() == [False, False, True, False, False]
 
 
@@ -42,7 +54,11 @@ def test_hand_values_dominated_and_suppressed_samples_get_zero():
     adv, info = build_balancer("pareto", ["a", "b"])(r, torch.zeros(4, dtype=torch.long))
     assert torch.allclose(adv, torch.tensor([0.0, 0.0, 0.0, 2.0]), atol=1e-5)
     m = info["metrics"]
-    assert (m["balance/pareto/dominated_frac"], m["balance/pareto/suppressed_frac"], m["balance/pareto/kept_frac"]) == (0.25, 0.5, 0.25)
+    assert (m["balance/pareto/dominated_frac"], m["balance/pareto/suppressed_frac"], m["balance/pareto/kept_frac"]) == (
+        0.25,
+        0.5,
+        0.25,
+    )
 
 
 def test_one_flat_group_and_one_objective():
@@ -116,8 +132,12 @@ def test_filtered_samples_leave_the_update_unless_asked_to_stay():
     adv, _ = build_balancer("pareto", ["a", "b"])(r, torch.tensor([0, 0, 0, 0]))
     for drop in (True, False):
         b = build_balancer("pareto", ["a", "b"], drop_zero_advantage=drop)
-        fake = SimpleNamespace(balancer=b, accelerator=SimpleNamespace(num_processes=1, process_index=0),
-                               cfg=SimpleNamespace(seed=0), step=1)
+        fake = SimpleNamespace(
+            balancer=b,
+            accelerator=SimpleNamespace(num_processes=1, process_index=0),
+            cfg=SimpleNamespace(seed=0),
+            step=1,
+        )
         kept = Trainer._selected_samples(fake, adv, 1).tolist()
         assert kept == ([i for i in range(4) if adv[i] != 0] if drop else [0, 1, 2, 3])
     assert adv[1].item() == 0.0  # (0, 0) is dominated by every other sample

@@ -45,7 +45,9 @@ def test_static_is_hijacked_and_apex_improves_every_objective():
 
 def test_mgda_probe_runs_through_gradient_gram():
     task = default_task()
-    result = train_policy(task, "mgda", 0, TrainSettings(steps=12), evaluator=Evaluator(task, samples=256), probe_every=5)
+    result = train_policy(
+        task, "mgda", 0, TrainSettings(steps=12), evaluator=Evaluator(task, samples=256), probe_every=5
+    )
     assert result.probes == 3  # steps 0, 5, 10
     assert torch.equal(result.weights[0], torch.ones(3))
     assert not torch.equal(result.weights[-1], torch.ones(3))

@@ -102,10 +102,34 @@ def test_bad_configs_are_one_line_errors(tmp_path):
 
 
 def test_sample_errors_are_one_line(tmp_path):
-    line = _one_line_error(["sample", "--preset", "tiny", "--lora", str(tmp_path / "missing"), "--prompt", "a", "--out", str(tmp_path / "s")])
+    line = _one_line_error(
+        [
+            "sample",
+            "--preset",
+            "tiny",
+            "--lora",
+            str(tmp_path / "missing"),
+            "--prompt",
+            "a",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     assert "--lora" in line and "missing" in line
     (tmp_path / "empty_run").mkdir()
-    line = _one_line_error(["sample", "--preset", "tiny", "--lora", str(tmp_path / "empty_run"), "--prompt", "a", "--out", str(tmp_path / "s")])
+    line = _one_line_error(
+        [
+            "sample",
+            "--preset",
+            "tiny",
+            "--lora",
+            str(tmp_path / "empty_run"),
+            "--prompt",
+            "a",
+            "--out",
+            str(tmp_path / "s"),
+        ]
+    )
     assert "checkpoints" in line
     line = _one_line_error(["sample", "--preset", "tiny", "--out", str(tmp_path / "s")])
     assert "--prompt" in line

@@ -70,9 +70,7 @@ def test_layers_apply_in_order(tmp_path):
     """preset < --config FILE < options < key=value overrides."""
     cfg_file = tmp_path / "c.yaml"
     cfg_file.write_text("train:\n  lr: 1.0e-3\n  steps: 7\nseed: 5\n")
-    cfg = resolve_config(
-        preset="tiny", config_file=cfg_file, options={"train": {"steps": 9}}, overrides=["seed=6"]
-    )
+    cfg = resolve_config(preset="tiny", config_file=cfg_file, options={"train": {"steps": 9}}, overrides=["seed=6"])
     assert cfg.train.lr == 1e-3  # from the file
     assert cfg.train.steps == 9  # options over the file
     assert cfg.seed == 6  # overrides over the file

@@ -141,8 +141,10 @@ def test_a_removed_setting_of_an_old_run_is_noted_and_dropped():
     data["balance"]["not_on_text"] = ["quality", "appeal"]
     data["balance"]["apex"]["conflict"] = "leader_yields"
     upgraded, notes = upgrade_config(data)
-    assert notes == ["balance.not_on_text=['quality', 'appeal'] is no longer a setting: ignored",
-                     "balance.apex.conflict='leader_yields' is no longer a setting: ignored"]
+    assert notes == [
+        "balance.not_on_text=['quality', 'appeal'] is no longer a setting: ignored",
+        "balance.apex.conflict='leader_yields' is no longer a setting: ignored",
+    ]
     assert "not_on_text" not in upgraded["balance"] and "conflict" not in upgraded["balance"]["apex"]
     config_from_dict(data)  # apex eval / soup / pareto still read the run
 
@@ -155,8 +157,10 @@ def test_a_resume_from_an_old_checkpoint_compares_todays_keys(capsys):
     cfg = config_from_dict(_old_run_config())
     cfg.train.experimental.nft_timesteps = 2
     applied = check_resume_config("ckpt", data, cfg, verbose=False)
-    assert applied == ["balance.not_on_text=['quality'] is no longer a setting: ignored",
-                       "train.experimental.nft_timesteps: 4 -> 2"]
+    assert applied == [
+        "balance.not_on_text=['quality'] is no longer a setting: ignored",
+        "train.experimental.nft_timesteps: 4 -> 2",
+    ]
 
 
 def test_the_pairs_that_said_one_thing_carry_over_as_the_key_that_stays():
@@ -165,23 +169,40 @@ def test_the_pairs_that_said_one_thing_carry_over_as_the_key_that_stays():
 
     # static had its own eps and switch; at their defaults they are the strategy's own (null)
     assert balance(strategy="static", eps=1e-6, static={"eps": 1e-4, "drop_zero_advantage": True}) == {
-        "strategy": "static", "eps": None, "static": {}}
+        "strategy": "static",
+        "eps": None,
+        "static": {},
+    }
     assert balance(strategy="static", eps=1e-6, static={"eps": 1e-3, "drop_zero_advantage": False}) == {
-        "strategy": "static", "eps": 1e-3, "drop_zero_advantage": False, "static": {}}
+        "strategy": "static",
+        "eps": 1e-3,
+        "drop_zero_advantage": False,
+        "static": {},
+    }
     # another strategy never read static's: its eps stays, null when it was the default
     assert balance(strategy="gdpo", eps=1e-5, static={"eps": 1e-3}) == {"strategy": "gdpo", "eps": 1e-5, "static": {}}
     assert balance(strategy="pareto", pareto={"drop_filtered": False}) == {
-        "strategy": "pareto", "pareto": {}, "drop_zero_advantage": False}
+        "strategy": "pareto",
+        "pareto": {},
+        "drop_zero_advantage": False,
+    }
     assert balance(strategy="apex", pareto={"drop_filtered": False}) == {"strategy": "apex", "pareto": {}}
     assert balance(apex={"terms": "", "dsan": True}) == {"apex": {"b_lp": 0.0, "b_cp": 0.0, "b_pn": 0.0}}
     assert upgrade_config({"balance": {"apex": {"terms": "lp,xx"}}})[1] == [
-        "balance.apex.terms='lp,xx' could not be carried over (unknown term 'xx'): set balance.apex.b_lp, b_cp, b_pn"]
+        "balance.apex.terms='lp,xx' could not be carried over (unknown term 'xx'): set balance.apex.b_lp, b_cp, b_pn"
+    ]
 
 
 def test_a_reward_url_moves_into_the_objectives_that_name_it():
-    data = {"objectives": ["pickscore", "ocr", "deqa@http://b:2"], "eval": {"objectives": ["pick", "aes"]},
-            "rewards": {"pick": {"url": "http://a:1", "batch_size": 4}, "deqa": {"url": "http://c:3"},
-                        "extra": {"redness": {"url": ""}}}}
+    data = {
+        "objectives": ["pickscore", "ocr", "deqa@http://b:2"],
+        "eval": {"objectives": ["pick", "aes"]},
+        "rewards": {
+            "pick": {"url": "http://a:1", "batch_size": 4},
+            "deqa": {"url": "http://c:3"},
+            "extra": {"redness": {"url": ""}},
+        },
+    }
     upgraded, notes = upgrade_config(data)
     assert upgraded["objectives"] == ["pickscore@http://a:1", "ocr", "deqa@http://b:2"]  # an explicit @ won
     assert upgraded["eval"]["objectives"] == ["pick@http://a:1", "aes"]
@@ -189,7 +210,8 @@ def test_a_reward_url_moves_into_the_objectives_that_name_it():
     assert notes == []
     # a file without objectives: where the server applied is unknown, so it is said
     assert upgrade_config({"rewards": {"deqa": {"url": "http://c:3"}}})[1] == [
-        "rewards.deqa.url='http://c:3' could not be carried over: write deqa@http://c:3 in objectives"]
+        "rewards.deqa.url='http://c:3' could not be carried over: write deqa@http://c:3 in objectives"
+    ]
 
 
 def test_gradient_accumulation_carries_over_as_optimizer_steps():
@@ -198,8 +220,12 @@ def test_gradient_accumulation_carries_over_as_optimizer_steps():
 
     assert steps(gradient_accumulation=0, optimizer_steps_per_epoch=0) == 1  # all micro-batches: one step
     # 16 samples in micro-batches of 2 = 8; 3 per step -> 3 steps (3, 3, 2)
-    assert steps(gradient_accumulation=3, optimizer_steps_per_epoch=0, prompts_per_step=2, group_size=8,
-                 train_batch_size=2) == 3
+    assert (
+        steps(
+            gradient_accumulation=3, optimizer_steps_per_epoch=0, prompts_per_step=2, group_size=8, train_batch_size=2
+        )
+        == 3
+    )
     assert steps(gradient_accumulation=0, optimizer_steps_per_epoch=2) == 2  # the steps were set: they stay
 
 
@@ -221,7 +247,10 @@ def test_every_old_key_given_as_a_setting_is_a_one_line_error(entry):
 def test_an_old_key_in_a_preset_or_an_option_is_an_error_too(presets):
     presets("old", "train:\n  gradient_accumulation: 2\n")
     message = _error(preset="old")
-    assert "config key 'train.gradient_accumulation' (in preset old) was replaced by train.optimizer_steps_per_epoch" in message
+    assert (
+        "config key 'train.gradient_accumulation' (in preset old) was replaced by train.optimizer_steps_per_epoch"
+        in message
+    )
     message = _error(options={"train": {"gradient_accumulation": 2}})
     assert "'train.gradient_accumulation' was replaced by" in message
 

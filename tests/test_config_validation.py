@@ -96,9 +96,12 @@ def test_the_rules_that_relate_balance_fields_read_like_the_others():
     """Weights and targets against the objectives, the progress probe against its period: the
     same one-line format, from the run config and from build_balancer alike."""
     message = _error("balance.weights=[1, 2, 3]")
-    assert message == ("config key 'balance.weights' has 3 values but there are 2 objectives; "
-                       "give one weight per objective")
-    assert "config key 'balance.weights' must not all be 0" in _error("balance.weights=[0, 0]", "balance.strategy=static")
+    assert message == (
+        "config key 'balance.weights' has 3 values but there are 2 objectives; give one weight per objective"
+    )
+    assert "config key 'balance.weights' must not all be 0" in _error(
+        "balance.weights=[0, 0]", "balance.strategy=static"
+    )
     assert "config key 'balance.apex.targets' has 1 values" in _error("balance.apex.targets=[1]")
     message = _error("balance.experimental.progress_prompts=2", "balance.probe_every=0")
     assert message.startswith("config key 'balance.experimental.progress_prompts' needs balance.probe_every > 0")
@@ -142,7 +145,11 @@ def test_resume_policy_compares_what_matters():
         "objectives: ['brightness', 'deqa@http://127.0.0.1:2'] -> ['brightness', 'deqa@http://127.0.0.1:1']",
         "train.lr: 0.5 -> 0.01",
     ]
-    for key, value in (("objectives", ["brightness"]), ("balance.strategy", "static"), ("lora.target_modules", ["attn.to_q"])):
+    for key, value in (
+        ("objectives", ["brightness"]),
+        ("balance.strategy", "static"),
+        ("lora.target_modules", ["attn.to_q"]),
+    ):
         changed = config_to_dict(cfg)
         section, _, name = key.rpartition(".")
         (changed[section] if section else changed)[name] = value

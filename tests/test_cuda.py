@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import read_metrics, train_tiny
 
 pytestmark = [
@@ -35,7 +36,9 @@ def test_tiny_two_steps_on_cuda_in_bf16(tmp_path):
     rows = read_metrics(out)
     assert [r["step"] for r in rows] == [1, 2]
     for row in rows:
-        assert all(math.isfinite(row[k]) for k in ("loss", "grad_norm", "reward/brightness/mean", "reward/colorfulness/mean"))
+        assert all(
+            math.isfinite(row[k]) for k in ("loss", "grad_norm", "reward/brightness/mean", "reward/colorfulness/mean")
+        )
     # bf16 transformer: rollout and recompute run the same micro-batches here (2 and 2), so the
     # ratio is 1 up to bf16 kernel differences; a broken invariant is off by far more
     assert abs(rows[0]["ratio_first"] - 1) < 1e-3
@@ -61,11 +64,11 @@ def _sd35m_step(model, inputs, lora_params, checkpointing: bool):
 
 
 def test_sd35m_architecture_forward_backward_with_lora_and_checkpointing():
-    from bench_gpu import SD35M_TRANSFORMER
     from diffusers import SD3Transformer2DModel
 
     from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS
     from apexcli.models.lora import attach_lora
+    from bench_gpu import SD35M_TRANSFORMER
 
     torch.manual_seed(0)
     with torch.device("cuda"):
@@ -112,14 +115,32 @@ def test_rollout_does_not_synchronize():
     pipe = build_tiny_pipeline()
     transformer = pipe.transformer.to("cuda")
     gen = torch.Generator("cuda").manual_seed(0)
-    cond_on_cpu = PromptEmbeds(torch.randn(2, 8, transformer.config.joint_attention_dim),
-                               torch.randn(2, transformer.config.pooled_projection_dim))
+    cond_on_cpu = PromptEmbeds(
+        torch.randn(2, 8, transformer.config.joint_attention_dim),
+        torch.randn(2, transformer.config.pooled_projection_dim),
+    )
 
     def run():
-        noise = initial_noise(2, (transformer.config.in_channels, 16, 16), group_ids=[0, 0],
-                              share_within_group=True, seed=1, device="cuda")
-        return rollout(transformer, pipe.scheduler, cond_on_cpu.to("cuda"), num_steps=6, height=32, width=32,
-                       vae_scale_factor=pipe.vae_scale_factor, sampler="sde", initial_noise=noise, generator=gen)
+        noise = initial_noise(
+            2,
+            (transformer.config.in_channels, 16, 16),
+            group_ids=[0, 0],
+            share_within_group=True,
+            seed=1,
+            device="cuda",
+        )
+        return rollout(
+            transformer,
+            pipe.scheduler,
+            cond_on_cpu.to("cuda"),
+            num_steps=6,
+            height=32,
+            width=32,
+            vae_scale_factor=pipe.vae_scale_factor,
+            sampler="sde",
+            initial_noise=noise,
+            generator=gen,
+        )
 
     run()  # warm-up: first-call allocations and kernel selection
     syncs = count_syncs(run, torch.device("cuda"))

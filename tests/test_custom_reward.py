@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import TINY_OVERRIDES, load_lora_file, read_metrics, run_cli, train_tiny
 
 from apexcli.errors import ApexError
 from apexcli.rewards import RewardsConfig, RewardSuite, apply_overrides
 from apexcli.rewards.registry import canonical_name
+from helpers import TINY_OVERRIDES, load_lora_file, read_metrics, run_cli, train_tiny
 
 MODULE = '''
 from dataclasses import dataclass
@@ -78,8 +78,9 @@ def outside(tmp_path, monkeypatch) -> str:
 
 
 def test_a_reward_from_outside_trains_tiny(outside, tmp_path):
-    out = train_tiny(tmp_path / "run", 2, "--objectives", f"brightness,{outside}:Greenness",
-                     "rewards.extra.greenness.margin=0.01")
+    out = train_tiny(
+        tmp_path / "run", 2, "--objectives", f"brightness,{outside}:Greenness", "rewards.extra.greenness.margin=0.01"
+    )
     rows = read_metrics(out)
     assert len(rows) == 2
     assert all(math.isfinite(r["reward/greenness/mean"]) and math.isfinite(r["reward/brightness/mean"]) for r in rows)
@@ -120,12 +121,24 @@ def test_bad_options_and_bad_names_are_one_line(outside):
 def test_an_objective_that_applies_to_no_training_prompt_is_refused(outside, tmp_path):
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
-    result = run_cli(["train", "--preset", "tiny", "--out", str(tmp_path / "run"), "--objectives",
-                      f"brightness,{outside}:OnlyDogs", f"prompts.train={prompts}", "logging.progress=false"])
+    result = run_cli(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / "run"),
+            "--objectives",
+            f"brightness,{outside}:OnlyDogs",
+            f"prompts.train={prompts}",
+            "logging.progress=false",
+        ]
+    )
     assert result.code == 2 and "Traceback" not in result.stderr
     assert result.stderr.strip().splitlines()[-1] == (
         f"error: objective 'onlydogs' needs prompts that mention a dog, and prompts.train={prompts} has none; "
-        "use prompts.train=FILE with dogs in it")
+        "use prompts.train=FILE with dogs in it"
+    )
     assert not (tmp_path / "run" / "config.yaml").exists()
 
 
@@ -161,18 +174,44 @@ def test_an_evaluation_it_applies_nowhere_is_said_once(outside, tmp_path):
     train_prompts, eval_prompts = tmp_path / "train.txt", tmp_path / "eval.txt"
     train_prompts.write_text("a dog on grass\na red circle\n")
     eval_prompts.write_text("a blue square\na green cat\n")
-    result = run_cli(["train", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"), *TINY_OVERRIDES,
-                      "--objectives", f"brightness,{outside}:OnlyDogs", f"prompts.train={train_prompts}",
-                      f"prompts.eval={eval_prompts}", "eval.every=1", "eval.num_prompts=2", "eval.batch_size=2"])
+    result = run_cli(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--steps",
+            "1",
+            "--out",
+            str(tmp_path / "run"),
+            *TINY_OVERRIDES,
+            "--objectives",
+            f"brightness,{outside}:OnlyDogs",
+            f"prompts.train={train_prompts}",
+            f"prompts.eval={eval_prompts}",
+            "eval.every=1",
+            "eval.num_prompts=2",
+            "eval.batch_size=2",
+        ]
+    )
     assert result.code == 0, result.stderr
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: objective 'onlydogs'")]
-    assert warnings == [f"warning: objective 'onlydogs' applies to none of the 2 prompts of the evaluation "
-                        f"(prompts.eval={eval_prompts}), so its scores there are NaN; it needs prompts that mention a dog"]
+    assert warnings == [
+        f"warning: objective 'onlydogs' applies to none of the 2 prompts of the evaluation "
+        f"(prompts.eval={eval_prompts}), so its scores there are NaN; it needs prompts that mention a dog"
+    ]
 
 
 def test_a_resume_announces_changed_reward_options(outside, tmp_path):
-    base = ["train", "--preset", "tiny", "--out", str(tmp_path / "run"), *TINY_OVERRIDES,
-            "--objectives", f"brightness,{outside}:Greenness"]
+    base = [
+        "train",
+        "--preset",
+        "tiny",
+        "--out",
+        str(tmp_path / "run"),
+        *TINY_OVERRIDES,
+        "--objectives",
+        f"brightness,{outside}:Greenness",
+    ]
     assert run_cli([*base, "--steps", "1", "rewards.extra.greenness.margin=0.1"]).code == 0
     resumed = run_cli([*base, "--steps", "2", "--resume", "auto", "rewards.extra.greenness.margin=0.2"])
     assert resumed.code == 0, resumed.stderr

@@ -27,19 +27,19 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 THUMB = 4
 
-CONFIG_PY = '''
+CONFIG_PY = """
 from transformers import PretrainedConfig
 
 
 class HalfDeqaConfig(PretrainedConfig):
     model_type = "half_deqa"
-'''
+"""
 
 # The structure of DeQA-Score's score(): pad to a square with the processor's mean colour,
 # pre-process, cast the pixels to half on the model's device, take the logits of the five
 # level words, and return softmax @ half([5, 4, 3, 2, 1]). A float32 or bfloat16 load fails in
 # the head as the real model does ("Input type (c10::Half) and bias type ...").
-MODELING_PY = '''
+MODELING_PY = f"""
 import numpy as np
 import torch
 from PIL import Image
@@ -47,9 +47,9 @@ from transformers import PreTrainedModel
 
 from .configuration_half_deqa import HalfDeqaConfig
 
-MEAN = {mean}
-STD = {std}
-THUMB = {thumb}
+MEAN = {CLIP_MEAN}
+STD = {CLIP_STD}
+THUMB = {THUMB}
 
 
 def expand2square(img, background):
@@ -88,7 +88,7 @@ class HalfDeqaModel(PreTrainedModel):
             pixels = self.preprocess(images).half().to(self.device)
             logits = self.head(pixels.flatten(1))
             return torch.softmax(logits, -1) @ weight_tensor
-'''.format(mean=CLIP_MEAN, std=CLIP_STD, thumb=THUMB)
+"""
 
 
 @pytest.fixture(scope="module")
@@ -98,14 +98,28 @@ def deqa_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("half_deqa")
     (path / "configuration_half_deqa.py").write_text(textwrap.dedent(CONFIG_PY))
     (path / "modeling_half_deqa.py").write_text(MODELING_PY)
-    (path / "config.json").write_text(json.dumps({
-        "model_type": "half_deqa", "architectures": ["HalfDeqaModel"], "torch_dtype": "float16",
-        "auto_map": {"AutoConfig": "configuration_half_deqa.HalfDeqaConfig",
-                     "AutoModelForCausalLM": "modeling_half_deqa.HalfDeqaModel"}}))
+    (path / "config.json").write_text(
+        json.dumps(
+            {
+                "model_type": "half_deqa",
+                "architectures": ["HalfDeqaModel"],
+                "torch_dtype": "float16",
+                "auto_map": {
+                    "AutoConfig": "configuration_half_deqa.HalfDeqaConfig",
+                    "AutoModelForCausalLM": "modeling_half_deqa.HalfDeqaModel",
+                },
+            }
+        )
+    )
     g = torch.Generator().manual_seed(0)
-    save_file({"head.weight": torch.randn(5, 3 * THUMB * THUMB, generator=g) * 0.8,
-               "head.bias": torch.randn(5, generator=g) * 0.3}, str(path / "model.safetensors"),
-              metadata={"format": "pt"})  # transformers 4.36 requires it (real checkpoints have it)
+    save_file(
+        {
+            "head.weight": torch.randn(5, 3 * THUMB * THUMB, generator=g) * 0.8,
+            "head.bias": torch.randn(5, generator=g) * 0.3,
+        },
+        str(path / "model.safetensors"),
+        metadata={"format": "pt"},
+    )  # transformers 4.36 requires it (real checkpoints have it)
     return str(path)
 
 
@@ -224,7 +238,9 @@ def test_imports_only_what_the_deqa_environment_installs():
 
 
 def test_make_target_builds_its_own_venv():
-    out = subprocess.run(["make", "-n", "-B", "deqa-server"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        ["make", "-n", "-B", "deqa-server"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout
     assert "-m venv .venv-deqa" in out
     assert "-r requirements-deqa.txt" in out and "--no-deps -e ." in out
 

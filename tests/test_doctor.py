@@ -13,8 +13,19 @@ from apexcli.rewards import RewardSuite
 from apexcli.rewards.server import make_server
 from helpers import TINY_OVERRIDES, run_cli
 
-TINY_ROWS = ["python", "torch", "diffusers", "transformers", "peft", "accelerate", "device", "model",
-             "reward brightness", "reward colorfulness", "disk"]
+TINY_ROWS = [
+    "python",
+    "torch",
+    "diffusers",
+    "transformers",
+    "peft",
+    "accelerate",
+    "device",
+    "model",
+    "reward brightness",
+    "reward colorfulness",
+    "disk",
+]
 
 
 def row(rows: list[Row], name: str) -> Row:
@@ -119,8 +130,11 @@ def test_local_reward_weights_are_found(tmp_path):
     from reward_models import save_tiny_clip
 
     clip = save_tiny_clip(str(tmp_path / "pick"))
-    rows = diagnose(preset="tiny", options={"objectives": ["pick"]},
-                    overrides=[f"rewards.pick.source={clip}", f"rewards.pick.processor_source={clip}"])
+    rows = diagnose(
+        preset="tiny",
+        options={"objectives": ["pick"]},
+        overrides=[f"rewards.pick.source={clip}", f"rewards.pick.processor_source={clip}"],
+    )
     assert row(rows, "reward pick").status == OK
 
 
@@ -180,8 +194,18 @@ def test_train_stops_at_the_first_failing_check_before_any_model_loads(tmp_path,
     monkeypatch.setattr(setup, "load_pipeline", no_load)
     out = tmp_path / "run"
     port = closed_port()
-    result = run_cli(["train", "--preset", "tiny", "--out", str(out), *TINY_OVERRIDES,
-                      "--objectives", f"brightness,contrast@http://127.0.0.1:{port}"])
+    result = run_cli(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--out",
+            str(out),
+            *TINY_OVERRIDES,
+            "--objectives",
+            f"brightness,contrast@http://127.0.0.1:{port}",
+        ]
+    )
     assert result.code == 2, result.stderr
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: reward contrast: "), result.stderr
@@ -213,7 +237,9 @@ def test_gpu_rows_name_the_card_its_memory_and_bf16(major, bf16, monkeypatch):
     assert rows[0] == Row("device", OK, f"cuda:0 Test GPU, 80.0 GiB, sm_{major}0")
     assert rows[1].name == "bf16" and rows[1].status == bf16
     absent = doctor.device_rows(resolve_config(preset="tiny", overrides=["model.device=cuda:1"]))
-    assert absent == [Row("device", FAIL, "model.device=cuda:1 but only 1 CUDA GPU(s) are visible", "model.device=cuda:0")]
+    assert absent == [
+        Row("device", FAIL, "model.device=cuda:1 but only 1 CUDA GPU(s) are visible", "model.device=cuda:0")
+    ]
 
 
 def test_the_memory_row_compares_the_plan_with_the_machine(monkeypatch):
@@ -226,6 +252,8 @@ def test_the_memory_row_compares_the_plan_with_the_machine(monkeypatch):
     assert row.status == doctor.OK and "training peak" in row.found and "this host's RAM has 68.7 GB" in row.found
     monkeypatch.setattr(doctor, "_host_ram_bytes", lambda: 2**20)  # 1 MiB: nothing fits
     (row,) = doctor.memory_rows(cfg)
-    assert row.status == doctor.FAIL and row.fix.startswith(("model.gradient_checkpointing=true", "train.train_batch_size="))
+    assert row.status == doctor.FAIL and row.fix.startswith(
+        ("model.gradient_checkpointing=true", "train.train_batch_size=")
+    )
     # apex train on a CPU does not spend the plan's seconds: only a GPU run is stopped by it
     assert doctor.gpu_memory_rows(cfg) == []

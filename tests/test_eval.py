@@ -12,7 +12,14 @@ from apexcli.runs import RunDir
 from apexcli.train import run_training
 
 SMALL = {
-    "train": {"steps": 4, "prompts_per_step": 2, "group_size": 2, "rollout_batch_size": 4, "train_batch_size": 2, "checkpoint_every": 0},
+    "train": {
+        "steps": 4,
+        "prompts_per_step": 2,
+        "group_size": 2,
+        "rollout_batch_size": 4,
+        "train_batch_size": 2,
+        "checkpoint_every": 0,
+    },
     "sampling": {"num_steps": 3},
     "eval": {"every": 2, "num_prompts": 3, "num_steps": 3, "batch_size": 2},
     "logging": {"progress": False},

@@ -77,8 +77,13 @@ def test_per_sample_sigmas_broadcast_like_separate_calls(step):
     joint = step(v, x, sigma, sigma_next, noise_level=0.7, sigma_max=0.9, prev_sample=x_next)
     for i in range(3):
         one = step(
-            v[i : i + 1], x[i : i + 1], float(sigma[i]), float(sigma_next[i]),
-            noise_level=0.7, sigma_max=0.9, prev_sample=x_next[i : i + 1],
+            v[i : i + 1],
+            x[i : i + 1],
+            float(sigma[i]),
+            float(sigma_next[i]),
+            noise_level=0.7,
+            sigma_max=0.9,
+            prev_sample=x_next[i : i + 1],
         )
         torch.testing.assert_close(joint.mean[i : i + 1], one.mean)
         torch.testing.assert_close(joint.std[i : i + 1], one.std)
@@ -191,7 +196,7 @@ def test_block_noise_is_constant_on_blocks_and_scored_in_block_coordinates():
     torch.testing.assert_close(noise, _blocks_of(noise, 4), rtol=0, atol=1e-6)
     assert noise.abs().min() > 0  # and it is noise: every element moved
     # log-prob: the Gaussian density of the 3 x 4 x 2 x 2 block coordinates 4 * patch mean
-    coords = lambda t: torch.nn.functional.avg_pool2d(t, 4) * 4  # noqa: E731
+    coords = lambda t: torch.nn.functional.avg_pool2d(t, 4) * 4
     expected = _normal_logp(coords(out.prev_sample), coords(out.mean), out.std)
     torch.testing.assert_close(out.log_prob, expected, rtol=0, atol=1e-5)
     again = sde_step_with_logprob(v, x, 0.8, 0.6, noise_block=4, prev_sample=out.prev_sample)
@@ -213,8 +218,9 @@ def test_block_noise_kl_sees_only_the_block_coordinates():
     inside = inside - _blocks_of(inside, 4)  # sums to 0 on every block: invisible to the step's noise
     assert torch.allclose(gaussian_kl(mean + inside, mean, std, noise_block=4), torch.zeros(2), atol=1e-10)
     shift = torch.full_like(mean, 0.1)  # block-constant: a shift of every block coordinate by 0.4
-    torch.testing.assert_close(gaussian_kl(mean + shift, mean, std, noise_block=4),
-                               torch.full((2,), 0.4**2 / (2 * 0.3**2)), rtol=1e-5, atol=0)
+    torch.testing.assert_close(
+        gaussian_kl(mean + shift, mean, std, noise_block=4), torch.full((2,), 0.4**2 / (2 * 0.3**2)), rtol=1e-5, atol=0
+    )
 
 
 @pytest.mark.parametrize("block", [1, 4])

@@ -34,8 +34,17 @@ def cond(pipe):
 
 
 def _train(out, steps: int, resume: str | None = None):
-    argv = ["train", "--preset", "tiny-flux", "--steps", str(steps), "--out", str(out), *TINY_OVERRIDES,
-            "train.checkpoint_every=1"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny-flux",
+        "--steps",
+        str(steps),
+        "--out",
+        str(out),
+        *TINY_OVERRIDES,
+        "train.checkpoint_every=1",
+    ]
     if resume:
         argv += ["--resume", resume]
     result = run_cli(argv)
@@ -63,10 +72,14 @@ def test_velocity_is_the_stock_transformer_call_on_packed_tokens(pipe, cond):
     v = predict_velocity(pipe.transformer, x, 0.7, cond, guidance_scale=3.5)
     packed = FluxPipeline._pack_latents(x, 2, 16, 8, 8)
     out = pipe.transformer(
-        hidden_states=packed, timestep=torch.full((2,), 0.7), guidance=torch.full((2,), 3.5),
-        pooled_projections=cond.pooled, encoder_hidden_states=cond.prompt_embeds,
+        hidden_states=packed,
+        timestep=torch.full((2,), 0.7),
+        guidance=torch.full((2,), 3.5),
+        pooled_projections=cond.pooled,
+        encoder_hidden_states=cond.prompt_embeds,
         txt_ids=torch.zeros(cond.prompt_embeds.shape[1], 3),
-        img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32), return_dict=False,
+        img_ids=FluxPipeline._prepare_latent_image_ids(2, 4, 4, "cpu", torch.float32),
+        return_dict=False,
     )[0]
     side = 8 * pipe.vae_scale_factor
     expected = FluxPipeline._unpack_latents(out, side, side, pipe.vae_scale_factor)
@@ -77,9 +90,18 @@ def test_velocity_is_the_stock_transformer_call_on_packed_tokens(pipe, cond):
 
 def test_rollout_is_deterministic(pipe, cond):
     def run(seed: int):
-        return rollout(pipe.transformer, pipe.scheduler, cond, num_steps=3, height=32, width=32,
-                       vae_scale_factor=pipe.vae_scale_factor, guidance_scale=3.5,
-                       generator=torch.Generator().manual_seed(seed))
+        return rollout(
+            pipe.transformer,
+            pipe.scheduler,
+            cond,
+            num_steps=3,
+            height=32,
+            width=32,
+            vae_scale_factor=pipe.vae_scale_factor,
+            guidance_scale=3.5,
+            generator=torch.Generator().manual_seed(seed),
+        )
+
     a, b, c = run(1), run(1), run(2)
     assert a.latents.shape == (2, 4, 16, 16, 16)
     assert torch.equal(a.latents, b.latents) and torch.equal(a.log_probs, b.log_probs)
@@ -114,17 +136,41 @@ def test_saved_lora_loads_into_a_stock_flux_pipeline(runs, pipe, cond):
 def test_apex_sample_reproduces_the_stock_pipeline(runs, tmp_path):
     straight, _ = runs
     out = tmp_path / "samples"
-    result = run_cli(["sample", "--preset", "tiny-flux", "--lora", str(straight), "--prompt", "a red apple",
-                      "--steps", "4", "--size", "32", "--seed", "5", "--out", str(out)])
+    result = run_cli(
+        [
+            "sample",
+            "--preset",
+            "tiny-flux",
+            "--lora",
+            str(straight),
+            "--prompt",
+            "a red apple",
+            "--steps",
+            "4",
+            "--size",
+            "32",
+            "--seed",
+            "5",
+            "--out",
+            str(out),
+        ]
+    )
     assert result.code == 0, result.stderr[-3000:]
     ours = np.asarray(Image.open(out / json.loads((out / "metadata.jsonl").read_text().splitlines()[0])["file"]))
     stock = build_tiny_flux_pipeline(seed=0)
     stock.load_lora_weights(str(straight / "checkpoints" / "step-000003"), weight_name=LORA_FILE)
     f = stock.vae_scale_factor
     noise = torch.randn((16, 32 // f, 32 // f), generator=torch.Generator().manual_seed(5))[None]
-    image = stock("a red apple", height=32, width=32, num_inference_steps=4, guidance_scale=3.5,
-                  max_sequence_length=SEQ, latents=FluxPipeline._pack_latents(noise, 1, 16, 32 // f, 32 // f),
-                  output_type="np").images[0]
+    image = stock(
+        "a red apple",
+        height=32,
+        width=32,
+        num_inference_steps=4,
+        guidance_scale=3.5,
+        max_sequence_length=SEQ,
+        latents=FluxPipeline._pack_latents(noise, 1, 16, 32 // f, 32 // f),
+        output_type="np",
+    ).images[0]
     theirs = (image * 255).round().astype(np.uint8)
     assert np.abs(ours.astype(int) - theirs.astype(int)).max() <= 1
 

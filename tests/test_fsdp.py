@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, needs_cpp_compiler, read_metrics, train_tiny
 
 # minutes of two-process training (and a compile) on a CPU: `make test-all` runs them
@@ -73,13 +74,32 @@ main(sys.argv[3:])
 # EMA, a gradient probe and a progress probe (3 prompts) every step exercise the gathers of shadow
 # weights, of the Gram and of the progress scores (padded and broadcast like the eval's).
 ARGV = [
-    "train", "--preset", "tiny", "--objectives", "brightness,colorfulness", *TINY_OVERRIDES,
-    "eval.every=3", "eval.num_prompts=3", "eval.num_steps=3", "eval.batch_size=1",
-    "train.ema_decay=0.9", "balance.probe_every=1", "balance.experimental.progress_prompts=3",
+    "train",
+    "--preset",
+    "tiny",
+    "--objectives",
+    "brightness,colorfulness",
+    *TINY_OVERRIDES,
+    "eval.every=3",
+    "eval.num_prompts=3",
+    "eval.num_steps=3",
+    "eval.batch_size=1",
+    "train.ema_decay=0.9",
+    "balance.probe_every=1",
+    "balance.experimental.progress_prompts=3",
 ]
-COMPARED = ("loss", "kl", "ratio_mean", "grad_norm", "balance/weight/brightness", "balance/weight/colorfulness",
-            "balance/progress/brightness", "balance/progress/colorfulness",
-            "reward/brightness/mean", "reward/colorfulness/mean")
+COMPARED = (
+    "loss",
+    "kl",
+    "ratio_mean",
+    "grad_norm",
+    "balance/weight/brightness",
+    "balance/weight/colorfulness",
+    "balance/progress/brightness",
+    "balance/progress/colorfulness",
+    "reward/brightness/mean",
+    "reward/colorfulness/mean",
+)
 
 
 def _free_port() -> int:
@@ -97,9 +117,24 @@ def _launch(tmp: Path, layout: str, out: Path, *extra: str) -> None:
     if layout == "fsdp":
         env.update(_fsdp_launch_env())
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-        str(launcher), layout, str(report_dir), *ARGV, "--out", str(out), *extra,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(launcher),
+        layout,
+        str(report_dir),
+        *ARGV,
+        "--out",
+        str(out),
+        *extra,
     ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
     assert proc.returncode == 0, proc.stderr[-4000:]
@@ -190,8 +225,17 @@ def test_bf16_base_with_float32_lora_under_fsdp_matches_one_process(runs):
     """FSDP2 gathers a bf16 base and a float32 LoRA in the same shard units."""
     out = runs / "fsdp-bf16"
     _launch(runs, "fsdp", out, "--steps", "1", "model.dtype=bfloat16", "eval.every=0")
-    one = read_metrics(train_tiny(runs / "one-bf16", 1, "--objectives", "brightness,colorfulness",
-                                  "model.dtype=bfloat16", "train.ema_decay=0.9", "balance.probe_every=1"))[0]
+    one = read_metrics(
+        train_tiny(
+            runs / "one-bf16",
+            1,
+            "--objectives",
+            "brightness,colorfulness",
+            "model.dtype=bfloat16",
+            "train.ema_decay=0.9",
+            "balance.probe_every=1",
+        )
+    )[0]
     fsdp = read_metrics(out)[0]
     assert fsdp["ratio_first"] == pytest.approx(1.0, abs=1e-5)
     assert fsdp["grad_norm"] > 0

@@ -10,17 +10,38 @@ import sys
 from pathlib import Path
 
 import pytest
+
 from helpers import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
 PARTS = {"tests", "bench", "trainer", "compile"}
-BENCH_KEYS = {"bench", "smoke", "device", "torch", "dtype", "preset", "resolution", "window", "build_s",
-              "flops", "rollout", "train", "rewards", "levers", "wall_s"}
+BENCH_KEYS = {
+    "bench",
+    "smoke",
+    "device",
+    "torch",
+    "dtype",
+    "preset",
+    "resolution",
+    "window",
+    "build_s",
+    "flops",
+    "rollout",
+    "train",
+    "rewards",
+    "levers",
+    "wall_s",
+}
 
 
 def run_check(*args: str, out: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHON": sys.executable, "OUT": str(out), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+    env = {
+        **os.environ,
+        "PYTHON": sys.executable,
+        "OUT": str(out),
+        "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+    }
     return subprocess.run(["bash", str(SCRIPT), *args], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
 
 
@@ -58,7 +79,10 @@ def test_cpu_rehearsal_runs_every_part(tmp_path):
     # bench_train's JSON: the real-shape fixture at depth 1, no CUDA peak, the plan beside it
     trainer = summary["trainer"]
     assert trainer["arch"] == "sd35m" and trainer["layers"] == 1 and trainer["device"] == "cpu"
-    assert trainer["peak_gib"] is None and trainer["memory_plan_gib"]["total"] > trainer["memory_plan_gib"]["transformer"] > 0
+    assert (
+        trainer["peak_gib"] is None
+        and trainer["memory_plan_gib"]["total"] > trainer["memory_plan_gib"]["transformer"] > 0
+    )
     assert len(list(out.iterdir())) <= 8  # what the GPU machine's tool brings back
 
 
@@ -66,11 +90,10 @@ def test_trainer_plan_is_the_published_model_at_full_depth():
     """The plan the GPU check reads the trainer's peak against: the released transformer (every
     block as published, dual attention in 0-12) with its position table, in bf16."""
     sys.path.insert(0, str(ROOT / "benchmarks"))
-    from memory_plan import trainer_plan
-
     from apexcli.config import resolve_config
     from apexcli.models.architectures import SD35M_TRANSFORMER
     from apexcli.models.real_shape import real_shape_transformer_config
+    from memory_plan import trainer_plan
 
     full = real_shape_transformer_config("sd35m", 24)
     assert full == dict(SD35M_TRANSFORMER)

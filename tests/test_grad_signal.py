@@ -7,7 +7,7 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from grad_signal import signal_fraction  # noqa: E402
+from grad_signal import signal_fraction
 
 
 @pytest.mark.parametrize("rho", [0.0, 0.05, 0.5])

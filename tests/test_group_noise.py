@@ -6,8 +6,8 @@ import torch
 
 from apexcli.flow.rollout import initial_noise
 from apexcli.runs import RunDir
-from apexcli.train import run_training
 from apexcli.seeds import mix_seed
+from apexcli.train import run_training
 
 
 def test_group_noise_accepts_63_bit_seeds_and_is_shared_within_groups():

@@ -54,7 +54,9 @@ def run_case(name: str, out: Path) -> dict:
     else:
         _apex([*base, "--steps", "3"])
     lora = load_file(str(out / "checkpoints" / "step-000003" / "pytorch_lora_weights.safetensors"))
-    digests = {k: hashlib.sha256(v.contiguous().view(-1).numpy().tobytes()).hexdigest()[:16] for k, v in sorted(lora.items())}
+    digests = {
+        k: hashlib.sha256(v.contiguous().view(-1).numpy().tobytes()).hexdigest()[:16] for k, v in sorted(lora.items())
+    }
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
     metrics = [{k: v for k, v in row.items() if not k.startswith("time/")} for row in rows]
     return {"lora": digests, "metrics": metrics}

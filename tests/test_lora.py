@@ -25,8 +25,11 @@ def _velocity(transformer) -> torch.Tensor:
     pooled = torch.randn(2, 64, generator=gen)
     with torch.no_grad():
         return transformer(
-            hidden_states=hidden, timestep=torch.tensor([500.0, 900.0]), encoder_hidden_states=text,
-            pooled_projections=pooled, return_dict=False,
+            hidden_states=hidden,
+            timestep=torch.tensor([500.0, 900.0]),
+            encoder_hidden_states=text,
+            pooled_projections=pooled,
+            return_dict=False,
         )[0]
 
 
@@ -188,7 +191,9 @@ def test_saved_lora_files_are_byte_identical_across_processes(tmp_path):
     files = []
     for hash_seed in ("1", "2", "3"):
         out = tmp_path / hash_seed
-        subprocess.run([sys.executable, "-c", script, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed})
+        subprocess.run(
+            [sys.executable, "-c", script, str(out)], check=True, env={**os.environ, "PYTHONHASHSEED": hash_seed}
+        )
         files.append((out / "pytorch_lora_weights.safetensors").read_bytes())
     assert files[0] == files[1] == files[2]
 
@@ -205,17 +210,20 @@ def _corrupted(saved_lora, tmp_path, name: str, change) -> tuple[Path, str]:
     tensors[key] = change(tensors[key])
     path = tmp_path / f"{name}.safetensors"
     save_file(tensors, str(path), metadata=metadata)
-    return path, key[len("transformer."):]
+    return path, key[len("transformer.") :]
 
 
-@pytest.mark.parametrize("name, change, problem", [
-    ("flat", lambda t: t.flatten(), "LoRA factors are matrices (2-D)"),
-    ("scalar", lambda t: t.sum(), "has shape (); LoRA factors are matrices"),
-    ("rank", lambda t: t[:3], "has rank 3 but its lora_B has rank 4"),
-    ("int64", lambda t: t.to(torch.int64), "holds int64 values; LoRA factors are floating point"),
-    ("nan", lambda t: torch.full_like(t, float("nan")), "holds NaN or infinite values"),
-    ("huge", lambda t: torch.full_like(t, 1e30), "holds a value of magnitude 1e+30"),
-])
+@pytest.mark.parametrize(
+    "name, change, problem",
+    [
+        ("flat", lambda t: t.flatten(), "LoRA factors are matrices (2-D)"),
+        ("scalar", lambda t: t.sum(), "has shape (); LoRA factors are matrices"),
+        ("rank", lambda t: t[:3], "has rank 3 but its lora_B has rank 4"),
+        ("int64", lambda t: t.to(torch.int64), "holds int64 values; LoRA factors are floating point"),
+        ("nan", lambda t: torch.full_like(t, float("nan")), "holds NaN or infinite values"),
+        ("huge", lambda t: torch.full_like(t, 1e30), "holds a value of magnitude 1e+30"),
+    ],
+)
 def test_a_broken_lora_file_is_a_one_line_error_naming_file_and_tensor(saved_lora, tmp_path, name, change, problem):
     """A NaN or 1e30 LoRA was applied without a word (black images, exit 0); the others crashed
     inside diffusers or peft with a traceback."""

@@ -89,7 +89,6 @@ def test_clip_advantages():
     torch.testing.assert_close(clip_advantages(a, 0.0), a)  # 0 disables the clip
 
 
-
 def test_velocity_anchor_is_the_per_sample_mean_squared_difference():
     ref = torch.zeros(2, 1, 2, 2)
     v = torch.tensor([[[[1.0, -1.0], [0.0, 0.0]]], [[[2.0, 2.0], [2.0, 2.0]]]])

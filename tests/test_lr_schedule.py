@@ -18,7 +18,9 @@ def test_factor_by_hand():
     assert [lr_factor(u, 5, "linear", 0.1) for u in range(1, 6)] == pytest.approx([1.0, 0.775, 0.55, 0.325, 0.1])
     # half a cosine: 1 at the first update, final at the last, their mean half-way
     cosine = [lr_factor(u, 5, "cosine", 0.1) for u in range(1, 6)]
-    assert cosine == pytest.approx([1.0, 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2, 0.55, 0.1 + 0.9 * (1 - math.cos(math.pi / 4)) / 2, 0.1])
+    assert cosine == pytest.approx(
+        [1.0, 0.1 + 0.9 * (1 + math.cos(math.pi / 4)) / 2, 0.55, 0.1 + 0.9 * (1 - math.cos(math.pi / 4)) / 2, 0.1]
+    )
     assert lr_factor(1, 1, "cosine", 0.0) == 1.0  # one update: no decay to do
     assert lr_factor(9, 5, "linear", 0.2) == pytest.approx(0.2)  # past the end: held at final
     with pytest.raises(ValueError, match="cosine"):
@@ -28,13 +30,22 @@ def test_factor_by_hand():
 def test_bad_schedule_is_a_config_error(tmp_path):
     from helpers import run_cli
 
-    result = run_cli(["train", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"), "train.lr_schedule=step"])
+    result = run_cli(
+        ["train", "--preset", "tiny", "--steps", "1", "--out", str(tmp_path / "run"), "train.lr_schedule=step"]
+    )
     assert result.code != 0
     assert "train.lr_schedule" in result.stderr and "cosine" in result.stderr
 
 
-SCHEDULED = ("--objectives", "brightness,colorfulness", "train.lr=0.02", "train.lr_schedule=cosine", "train.lr_final=0.25",
-             "train.checkpoint_every=2", "train.keep_checkpoints=0")
+SCHEDULED = (
+    "--objectives",
+    "brightness,colorfulness",
+    "train.lr=0.02",
+    "train.lr_schedule=cosine",
+    "train.lr_final=0.25",
+    "train.checkpoint_every=2",
+    "train.keep_checkpoints=0",
+)
 
 
 @pytest.fixture(scope="module")

@@ -12,9 +12,21 @@ from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
 from apexcli.models import memory_plan as mp
 from apexcli.models.architectures import SD35M_TRANSFORMER
 
-SMALL = dict(sample_size=16, patch_size=2, in_channels=4, num_layers=3, attention_head_dim=16, num_attention_heads=4,
-             joint_attention_dim=64, caption_projection_dim=64, pooled_projection_dim=32, out_channels=4,
-             pos_embed_max_size=16, qk_norm="rms_norm", dual_attention_layers=(0,))
+SMALL = dict(
+    sample_size=16,
+    patch_size=2,
+    in_channels=4,
+    num_layers=3,
+    attention_head_dim=16,
+    num_attention_heads=4,
+    joint_attention_dim=64,
+    caption_projection_dim=64,
+    pooled_projection_dim=32,
+    out_channels=4,
+    pos_embed_max_size=16,
+    qk_norm="rms_norm",
+    dual_attention_layers=(0,),
+)
 """MMDiT-X at small widths: a dual-attention block, a plain one and a last one without text output."""
 SMALL_LORA = dict(rank=4, alpha=8, dropout=0.0, target_modules=SD3_JOINT_ATTENTION_PROJECTIONS, seed=0)
 SD35M_CUT = dict(SD35M_TRANSFORMER, num_layers=3, dual_attention_layers=(0,))
@@ -86,13 +98,17 @@ def test_meta_computation_matches_a_real_cpu_step(checkpointing):
     mp.allocate_lora_grads(model)
     inputs = mp.step_inputs(SMALL, shape, "cpu")
     box: dict = {}
-    allocator = mp.cpu_allocator_peak(lambda: box.setdefault("step", mp.step_memory(model, inputs, shape,
-                                                                                    checkpointing=checkpointing)))
+    allocator = mp.cpu_allocator_peak(
+        lambda: box.setdefault("step", mp.step_memory(model, inputs, shape, checkpointing=checkpointing))
+    )
     measured = box["step"]
     assert measured.peak == pytest.approx(computed.peak, rel=0.01)
     assert allocator == pytest.approx(computed.peak, rel=0.10)  # the allocator adds kernel workspaces
-    pairs = (zip(measured.block_working_set, computed.block_working_set, strict=True) if checkpointing
-             else zip(measured.block_saved_by_data_ptr, computed.block_saved, strict=True))
+    pairs = (
+        zip(measured.block_working_set, computed.block_working_set, strict=True)
+        if checkpointing
+        else zip(measured.block_saved_by_data_ptr, computed.block_saved, strict=True)
+    )
     pairs = list(pairs)
     assert len(pairs) == SMALL["num_layers"]
     for real, meta in pairs:

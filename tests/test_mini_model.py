@@ -37,8 +37,16 @@ def test_architecture_is_sd35s(mini):
 def test_samples_follow_the_prompt(mini):
     prompts = ["two red circles on the left on black", "two red circles on the left on white", 'a sign that says "SUN"']
     gens = [torch.Generator().manual_seed(i) for i in range(len(prompts))]
-    images = mini(prompt=prompts, num_inference_steps=6, guidance_scale=3.0, height=64, width=64,
-                  generator=gens, max_sequence_length=48, output_type="np").images
+    images = mini(
+        prompt=prompts,
+        num_inference_steps=6,
+        guidance_scale=3.0,
+        height=64,
+        width=64,
+        generator=gens,
+        max_sequence_length=48,
+        output_type="np",
+    ).images
     assert images.shape == (3, 64, 64, 3) and np.isfinite(images).all()
     border = [np.concatenate([im[0], im[-1], im[:, 0], im[:, -1]]).mean(0) for im in images]
     # a random-weight model has no reason to make the first border dark, the second light and

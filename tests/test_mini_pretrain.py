@@ -14,8 +14,20 @@ from apexcli.models.loading import load_pipeline
 from apexcli.tools.mini_pretrain import main as pretrain_main
 
 # A few steps of each phase, no clock limit, the grid at 2 sampling steps: seconds on a CPU.
-QUICK = ["--minutes", "1000", "--set", "vae_minutes=1000", "--set", "vae_steps=3", "--set", "flow_steps=3",
-         "--set", "sample_steps=2", "--set", "export_every=1000"]
+QUICK = [
+    "--minutes",
+    "1000",
+    "--set",
+    "vae_minutes=1000",
+    "--set",
+    "vae_steps=3",
+    "--set",
+    "flow_steps=3",
+    "--set",
+    "sample_steps=2",
+    "--set",
+    "export_every=1000",
+]
 
 
 def _weights(export):
@@ -29,7 +41,9 @@ def clean_runs(tmp_path_factory):
     with pytest.MonkeyPatch.context() as mp:
         mp.setenv("APEX_MINI_THREADS", "1")
         for name in ("a", "b"):
-            pretrain_main(["--out", str(tmp_path / name), "--export", str(tmp_path / f"{name}-model"), "--seed", "3", *QUICK])
+            pretrain_main(
+                ["--out", str(tmp_path / name), "--export", str(tmp_path / f"{name}-model"), "--seed", "3", *QUICK]
+            )
     return tmp_path
 
 
@@ -50,8 +64,20 @@ def test_caption_noise_phase_from_an_export_is_deterministic(clean_runs, tmp_pat
     monkeypatch.setenv("APEX_MINI_THREADS", "1")
     noisy = ["--set", "noisy_steps=3", "--set", "attribute_noise=0.5", "--set", "letter_noise=0.5"]
     for name in ("a", "b"):
-        pretrain_main(["--out", str(tmp_path / name), "--export", str(tmp_path / f"{name}-model"), "--seed", "3",
-                       "--init", str(clean_runs / "a-model"), *QUICK, *noisy])
+        pretrain_main(
+            [
+                "--out",
+                str(tmp_path / name),
+                "--export",
+                str(tmp_path / f"{name}-model"),
+                "--seed",
+                "3",
+                "--init",
+                str(clean_runs / "a-model"),
+                *QUICK,
+                *noisy,
+            ]
+        )
     clean = _weights(clean_runs / "a-model")
     first, second = (_weights(tmp_path / d) for d in ("a-model", "b-model"))
     assert all(torch.equal(first[k], second[k]) for k in first)

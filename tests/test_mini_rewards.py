@@ -55,9 +55,13 @@ def test_red_circle_scores_full_adherence_for_its_prompt_and_low_for_two_blue_sq
 
 def test_adherence_is_graded_per_attribute():
     img = scene("a red circle on the right on white")
-    prompts = ["a red circle on the right on white", "a red circle on the left on white",
-               "a red circle on the right on black", "three red circles on the right on white",
-               "a red square on the right on white"]
+    prompts = [
+        "a red circle on the right on white",
+        "a red circle on the left on white",
+        "a red circle on the right on black",
+        "three red circles on the right on white",
+        "a red square on the right on white",
+    ]
     a, parts = adherence_parts(img.repeat(len(prompts), 1, 1, 1), prompts)
     assert a[0] > 0.97
     assert parts[1]["position"] < 0.05 and a[1] == pytest.approx(0.8, abs=0.03)  # 4 of 5 attributes
@@ -66,8 +70,15 @@ def test_adherence_is_graded_per_attribute():
     assert parts[4]["shape"] < 0.2  # a circle's fill ratio π/4 is far from a square's 1
 
 
-@pytest.mark.parametrize("prompt", ["two green triangles at the top on gray", "three purple squares on the left on black",
-                                    "a yellow circle at the bottom on white", "two orange circles in the center"])
+@pytest.mark.parametrize(
+    "prompt",
+    [
+        "two green triangles at the top on gray",
+        "three purple squares on the left on black",
+        "a yellow circle at the bottom on white",
+        "two orange circles in the center",
+    ],
+)
 def test_ground_truth_renders_satisfy_their_prompts(prompt):
     a, parts = adherence_parts(scene(prompt, seed=3), [prompt])
     assert a[0] > 0.95, parts
@@ -177,8 +188,9 @@ def test_a_sign_with_the_right_word_scores_ocr_one():
     cfg.ocr.workers = 1
     ocr = build_reward("ocr", cfg, "cpu", torch.float32)
     try:
-        scores, info = ocr(scene('a sign that says "FISH"').repeat(2, 1, 1, 1),
-                           ['a sign that says "FISH"', 'a sign that says "MILK"'])
+        scores, info = ocr(
+            scene('a sign that says "FISH"').repeat(2, 1, 1, 1), ['a sign that says "FISH"', 'a sign that says "MILK"']
+        )
     finally:
         ocr.close()
     assert scores[0].item() == 1.0, info

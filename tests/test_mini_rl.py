@@ -33,8 +33,16 @@ MINI_RL = {
     # GRPO's settings as measured, whatever the preset's loss: one starting noise per group
     "sampling": {"num_steps": 6, "guidance_scale": 1.0, "share_group_noise": True},
     "train": {
-        "loss": "grpo", "steps": STEPS, "prompts_per_step": 2, "group_size": 4, "rollout_batch_size": 8,
-        "train_batch_size": 8, "lr": 2e-2, "window_size": 3, "kl_beta": 0.001, "experimental": {"anchor_beta": 0.0},
+        "loss": "grpo",
+        "steps": STEPS,
+        "prompts_per_step": 2,
+        "group_size": 4,
+        "rollout_batch_size": 8,
+        "train_batch_size": 8,
+        "lr": 2e-2,
+        "window_size": 3,
+        "kl_beta": 0.001,
+        "experimental": {"anchor_beta": 0.0},
         "checkpoint_every": 0,
     },
     "eval": {"every": STEPS, "num_prompts": 8, "num_steps": 6, "guidance_scale": 1.0, "batch_size": 8},

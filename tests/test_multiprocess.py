@@ -16,13 +16,14 @@ from pathlib import Path
 
 import pytest
 import torch
-from helpers import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, read_metrics
 from safetensors.torch import load_file
+
+from helpers import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, read_metrics
 
 # two-process training under torchrun takes minutes on two CPU cores: `make test-all` runs it
 pytestmark = pytest.mark.slow
 
-LAUNCHER = '''
+LAUNCHER = """
 import sys
 from safetensors.torch import save_file
 from apexcli.models.lora import lora_state_dict
@@ -43,7 +44,7 @@ trainer_module.Trainer.close = close_and_dump
 from apexcli.cli import main
 
 main(sys.argv[2:])
-'''
+"""
 
 
 def _free_port() -> int:
@@ -57,8 +58,20 @@ def _torchrun(tmp_path: Path, nproc: int, argv: list[str]) -> subprocess.Complet
     launcher.write_text(LAUNCHER)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", str(nproc),
-        "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), str(launcher), str(tmp_path), *argv,
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        str(launcher),
+        str(tmp_path),
+        *argv,
     ]
     return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
 
@@ -67,9 +80,23 @@ def _torchrun(tmp_path: Path, nproc: int, argv: list[str]) -> subprocess.Complet
 def two_process_run(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("mp")
     out = tmp / "run"
-    argv = ["train", "--preset", "tiny", "--steps", "3", "--out", str(out), "--objectives", "brightness,colorfulness", *TINY_OVERRIDES,
-            # 3 eval prompts: rank 0 evaluates prompts 0 and 2, rank 1 prompt 1
-            "eval.every=3", "eval.num_prompts=3", "eval.num_steps=3", "eval.batch_size=2"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--objectives",
+        "brightness,colorfulness",
+        *TINY_OVERRIDES,
+        # 3 eval prompts: rank 0 evaluates prompts 0 and 2, rank 1 prompt 1
+        "eval.every=3",
+        "eval.num_prompts=3",
+        "eval.num_steps=3",
+        "eval.batch_size=2",
+    ]
     proc = _torchrun(tmp, 2, argv)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return tmp, out
@@ -134,8 +161,21 @@ def test_anchor_under_ddp_keeps_the_ranks_identical(tmp_path):
     """The anchor adds a second forward with grad before the backward: its gradient must be
     all-reduced with the policy term's, or the ranks (different samples) would drift apart."""
     out = tmp_path / "run"
-    argv = ["train", "--preset", "tiny", "--steps", "2", "--out", str(out), "--objectives", "brightness", *TINY_OVERRIDES,
-            "train.window_size=1", "train.experimental.anchor_beta=1.0", "train.lr=3e-2"]
+    argv = [
+        "train",
+        "--preset",
+        "tiny",
+        "--steps",
+        "2",
+        "--out",
+        str(out),
+        "--objectives",
+        "brightness",
+        *TINY_OVERRIDES,
+        "train.window_size=1",
+        "train.experimental.anchor_beta=1.0",
+        "train.lr=3e-2",
+    ]
     proc = _torchrun(tmp_path, 2, argv)
     assert proc.returncode == 0, proc.stderr[-4000:]
     rank0 = load_file(str(tmp_path / "rank0.safetensors"))
@@ -150,10 +190,19 @@ def test_nft_under_ddp_is_the_one_process_update(tmp_path):
     With kl_beta the reference forward runs between the policy forward and the backward."""
     from helpers import train_tiny
 
-    nft = ["--objectives", "brightness", "train.loss=nft", "train.experimental.nft_timesteps=2", "train.kl_beta=0.1", "train.lr=3e-2"]
+    nft = [
+        "--objectives",
+        "brightness",
+        "train.loss=nft",
+        "train.experimental.nft_timesteps=2",
+        "train.kl_beta=0.1",
+        "train.lr=3e-2",
+    ]
     one = read_metrics(train_tiny(tmp_path / "one", 2, *nft))
     out = tmp_path / "two"
-    proc = _torchrun(tmp_path, 2, ["train", "--preset", "tiny", "--steps", "2", "--out", str(out), *TINY_OVERRIDES, *nft])
+    proc = _torchrun(
+        tmp_path, 2, ["train", "--preset", "tiny", "--steps", "2", "--out", str(out), *TINY_OVERRIDES, *nft]
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     two = read_metrics(out)
     assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5)

@@ -22,13 +22,29 @@ OBJS = ("brightness", "contrast")
 BASE = (0.5, 0.4)
 
 
-def make_run(root: Path, folder: str, evals, *, objectives=OBJS, name=None, strategy="apex",
-             weights=None, train_weights=None, extra_lines=()) -> Path:
+def make_run(
+    root: Path,
+    folder: str,
+    evals,
+    *,
+    objectives=OBJS,
+    name=None,
+    strategy="apex",
+    weights=None,
+    train_weights=None,
+    extra_lines=(),
+) -> Path:
     """A run dir: config.yaml + metrics.jsonl with eval rows {step: values} (None = null)."""
     run = root / folder
     run.mkdir(parents=True)
-    config = {"name": name, "objectives": list(objectives), "seed": 0, "preset": "tiny",
-              "balance": {"strategy": strategy, "weights": weights}, "eval": {"objectives": None}}
+    config = {
+        "name": name,
+        "objectives": list(objectives),
+        "seed": 0,
+        "preset": "tiny",
+        "balance": {"strategy": strategy, "weights": weights},
+        "eval": {"objectives": None},
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     lines = []
     for step, values in evals.items():
@@ -50,10 +66,17 @@ def make_run(root: Path, folder: str, evals, *, objectives=OBJS, name=None, stra
 def three_runs(tmp_path):
     """apex and static on the front, 'bad' below the base everywhere (hand-computed below)."""
     root = tmp_path / "runs"
-    make_run(root, "apex", {0: BASE, 2: (0.6, 0.5), 4: (0.7, 0.6)},
-             train_weights=lambda s: (0.5 + 0.05 * s, 0.5 - 0.05 * s))
-    make_run(root, "static", {0: BASE, 2: (0.55, 0.45), 4: (0.8, 0.42)}, strategy="static",
-             weights=[0.5, 0.5], train_weights=lambda s: (0.5, 0.5))
+    make_run(
+        root, "apex", {0: BASE, 2: (0.6, 0.5), 4: (0.7, 0.6)}, train_weights=lambda s: (0.5 + 0.05 * s, 0.5 - 0.05 * s)
+    )
+    make_run(
+        root,
+        "static",
+        {0: BASE, 2: (0.55, 0.45), 4: (0.8, 0.42)},
+        strategy="static",
+        weights=[0.5, 0.5],
+        train_weights=lambda s: (0.5, 0.5),
+    )
     make_run(root, "bad", {0: BASE, 2: (0.4, 0.3), 4: (0.45, 0.35)})
     return root
 
@@ -86,8 +109,7 @@ def test_final_points_front_and_hypervolumes(three_runs, tmp_path):
     assert by_name["apex"]["hypervolume"] == pytest.approx(0.2 / 0.35 * 0.8)
     assert by_name["bad"]["on_front"] is False
     assert by_name["static"]["weights"] == [0.5, 0.5]
-    assert by_name["apex"]["points"][0]["normalised"] == pytest.approx(
-        {"brightness": 0.2 / 0.35, "contrast": 0.8})
+    assert by_name["apex"]["points"][0]["normalised"] == pytest.approx({"brightness": 0.2 / 0.35, "contrast": 0.8})
 
 
 def test_all_steps_uses_every_trained_eval(three_runs, tmp_path):
@@ -139,8 +161,7 @@ def test_three_objectives_radar_and_no_weights_plot(tmp_path):
         side = 2 * plots.PANEL_IN
         assert img.size == (round((side + plots.LEGEND_IN) * plots.DPI), round(side * plots.DPI))
     with Image.open(tmp_path / "out" / "radar.png") as img:
-        assert img.size == (round((plots.RADAR_IN + plots.LEGEND_IN) * plots.DPI),
-                            round(plots.RADAR_IN * plots.DPI))
+        assert img.size == (round((plots.RADAR_IN + plots.LEGEND_IN) * plots.DPI), round(plots.RADAR_IN * plots.DPI))
 
 
 def test_corrupt_lines_are_warned_and_the_run_kept(tmp_path):
@@ -185,8 +206,7 @@ def test_unusable_runs_are_skipped_with_reasons(tmp_path):
 def test_mixed_objective_sets_compare_on_the_common_ones(tmp_path):
     root = tmp_path / "runs"
     make_run(root, "a", {0: (1.0, 2.0), 2: (2.0, 3.0)}, objectives=("contrast", "brightness"))
-    make_run(root, "b", {0: (2.0, 1.0, 5.0), 2: (2.5, 1.5, 6.0)},
-             objectives=("brightness", "contrast", "ocr"))
+    make_run(root, "b", {0: (2.0, 1.0, 5.0), 2: (2.5, 1.5, 6.0)}, objectives=("brightness", "contrast", "ocr"))
     table = build_points(collect_runs([root]))
     assert table.objectives == ["contrast", "brightness"]  # the first run's order
     assert table.values.tolist() == [[2.0, 3.0], [1.5, 2.5]]
@@ -205,8 +225,7 @@ def test_base_point_mean_when_runs_disagree_and_fallback_without_step0(tmp_path)
     make_run(root, "b", {0: (0.7, 0.4), 2: (0.9, 0.5)})
     table = build_points(collect_runs([root]))
     assert table.base == pytest.approx([0.6, 0.4])
-    assert any("step-0 (base model) evals differ" in w and "brightness" in w
-               for w in table.warnings)
+    assert any("step-0 (base model) evals differ" in w and "brightness" in w for w in table.warnings)
 
     no_base = tmp_path / "nobase"
     make_run(no_base, "a", {2: (0.6, 0.6)})
@@ -235,8 +254,9 @@ def test_no_runs_is_a_one_line_error(tmp_path):
         run_pareto([empty], tmp_path / "out", console=quiet())
     msg = str(err.value)
     assert "\n" not in msg
-    assert msg == (f"no runs found under {empty}: a run is a folder with config.yaml and "
-                   "metrics.jsonl (made by apex train)")
+    assert msg == (
+        f"no runs found under {empty}: a run is a folder with config.yaml and metrics.jsonl (made by apex train)"
+    )
     with pytest.raises(ApexError, match="no runs found under"):
         run_pareto([tmp_path / "missing"], tmp_path / "out", console=quiet())
 
@@ -295,11 +315,16 @@ def test_a_row_apex_cannot_have_written_costs_itself_not_the_run(tmp_path):
     """One parseable row with a step of 10^30 and Infinity dropped the whole run: its last eval
     had "no finite value". apex writes null for non-finite values and never such a step."""
     root = tmp_path / "runs"
-    make_run(root, "a", {0: BASE, 2: (0.6, 0.5)}, extra_lines=[
-        '{"step": 1000000000000000000000000000000, "kind": "eval", "eval/brightness/mean": Infinity, '
-        '"eval/contrast/mean": 0.5}',
-        '{"step": 3, "kind": "eval", "eval/brightness/mean": NaN, "eval/contrast/mean": 0.5}',
-    ])
+    make_run(
+        root,
+        "a",
+        {0: BASE, 2: (0.6, 0.5)},
+        extra_lines=[
+            '{"step": 1000000000000000000000000000000, "kind": "eval", "eval/brightness/mean": Infinity, '
+            '"eval/contrast/mean": 0.5}',
+            '{"step": 3, "kind": "eval", "eval/brightness/mean": NaN, "eval/contrast/mean": 0.5}',
+        ],
+    )
     make_run(root, "b", {0: BASE, 2: (0.7, 0.4)})
     table = build_points(collect_runs([root]))
     assert [r.name for r in table.runs] == ["a", "b"] and table.skipped == []

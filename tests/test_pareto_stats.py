@@ -93,8 +93,20 @@ def test_seed_spread():
 
 # ------------------------------------------------------------------ apex pareto on run folders
 OBJS = ("brightness", "contrast")
-BASE = np.array([[0.50, 0.40], [0.52, 0.41], [0.48, 0.39], [0.51, 0.42], [0.49, 0.38],
-                 [0.53, 0.40], [0.47, 0.41], [0.50, 0.39], [0.52, 0.40], [0.48, 0.42]])
+BASE = np.array(
+    [
+        [0.50, 0.40],
+        [0.52, 0.41],
+        [0.48, 0.39],
+        [0.51, 0.42],
+        [0.49, 0.38],
+        [0.53, 0.40],
+        [0.47, 0.41],
+        [0.50, 0.39],
+        [0.52, 0.40],
+        [0.48, 0.42],
+    ]
+)
 WIGGLE = np.array([1, -1] * 5, dtype=float)[:, None] * 1e-3
 
 
@@ -102,8 +114,13 @@ def write_run(root: Path, folder: str, final: np.ndarray, *, seed=0, lr=1e-3, st
     """A run dir with step-0 and step-``step`` evals: metrics rows and per-prompt scores.jsonl."""
     run = root / folder
     run.mkdir(parents=True)
-    config = {"name": folder, "objectives": list(OBJS), "seed": seed, "train": {"lr": lr},
-              "balance": {"strategy": "apex", "weights": None}}
+    config = {
+        "name": folder,
+        "objectives": list(OBJS),
+        "seed": seed,
+        "train": {"lr": lr},
+        "balance": {"strategy": "apex", "weights": None},
+    }
     (run / "config.yaml").write_text(yaml.safe_dump(config))
     lines = []
     for s, scores in ((0, BASE), (step, final)):
@@ -114,9 +131,13 @@ def write_run(root: Path, folder: str, final: np.ndarray, *, seed=0, lr=1e-3, st
         lines.append(json.dumps(row))
         d = run / "eval" / f"step-{s:06d}"
         d.mkdir(parents=True)
-        d.joinpath("scores.jsonl").write_text("".join(
-            json.dumps({"index": i, "prompt": f"p{i}", "seed": 100 + i, **dict(zip(OBJS, map(float, scores[i])))}) + "\n"
-            for i in range(len(scores))))
+        d.joinpath("scores.jsonl").write_text(
+            "".join(
+                json.dumps({"index": i, "prompt": f"p{i}", "seed": 100 + i, **dict(zip(OBJS, map(float, scores[i])))})
+                + "\n"
+                for i in range(len(scores))
+            )
+        )
     (run / "metrics.jsonl").write_text("\n".join(lines) + "\n")
     return run
 
@@ -131,7 +152,9 @@ def test_pareto_prints_cis_joint_rates_and_says_when_runs_cannot_be_told_apart(t
     p = res.paired
     better = p.runs["better"]
     assert better.n_prompts == 10
-    assert better.gains["brightness"].mean == stats.Interval(pytest.approx(0.02), pytest.approx(0.02), pytest.approx(0.02))
+    assert better.gains["brightness"].mean == stats.Interval(
+        pytest.approx(0.02), pytest.approx(0.02), pytest.approx(0.02)
+    )
     assert better.gains["contrast"].win_rate == 1.0
     assert (better.joint.win, better.joint.collapse) == (1.0, 0.0)
     noise = p.runs["noise"]

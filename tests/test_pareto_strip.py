@@ -26,17 +26,26 @@ def write_eval(run: Path, step: int, colour: float, prompts=PROMPTS, seeds=None,
     image_grid(tiles).save(d / "grid.png")
     seeds = seeds or list(range(len(prompts)))
     scores = scores or [{} for _ in prompts]
-    (d / "scores.jsonl").write_text("".join(json.dumps({"index": i, "prompt": p, "seed": s, **sc}) + "\n"
-                                            for i, (p, s, sc) in enumerate(zip(prompts, seeds, scores))))
+    (d / "scores.jsonl").write_text(
+        "".join(
+            json.dumps({"index": i, "prompt": p, "seed": s, **sc}) + "\n"
+            for i, (p, s, sc) in enumerate(zip(prompts, seeds, scores))
+        )
+    )
 
 
 def make_run(root: Path, name: str, final: tuple[float, float], colour: float, seeds=None) -> Path:
     run = root / name
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"name": name, "objectives": ["a", "b"], "seed": 0,
-                                                     "balance": {"strategy": name, "weights": None}}))
-    rows = [{"step": s, "kind": "eval", "eval/a/mean": v[0], "eval/b/mean": v[1], "eval/a/std": 0.1, "eval/b/std": 0.1}
-            for s, v in ((0, (0.5, 0.5)), (10, final))]
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"name": name, "objectives": ["a", "b"], "seed": 0, "balance": {"strategy": name, "weights": None}}
+        )
+    )
+    rows = [
+        {"step": s, "kind": "eval", "eval/a/mean": v[0], "eval/b/mean": v[1], "eval/a/std": 0.1, "eval/b/std": 0.1}
+        for s, v in ((0, (0.5, 0.5)), (10, final))
+    ]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_eval(run, 0, 0.1)
     write_eval(run, 10, colour, seeds=seeds)
@@ -84,15 +93,21 @@ def test_captions_give_base_values_and_each_runs_change():
     assert caption_lines(run, base, objectives) == [("adhe +1", UP), ("qual =", SAME), ("ocr -0.25", DOWN)]
     # a shapes prompt has no ocr score: no line for it; names that would clash stay whole
     assert caption_lines({"quality": 2.0}, None, objectives) == [("qual 2", SAME)]
-    assert [t for t, _ in caption_lines({"ocr_a": 1.0, "ocr_b": 2.0}, None, ["ocr_a", "ocr_b"])] == ["ocr_a 1", "ocr_b 2"]
+    assert [t for t, _ in caption_lines({"ocr_a": 1.0, "ocr_b": 2.0}, None, ["ocr_a", "ocr_b"])] == [
+        "ocr_a 1",
+        "ocr_b 2",
+    ]
 
 
 def test_strip_captions_each_tile_with_its_scores(tmp_path):
     root = tmp_path / "runs"
     run = root / "apex"
     run.mkdir(parents=True)
-    (run / "config.yaml").write_text(yaml.safe_dump({"name": "apex", "objectives": ["a"], "seed": 0,
-                                                     "balance": {"strategy": "apex", "weights": None}}))
+    (run / "config.yaml").write_text(
+        yaml.safe_dump(
+            {"name": "apex", "objectives": ["a"], "seed": 0, "balance": {"strategy": "apex", "weights": None}}
+        )
+    )
     rows = [{"step": s, "kind": "eval", "eval/a/mean": v, "eval/a/std": 0.1} for s, v in ((0, 0.5), (10, 0.6))]
     (run / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     write_eval(run, 0, 0.1, scores=[{"a": 0.5, "ocr": None} for _ in PROMPTS])
@@ -105,7 +120,7 @@ def test_strip_captions_each_tile_with_its_scores(tmp_path):
 
     def caption(row: int, col: int) -> np.ndarray:
         y = 20 + row * pitch + 96
-        return img[y:y + 13, left + col * 100:left + col * 100 + 96]
+        return img[y : y + 13, left + col * 100 : left + col * 100 + 96]
 
     def has(region: np.ndarray, colour) -> bool:
         return bool((np.abs(region - np.array(colour)).sum(-1) < 60).any())

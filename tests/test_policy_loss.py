@@ -9,7 +9,6 @@ from typing import ClassVar
 
 import pytest
 import torch
-from helpers import TINY_OVERRIDES
 
 from apexcli.config import POLICY_LOSS_NAMES, resolve_config
 from apexcli.flow.rollout import Trajectory
@@ -18,6 +17,7 @@ from apexcli.train.losses.base import Reduction
 from apexcli.train.sampler import plan_step
 from apexcli.train.trainer import Trainer
 from apexcli.train.update import UpdateStatistics
+from helpers import TINY_OVERRIDES
 
 
 def test_every_configurable_loss_has_one_implementation():
@@ -28,8 +28,12 @@ def test_every_configurable_loss_has_one_implementation():
 def test_statistics_fold_by_the_declared_rule():
     stats = UpdateStatistics({"first": "first", "peak": "max"})
     for i, value in enumerate([1.0, 3.0, 2.0]):
-        stats.add(torch.tensor(value), {"first": torch.tensor(10.0 + i), "peak": torch.tensor(value), "rare": torch.tensor(value)}
-                  if i == 0 else {"first": torch.tensor(10.0 + i), "peak": torch.tensor(value)})
+        stats.add(
+            torch.tensor(value),
+            {"first": torch.tensor(10.0 + i), "peak": torch.tensor(value), "rare": torch.tensor(value)}
+            if i == 0
+            else {"first": torch.tensor(10.0 + i), "peak": torch.tensor(value)},
+        )
     one_process = SimpleNamespace(num_processes=1)
     out = stats.reduced(one_process, torch.device("cpu"))
     assert out == {"loss": 2.0, "first": 10.0, "peak": 3.0, "rare": 1.0}  # a statistic of some micro-batches only
@@ -58,17 +62,25 @@ class VelocityEnergy(PolicyLoss):
         sigma = b.sigmas[micro.point].expand(len(micro.rows))
         v = self.models.velocity(self.models.policy, b.traj.final[micro.rows], sigma, micro.cond)
         energy = v.square().flatten(1).mean(dim=1)
-        return (micro.advantages * energy).mean(), {"v_energy": energy.detach().mean(), "v_peak": v.detach().abs().max()}
+        return (micro.advantages * energy).mean(), {
+            "v_energy": energy.detach().mean(),
+            "v_peak": v.detach().abs().max(),
+        }
 
     def probe_terms(self, model, traj, cond, step) -> ProbeTerms:
         sigma = traj.sigmas[:1].expand(len(traj)).to(traj.latents.device)
-        return ProbeTerms(terms=lambda: self.models.velocity(model, traj.final, sigma, cond).square().flatten(1).mean(dim=1),
-                          weight=lambda adv: adv)
+        return ProbeTerms(
+            terms=lambda: self.models.velocity(model, traj.final, sigma, cond).square().flatten(1).mean(dim=1),
+            weight=lambda adv: adv,
+        )
 
 
 def test_a_new_loss_trains_through_the_shared_update_loop(tmp_path):
-    cfg = resolve_config(preset="tiny", options={"out": str(tmp_path / "run"), "objectives": ["brightness", "contrast"]},
-                         overrides=[*TINY_OVERRIDES, "balance.strategy=gdpo"])
+    cfg = resolve_config(
+        preset="tiny",
+        options={"out": str(tmp_path / "run"), "objectives": ["brightness", "contrast"]},
+        overrides=[*TINY_OVERRIDES, "balance.strategy=gdpo"],
+    )
     trainer = Trainer(cfg, argv=["test"])
     try:
         trainer.setup()
@@ -76,8 +88,15 @@ def test_a_new_loss_trains_through_the_shared_update_loop(tmp_path):
         trainer.update.policy_loss = energy
         trainer.gradient_probe.policy_loss = energy
         trainer.step = 1
-        plan = plan_step(step=1, seed=cfg.seed, num_prompts=len(trainer.prompts), prompts_per_step=2, group_size=2,
-                         rank=0, world_size=1)
+        plan = plan_step(
+            step=1,
+            seed=cfg.seed,
+            num_prompts=len(trainer.prompts),
+            prompts_per_step=2,
+            group_size=2,
+            rank=0,
+            world_size=1,
+        )
         trajectories, _, _ = trainer._sample(plan)
         before = [p.detach().clone() for p in trainer.lora_params]
         row = trainer._update(trajectories, torch.tensor([1.0, -1.0, 0.5, -0.5]), list(plan.prompt_ids))
@@ -89,8 +108,13 @@ def test_a_new_loss_trains_through_the_shared_update_loop(tmp_path):
         assert any(not torch.equal(a, p) for a, p in zip(before, trainer.lora_params))
         # the gradient probe takes the same loss's terms: a Gram of two objectives' gradients
         per_objective = torch.tensor([[1.0, 0.5], [-1.0, 0.5], [0.5, -1.0], [-0.5, 0.0]])
-        gram = trainer.gradient_probe(Trajectory.cat(trajectories), per_objective, trainer.embeds.index(plan.prompt_ids),
-                                      plan.group_ids, trainer.step)
+        gram = trainer.gradient_probe(
+            Trajectory.cat(trajectories),
+            per_objective,
+            trainer.embeds.index(plan.prompt_ids),
+            plan.group_ids,
+            trainer.step,
+        )
         assert gram.shape == (2, 2) and torch.allclose(gram, gram.T) and (gram.diagonal() > 0).all()
     finally:
         trainer.close()
@@ -98,8 +122,11 @@ def test_a_new_loss_trains_through_the_shared_update_loop(tmp_path):
 
 @pytest.mark.parametrize("loss", ["grpo", "nft"])
 def test_the_builtin_losses_report_their_own_statistics(tmp_path, loss):
-    cfg = resolve_config(preset="tiny", options={"out": str(tmp_path / "run"), "objectives": ["brightness"]},
-                         overrides=[*TINY_OVERRIDES, f"train.loss={loss}", "train.kl_beta=0.1"])
+    cfg = resolve_config(
+        preset="tiny",
+        options={"out": str(tmp_path / "run"), "objectives": ["brightness"]},
+        overrides=[*TINY_OVERRIDES, f"train.loss={loss}", "train.kl_beta=0.1"],
+    )
     trainer = Trainer(cfg, argv=["test"])
     try:
         trainer.setup()

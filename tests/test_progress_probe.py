@@ -9,7 +9,13 @@ from __future__ import annotations
 
 from helpers import read_metrics, train_tiny
 
-STILL_POLICY = ("--objectives", "brightness,colorfulness", "train.lr=1e-30", "balance.probe_every=2", "balance.apex.warmup=0")
+STILL_POLICY = (
+    "--objectives",
+    "brightness,colorfulness",
+    "train.lr=1e-30",
+    "balance.probe_every=2",
+    "balance.apex.warmup=0",
+)
 
 
 def _progress(run) -> list[tuple[float, float]]:
@@ -26,8 +32,16 @@ def test_probe_reads_no_progress_from_an_unchanged_policy(tmp_path):
 
 
 def test_probe_reads_the_progress_of_a_moving_policy(tmp_path):
-    run = train_tiny(tmp_path / "run", 3, "--objectives", "brightness,colorfulness", "train.lr=3e-2",
-                     "balance.probe_every=2", "balance.experimental.progress_prompts=3", "balance.apex.warmup=0")
+    run = train_tiny(
+        tmp_path / "run",
+        3,
+        "--objectives",
+        "brightness,colorfulness",
+        "train.lr=3e-2",
+        "balance.probe_every=2",
+        "balance.experimental.progress_prompts=3",
+        "balance.apex.warmup=0",
+    )
     first, _, third = _progress(run)
     assert first == (0.0, 0.0)  # the first reading is the base
     assert third != (0.0, 0.0)  # two updates later the same prompts and noise score differently

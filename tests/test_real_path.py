@@ -53,8 +53,14 @@ def _setup_trainer(tmp_path, *extra: str) -> Trainer:
 
 
 def test_one_reward_suite_serves_training_eval_and_the_progress_probe(tmp_path):
-    trainer = _setup_trainer(tmp_path, "eval.every=1", "eval.num_prompts=2", "balance.strategy=apex",
-                             "balance.experimental.progress_prompts=2", "balance.probe_every=1")
+    trainer = _setup_trainer(
+        tmp_path,
+        "eval.every=1",
+        "eval.num_prompts=2",
+        "balance.strategy=apex",
+        "balance.experimental.progress_prompts=2",
+        "balance.probe_every=1",
+    )
     try:
         trainer.setup()
         assert trainer.progress_probe is not None and trainer.evaluator is not None
@@ -115,8 +121,14 @@ def test_optimizer_steps_per_epoch_does_not_change_with_the_number_of_processes(
 
 
 def test_the_run_layout_and_the_ema_delay_are_printed_at_start(tmp_path, capsys):
-    trainer = _setup_trainer(tmp_path, "eval.every=1", "eval.num_prompts=2", "train.ema_decay=0.9", "train.ema_every=8",
-                             "train.optimizer_steps_per_epoch=2")
+    trainer = _setup_trainer(
+        tmp_path,
+        "eval.every=1",
+        "eval.num_prompts=2",
+        "train.ema_decay=0.9",
+        "train.ema_every=8",
+        "train.optimizer_steps_per_epoch=2",
+    )
     try:
         trainer.setup()
     finally:
@@ -127,16 +139,23 @@ def test_the_run_layout_and_the_ema_delay_are_printed_at_start(tmp_path, capsys)
 
 
 def test_the_experimental_settings_a_run_makes_are_one_warning_at_start(tmp_path, capsys):
-    trainer = _setup_trainer(tmp_path, "train.loss=nft", "train.experimental.nft_timesteps=2",
-                             "sampling.experimental.noise_block=2", "train.experimental.nft_beta=1.0")
+    trainer = _setup_trainer(
+        tmp_path,
+        "train.loss=nft",
+        "train.experimental.nft_timesteps=2",
+        "sampling.experimental.noise_block=2",
+        "train.experimental.nft_beta=1.0",
+    )
     try:
         trainer.setup()
     finally:
         trainer.close()
     lines = [line for line in capsys.readouterr().err.splitlines() if "experimental" in line]
     # nft_beta is set to its default: not a change, not listed
-    assert lines == ["warning: experimental settings: train.loss=nft, sampling.experimental.noise_block=2, "
-                     "train.experimental.nft_timesteps=2 (docs/method/extensions.md)"]
+    assert lines == [
+        "warning: experimental settings: train.loss=nft, sampling.experimental.noise_block=2, "
+        "train.experimental.nft_timesteps=2 (docs/method/extensions.md)"
+    ]
     trainer = _setup_trainer(tmp_path / "plain")
     try:
         trainer.setup()

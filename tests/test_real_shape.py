@@ -27,9 +27,19 @@ from helpers import read_metrics, run_apex_subprocess
 pytestmark = pytest.mark.slow
 
 CPU_SIZES = [
-    "model.device=cpu", "model.resolution=128", "sampling.num_steps=4", "train.steps=2",
-    "train.prompts_per_step=1", "train.group_size=4", "train.rollout_batch_size=2", "train.train_batch_size=2",
-    "train.checkpoint_every=1", "eval.every=2", "eval.num_steps=3", "eval.num_prompts=2", "eval.batch_size=2",
+    "model.device=cpu",
+    "model.resolution=128",
+    "sampling.num_steps=4",
+    "train.steps=2",
+    "train.prompts_per_step=1",
+    "train.group_size=4",
+    "train.rollout_batch_size=2",
+    "train.train_batch_size=2",
+    "train.checkpoint_every=1",
+    "eval.every=2",
+    "eval.num_steps=3",
+    "eval.num_prompts=2",
+    "eval.batch_size=2",
     "logging.progress=false",
 ]
 
@@ -42,8 +52,12 @@ def towers(tmp_path_factory) -> list[str]:
     root = tmp_path_factory.mktemp("towers")
     pick = save_real_shape_pickscore(root / "pick")
     clip, head = save_real_shape_aesthetic(root / "aes")
-    return [f"rewards.pick.source={pick}", f"rewards.pick.processor_source={pick}",
-            f"rewards.aes.clip_source={clip}", f"rewards.aes.head_source={head}"]
+    return [
+        f"rewards.pick.source={pick}",
+        f"rewards.pick.processor_source={pick}",
+        f"rewards.aes.clip_source={clip}",
+        f"rewards.aes.head_source={head}",
+    ]
 
 
 @pytest.fixture(scope="module")
@@ -61,8 +75,20 @@ def sd35l(tmp_path_factory) -> Path:
 
 
 def _train(preset: str, model: Path, out: Path, towers: list[str], *extra: str) -> str:
-    argv = ["train", "--preset", preset, "--model", str(model), "--out", str(out), "--objectives", "pick,aes,ocr",
-            *CPU_SIZES, *towers, *extra]
+    argv = [
+        "train",
+        "--preset",
+        preset,
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--objectives",
+        "pick,aes,ocr",
+        *CPU_SIZES,
+        *towers,
+        *extra,
+    ]
     result = run_apex_subprocess(argv)
     assert result.returncode == 0, f"apex {' '.join(argv)} failed:\n{result.stderr[-4000:]}"
     return result.stderr
@@ -119,8 +145,11 @@ def test_a_stock_pipeline_loads_the_lora_trained_on_the_real_shapes(sd35m, tower
     ckpt = out / "checkpoints" / "step-000001"
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd35m), torch_dtype=torch.bfloat16)
     x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
-    cond = dict(encoder_hidden_states=torch.randn(1, 8, 4096, dtype=torch.bfloat16),
-                pooled_projections=torch.randn(1, 2048, dtype=torch.bfloat16), timestep=torch.tensor([500.0]))
+    cond = dict(
+        encoder_hidden_states=torch.randn(1, 8, 4096, dtype=torch.bfloat16),
+        pooled_projections=torch.randn(1, 2048, dtype=torch.bfloat16),
+        timestep=torch.tensor([500.0]),
+    )
     with torch.no_grad():
         base = pipe.transformer(hidden_states=x, **cond).sample
         pipe.load_lora_weights(str(ckpt), weight_name="pytorch_lora_weights.safetensors")
@@ -128,8 +157,25 @@ def test_a_stock_pipeline_loads_the_lora_trained_on_the_real_shapes(sd35m, tower
     assert (tuned.float() - base.float()).abs().max() > 0  # every LoRA key found its layer and changed it
 
     samples = tmp_path / "samples"
-    result = run_apex_subprocess(["sample", "--model", str(sd35m), "--lora", str(out), "--prompt", 'a sign that says "HI"',
-                                  "--size", "128", "--steps", "2", "--device", "cpu", "--out", str(samples)])
+    result = run_apex_subprocess(
+        [
+            "sample",
+            "--model",
+            str(sd35m),
+            "--lora",
+            str(out),
+            "--prompt",
+            'a sign that says "HI"',
+            "--size",
+            "128",
+            "--steps",
+            "2",
+            "--device",
+            "cpu",
+            "--out",
+            str(samples),
+        ]
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     meta = [json.loads(line) for line in (samples / "metadata.jsonl").read_text().splitlines()]
     assert len(meta) == 1 and (samples / meta[0]["file"]).is_file()

@@ -12,7 +12,6 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from helpers import read_metrics, train_tiny
 from diffusers import FlowMatchEulerDiscreteScheduler
 
 from apexcli.balance import build_balancer
@@ -25,6 +24,7 @@ from apexcli.models.tiny import build_tiny_pipeline
 from apexcli.train.ema import LoraEMA
 from apexcli.train.loss import step_kl
 from apexcli.train.trainer import Trainer
+from helpers import read_metrics, train_tiny
 
 
 def sd35m_sigmas() -> torch.Tensor:
@@ -89,7 +89,9 @@ def test_two_optimizer_steps_per_epoch_make_the_second_half_off_policy(tmp_path)
     """4 samples in 2 micro-batches: with 2 optimizer steps the second micro-batch is scored by an
     updated policy, so its ratios leave [1 - eps, 1 + eps]; with 1 step every ratio stays 1."""
     # (one optimizer step keeps every ratio at 1: test_trainer.py::test_first_update_is_on_policy)
-    off = read_metrics(train_tiny(tmp_path / "two", 1, "train.checkpoint_every=0", "train.optimizer_steps_per_epoch=2"))[0]
+    off = read_metrics(
+        train_tiny(tmp_path / "two", 1, "train.checkpoint_every=0", "train.optimizer_steps_per_epoch=2")
+    )[0]
     assert off["optimizer_steps"] == 2
     assert abs(off["ratio_first"] - 1) < 1e-5  # the first micro-batch is still on-policy
     assert off["ratio_max_dev"] > 1e-4  # later ones are not: beyond the clip range 1e-4
@@ -113,9 +115,20 @@ def flow_grpo_advantages(total: torch.Tensor, groups: torch.Tensor) -> torch.Ten
 def test_static_default_is_flow_grpos_multi_score():
     # pick (raw PickScore units), aes, and a near-flat group 1 and an exactly flat group 2 on both
     r = torch.tensor(
-        [[21.0, 5.1], [22.5, 5.9], [23.0, 6.2], [21.8, 5.5],  # group 0: ordinary spread
-         [22.0, 5.50], [22.0, 5.50], [22.0, 5.50], [22.0, 5.51],  # group 1: one aes value differs by 0.01
-         [20.0, 4.0], [20.0, 4.0], [20.0, 4.0], [20.0, 4.0]],  # group 2: flat
+        [
+            [21.0, 5.1],
+            [22.5, 5.9],
+            [23.0, 6.2],
+            [21.8, 5.5],  # group 0: ordinary spread
+            [22.0, 5.50],
+            [22.0, 5.50],
+            [22.0, 5.50],
+            [22.0, 5.51],  # group 1: one aes value differs by 0.01
+            [20.0, 4.0],
+            [20.0, 4.0],
+            [20.0, 4.0],
+            [20.0, 4.0],
+        ],  # group 2: flat
         dtype=torch.float64,
     )
     g = torch.arange(3).repeat_interleave(4)
@@ -131,8 +144,9 @@ def test_static_default_is_flow_grpos_multi_score():
     # the near-flat group stays small (its 0.01 aes step over the batch spread), where the
     # group-std form blows it up to unit size
     assert adv[4:8].abs().max() < 0.02
-    group_std, _ = build_balancer("static", ["pick", "aes"], weights=weights, std_scope="group",
-                                  eps=1e-6, static={"reference_scales": False})(r, g)
+    group_std, _ = build_balancer(
+        "static", ["pick", "aes"], weights=weights, std_scope="group", eps=1e-6, static={"reference_scales": False}
+    )(r, g)
     assert group_std[4:8].abs().max() > 1.5
 
 
@@ -140,8 +154,14 @@ def test_static_reference_scales_stop_pickscore_from_hijacking():
     """PickScore's raw spread (~1 point) dwarfs aes's (~0.3) and deqa's; /26 and /5 restore the balance."""
     gen = torch.Generator().manual_seed(0)
     n = 64
-    r = torch.stack([22 + 1.0 * torch.randn(n, generator=gen), 4 + 0.3 * torch.randn(n, generator=gen),
-                     5.5 + 0.3 * torch.randn(n, generator=gen)], 1).double()
+    r = torch.stack(
+        [
+            22 + 1.0 * torch.randn(n, generator=gen),
+            4 + 0.3 * torch.randn(n, generator=gen),
+            5.5 + 0.3 * torch.randn(n, generator=gen),
+        ],
+        1,
+    ).double()
     g = torch.arange(8).repeat_interleave(8)
     names, weights = ["pick", "deqa", "aes"], [0.5, 0.2, 0.3]
     _, raw = build_balancer("static", names, weights=weights, static={"reference_scales": False})(r, g)
@@ -156,7 +176,8 @@ def test_zero_advantage_samples_are_dropped_and_padded_to_whole_micro_batches():
         fake = SimpleNamespace(
             balancer=SimpleNamespace(drops_zero_advantage=drop),
             accelerator=SimpleNamespace(num_processes=1, process_index=0),
-            cfg=SimpleNamespace(seed=0), step=3,
+            cfg=SimpleNamespace(seed=0),
+            step=3,
         )
         return Trainer._selected_samples(fake, torch.tensor(adv), micro).tolist()
 
@@ -170,18 +191,27 @@ def test_zero_advantage_samples_are_dropped_and_padded_to_whole_micro_batches():
 
 def test_static_training_leaves_zero_advantage_samples_out(tmp_path):
     """The trainer's update with static's default trains only A != 0 samples (whole micro-batches)."""
+    from apexcli.train.sampler import plan_step
     from helpers import TINY_OVERRIDES
 
-    from apexcli.train.sampler import plan_step
-
-    cfg = resolve_config(preset="tiny", options={"out": str(tmp_path / "run"), "objectives": ["brightness", "contrast"]},
-                         overrides=[*TINY_OVERRIDES, "balance.strategy=static"])
+    cfg = resolve_config(
+        preset="tiny",
+        options={"out": str(tmp_path / "run"), "objectives": ["brightness", "contrast"]},
+        overrides=[*TINY_OVERRIDES, "balance.strategy=static"],
+    )
     trainer = Trainer(cfg, argv=["test"])
     try:
         trainer.setup()
         trainer.step = 1
-        plan = plan_step(step=1, seed=cfg.seed, num_prompts=len(trainer.prompts), prompts_per_step=2, group_size=2,
-                         rank=0, world_size=1)
+        plan = plan_step(
+            step=1,
+            seed=cfg.seed,
+            num_prompts=len(trainer.prompts),
+            prompts_per_step=2,
+            group_size=2,
+            rank=0,
+            world_size=1,
+        )
         trajectories, _, _ = trainer._sample(plan)
         ids = list(plan.prompt_ids)
         before = [p.detach().clone() for p in trainer.lora_params]
@@ -223,8 +253,15 @@ def test_ema_every_8_steps_with_flow_grpos_warmup():
 def test_lora_gaussian_init_has_std_one_over_rank():
     def a_std(init: str) -> float:
         transformer = build_tiny_pipeline().transformer
-        params = attach_lora(transformer, rank=4, alpha=8, dropout=0.0, seed=0, init=init,
-                             target_modules=list(SD3_JOINT_ATTENTION_PROJECTIONS))
+        params = attach_lora(
+            transformer,
+            rank=4,
+            alpha=8,
+            dropout=0.0,
+            seed=0,
+            init=init,
+            target_modules=list(SD3_JOINT_ATTENTION_PROJECTIONS),
+        )
         a = torch.cat([w.flatten() for n, w in transformer.named_parameters() if "lora_A" in n])
         b = torch.cat([w.flatten() for n, w in transformer.named_parameters() if "lora_B" in n])
         assert len(params) > 0 and torch.count_nonzero(b) == 0  # the policy starts at the base model

@@ -24,10 +24,21 @@ def _without_times(row: dict) -> dict:
 # with a gradient probe and a progress probe each step, per-epoch timestep subsets) and the other sampling paths
 # (CPS, CFG, shared group noise).
 EVERYTHING = (
-    "train.ema_decay=0.9", "train.optimizer_steps_per_epoch=2", "train.timestep_fraction=0.5", "train.inner_epochs=2",
-    "train.warmup_steps=3", "balance.probe_every=1", "balance.experimental.progress_prompts=2", "balance.apex.warmup=0", "sampling.share_group_noise=true",
-    "sampling.sampler=cps", "sampling.guidance_scale=2.0",
-    "train.ema_every=3", "train.ema_warmup=true", "lora.init=gaussian", "train.kl_form=reference",
+    "train.ema_decay=0.9",
+    "train.optimizer_steps_per_epoch=2",
+    "train.timestep_fraction=0.5",
+    "train.inner_epochs=2",
+    "train.warmup_steps=3",
+    "balance.probe_every=1",
+    "balance.experimental.progress_prompts=2",
+    "balance.apex.warmup=0",
+    "sampling.share_group_noise=true",
+    "sampling.sampler=cps",
+    "sampling.guidance_scale=2.0",
+    "train.ema_every=3",
+    "train.ema_warmup=true",
+    "lora.init=gaussian",
+    "train.kl_form=reference",
 )
 
 
@@ -99,8 +110,15 @@ def test_resolve_resume(tmp_path):
     assert resolve_resume(run, "auto").checkpoint is None  # nothing yet: a fresh start
     for step in (2, 4):
         state = TrainingState(step=step, optimizer={}, lr_scheduler={}, balancer={}, ema=None, rng={})
-        save_checkpoint(run, step, save_lora=lambda d: save_file({"a": torch.zeros(1)}, str(d / LORA_FILE)),
-                        save_ema_lora=None, state=state, config_yaml="seed: 1\n", keep=0)
+        save_checkpoint(
+            run,
+            step,
+            save_lora=lambda d: save_file({"a": torch.zeros(1)}, str(d / LORA_FILE)),
+            save_ema_lora=None,
+            state=state,
+            config_yaml="seed: 1\n",
+            keep=0,
+        )
     (run.checkpoint_dir(6) / "state").mkdir(parents=True)  # incomplete
     (run.checkpoints_dir / ".step-000008.abc.tmp").mkdir()  # interrupted save
     plan = resolve_resume(run, "auto")

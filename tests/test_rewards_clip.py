@@ -87,8 +87,9 @@ def test_pick_is_logit_scale_times_cosine(clip_dir):
     with torch.no_grad():
         img = F.normalize(model.get_image_features(pixel_values=pixels), dim=-1)
         tokens = tok(prompts, padding=True, return_tensors="pt")
-        txt = F.normalize(model.get_text_features(input_ids=tokens["input_ids"],
-                                                  attention_mask=tokens["attention_mask"]), dim=-1)
+        txt = F.normalize(
+            model.get_text_features(input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]), dim=-1
+        )
         expected = model.logit_scale.exp() * (img * txt).sum(-1)
     torch.testing.assert_close(scores, expected, atol=2e-2, rtol=0)
 
@@ -99,7 +100,9 @@ def test_pick_depends_on_the_prompt_and_batches_consistently(clip_dir):
     a, _ = reward(x, ["a photo of a dog"] * 5)
     b, _ = reward(x, ["zzz qqq 123"] * 5)
     assert not torch.allclose(a, b)
-    whole, _ = PickScore(PickConfig(source=clip_dir, processor_source=clip_dir, batch_size=64))(x, ["a photo of a dog"] * 5)
+    whole, _ = PickScore(PickConfig(source=clip_dir, processor_source=clip_dir, batch_size=64))(
+        x, ["a photo of a dog"] * 5
+    )
     torch.testing.assert_close(a, whole, atol=1e-5, rtol=1e-5)
 
 
@@ -167,10 +170,14 @@ def test_missing_local_dir_is_one_line():
 
 
 def test_missing_weights_offline_names_model_download_and_option():
-    code = ("from apexcli.errors import ApexError\n"
-            "from apexcli.rewards import RewardSuite\n"
-            "try:\n    RewardSuite(['pick'])\nexcept ApexError as e:\n    print('ERR', e)\n")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(os.sep, "nonexistent-hf-home"))
+    code = (
+        "from apexcli.errors import ApexError\n"
+        "from apexcli.rewards import RewardSuite\n"
+        "try:\n    RewardSuite(['pick'])\nexcept ApexError as e:\n    print('ERR', e)\n"
+    )
+    env = dict(
+        os.environ, HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_HOME=os.path.join(os.sep, "nonexistent-hf-home")
+    )
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=HANG_GUARD_S)
     line = [ln for ln in out.stdout.splitlines() if ln.startswith("ERR")]
     assert line, out.stdout + out.stderr

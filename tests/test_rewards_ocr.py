@@ -80,11 +80,14 @@ def test_paddleocr_reads_hello_world(backend):
     assert scores[0].item() == 1.0
 
 
-@pytest.mark.parametrize("override, message", [
-    ("rewards.ocr.det_side=100000000", "config key 'rewards.ocr.det_side' must be in [0, 4096], got 100000000"),
-    ("rewards.ocr.det_side=-5", "config key 'rewards.ocr.det_side' must be in [0, 4096], got -5"),
-    ("rewards.ocr.workers=100000", "config key 'rewards.ocr.workers' must be in [1, 64], got 100000"),
-])
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("rewards.ocr.det_side=100000000", "config key 'rewards.ocr.det_side' must be in [0, 4096], got 100000000"),
+        ("rewards.ocr.det_side=-5", "config key 'rewards.ocr.det_side' must be in [0, 4096], got -5"),
+        ("rewards.ocr.workers=100000", "config key 'rewards.ocr.workers' must be in [1, 64], got 100000"),
+    ],
+)
 def test_ocr_sizes_out_of_range_are_one_line_errors(tmp_path, override, message):
     """det_side=1e8 failed inside RapidOCR with a traceback, a negative one was silently the
     default, and 100000 workers (one engine each) never finished loading."""
@@ -93,6 +96,21 @@ def test_ocr_sizes_out_of_range_are_one_line_errors(tmp_path, override, message)
     from helpers import run_cli
 
     Image.new("RGB", (16, 16), "white").save(tmp_path / "a.png")
-    result = run_cli(["score", str(tmp_path / "a.png"), "-O", "ocr", "--prompt", 'a "hi" sign', "--out",
-                      str(tmp_path / "s"), "--device", "cpu", "--no-progress", "--set", override])
+    result = run_cli(
+        [
+            "score",
+            str(tmp_path / "a.png"),
+            "-O",
+            "ocr",
+            "--prompt",
+            'a "hi" sign',
+            "--out",
+            str(tmp_path / "s"),
+            "--device",
+            "cpu",
+            "--no-progress",
+            "--set",
+            override,
+        ]
+    )
     assert result.code == 2 and result.stderr.strip() == f"error: {message}"

@@ -8,8 +8,19 @@ from apexcli.rewards import REWARD_NAMES, RewardsConfig, RewardSuite, apply_over
 
 
 def test_names_and_aliases():
-    assert set(REWARD_NAMES) == {"pick", "aes", "deqa", "ocr", "brightness", "colorfulness", "compressibility", "contrast",
-                                "adherence", "quality", "appeal"}
+    assert set(REWARD_NAMES) == {
+        "pick",
+        "aes",
+        "deqa",
+        "ocr",
+        "brightness",
+        "colorfulness",
+        "compressibility",
+        "contrast",
+        "adherence",
+        "quality",
+        "appeal",
+    }
     assert canonical_name("pickscore") == "pick"
     assert canonical_name("Aesthetic") == "aes"
     assert canonical_name("deqa@http://127.0.0.1:18086") == "deqa"
@@ -20,7 +31,10 @@ def test_unknown_objective_is_one_line_listing_valid_names():
         RewardSuite(["brightness", "nosuch"])
     msg = str(err.value)
     assert "\n" not in msg and "'nosuch'" in msg
-    assert "valid: adherence, aes, appeal, brightness, colorfulness, compressibility, contrast, deqa, ocr, pick, quality" in msg
+    assert (
+        "valid: adherence, aes, appeal, brightness, colorfulness, compressibility, contrast, deqa, ocr, pick, quality"
+        in msg
+    )
 
 
 def test_suite_resolves_aliases_keeps_order_and_refuses_duplicates():
@@ -31,8 +45,15 @@ def test_suite_resolves_aliases_keeps_order_and_refuses_duplicates():
 
 
 def test_overrides_are_typed_and_checked():
-    cfg = apply_overrides(RewardsConfig(), ["rewards.pick.source=/models/pick", "pick.batch_size=4",
-                                            "rewards.deqa.trust_remote_code=true", "remote.timeout_s=2.5"])
+    cfg = apply_overrides(
+        RewardsConfig(),
+        [
+            "rewards.pick.source=/models/pick",
+            "pick.batch_size=4",
+            "rewards.deqa.trust_remote_code=true",
+            "remote.timeout_s=2.5",
+        ],
+    )
     assert cfg.pick.source == "/models/pick" and cfg.pick.batch_size == 4
     assert cfg.deqa.trust_remote_code is True and cfg.remote.timeout_s == 2.5
     with pytest.raises(ApexError, match="unknown config key 'rewards.pick.nosuch'"):

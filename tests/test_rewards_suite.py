@@ -63,7 +63,7 @@ def test_suite_equals_each_reward_alone(config, batch, alone, order, batch_size)
         assert all(math.isnan(v) for v in R[2:, order.index("ocr")].tolist())
         assert info["ocr"]["target"][:2] == ["helloworld", "apex"]
         # chunks of any size give the same rows
-        parts = [suite(images[i:i + 2], prompts[i:i + 2])[0] for i in range(0, 7, 2)]
+        parts = [suite(images[i : i + 2], prompts[i : i + 2])[0] for i in range(0, 7, 2)]
         assert_same(torch.cat(parts), R)
 
 

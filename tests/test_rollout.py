@@ -33,14 +33,20 @@ def embeds(pipe):
         )
         return PromptEmbeds(e, p)
 
-    return enc(["a red apple", "a blue car", "a cat", "the word \"hi\""]), enc([""])
+    return enc(["a red apple", "a blue car", "a cat", 'the word "hi"']), enc([""])
 
 
 def _run(pipe, cond, **kw):
     kw.setdefault("generator", torch.Generator().manual_seed(0))
     return rollout(
-        pipe.transformer, pipe.scheduler, cond, num_steps=STEPS, height=SIZE, width=SIZE,
-        vae_scale_factor=pipe.vae_scale_factor, **kw,
+        pipe.transformer,
+        pipe.scheduler,
+        cond,
+        num_steps=STEPS,
+        height=SIZE,
+        width=SIZE,
+        vae_scale_factor=pipe.vae_scale_factor,
+        **kw,
     )
 
 
@@ -71,8 +77,14 @@ def test_same_generator_same_trajectory(pipe, embeds):
 
 def test_initial_noise_shared_within_groups():
     groups = [0, 0, 1, 1, 1, 2]
-    noise = initial_noise(6, (4, 8, 8), generator=torch.Generator().manual_seed(0), group_ids=groups,
-                          share_within_group=True, device="cpu")
+    noise = initial_noise(
+        6,
+        (4, 8, 8),
+        generator=torch.Generator().manual_seed(0),
+        group_ids=groups,
+        share_within_group=True,
+        device="cpu",
+    )
     assert noise.shape == (6, 4, 8, 8)
     assert torch.equal(noise[0], noise[1]) and torch.equal(noise[2], noise[3]) and torch.equal(noise[3], noise[4])
     assert not torch.equal(noise[1], noise[2]) and not torch.equal(noise[4], noise[5])
@@ -88,8 +100,14 @@ def test_initial_noise_shared_within_groups():
 
 def test_rollout_starts_from_given_noise(pipe, embeds):
     cond, _ = embeds
-    noise = initial_noise(4, (4, 32, 32), generator=torch.Generator().manual_seed(1), group_ids=[0, 0, 1, 1],
-                          share_within_group=True, device="cpu")
+    noise = initial_noise(
+        4,
+        (4, 32, 32),
+        generator=torch.Generator().manual_seed(1),
+        group_ids=[0, 0, 1, 1],
+        share_within_group=True,
+        device="cpu",
+    )
     traj = _run(pipe, cond[[0, 0, 1, 1]], initial_noise=noise)
     assert torch.equal(traj.latents[:, 0], noise)
     assert torch.equal(traj.latents[0, 0], traj.latents[1, 0])
@@ -103,7 +121,14 @@ def _recompute(pipe, traj, cond, guidance, uncond):
             continue
         x, x_next, s, s_next = traj.transition(t)
         out[:, t] = step_log_prob(
-            pipe.transformer, x, x_next, s, s_next, cond, guidance_scale=guidance, uncond=uncond,
+            pipe.transformer,
+            x,
+            x_next,
+            s,
+            s_next,
+            cond,
+            guidance_scale=guidance,
+            uncond=uncond,
             **traj.step_options,
         ).log_prob
     return out
@@ -151,8 +176,9 @@ def test_recompute_with_per_sample_timesteps_and_micro_batches(pipe, embeds):
     joint = step_log_prob(pipe.transformer, x, x_next, sigma, sigma_next, cond, **kw)
     torch.testing.assert_close(joint.log_prob, traj.log_probs[rows, t], rtol=0, atol=1e-5)
     for i in range(4):  # micro-batches of one
-        one = step_log_prob(pipe.transformer, x[i : i + 1], x_next[i : i + 1], sigma[i : i + 1],
-                            sigma_next[i : i + 1], cond[i], **kw)
+        one = step_log_prob(
+            pipe.transformer, x[i : i + 1], x_next[i : i + 1], sigma[i : i + 1], sigma_next[i : i + 1], cond[i], **kw
+        )
         torch.testing.assert_close(one.log_prob, traj.log_probs[i : i + 1, t[i]], rtol=0, atol=1e-5)
     # with grad: the log-prob is differentiable in the transformer's weights
     out = step_log_prob(pipe.transformer, x, x_next, sigma, sigma_next, cond, **kw)

@@ -18,14 +18,17 @@ OBJ = ("--objectives", "brightness,colorfulness")
 
 
 def _train_cli(out: Path, steps: int, *extra: str):
-    return run_cli(["train", "--preset", "tiny", "--steps", str(steps), "--out", str(out), *TINY_OVERRIDES, *OBJ, *extra])
+    return run_cli(
+        ["train", "--preset", "tiny", "--steps", str(steps), "--out", str(out), *TINY_OVERRIDES, *OBJ, *extra]
+    )
 
 
 @pytest.fixture(scope="module")
 def two_steps(tmp_path_factory) -> Path:
     """A finished 2-step run with checkpoints at both steps (read-only: tests copy it)."""
-    return train_tiny(tmp_path_factory.mktemp("folder") / "run", 2, *OBJ, "train.checkpoint_every=1",
-                      "train.keep_checkpoints=0")
+    return train_tiny(
+        tmp_path_factory.mktemp("folder") / "run", 2, *OBJ, "train.checkpoint_every=1", "train.keep_checkpoints=0"
+    )
 
 
 def test_a_run_carries_its_marker_and_keeps_its_id_across_a_resume(two_steps, tmp_path):
@@ -61,9 +64,15 @@ def test_overwrite_deletes_only_a_folder_apex_marked_as_its_own(two_steps, tmp_p
 def test_a_second_writer_is_refused_at_once_naming_the_holder(tmp_path):
     run = tmp_path / "run"
     holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time\nfrom pathlib import Path\nfrom apexcli.runs import RunDir, RunLock\n"
-         "lock = RunLock(RunDir(Path(sys.argv[1]))).acquire()\nprint('held', flush=True)\ntime.sleep(600)\n", str(run)],
-        stdout=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-c",
+            "import sys, time\nfrom pathlib import Path\nfrom apexcli.runs import RunDir, RunLock\n"
+            "lock = RunLock(RunDir(Path(sys.argv[1]))).acquire()\nprint('held', flush=True)\ntime.sleep(600)\n",
+            str(run),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert holder.stdout.readline().strip() == "held"
@@ -116,9 +125,22 @@ def test_ctrl_c_at_any_moment_of_a_start_is_one_line_and_exit_130(tmp_path, dela
     from helpers import APEX_BIN, HANG_GUARD_S
 
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen([str(APEX_BIN), "train", "--preset", "tiny", "--out", str(tmp_path / "run"),
-                             "logging.progress=false", "eval.every=0"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    proc = subprocess.Popen(
+        [
+            str(APEX_BIN),
+            "train",
+            "--preset",
+            "tiny",
+            "--out",
+            str(tmp_path / "run"),
+            "logging.progress=false",
+            "eval.every=0",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
     try:
         proc.wait(timeout=delay)
     except subprocess.TimeoutExpired:
@@ -148,9 +170,12 @@ def test_pruning_goes_through_a_rename_and_clears_step_folders_without_a_lora(tw
     assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-000003", "step-000004"]
 
 
-@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed writing file")])
-def test_a_full_disk_names_the_checkpoint_it_could_not_write_and_keeps_the_last_one(two_steps, tmp_path, monkeypatch,
-                                                                                    failure):
+@pytest.mark.parametrize(
+    "failure", [OSError(28, "No space left on device"), RuntimeError("PytorchStreamWriter failed writing file")]
+)
+def test_a_full_disk_names_the_checkpoint_it_could_not_write_and_keeps_the_last_one(
+    two_steps, tmp_path, monkeypatch, failure
+):
     import apexcli.train.checkpoint as checkpoint_module
 
     run = copy_run(two_steps, tmp_path / "run")

@@ -23,7 +23,9 @@ EVERY_STEP = ("train.checkpoint_every=1", "train.keep_checkpoints=0")
 
 
 def _train_cli(out: Path, steps: int, *extra: str):
-    return run_cli(["train", "--preset", "tiny", "--steps", str(steps), "--out", str(out), *TINY_OVERRIDES, *OBJ, *extra])
+    return run_cli(
+        ["train", "--preset", "tiny", "--steps", str(steps), "--out", str(out), *TINY_OVERRIDES, *OBJ, *extra]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +65,9 @@ def test_overwrite_never_deletes_what_resume_reads(four_steps, tmp_path):
 
 
 def _fake_state(step: int) -> TrainingState:
-    return TrainingState(step=step, optimizer={}, lr_scheduler={}, balancer={}, ema=None, rng={"torch": torch.get_rng_state()})
+    return TrainingState(
+        step=step, optimizer={}, lr_scheduler={}, balancer={}, ema=None, rng={"torch": torch.get_rng_state()}
+    )
 
 
 def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
@@ -75,9 +79,13 @@ def test_pruning_never_removes_the_checkpoint_just_written(tmp_path):
     def write_lora(d: Path) -> None:
         save_file({"a": torch.zeros(1)}, str(d / LORA_FILE))
 
-    save_checkpoint(run, 2, save_lora=write_lora, save_ema_lora=None, state=_fake_state(2), config_yaml="a: 1\n", keep=1)
+    save_checkpoint(
+        run, 2, save_lora=write_lora, save_ema_lora=None, state=_fake_state(2), config_yaml="a: 1\n", keep=1
+    )
     assert run.checkpoint_steps() == [2]
-    save_checkpoint(run, 3, save_lora=write_lora, save_ema_lora=None, state=_fake_state(3), config_yaml="a: 1\n", keep=2)
+    save_checkpoint(
+        run, 3, save_lora=write_lora, save_ema_lora=None, state=_fake_state(3), config_yaml="a: 1\n", keep=2
+    )
     assert run.checkpoint_steps() == [2, 3]
 
 
@@ -102,7 +110,12 @@ def test_resume_from_an_older_checkpoint_moves_the_later_ones_aside(four_steps, 
 
 def test_resume_overrides_are_applied_or_refused_and_the_record_is_true(four_steps, tmp_path):
     run = copy_run(four_steps, tmp_path / "run")
-    for override, key in (("lora.alpha=16", "lora.alpha"), ("lora.rank=8", "lora.rank"), ("model.tiny_seed=3", "model.tiny_seed"), ("seed=7", "seed")):
+    for override, key in (
+        ("lora.alpha=16", "lora.alpha"),
+        ("lora.rank=8", "lora.rank"),
+        ("model.tiny_seed=3", "model.tiny_seed"),
+        ("seed=7", "seed"),
+    ):
         line = error_line(_train_cli(run, 5, "--resume", "auto", override))
         assert key in line and "cannot resume" in line, line
     assert yaml.safe_load((run / "config.yaml").read_text())["lora"]["alpha"] == 8  # untouched by the refusals
@@ -205,24 +218,34 @@ SAMPLE = ["sample", "--preset", "tiny", "--steps", "2", "--size", "32", "--promp
 
 def test_a_lora_of_another_model_is_an_error_not_a_silent_no_op(tmp_path):
     unet = tmp_path / "unet_lora.safetensors"
-    save_file({
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 320),
-        "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(320, 4),
-    }, str(unet))
+    save_file(
+        {
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_A.weight": torch.ones(4, 320),
+            "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn1.to_q.lora_B.weight": torch.ones(320, 4),
+        },
+        str(unet),
+    )
     line = error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s1"), "--lora", str(unet)]))
     assert "unet_lora.safetensors" in line and "another model" in line
     assert not (tmp_path / "s1" / "metadata.jsonl").exists()  # nothing recorded as applied
 
     wrong_size = tmp_path / "big.safetensors"
-    save_file({
-        "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 1536),
-        "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(1536, 4),
-    }, str(wrong_size))
-    assert "does not fit this model" in error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s2"), "--lora", str(wrong_size)]))
+    save_file(
+        {
+            "transformer.transformer_blocks.0.attn.to_q.lora_A.weight": torch.ones(4, 1536),
+            "transformer.transformer_blocks.0.attn.to_q.lora_B.weight": torch.ones(1536, 4),
+        },
+        str(wrong_size),
+    )
+    assert "does not fit this model" in error_line(
+        run_cli([*SAMPLE, "--out", str(tmp_path / "s2"), "--lora", str(wrong_size)])
+    )
 
     garbage = tmp_path / "garbage.safetensors"
     garbage.write_bytes(b"\x00 not safetensors" * 8)
-    assert "garbage.safetensors" in error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s3"), "--lora", str(garbage)]))
+    assert "garbage.safetensors" in error_line(
+        run_cli([*SAMPLE, "--out", str(tmp_path / "s3"), "--lora", str(garbage)])
+    )
     png = tmp_path / "image.png"
     png.write_bytes(b"\x89PNG")
     line = error_line(run_cli([*SAMPLE, "--out", str(tmp_path / "s4"), "--lora", str(png)]))
@@ -236,8 +259,21 @@ def test_an_all_nan_objective_is_warned_about(tmp_path, monkeypatch):
     from apexcli.rewards import toy
 
     monkeypatch.setattr(toy.Contrast, "score", lambda self, batch, prompts: (torch.full((len(batch),), math.nan), {}))
-    result = run_cli(["train", "--preset", "tiny", "--steps", "2", "--out", str(tmp_path / "run"), *TINY_OVERRIDES,
-                      "--objectives", "brightness,contrast", "train.checkpoint_every=0"])
+    result = run_cli(
+        [
+            "train",
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--out",
+            str(tmp_path / "run"),
+            *TINY_OVERRIDES,
+            "--objectives",
+            "brightness,contrast",
+            "train.checkpoint_every=0",
+        ]
+    )
     assert result.code == 0, result.stderr[-2000:]
     warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "'contrast'" in warnings[0] and "never optimised" in warnings[0]

@@ -104,14 +104,37 @@ def test_overrides_set_what_the_options_set(tmp_path):
 
 
 def test_resolution_override_and_explicit_options_win(tmp_path):
-    result = run_cli(["sample", "--preset", "tiny", "--steps", "2", "--prompt", "a", "--out", str(tmp_path / "r"),
-                      "model.resolution=32"])
+    result = run_cli(
+        [
+            "sample",
+            "--preset",
+            "tiny",
+            "--steps",
+            "2",
+            "--prompt",
+            "a",
+            "--out",
+            str(tmp_path / "r"),
+            "model.resolution=32",
+        ]
+    )
     assert result.code == 0, result.stderr
     row = json.loads((tmp_path / "r" / "metadata.jsonl").read_text())
     assert Image.open(tmp_path / "r" / row["file"]).size == (32, 32) and row["height"] == row["width"] == 32
     # --steps, --size, --model and --device given beside overrides of the same settings: the options win
-    rows = _sample(tmp_path / "w", "--prompt", "a", "--model", "tiny", "--device", "cpu",
-                   "eval.num_steps=5", "model.resolution=64", "model.pretrained=/no/such/model", "model.device=cuda:7")
+    rows = _sample(
+        tmp_path / "w",
+        "--prompt",
+        "a",
+        "--model",
+        "tiny",
+        "--device",
+        "cpu",
+        "eval.num_steps=5",
+        "model.resolution=64",
+        "model.pretrained=/no/such/model",
+        "model.device=cuda:7",
+    )
     assert rows[0]["steps"] == 3 and Image.open(tmp_path / "w" / rows[0]["file"]).size == (32, 32)
 
 
@@ -160,19 +183,23 @@ def test_each_image_lands_with_its_metadata_line(tmp_path, monkeypatch):
         saved.append(path.name)
 
     monkeypatch.setattr(sample_module, "_save_png", save_twice_then_stop)
-    result = run_cli(["sample", *TINY_SAMPLE, "--out", str(tmp_path), "--prompt", "a", "--num-images", "4",
-                      "--batch-size", "4"])
+    result = run_cli(
+        ["sample", *TINY_SAMPLE, "--out", str(tmp_path), "--prompt", "a", "--num-images", "4", "--batch-size", "4"]
+    )
     assert result.code == 130
     rows = [json.loads(line) for line in (tmp_path / "metadata.jsonl").read_text().splitlines()]
     assert [r["file"] for r in rows] == saved == sorted(p.name for p in tmp_path.glob("*.png"))
 
 
-@pytest.mark.parametrize("option, value, message", [
-    ("--size", "100000", "--size 100000 is beyond the limit of 4096"),
-    ("--seed", str(2**70), "--seed 1180591620717411303424: the seeds of its images"),
-    ("--device", "garbage", "'garbage' is not a device; use auto, cpu, cuda or cuda:N"),
-    ("--num-images", "100000000", "= 100000000 images, more than the limit of 100000 per call"),
-])
+@pytest.mark.parametrize(
+    "option, value, message",
+    [
+        ("--size", "100000", "--size 100000 is beyond the limit of 4096"),
+        ("--seed", str(2**70), "--seed 1180591620717411303424: the seeds of its images"),
+        ("--device", "garbage", "'garbage' is not a device; use auto, cpu, cuda or cuda:N"),
+        ("--num-images", "100000000", "= 100000000 images, more than the limit of 100000 per call"),
+    ],
+)
 def test_absurd_values_are_one_line_errors(tmp_path, option, value, message):
     """Tracebacks before: an allocation of 40 GB, an overflow in torch's seed, torch's device
     parser; and 10.7 GB of job list before the first image of --num-images 100000000."""

@@ -62,8 +62,10 @@ def test_round_trip_equals_in_process(server, config):
     x = images_8bit()
     prompts = ["a cat", "a dog", 'a "sign"', "sky", "a cat"]
     url = server.url
-    with RewardSuite(["brightness", "pick"], config=config) as local, \
-            RewardSuite([f"pick@{url}", "contrast", f"brightness@{url}", f"ocr@{url}"], config=config) as remote:
+    with (
+        RewardSuite(["brightness", "pick"], config=config) as local,
+        RewardSuite([f"pick@{url}", "contrast", f"brightness@{url}", f"ocr@{url}"], config=config) as remote,
+    ):
         R_local, _ = local(x, prompts)
         R_remote, info = remote(x, prompts)
     torch.testing.assert_close(R_remote[:, 0], R_local[:, 1], atol=1e-5, rtol=1e-5)
@@ -73,7 +75,9 @@ def test_round_trip_equals_in_process(server, config):
 
 
 def test_a_server_is_named_in_the_objective_only(server):
-    with pytest.raises(ApexError, match=r"config key 'rewards.pick.url' was removed: serve the reward from a server with pick@URL"):
+    with pytest.raises(
+        ApexError, match=r"config key 'rewards.pick.url' was removed: serve the reward from a server with pick@URL"
+    ):
         apply_overrides(RewardsConfig(), [f"rewards.pick.url={server.url}"])
     with pytest.raises(ApexError, match=r"'rewards.extra.redness.url' was removed"):
         apply_overrides(RewardsConfig(), [f"extra.redness.url={server.url}"])
@@ -107,8 +111,12 @@ def test_server_dying_mid_run_is_an_error_not_zeros(config):
 def test_objective_not_served_and_bad_requests(server):
     with pytest.raises(ApexError, match="not aes"):
         RemoteReward("aes", server.url, FAST)
-    req = urllib.request.Request(server.url + "/score", data=json.dumps({"images": ["!!"], "prompts": ["x"]}).encode(),
-                                 method="POST", headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        server.url + "/score",
+        data=json.dumps({"images": ["!!"], "prompts": ["x"]}).encode(),
+        method="POST",
+        headers={"Content-Type": "application/json"},
+    )
     with pytest.raises(urllib.error.HTTPError) as err:
         urllib.request.urlopen(req, timeout=HANG_GUARD_S)
     assert err.value.code == 400 and "image 0" in json.loads(err.value.read())["error"]
@@ -184,19 +192,22 @@ def test_burst_of_50_concurrent_requests_all_answered(bright_server):
     assert all(a["scores"] == [[pytest.approx(128 / 255, abs=1e-6)]] for _, a in answers)
 
 
-@pytest.mark.parametrize("body,match", [
-    (b"[]", "JSON object"),
-    (b"null", "JSON object"),
-    (b'"text"', "JSON object"),
-    (b'{"objectives": 3, "images": [], "prompts": []}', "list of names"),
-    (b'{"objectives": [["brightness"]], "images": [], "prompts": []}', "list of names"),
-    (b'{"images": [3], "prompts": ["x"]}', "image 0"),
-    (b'{"images": ["' + b"A" * 8 + b'"], "prompts": [7]}', "list of strings"),
-    (b'{"images": {}, "prompts": []}', "same length"),
-    (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
-    (b"{not json", "not JSON"),
-    (b"\xff\xfe", "not JSON"),
-])
+@pytest.mark.parametrize(
+    "body,match",
+    [
+        (b"[]", "JSON object"),
+        (b"null", "JSON object"),
+        (b'"text"', "JSON object"),
+        (b'{"objectives": 3, "images": [], "prompts": []}', "list of names"),
+        (b'{"objectives": [["brightness"]], "images": [], "prompts": []}', "list of names"),
+        (b'{"images": [3], "prompts": ["x"]}', "image 0"),
+        (b'{"images": ["' + b"A" * 8 + b'"], "prompts": [7]}', "list of strings"),
+        (b'{"images": {}, "prompts": []}', "same length"),
+        (b"[" * 100_000 + b"]" * 100_000, "not JSON"),
+        (b"{not json", "not JSON"),
+        (b"\xff\xfe", "not JSON"),
+    ],
+)
 def test_malformed_requests_answer_400(bright_server, body, match):
     code, answer = post(bright_server.url, body)
     assert code == 400 and match in answer["error"]
@@ -212,7 +223,7 @@ def test_bad_content_length_is_400(bright_server):
 class CountingHandler(BaseHTTPRequestHandler):
     """Answers every request with the server's fixed status and counts the requests."""
 
-    def do_POST(self):  # noqa: N802
+    def do_POST(self):
         self.server.hits += 1
         data = json.dumps({"error": "no"}).encode()
         self.send_response(self.server.status)
@@ -233,8 +244,12 @@ def test_client_retries_5xx_only(status, attempts):
     threading.Thread(target=srv.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
     try:
         with pytest.raises(ApexError, match=f"HTTP {status}"):
-            request_json(f"http://127.0.0.1:{srv.server_address[1]}/score", {"x": 1},
-                         RemoteConfig(timeout_s=HANG_GUARD_S, retries=2, backoff_s=0.01), "brightness")
+            request_json(
+                f"http://127.0.0.1:{srv.server_address[1]}/score",
+                {"x": 1},
+                RemoteConfig(timeout_s=HANG_GUARD_S, retries=2, backoff_s=0.01),
+                "brightness",
+            )
         assert srv.hits == attempts
     finally:
         srv.shutdown()
@@ -298,10 +313,17 @@ def test_token_must_fit_a_header():
         make_server(RewardSuite(["brightness"]), "127.0.0.1", 0, token="two words")
 
 
-@pytest.mark.parametrize("kwargs,match", [({"port": 70000}, "--port 70000"), ({"threads": 0}, "--threads 0"),
-                                          ({"timeout_s": math.inf}, "--timeout inf"), ({"timeout_s": 0}, "--timeout 0"),
-                                          ({"max_request_pixels": 0}, "--max-request-pixels 0"),
-                                          ({"max_per_client": 0}, "--max-per-client 0")])
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"port": 70000}, "--port 70000"),
+        ({"threads": 0}, "--threads 0"),
+        ({"timeout_s": math.inf}, "--timeout inf"),
+        ({"timeout_s": 0}, "--timeout 0"),
+        ({"max_request_pixels": 0}, "--max-request-pixels 0"),
+        ({"max_per_client": 0}, "--max-per-client 0"),
+    ],
+)
 def test_limits_out_of_range_are_clear_errors(kwargs, match):
     port = kwargs.pop("port", 0)
     with pytest.raises(ApexError, match=match):
@@ -397,7 +419,7 @@ class Trickler:
                 if self.stop.wait(self.interval_s):
                     self.outcome = "stopped"
                     return
-                self.sock.sendall(text[i:i + 1])
+                self.sock.sendall(text[i : i + 1])
             self.outcome = "exhausted"
         except OSError:
             self.outcome = "dropped"

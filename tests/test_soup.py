@@ -35,8 +35,13 @@ def lora(seed: int, r: int = 2, alpha: int = 4, rslora: bool = False) -> LoraFil
     for m in ("blocks.0.attn.to_q", "blocks.0.attn.to_k"):
         tensors[f"transformer.{m}.lora_A.weight"] = torch.randn(r, 6, generator=gen)
         tensors[f"transformer.{m}.lora_B.weight"] = torch.randn(5, r, generator=gen)
-    meta = {"transformer.r": r, "transformer.lora_alpha": alpha, "transformer.use_rslora": rslora,
-            "transformer.rank_pattern": {}, "transformer.alpha_pattern": {}}
+    meta = {
+        "transformer.r": r,
+        "transformer.lora_alpha": alpha,
+        "transformer.use_rslora": rslora,
+        "transformer.rank_pattern": {},
+        "transformer.alpha_pattern": {},
+    }
     return LoraFile(tensors, {META_KEY: json.dumps(meta), "format": "pt"})
 
 
@@ -70,11 +75,13 @@ def test_a_half_mix_applies_the_average_weight_change(rslora):
 def test_bad_coefficients_and_mismatched_loras_are_refused():
     assert parse_coefficients([], 2) == [[0.75, 0.25], [0.5, 0.5], [0.25, 0.75]]
     assert parse_coefficients(["0.2,0.3,0.5"], 3) == [[0.2, 0.3, 0.5]]
-    for texts, n, message in [([], 3, "give --coef for a soup of 3 runs"),
-                              (["0.5"], 2, "has 1 values for 2 runs"),
-                              (["0.7,0.7"], 2, "must be >= 0 and sum to 1"),
-                              (["-0.5,1.5"], 2, "must be >= 0 and sum to 1"),
-                              (["a,b"], 2, "not a comma-separated list")]:
+    for texts, n, message in [
+        ([], 3, "give --coef for a soup of 3 runs"),
+        (["0.5"], 2, "has 1 values for 2 runs"),
+        (["0.7,0.7"], 2, "must be >= 0 and sum to 1"),
+        (["-0.5,1.5"], 2, "must be >= 0 and sum to 1"),
+        (["a,b"], 2, "not a comma-separated list"),
+    ]:
         with pytest.raises(ApexError, match=message):
             parse_coefficients(texts, n)
     other = lora(1)
@@ -87,11 +94,22 @@ def fake_run(root: Path, name: str, **config_changes) -> Path:
     run = root / name
     ckpt = run / "checkpoints" / "step-000002"
     ckpt.mkdir(parents=True)
-    config = {"name": name, "objectives": ["brightness"],
-              "model": {"pretrained": "tiny", "revision": None, "variant": None, "tiny_seed": 0, "resolution": 32, "max_sequence_length": 16},
-              "lora": {"rank": 2, "alpha": 4, "target_modules": ["to_q", "to_k"]},
-              "eval": {"num_prompts": 3, "num_steps": 3, "guidance_scale": 4.5, "seed": 1, "use_ema": True},
-              "prompts": {"eval": "builtin:mixed_eval"}, "sampling": {"negative_prompt": ""}}
+    config = {
+        "name": name,
+        "objectives": ["brightness"],
+        "model": {
+            "pretrained": "tiny",
+            "revision": None,
+            "variant": None,
+            "tiny_seed": 0,
+            "resolution": 32,
+            "max_sequence_length": 16,
+        },
+        "lora": {"rank": 2, "alpha": 4, "target_modules": ["to_q", "to_k"]},
+        "eval": {"num_prompts": 3, "num_steps": 3, "guidance_scale": 4.5, "seed": 1, "use_ema": True},
+        "prompts": {"eval": "builtin:mixed_eval"},
+        "sampling": {"negative_prompt": ""},
+    }
     for dotted, value in config_changes.items():
         section, key = dotted.split("__")
         config[section][key] = value
@@ -102,10 +120,15 @@ def fake_run(root: Path, name: str, **config_changes) -> Path:
     return run
 
 
-@pytest.mark.parametrize("change, key", [({"lora__rank": 4}, "lora.rank"),
-                                         ({"lora__target_modules": ["to_q"]}, "lora.target_modules"),
-                                         ({"model__pretrained": "other/model"}, "model.pretrained"),
-                                         ({"eval__seed": 7}, "eval.seed")])
+@pytest.mark.parametrize(
+    "change, key",
+    [
+        ({"lora__rank": 4}, "lora.rank"),
+        ({"lora__target_modules": ["to_q"]}, "lora.target_modules"),
+        ({"model__pretrained": "other/model"}, "model.pretrained"),
+        ({"eval__seed": 7}, "eval.seed"),
+    ],
+)
 def test_incompatible_runs_are_refused_with_the_key(tmp_path, change, key):
     a = fake_run(tmp_path, "a")
     b = fake_run(tmp_path, "b", **change)
@@ -131,8 +154,15 @@ def test_parents_use_the_ema_weights_when_their_eval_does(tmp_path):
 # ------------------------------------------------------------------ end to end on the tiny preset
 SMALL = {
     "objectives": ["brightness", "contrast"],
-    "train": {"steps": 2, "prompts_per_step": 2, "group_size": 2, "rollout_batch_size": 4, "train_batch_size": 2,
-              "checkpoint_every": 0, "lr": 3e-3},
+    "train": {
+        "steps": 2,
+        "prompts_per_step": 2,
+        "group_size": 2,
+        "rollout_batch_size": 4,
+        "train_batch_size": 2,
+        "checkpoint_every": 0,
+        "lr": 3e-3,
+    },
     "sampling": {"num_steps": 3},
     "eval": {"every": 2, "num_prompts": 4, "num_steps": 3, "batch_size": 4},
     "logging": {"progress": False},
@@ -145,7 +175,9 @@ def parents(tmp_path_factory):
     runs = []
     for name, strategy in (("a", "apex"), ("b", "static")):
         out = root / "runs" / name
-        run_training(preset="tiny", options={**SMALL, "out": str(out), "balance": {"strategy": strategy}}, argv=["test"])
+        run_training(
+            preset="tiny", options={**SMALL, "out": str(out), "balance": {"strategy": strategy}}, argv=["test"]
+        )
         runs.append(out)
     return root, runs
 
@@ -162,7 +194,10 @@ def test_soup_runs_are_evaluated_and_compared_by_pareto(parents, tmp_path):
     assert result.code == 0, result.stderr
     one, half = out / "soup-1-0", out / "soup-0.5-0.5"
     # 1/0: the parent's LoRA file content, and the parent's final evaluation, reproduced
-    parent_lora, soup_lora = read_lora(a / "checkpoints" / "step-000002"), read_lora(one / "checkpoints" / "step-000002")
+    parent_lora, soup_lora = (
+        read_lora(a / "checkpoints" / "step-000002"),
+        read_lora(one / "checkpoints" / "step-000002"),
+    )
     assert all(torch.equal(parent_lora.tensors[k], soup_lora.tensors[k]) for k in parent_lora.tensors)
     final_a, soup_rows = _eval_rows(a)[-1], _eval_rows(one)
     assert [r["step"] for r in soup_rows] == [0, 2]
@@ -225,7 +260,9 @@ def test_one_run_is_refused_before_any_coefficient(tmp_path):
     """A one-run soup suggested `--coef 1`, a mixture of nothing."""
     a = fake_run(tmp_path, "a")
     for coef in ([], ["1"]):
-        with pytest.raises(ApexError, match="^apex soup needs two or more runs, got 1: a soup of one run is that run itself"):
+        with pytest.raises(
+            ApexError, match="^apex soup needs two or more runs, got 1: a soup of one run is that run itself"
+        ):
             parse_coefficients(coef, 1)
     result = run_cli(["soup", str(a), "--out", str(tmp_path / "soups"), "--no-evaluate"])
     assert result.code == 2 and "two or more runs" in result.stderr and "--coef 1" not in result.stderr

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from helpers import needs_cpp_compiler, read_metrics, train_tiny
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -31,9 +32,16 @@ SWITCHES = {
     "bf16": ["model.dtype=bfloat16"],
     # torch.compile of the transformer (inductor; on CPU it needs a C compiler, as the CI has)
     "compiled": ["model.compile=true"],
-    "sd35m_1gpu_recipe": ["model.gradient_checkpointing=true", "train.window_size=2", "sampling.num_steps=4",
-                          "train.train_batch_size=1", "model.free_text_encoders=true", "sampling.guidance_scale=4.5",
-                          "train.kl_form=reference", "lora.init=gaussian"],
+    "sd35m_1gpu_recipe": [
+        "model.gradient_checkpointing=true",
+        "train.window_size=2",
+        "sampling.num_steps=4",
+        "train.train_batch_size=1",
+        "model.free_text_encoders=true",
+        "sampling.guidance_scale=4.5",
+        "train.kl_form=reference",
+        "lora.init=gaussian",
+    ],
 }
 
 
@@ -56,8 +64,9 @@ def test_plain_run_is_on_policy(plain_row):
 
 
 # the compiled run builds C++ for minutes on a CPU: `make test-all` (marker slow) runs it
-@pytest.mark.parametrize("name", [pytest.param(n, marks=[needs_cpp_compiler, pytest.mark.slow]) if n == "compiled" else n
-                                  for n in SWITCHES])
+@pytest.mark.parametrize(
+    "name", [pytest.param(n, marks=[needs_cpp_compiler, pytest.mark.slow]) if n == "compiled" else n for n in SWITCHES]
+)
 def test_switch_keeps_ratio_one(tmp_path, name):
     row = _first_row(tmp_path / "run", *SWITCHES[name])
     assert abs(row["ratio_first"] - 1) < 1e-5, f"{name}: ratio_first={row['ratio_first']}"
@@ -119,9 +128,8 @@ def test_flop_count_and_mfu_by_hand():
 def test_lora_flops_on_the_sd3_twin_are_the_forward_plus_backward():
     """Training FLOPs = policy forward + backward (no weight grads for frozen layers) + the
     adapter-free reference forward: strictly between 2x and 4x the forward."""
-    from mfu import transformer_flops
-
     from apexcli.models.tiny import build_tiny_pipeline
+    from mfu import transformer_flops
 
     config = {k: v for k, v in build_tiny_pipeline().transformer.config.items() if not k.startswith("_")}
     lora = dict(rank=4, alpha=8, dropout=0.0, target_modules=["attn.to_q", "attn.to_v"], seed=0)

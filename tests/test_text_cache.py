@@ -13,7 +13,7 @@ from apexcli.models.text_cache import (
 )
 from apexcli.models.tiny import build_tiny_pipeline
 
-PROMPTS = ["a red apple", "a sign that says \"open\""]
+PROMPTS = ["a red apple", 'a sign that says "open"']
 
 
 @pytest.fixture()
@@ -25,8 +25,9 @@ def _fresh(pipe, prompts, max_len):
     for enc in (pipe.text_encoder, pipe.text_encoder_2, pipe.text_encoder_3):
         enc.eval()  # T5 has dropout; modules built in code start in train mode
     with torch.no_grad():
-        e, _, p, _ = pipe.encode_prompt(prompts, None, None, device="cpu", do_classifier_free_guidance=False,
-                                        max_sequence_length=max_len)
+        e, _, p, _ = pipe.encode_prompt(
+            prompts, None, None, device="cpu", do_classifier_free_guidance=False, max_sequence_length=max_len
+        )
     return e, p
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import pytest
 import torch
-from helpers import TINY_OVERRIDES, load_lora_file, read_metrics, train_tiny
 
 from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
 from apexcli.errors import ApexError
@@ -14,9 +13,21 @@ from apexcli.models.lora import attach_lora, load_lora_into_adapter
 from apexcli.models.tiny import build_tiny_pipeline
 from apexcli.train.sampler import plan_step
 from apexcli.train.trainer import Trainer, _check_shards
+from helpers import TINY_OVERRIDES, load_lora_file, read_metrics, train_tiny
 
 OBJECTIVES = ["brightness", "colorfulness"]
-ROW_KEYS = ["step", "loss", "kl", "ratio_mean", "clip_frac", "lr", "grad_norm", "time/sample", "time/score", "time/train"]
+ROW_KEYS = [
+    "step",
+    "loss",
+    "kl",
+    "ratio_mean",
+    "clip_frac",
+    "lr",
+    "grad_norm",
+    "time/sample",
+    "time/score",
+    "time/train",
+]
 
 
 def _row_keys() -> list[str]:
@@ -28,11 +39,21 @@ def _row_keys() -> list[str]:
 
 def test_first_update_is_on_policy(tmp_path):
     """Recomputed log-probs equal the rollout's (ratio 1) and the KL to the base is 0 before any update."""
-    cfg = resolve_config(preset="tiny", options={"out": str(tmp_path / "run"), "objectives": OBJECTIVES}, overrides=TINY_OVERRIDES)
+    cfg = resolve_config(
+        preset="tiny", options={"out": str(tmp_path / "run"), "objectives": OBJECTIVES}, overrides=TINY_OVERRIDES
+    )
     trainer = Trainer(cfg, argv=["test"])
     try:
         trainer.setup()
-        plan = plan_step(step=1, seed=cfg.seed, num_prompts=len(trainer.prompts), prompts_per_step=2, group_size=2, rank=0, world_size=1)
+        plan = plan_step(
+            step=1,
+            seed=cfg.seed,
+            num_prompts=len(trainer.prompts),
+            prompts_per_step=2,
+            group_size=2,
+            rank=0,
+            world_size=1,
+        )
         trainer.step = 1
         trainer.transformer.eval()
         trajectories, rewards, _ = trainer._sample(plan)
@@ -49,11 +70,23 @@ def test_first_update_is_on_policy(tmp_path):
                 sig_next = torch.full((len(traj),), sigma_next)
                 with torch.no_grad():
                     out = step_log_prob(
-                        trainer.transformer, x, x_next, sig, sig_next, cond, **traj.step_options,
+                        trainer.transformer,
+                        x,
+                        x_next,
+                        sig,
+                        sig_next,
+                        cond,
+                        **traj.step_options,
                     )
                     model.disable_adapters()
                     ref = step_log_prob(
-                        model, x, x_next, sig, sig_next, cond, **traj.step_options,
+                        model,
+                        x,
+                        x_next,
+                        sig,
+                        sig_next,
+                        cond,
+                        **traj.step_options,
                     )
                     model.enable_adapters()
                 ratio = torch.exp(out.log_prob - traj.log_probs[:, t])
@@ -102,8 +135,12 @@ def test_training_changes_the_lora_weights(tiny_run):
     trained = load_lora_file(tiny_run / "checkpoints" / "step-000003")
     # the initial adapter: same seed, rank and targets as the run (B = 0)
     transformer = build_tiny_pipeline().transformer
-    attach_lora(transformer, rank=4, alpha=8, dropout=0.0, target_modules=list(SD3_JOINT_ATTENTION_PROJECTIONS), seed=42)
-    initial = {f"transformer.{k.replace('.default', '')}": v for k, v in transformer.state_dict().items() if "lora_" in k}
+    attach_lora(
+        transformer, rank=4, alpha=8, dropout=0.0, target_modules=list(SD3_JOINT_ATTENTION_PROJECTIONS), seed=42
+    )
+    initial = {
+        f"transformer.{k.replace('.default', '')}": v for k, v in transformer.state_dict().items() if "lora_" in k
+    }
     assert initial.keys() == trained.keys()
     b_keys = [k for k in trained if "lora_B" in k]
     a_keys = [k for k in trained if "lora_A" in k]
@@ -117,8 +154,10 @@ def test_saved_lora_loads_into_the_diffusers_pipeline(tiny_run):
     ckpt = tiny_run / "checkpoints" / "step-000003"
     gen = torch.Generator().manual_seed(0)
     inputs = dict(
-        hidden_states=torch.randn(2, 4, 16, 16, generator=gen), timestep=torch.tensor([700.0, 300.0]),
-        encoder_hidden_states=torch.randn(2, 8, 32, generator=gen), pooled_projections=torch.randn(2, 64, generator=gen),
+        hidden_states=torch.randn(2, 4, 16, 16, generator=gen),
+        timestep=torch.tensor([700.0, 300.0]),
+        encoder_hidden_states=torch.randn(2, 8, 32, generator=gen),
+        pooled_projections=torch.randn(2, 64, generator=gen),
         return_dict=False,
     )
     pipe = build_tiny_pipeline()
@@ -140,7 +179,9 @@ def test_every_process_gets_whole_micro_batches():
     """4 samples on 2 processes leave 2 each: a train batch of 4 would silently train nothing."""
     cfg = resolve_config(preset="tiny", overrides=TINY_OVERRIDES + ["train.train_batch_size=4"])
     _check_shards(cfg, 1)  # one process: 4 samples, one micro-batch
-    with pytest.raises(ApexError, match=r"'train.train_batch_size' \(4\) must divide the samples per process \(4 / 2 processes = 2\)"):
+    with pytest.raises(
+        ApexError, match=r"'train.train_batch_size' \(4\) must divide the samples per process \(4 / 2 processes = 2\)"
+    ):
         _check_shards(cfg, 2)
     with pytest.raises(ApexError, match="number of processes"):
         _check_shards(cfg, 3)

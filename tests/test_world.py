@@ -44,7 +44,14 @@ def test_partial_and_foreign_prompts():
         kind="shapes", shape="square", color="blue", count=2, background="black"
     )
     assert parse_prompt('a sign that says "CAT"') == Scene(kind="sign", word="CAT")
-    for foreign in ["a red apple on a wooden table", "two red circle", "a red circles", "a pink circle", "", 'a sign "CAT"']:
+    for foreign in [
+        "a red apple on a wooden table",
+        "two red circle",
+        "a red circles",
+        "a pink circle",
+        "",
+        'a sign "CAT"',
+    ]:
         assert parse_prompt(foreign) is None, foreign
     with pytest.raises(ValueError, match="unknown position"):
         Scene(kind="shapes", shape="circle", color="red", position="upside")
@@ -103,7 +110,7 @@ def test_sign_layout_and_ink():
     assert board.x0 <= text.x0 < text.x1 <= board.x1 and board.y0 <= text.y0 < text.y1 <= board.y1
     assert text.x1 - text.x0 > 30  # large glyphs: the word spans about half the image
     pixels = np.asarray(render(scene, 64)).astype(int)
-    inside = pixels[int(text.y0):int(text.y1), int(text.x0):int(text.x1)]
+    inside = pixels[int(text.y0) : int(text.y1), int(text.x0) : int(text.x1)]
     dark = (inside.sum(-1) < 150).mean()
     assert 0.15 < dark < 0.7  # ink, not an empty board nor a black box
 

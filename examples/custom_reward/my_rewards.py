@@ -1,6 +1,6 @@
 """A reward from outside apex: how red an image is. Weight-free, so it runs anywhere.
 
-    PYTHONPATH=examples/custom_reward apex train --preset tiny --objectives brightness,my_rewards:Redness
+PYTHONPATH=examples/custom_reward apex train --preset tiny --objectives brightness,my_rewards:Redness
 """
 
 from __future__ import annotations

@@ -86,7 +86,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"error: cannot use{printable(where)}: {printable(exc.strerror or exc)}", file=sys.stderr)
         sys.exit(2)
     except (KeyboardInterrupt, Interrupted) as exc:
-        hint = "the last complete checkpoint is intact; continue with --resume auto" if getattr(exc, "command", "train") == "train" else "what was written so far may be incomplete"
+        hint = (
+            "the last complete checkpoint is intact; continue with --resume auto"
+            if getattr(exc, "command", "train") == "train"
+            else "what was written so far may be incomplete"
+        )
         print(f"interrupted: {hint}", file=sys.stderr)
         sys.exit(130)
 

@@ -83,7 +83,9 @@ class LoraSettings:
     """LoRA alpha; the update is scaled by alpha / rank."""
     dropout: float = setting(0.0, ge=0, lt=1)
     """LoRA dropout. Keep 0: dropout breaks the ratio == 1 invariant of on-policy PPO."""
-    target_modules: list[str] = setting(default_factory=lambda: list(SD3_JOINT_ATTENTION_PROJECTIONS), nonempty=True, resume="refuse")
+    target_modules: list[str] = setting(
+        default_factory=lambda: list(SD3_JOINT_ATTENTION_PROJECTIONS), nonempty=True, resume="refuse"
+    )
     """Module name suffixes that get adapters (default: the joint-attention projections)."""
     init: str = setting("gaussian", choices=("kaiming", "gaussian"), resume="refuse")
     """Initialisation of the A matrices (B starts at 0 either way): kaiming (peft's default,
@@ -270,7 +272,10 @@ def _objective_names(objectives: list[str]) -> list[str]:
 @dataclass
 class Config:
     objectives: list[str] = setting(
-        default_factory=lambda: ["pick", "deqa", "aes", "ocr"], nonempty=True, resume="refuse", resume_key=_objective_names
+        default_factory=lambda: ["pick", "deqa", "aes", "ocr"],
+        nonempty=True,
+        resume="refuse",
+        resume_key=_objective_names,
     )
     """Reward names to optimise (see ``apex score --help`` for the list)."""
     name: str | None = None
@@ -346,11 +351,15 @@ def load_preset(name: str) -> dict:
 
 def _load_preset_chain(name: str, seen: tuple[str, ...]) -> dict:
     if name in seen:
-        raise ApexError(f"preset '{seen[0]}' inherits from itself: {' -> '.join((*seen, name))}; remove one of the base: keys")
+        raise ApexError(
+            f"preset '{seen[0]}' inherits from itself: {' -> '.join((*seen, name))}; remove one of the base: keys"
+        )
     path = preset_files() / f"{name}.yaml"
     if not path.is_file():
         if seen:
-            raise ApexError(f"preset '{seen[-1]}' has base: {name}, which is not a preset; valid: {', '.join(preset_names())}")
+            raise ApexError(
+                f"preset '{seen[-1]}' has base: {name}, which is not a preset; valid: {', '.join(preset_names())}"
+            )
         raise ApexError(f"unknown preset '{name}'; valid: {', '.join(preset_names())}")
     data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     if not isinstance(data, dict):
@@ -372,7 +381,9 @@ def load_yaml_file(path: str | Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
     except UnicodeDecodeError as exc:
-        raise ApexError(f"config file '{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})") from None
+        raise ApexError(
+            f"config file '{path}' is not UTF-8 text (byte {exc.object[exc.start]:#04x} at offset {exc.start})"
+        ) from None
     except yaml.YAMLError as exc:
         raise ApexError(f"config file '{path}' is not valid YAML: {str(exc).splitlines()[0]}") from None
     if not isinstance(data, dict):
@@ -429,22 +440,37 @@ def validate(cfg: Config) -> None:
         "train.rollout_batch_size",
         f"({t.rollout_batch_size}) must divide group_size x prompts_per_step ({total})",
     )
-    _check(total % t.train_batch_size == 0, "train.train_batch_size", f"({t.train_batch_size}) must divide group_size x prompts_per_step ({total})")
-    _check(t.window_start < s.num_steps, "train.window_start", f"must be in [0, sampling.num_steps), got {t.window_start}")
+    _check(
+        total % t.train_batch_size == 0,
+        "train.train_batch_size",
+        f"({t.train_batch_size}) must divide group_size x prompts_per_step ({total})",
+    )
+    _check(
+        t.window_start < s.num_steps, "train.window_start", f"must be in [0, sampling.num_steps), got {t.window_start}"
+    )
     _check(
         t.window_start + t.window_size <= s.num_steps,
         "train.window_size",
         f"window [{t.window_start}, {t.window_start + t.window_size}) exceeds sampling.num_steps={s.num_steps}",
     )
     sx, tx = s.experimental, t.experimental
-    _check(sx.noise_block == 1 or s.sampler == "sde", "sampling.experimental.noise_block",
-           f"({sx.noise_block}) needs sampling.sampler=sde, got {s.sampler}; set sampling.experimental.noise_block=1")
+    _check(
+        sx.noise_block == 1 or s.sampler == "sde",
+        "sampling.experimental.noise_block",
+        f"({sx.noise_block}) needs sampling.sampler=sde, got {s.sampler}; set sampling.experimental.noise_block=1",
+    )
     if t.loss == "nft":
-        _check(tx.anchor_beta == 0, "train.experimental.anchor_beta",
-               f"({tx.anchor_beta}) holds the steps grpo does not train; train.loss=nft trains every step: "
-               "set train.experimental.anchor_beta=0")
-        _check(tx.nft_timesteps <= s.num_steps, "train.experimental.nft_timesteps",
-               f"({tx.nft_timesteps}) exceeds the sampler's {s.num_steps} steps; set train.experimental.nft_timesteps<={s.num_steps}")
+        _check(
+            tx.anchor_beta == 0,
+            "train.experimental.anchor_beta",
+            f"({tx.anchor_beta}) holds the steps grpo does not train; train.loss=nft trains every step: "
+            "set train.experimental.anchor_beta=0",
+        )
+        _check(
+            tx.nft_timesteps <= s.num_steps,
+            "train.experimental.nft_timesteps",
+            f"({tx.nft_timesteps}) exceeds the sampler's {s.num_steps} steps; set train.experimental.nft_timesteps<={s.num_steps}",
+        )
     _balance_rules(cfg.balance, len(cfg.objectives))
 
 
@@ -459,18 +485,29 @@ def _balance_rules(b: BalanceConfig, n_objectives: int | None) -> None:
     if b.weights is not None:
         w = list(b.weights)
         if n_objectives is not None:
-            _check(len(w) == n_objectives, "balance.weights",
-                   f"has {len(w)} values but there are {n_objectives} objectives; give one weight per objective")
+            _check(
+                len(w) == n_objectives,
+                "balance.weights",
+                f"has {len(w)} values but there are {n_objectives} objectives; give one weight per objective",
+            )
         _check(sum(w) > 0, "balance.weights", f"must not all be 0, got {w}")
         if b.strategy == "apex":
-            _check(all(x > 0 for x in w), "balance.weights", f"must be > 0 for apex (they enter as log-priors), got {w}")
+            _check(
+                all(x > 0 for x in w), "balance.weights", f"must be > 0 for apex (they enter as log-priors), got {w}"
+            )
     targets = b.apex.targets
     if targets is not None and n_objectives is not None:
-        _check(len(targets) == n_objectives, "balance.apex.targets",
-               f"has {len(targets)} values but there are {n_objectives} objectives; give one target per objective")
+        _check(
+            len(targets) == n_objectives,
+            "balance.apex.targets",
+            f"has {len(targets)} values but there are {n_objectives} objectives; give one target per objective",
+        )
     pp = b.experimental.progress_prompts
-    _check(pp == 0 or b.probe_every > 0, "balance.experimental.progress_prompts",
-           f"needs balance.probe_every > 0 (its period), got probe_every {b.probe_every}; set one or progress_prompts=0")
+    _check(
+        pp == 0 or b.probe_every > 0,
+        "balance.experimental.progress_prompts",
+        f"needs balance.probe_every > 0 (its period), got probe_every {b.probe_every}; set one or progress_prompts=0",
+    )
 
 
 EXPERIMENTAL_SECTION = "experimental"

@@ -82,8 +82,12 @@ def _gradient_accumulation(data: dict, value: Any, key: str) -> str | None:
     from apexcli.config import TrainConfig  # the defaults of keys a partial file leaves out
 
     t = TrainConfig()
-    sizes = [value or 0, get_key(data, "train.prompts_per_step", t.prompts_per_step),
-             get_key(data, "train.group_size", t.group_size), get_key(data, "train.train_batch_size", t.train_batch_size)]
+    sizes = [
+        value or 0,
+        get_key(data, "train.prompts_per_step", t.prompts_per_step),
+        get_key(data, "train.group_size", t.group_size),
+        get_key(data, "train.train_batch_size", t.train_batch_size),
+    ]
     if not all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in sizes) or not sizes[3]:
         return "could not be carried over: set train.optimizer_steps_per_epoch"
     g, prompts, group, micro_size = sizes
@@ -195,29 +199,69 @@ OLD_KEYS: tuple[OldKey, ...] = (
     OldKey("train.nft_beta", _now("train.experimental.nft_beta"), _moved("train.experimental.nft_beta")),
     OldKey("train.nft_adv_scale", _now("train.experimental.nft_adv_scale"), _moved("train.experimental.nft_adv_scale")),
     OldKey("train.nft_timesteps", _now("train.experimental.nft_timesteps"), _moved("train.experimental.nft_timesteps")),
-    OldKey("sampling.noise_block", _now("sampling.experimental.noise_block"), _moved("sampling.experimental.noise_block")),
-    OldKey("balance.progress_prompts", _now("balance.experimental.progress_prompts"),
-           _moved("balance.experimental.progress_prompts")),
+    OldKey(
+        "sampling.noise_block", _now("sampling.experimental.noise_block"), _moved("sampling.experimental.noise_block")
+    ),
+    OldKey(
+        "balance.progress_prompts",
+        _now("balance.experimental.progress_prompts"),
+        _moved("balance.experimental.progress_prompts"),
+    ),
     # research settings that made no measurable difference
-    OldKey("balance.not_on_text", "was removed: keeping objectives off the prompts that quote text made no measurable "
-           f"difference (ocr +0.018 ± 0.026 base stds over 8 seeds, {CONFLICT_RECORD})", _removed([])),
-    OldKey("balance.apex.conflict", "was removed: the conflict penalty is symmetric (leader_yields changed nothing "
-           f"measurable: ocr -0.003 ± 0.025 base stds, {CONFLICT_RECORD})", _removed("symmetric")),
+    OldKey(
+        "balance.not_on_text",
+        "was removed: keeping objectives off the prompts that quote text made no measurable "
+        f"difference (ocr +0.018 ± 0.026 base stds over 8 seeds, {CONFLICT_RECORD})",
+        _removed([]),
+    ),
+    OldKey(
+        "balance.apex.conflict",
+        "was removed: the conflict penalty is symmetric (leader_yields changed nothing "
+        f"measurable: ocr -0.003 ± 0.025 base stds, {CONFLICT_RECORD})",
+        _removed("symmetric"),
+    ),
     # two keys that said one thing: one stays
-    OldKey("balance.apex.terms", "was replaced by the coefficients balance.apex.b_lp, b_cp and b_pn: 0 switches a "
-           "term off", _apex_terms),
-    OldKey("balance.apex.dsan", "was replaced by balance.apex.rho: rho=0 turns the DSAN floor off (gdpo's std + eps)",
-           _apex_dsan),
-    OldKey("balance.static.eps", "was replaced by balance.eps (null = the strategy's own: 1e-4 for static)", _static_eps),
-    OldKey("balance.static.drop_zero_advantage", "was replaced by balance.drop_zero_advantage (null = the strategy's "
-           "default: true for static)", _drop_zero("static")),
-    OldKey("balance.pareto.drop_filtered", "was replaced by balance.drop_zero_advantage (null = the strategy's default: "
-           "true for pareto)", _drop_zero("pareto")),
-    *(OldKey(f"rewards.{r}.url", f"was removed: serve the reward from a server with {r}@URL in objectives "
-             f"(e.g. --objectives {r}@http://127.0.0.1:18086)", _reward_url) for r in ("pick", "aes", "deqa", "ocr")),
-    OldKey("rewards.extra.*.url", "was removed: serve the reward from a server with NAME@URL in objectives", _reward_url),
-    OldKey("train.gradient_accumulation", "was replaced by train.optimizer_steps_per_epoch (optimizer steps per pass over "
-           "a rollout batch: the same split counted from the other end)", _gradient_accumulation),
+    OldKey(
+        "balance.apex.terms",
+        "was replaced by the coefficients balance.apex.b_lp, b_cp and b_pn: 0 switches a term off",
+        _apex_terms,
+    ),
+    OldKey(
+        "balance.apex.dsan",
+        "was replaced by balance.apex.rho: rho=0 turns the DSAN floor off (gdpo's std + eps)",
+        _apex_dsan,
+    ),
+    OldKey(
+        "balance.static.eps", "was replaced by balance.eps (null = the strategy's own: 1e-4 for static)", _static_eps
+    ),
+    OldKey(
+        "balance.static.drop_zero_advantage",
+        "was replaced by balance.drop_zero_advantage (null = the strategy's default: true for static)",
+        _drop_zero("static"),
+    ),
+    OldKey(
+        "balance.pareto.drop_filtered",
+        "was replaced by balance.drop_zero_advantage (null = the strategy's default: true for pareto)",
+        _drop_zero("pareto"),
+    ),
+    *(
+        OldKey(
+            f"rewards.{r}.url",
+            f"was removed: serve the reward from a server with {r}@URL in objectives "
+            f"(e.g. --objectives {r}@http://127.0.0.1:18086)",
+            _reward_url,
+        )
+        for r in ("pick", "aes", "deqa", "ocr")
+    ),
+    OldKey(
+        "rewards.extra.*.url", "was removed: serve the reward from a server with NAME@URL in objectives", _reward_url
+    ),
+    OldKey(
+        "train.gradient_accumulation",
+        "was replaced by train.optimizer_steps_per_epoch (optimizer steps per pass over "
+        "a rollout batch: the same split counted from the other end)",
+        _gradient_accumulation,
+    ),
 )
 
 
@@ -236,7 +280,7 @@ def _matches(pattern: str, key: str) -> bool:
     head, star, tail = pattern.partition("*")
     if not star:
         return key == pattern
-    middle = key[len(head): len(key) - len(tail)]
+    middle = key[len(head) : len(key) - len(tail)]
     return len(key) > len(head) + len(tail) and key.startswith(head) and key.endswith(tail) and "." not in middle
 
 

@@ -15,9 +15,10 @@ import importlib.util
 import os
 import platform
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Literal
+from typing import Literal
 from urllib.parse import urlsplit
 
 from packaging.requirements import Requirement
@@ -134,7 +135,13 @@ def device_rows(cfg: Config) -> list[Row]:
             return [Row("device", FAIL, found, "model.device=cpu")]
         return [Row("device", OK, found)]
     if device.type != "cuda":
-        return [Row("device", OK, f"model.device={wanted}: the CPU, though {torch.cuda.device_count()} CUDA GPU(s) are visible")]
+        return [
+            Row(
+                "device",
+                OK,
+                f"model.device={wanted}: the CPU, though {torch.cuda.device_count()} CUDA GPU(s) are visible",
+            )
+        ]
     return _gpu_rows(cfg, device.index if device.index is not None else torch.cuda.current_device())
 
 
@@ -143,9 +150,22 @@ def _gpu_rows(cfg: Config, index: int) -> list[Row]:
 
     count = torch.cuda.device_count()
     if index >= count:
-        return [Row("device", FAIL, f"model.device={cfg.model.device} but only {count} CUDA GPU(s) are visible", "model.device=cuda:0")]
+        return [
+            Row(
+                "device",
+                FAIL,
+                f"model.device={cfg.model.device} but only {count} CUDA GPU(s) are visible",
+                "model.device=cuda:0",
+            )
+        ]
     props = torch.cuda.get_device_properties(index)
-    rows = [Row("device", OK, f"cuda:{index} {props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}")]
+    rows = [
+        Row(
+            "device",
+            OK,
+            f"cuda:{index} {props.name}, {props.total_memory / 2**30:.1f} GiB, sm_{props.major}{props.minor}",
+        )
+    ]
     if cfg.model.dtype == "bfloat16":
         rows.append(_bf16_row(props.major))
     return rows
@@ -155,7 +175,12 @@ def _bf16_row(major: int) -> Row:
     """bf16 runs natively from compute capability 8 (Ampere) on; older GPUs emulate it, slowly."""
     if major >= 8:
         return Row("bf16", OK, "model.dtype=bfloat16: native on this GPU")
-    return Row("bf16", WARN, "model.dtype=bfloat16 is emulated on this GPU (compute capability < 8): slow", "model.dtype=float16")
+    return Row(
+        "bf16",
+        WARN,
+        "model.dtype=bfloat16 is emulated on this GPU (compute capability < 8): slow",
+        "model.dtype=float16",
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -183,7 +208,7 @@ def hub_offline() -> bool:
     return bool(constants.HF_HUB_OFFLINE) or os.environ.get("HF_HUB_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def hub_refusal(repo_id: str, revision: str | None) -> str | None:
     """Why the hub would not serve ``repo_id`` here (None: it answers, so loading downloads it).
     Asked once per repo and process, with a short timeout."""
@@ -204,7 +229,9 @@ def _hub_row(name: str, repo_id: str, filename: str, option: str, revision: str 
     try:
         hit = try_to_load_from_cache(repo_id, filename, revision=revision)
     except ValueError:  # not a valid repo id, and no such folder either
-        return Row(name, FAIL, f"{option}={repo_id} is neither a folder nor a hub id", f"{option}=DIR, DIR holding {filename}")
+        return Row(
+            name, FAIL, f"{option}={repo_id} is neither a folder nor a hub id", f"{option}=DIR, DIR holding {filename}"
+        )
     if isinstance(hit, str):
         return Row(name, OK, f"{repo_id} (hub cache)")
     missing = f"{repo_id} is not in the hub cache ({constants.HF_HUB_CACHE})"
@@ -270,7 +297,12 @@ def _rapidocr_row(name: str, rewards: RewardsConfig) -> Row:
     found = {kind: sorted(p.name for p in models.glob(f"*{kind}*.onnx")) for kind in kinds}
     absent = [kind for kind, files in found.items() if not files]
     if absent:
-        return Row(name, FAIL, f"rapidocr's {'/'.join(absent)} model missing from {models}", "pip install --force-reinstall rapidocr")
+        return Row(
+            name,
+            FAIL,
+            f"rapidocr's {'/'.join(absent)} model missing from {models}",
+            "pip install --force-reinstall rapidocr",
+        )
     names = ", ".join(files[0] for files in found.values())
     return Row(name, OK, f"rapidocr {installed_version('rapidocr')}, packaged models {names}")
 
@@ -278,7 +310,12 @@ def _rapidocr_row(name: str, rewards: RewardsConfig) -> Row:
 def _paddleocr_row(name: str, rewards: RewardsConfig) -> Row:
     missing = [m for m in ("paddleocr", "paddle") if importlib.util.find_spec(m) is None]
     if missing:
-        return Row(name, FAIL, f"rewards.ocr.backend=paddleocr but {' and '.join(missing)} is not installed", "pip install 'apexcli[paddle]'")
+        return Row(
+            name,
+            FAIL,
+            f"rewards.ocr.backend=paddleocr but {' and '.join(missing)} is not installed",
+            "pip install 'apexcli[paddle]'",
+        )
     return Row(name, OK, f"paddleocr {installed_version('paddleocr')} (it fetches its models on first use)")
 
 
@@ -289,31 +326,44 @@ def _ocr_row(name: str, rewards: RewardsConfig) -> Row:
 
 def _pick_row(name: str, rewards: RewardsConfig) -> Row:
     p = rewards.pick
-    return _worst(name, [
-        _reward_weights_row(name, p.source, "config.json", "rewards.pick.source"),
-        _reward_weights_row(name, p.processor_source, "preprocessor_config.json", "rewards.pick.processor_source"),
-    ])
+    return _worst(
+        name,
+        [
+            _reward_weights_row(name, p.source, "config.json", "rewards.pick.source"),
+            _reward_weights_row(name, p.processor_source, "preprocessor_config.json", "rewards.pick.processor_source"),
+        ],
+    )
 
 
 def _aes_row(name: str, rewards: RewardsConfig) -> Row:
     a = rewards.aes
-    return _worst(name, [
-        _reward_weights_row(name, a.clip_source, "config.json", "rewards.aes.clip_source"),
-        _reward_weights_row(name, a.head_source, a.head_filename, "rewards.aes.head_source", file_ok=True),
-    ])
+    return _worst(
+        name,
+        [
+            _reward_weights_row(name, a.clip_source, "config.json", "rewards.aes.clip_source"),
+            _reward_weights_row(name, a.head_source, a.head_filename, "rewards.aes.head_source", file_ok=True),
+        ],
+    )
 
 
 def _deqa_row(name: str, rewards: RewardsConfig) -> Row:
     d = rewards.deqa
     if not d.trust_remote_code:
-        return Row(name, FAIL, f"deqa runs Python code shipped with {d.source} and rewards.deqa.trust_remote_code is false",
-                   "rewards.deqa.trust_remote_code=true")
+        return Row(
+            name,
+            FAIL,
+            f"deqa runs Python code shipped with {d.source} and rewards.deqa.trust_remote_code is false",
+            "rewards.deqa.trust_remote_code=true",
+        )
     return _reward_weights_row(name, d.source, "config.json", "rewards.deqa.source")
 
 
 # In-process rewards that load something; every other registered reward is weight-free.
 LOCAL_REWARD_CHECKS: dict[str, Callable[[str, RewardsConfig], Row]] = {
-    "ocr": _ocr_row, "pick": _pick_row, "aes": _aes_row, "deqa": _deqa_row,
+    "ocr": _ocr_row,
+    "pick": _pick_row,
+    "aes": _aes_row,
+    "deqa": _deqa_row,
 }
 
 
@@ -366,7 +416,9 @@ def _objective_row(objective: str, cfg: Config) -> Row:
         return _remote_row(name, key, url, cfg.rewards)
     if key not in REWARD_NAMES:
         spec = reward_spec(key)
-        return Row(name, OK, f"{spec.module}.{spec.cls} imported (from outside apex; its own checks run when it is built)")
+        return Row(
+            name, OK, f"{spec.module}.{spec.cls} imported (from outside apex; its own checks run when it is built)"
+        )
     check = LOCAL_REWARD_CHECKS.get(key)
     return check(name, cfg.rewards) if check else Row(name, OK, "weight-free: nothing to load")
 
@@ -453,8 +505,10 @@ def memory_rows(cfg: Config) -> list[Row]:
     deqa_here = any(o.partition("@")[0].strip() == "deqa" and "@" not in o for o in cfg.objectives)
     need = max(plan.peak(deqa_here), plan.encoding_peak(deqa_here))
     where = "this GPU" if on_gpu else "this host's RAM"
-    found = (f"plan: training peak {plan.peak(deqa_here) / GB:.1f} GB, while encoding prompts "
-             f"{plan.encoding_peak(deqa_here) / GB:.1f} GB; host RAM while loading {plan.host_peak() / GB:.1f} GB")
+    found = (
+        f"plan: training peak {plan.peak(deqa_here) / GB:.1f} GB, while encoding prompts "
+        f"{plan.encoding_peak(deqa_here) / GB:.1f} GB; host RAM while loading {plan.host_peak() / GB:.1f} GB"
+    )
     if capacity is None:
         return [Row("memory", OK, found)]
     if need > capacity:
@@ -480,8 +534,12 @@ def run_checks(cfg: Config) -> list[Row]:
     return [row for check in CHECKS for row in check(cfg)]
 
 
-def diagnose(preset: str | None = None, config_file: str | Path | None = None,
-             options: dict | None = None, overrides: list[str] | None = None) -> list[Row]:
+def diagnose(
+    preset: str | None = None,
+    config_file: str | Path | None = None,
+    options: dict | None = None,
+    overrides: list[str] | None = None,
+) -> list[Row]:
     """The rows for the config ``apex train`` would build from the same layers."""
     return run_checks(resolve_config(preset=preset, config_file=config_file, options=options, overrides=overrides))
 

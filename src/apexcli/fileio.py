@@ -74,4 +74,3 @@ def _naming(exc: OSError, path: Path) -> OSError:
     if exc.filename:
         return exc
     return type(exc)(exc.errno, exc.strerror or str(exc), str(path))
-

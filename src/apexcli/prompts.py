@@ -48,7 +48,9 @@ def _read_builtin(name: str) -> list[str]:
         return [p for part in _COMBINED[name] for p in _read_builtin(part)]
     path = resources.files("apexcli.data") / f"{name}.txt"
     if not path.is_file():
-        raise ApexError(f"unknown prompt set 'builtin:{name}'; valid: {', '.join('builtin:' + n for n in builtin_names())}")
+        raise ApexError(
+            f"unknown prompt set 'builtin:{name}'; valid: {', '.join('builtin:' + n for n in builtin_names())}"
+        )
     return _lines(path.read_text(encoding="utf-8"))
 
 

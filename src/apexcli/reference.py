@@ -26,7 +26,7 @@ import textwrap
 import tokenize
 import types
 import typing
-from functools import lru_cache
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -67,7 +67,7 @@ def _clean(text: str) -> str:
     return " ".join(str(text).split())
 
 
-@lru_cache(maxsize=None)
+@cache
 def field_docs(cls: type) -> dict[str, str]:
     """Field name -> its documentation: the string literal under the field, else its comments
     (on the field's own lines, after the comment lines just above it)."""
@@ -226,13 +226,15 @@ def sections(cls: type = Config, prefix: str = "", doc: str = "", experimental: 
         rule = field_rule(f)
         text = docs.get(f.name, "")
         extra = rule_text(rule)
-        own.rows.append(Row(
-            key=prefix + f.name,
-            type=type_name(tp),
-            default=yaml_value(default_value(f)),
-            doc=" ".join(p for p in (_sentence(text), extra) if p),
-            experimental=experimental or _is_experimental_field(f),
-        ))
+        own.rows.append(
+            Row(
+                key=prefix + f.name,
+                type=type_name(tp),
+                default=yaml_value(default_value(f)),
+                doc=" ".join(p for p in (_sentence(text), extra) if p),
+                experimental=experimental or _is_experimental_field(f),
+            )
+        )
     return ([own] if own.rows else []) + nested
 
 

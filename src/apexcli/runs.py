@@ -1,18 +1,18 @@
 """The run-directory format, read and written in this one module (docs/guide/runs.md).
 
-    <run>/config.yaml            resolved config (``objectives``, ``balance.strategy``, ...)
-    <run>/command.txt            the command line that started (or resumed) the run
-    <run>/metrics.jsonl          one JSON object per line; every row has ``step`` and ``kind``
-                                 ("train": reward/{k}/mean, balance/weight/{k}, loss, ...;
-                                  "eval": eval/{k}/mean, eval/{k}/std, ...)
-    <run>/eval/step-000100/      grid.png, scores.jsonl (one row per eval image)
-    <run>/soup.json              only in mixtures made by ``apex soup``: parents, coefficients
-    <run>/checkpoints/step-000100/
-                                 pytorch_lora_weights.safetensors (diffusers format),
-                                 state/ (optimizer, balancer, RNG, step), config.yaml
-    <run>/.apex-run.json         the marker: this folder holds an apex run (run id, apex version);
-                                 ``--overwrite``, ``--resume`` and pruning act only where it is
-    <run>/.apex-run.lock         an OS lock held by the one process writing the run
+<run>/config.yaml            resolved config (``objectives``, ``balance.strategy``, ...)
+<run>/command.txt            the command line that started (or resumed) the run
+<run>/metrics.jsonl          one JSON object per line; every row has ``step`` and ``kind``
+                             ("train": reward/{k}/mean, balance/weight/{k}, loss, ...;
+                              "eval": eval/{k}/mean, eval/{k}/std, ...)
+<run>/eval/step-000100/      grid.png, scores.jsonl (one row per eval image)
+<run>/soup.json              only in mixtures made by ``apex soup``: parents, coefficients
+<run>/checkpoints/step-000100/
+                             pytorch_lora_weights.safetensors (diffusers format),
+                             state/ (optimizer, balancer, RNG, step), config.yaml
+<run>/.apex-run.json         the marker: this folder holds an apex run (run id, apex version);
+                             ``--overwrite``, ``--resume`` and pruning act only where it is
+<run>/.apex-run.lock         an OS lock held by the one process writing the run
 """
 
 from __future__ import annotations
@@ -201,8 +201,11 @@ class RunDir:
         from apexcli import __version__
 
         old = self.read_marker() or {}
-        marker = {"run_id": old.get("run_id") or uuid.uuid4().hex, "apex_version": __version__,
-                  "created": old.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+        marker = {
+            "run_id": old.get("run_id") or uuid.uuid4().hex,
+            "apex_version": __version__,
+            "created": old.get("created") or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        }
         atomic_write_text(self.marker_path, json.dumps(marker, indent=1) + "\n")
         return marker
 
@@ -230,12 +233,22 @@ class RunLock:
                 handle.seek(0)
                 holder = _holder(handle.read())
                 handle.close()
-                raise ApexError(f"--out '{self.run.path}' is in use by another apex process ({holder}); "
-                                "wait for it to end, or choose another --out") from None
+                raise ApexError(
+                    f"--out '{self.run.path}' is in use by another apex process ({holder}); "
+                    "wait for it to end, or choose another --out"
+                ) from None
         handle.seek(0)
         handle.truncate()
-        handle.write(json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                 "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}) + "\n")
+        handle.write(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "host": socket.gethostname(),
+                    "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                }
+            )
+            + "\n"
+        )
         handle.flush()
         self._file = handle
         return self
@@ -284,4 +297,3 @@ def _parse_row(line: str) -> dict | None:
     except ValueError:
         return None
     return row if isinstance(row, dict) and isinstance(row.get("step"), int) else None
-

@@ -77,18 +77,27 @@ def check_request(req: SampleRequest) -> None:
     """ApexError naming the option of the first value out of range, before any model loads."""
     if not req.prompts:
         raise ApexError("no prompts: pass --prompt TEXT or --prompts FILE")
-    for flag, value in (("--num-images", req.num_images), ("--batch-size", req.batch_size), ("--steps", req.steps), ("--size", min(req.height, req.width))):
+    for flag, value in (
+        ("--num-images", req.num_images),
+        ("--batch-size", req.batch_size),
+        ("--steps", req.steps),
+        ("--size", min(req.height, req.width)),
+    ):
         if value < 1:
             raise ApexError(f"{flag} must be >= 1, got {value}")
     if max(req.height, req.width) > MAX_SIZE:
         raise ApexError(f"--size {max(req.height, req.width)} is beyond the limit of {MAX_SIZE} pixels a side")
     total = len(req.prompts) * req.num_images
     if total > MAX_IMAGES:
-        raise ApexError(f"--num-images {req.num_images} x {len(req.prompts)} prompt(s) = {total} images, more than the limit "
-                        f"of {MAX_IMAGES} per call; split the job (--seed picks up where one left off)")
+        raise ApexError(
+            f"--num-images {req.num_images} x {len(req.prompts)} prompt(s) = {total} images, more than the limit "
+            f"of {MAX_IMAGES} per call; split the job (--seed picks up where one left off)"
+        )
     if not (MIN_SEED <= req.seed and req.seed + req.num_images - 1 <= MAX_SEED):
-        raise ApexError(f"--seed {req.seed}: the seeds of its images (seed .. seed + --num-images - 1) must lie in "
-                        f"{MIN_SEED}..{MAX_SEED}")
+        raise ApexError(
+            f"--seed {req.seed}: the seeds of its images (seed .. seed + --num-images - 1) must lie in "
+            f"{MIN_SEED}..{MAX_SEED}"
+        )
     if req.out.exists() and not req.out.is_dir():
         raise ApexError(f"--out '{req.out}' is a file; give a folder for the images and metadata.jsonl")
     if not (math.isfinite(req.guidance_scale) and req.guidance_scale >= 0):
@@ -107,8 +116,10 @@ def check_out(out: Path, overwrite: bool) -> None:
     overwritten or mixed with the new ones) unless ``overwrite``. Checked before any model loads."""
     earlier = earlier_output(out)
     if earlier and not overwrite:
-        raise ApexError(f"--out '{out}' already holds apex sample output ({len(earlier)} file(s), e.g. {earlier[0].name}); "
-                        "choose another --out, or pass --overwrite to replace it")
+        raise ApexError(
+            f"--out '{out}' already holds apex sample output ({len(earlier)} file(s), e.g. {earlier[0].name}); "
+            "choose another --out, or pass --overwrite to replace it"
+        )
 
 
 def prepare_out(out: Path) -> None:
@@ -145,7 +156,9 @@ def sample_images(req: SampleRequest) -> list[Path]:
         # name the file: given only a folder, diffusers guesses among its .safetensors files
         given = Path(req.lora).expanduser()
         weight_file = given if given.is_file() else lora_dir / LORA_FILE
-        load_lora_for_inference(pipe, weight_file)  # refuses a LoRA of another model: metadata records only what applied
+        load_lora_for_inference(
+            pipe, weight_file
+        )  # refuses a LoRA of another model: metadata records only what applied
         if given.is_file():
             lora_dir = given  # metadata names the exact file
     pipe.to(device)
@@ -160,29 +173,61 @@ def sample_images(req: SampleRequest) -> list[Path]:
         while chunk := list(itertools.islice(jobs, req.batch_size)):
             cond = encode_prompts(pipe, [p for p, _ in chunk], max_sequence_length=seq, device=device)
             noise = torch.stack(
-                [torch.randn((channels, req.height // f, req.width // f), generator=torch.Generator().manual_seed(s)) for _, s in chunk]
+                [
+                    torch.randn((channels, req.height // f, req.width // f), generator=torch.Generator().manual_seed(s))
+                    for _, s in chunk
+                ]
             ).to(device)
             traj = rollout(
-                pipe.transformer, pipe.scheduler, cond,
-                num_steps=req.steps, height=req.height, width=req.width, vae_scale_factor=f,
-                guidance_scale=req.guidance_scale, uncond=uncond, sampler="ode", initial_noise=noise,
+                pipe.transformer,
+                pipe.scheduler,
+                cond,
+                num_steps=req.steps,
+                height=req.height,
+                width=req.width,
+                vae_scale_factor=f,
+                guidance_scale=req.guidance_scale,
+                uncond=uncond,
+                sampler="ode",
+                initial_noise=noise,
             )
             images = decode_latents(pipe.vae, traj.final)
             for j, (prompt, seed) in enumerate(chunk):
                 name = f"{len(written):05d}-seed{seed}.png"
                 _save_png(_to_pil(images[j]), req.out / name)
                 written.append(req.out / name)
-                row = {"file": name, "prompt": prompt, "seed": seed, "steps": req.steps, "guidance": req.guidance_scale,
-                       "height": req.height, "width": req.width, "lora": str(lora_dir) if lora_dir else None}
+                row = {
+                    "file": name,
+                    "prompt": prompt,
+                    "seed": seed,
+                    "steps": req.steps,
+                    "guidance": req.guidance_scale,
+                    "height": req.height,
+                    "width": req.width,
+                    "lora": str(lora_dir) if lora_dir else None,
+                }
                 metadata.write(json.dumps(row) + "\n")
                 metadata.flush()
     return written
 
 
 def sample_from_options(
-    *, prompts: list[str], prompts_file: Path | None, out: Path, lora: str | None, preset: str | None,
-    config_file: Path | None, model: str | None, num_images: int, seed: int, steps: int | None,
-    guidance: float | None, size: int | None, batch_size: int, device: str | None, overrides: Sequence[str] = (),
+    *,
+    prompts: list[str],
+    prompts_file: Path | None,
+    out: Path,
+    lora: str | None,
+    preset: str | None,
+    config_file: Path | None,
+    model: str | None,
+    num_images: int,
+    seed: int,
+    steps: int | None,
+    guidance: float | None,
+    size: int | None,
+    batch_size: int,
+    device: str | None,
+    overrides: Sequence[str] = (),
     overwrite: bool = False,
 ) -> list[Path]:
     """Fill a SampleRequest from CLI options, ``key=value`` overrides and the preset/config
@@ -191,7 +236,9 @@ def sample_from_options(
     from apexcli.config import resolve_config, validate
     from apexcli.prompts import load_prompts
 
-    out, prompts_file, config_file = (None if p is None else Path(p).expanduser() for p in (out, prompts_file, config_file))
+    out, prompts_file, config_file = (
+        None if p is None else Path(p).expanduser() for p in (out, prompts_file, config_file)
+    )
     cfg = resolve_config(preset=preset, config_file=config_file, overrides=list(overrides))
     explicit = {key: value for key, value in (("pretrained", model), ("device", device)) if value is not None}
     if explicit:
@@ -200,10 +247,16 @@ def sample_from_options(
     all_prompts = list(prompts) + (load_prompts(str(prompts_file)) if prompts_file else [])
     return sample_images(
         SampleRequest(
-            model=cfg.model, prompts=all_prompts, out=out, lora=lora, num_images=num_images, seed=seed,
+            model=cfg.model,
+            prompts=all_prompts,
+            out=out,
+            lora=lora,
+            num_images=num_images,
+            seed=seed,
             steps=cfg.eval.num_steps if steps is None else steps,
             guidance_scale=cfg.eval.guidance_scale if guidance is None else guidance,
-            height=cfg.model.resolution if size is None else size, width=cfg.model.resolution if size is None else size,
+            height=cfg.model.resolution if size is None else size,
+            width=cfg.model.resolution if size is None else size,
             batch_size=batch_size,
             negative_prompt=cfg.sampling.negative_prompt,
             overwrite=overwrite,

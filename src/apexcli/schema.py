@@ -54,7 +54,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
             return value
         raise ApexError(f"config key '{key}' must be true or false, got {value!r}")
     if tp is int:
-        if isinstance(value, str) and re.fullmatch(r"[+-]?[0-9]+", value.strip()):  # ASCII digits only: not "²", not "--5"
+        if isinstance(value, str) and re.fullmatch(
+            r"[+-]?[0-9]+", value.strip()
+        ):  # ASCII digits only: not "²", not "--5"
             value = int(value)
         if isinstance(value, int) and not isinstance(value, bool):
             return value
@@ -180,8 +182,20 @@ class Rule:
         def num(x: float) -> str:
             return str(x) if isinstance(x, int) else f"{x:g}"
 
-        low = (f"({num(self.gt)}", f"> {num(self.gt)}") if self.gt is not None else (f"[{num(self.ge)}", f">= {num(self.ge)}") if self.ge is not None else None
-        high = (f"{num(self.lt)})", f"< {num(self.lt)}") if self.lt is not None else (f"{num(self.le)}]", f"<= {num(self.le)}") if self.le is not None else None
+        low = (
+            (f"({num(self.gt)}", f"> {num(self.gt)}")
+            if self.gt is not None
+            else (f"[{num(self.ge)}", f">= {num(self.ge)}")
+            if self.ge is not None
+            else None
+        )
+        high = (
+            (f"{num(self.lt)})", f"< {num(self.lt)}")
+            if self.lt is not None
+            else (f"{num(self.le)}]", f"<= {num(self.le)}")
+            if self.le is not None
+            else None
+        )
         if low and high:
             return f"in {low[0]}, {high[0]}"
         return (low or high)[1]
@@ -240,4 +254,3 @@ def flatten_dict(data: dict, prefix: str = "") -> dict:
         else:
             out[f"{prefix}{k}"] = v
     return out
-

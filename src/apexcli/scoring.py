@@ -33,9 +33,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from rich.console import Console
 from rich.progress import (
@@ -70,8 +71,10 @@ from apexcli.walk import recursive_glob
 APEX_SIDECARS = frozenset({"metadata.jsonl", "scores.jsonl", "scores.csv"})
 OUTPUT_FILES = ("scores.jsonl", "scores.csv")
 HIDDEN = "hidden (its name starts with '.'); name the file to score it"
-UNFOLLOWED_LINK = ("symlink to a folder, not followed by a recursive glob (a link back up would repeat "
-                   "every image); pass it on its own to score what it holds")
+UNFOLLOWED_LINK = (
+    "symlink to a folder, not followed by a recursive glob (a link back up would repeat "
+    "every image); pass it on its own to score what it holds"
+)
 
 
 @dataclass
@@ -152,8 +155,11 @@ def expand_paths(paths: Sequence[str]) -> tuple[list[str], list[tuple[str, str]]
     entries: list[tuple[str, bool]] = []
     for path, how in matched:
         if how != "walk" and os.path.isdir(path):
-            entries += [(os.path.join(path, name), True) for name in sorted(os.listdir(path))
-                        if os.path.abspath(os.path.join(path, name)) not in folders]
+            entries += [
+                (os.path.join(path, name), True)
+                for name in sorted(os.listdir(path))
+                if os.path.abspath(os.path.join(path, name)) not in folders
+            ]
         elif how == "walk" and os.path.isdir(path):
             if os.path.islink(path):  # a real folder needs nothing: the walk took its entries in
                 skipped.append((path, UNFOLLOWED_LINK))
@@ -259,8 +265,13 @@ def summarize(rows: list[dict[str, Any]], objectives: list[str]) -> dict[str, di
         n = len(vals)
         mean = sum(vals) / n if n else math.nan
         std = math.sqrt(sum((v - mean) ** 2 for v in vals) / n) if n else math.nan
-        out[name] = {"n": n, "mean": mean, "std": std,
-                     "min": min(vals) if n else math.nan, "max": max(vals) if n else math.nan}
+        out[name] = {
+            "n": n,
+            "mean": mean,
+            "std": std,
+            "min": min(vals) if n else math.nan,
+            "max": max(vals) if n else math.nan,
+        }
     return out
 
 
@@ -271,8 +282,14 @@ def write_outputs(out_dir: str, rows: list[dict[str, Any]], objectives: list[str
     writer = csv.writer(buf)
     writer.writerow(["file", "prompt", *objectives, "error"])
     for r in rows:
-        writer.writerow([r["file"], r["prompt"] or "",
-                         *("" if r.get(o) is None else repr(float(r[o])) for o in objectives), r["error"] or ""])
+        writer.writerow(
+            [
+                r["file"],
+                r["prompt"] or "",
+                *("" if r.get(o) is None else repr(float(r[o])) for o in objectives),
+                r["error"] or "",
+            ]
+        )
     paths = [os.path.join(out_dir, "scores.jsonl"), os.path.join(out_dir, "scores.csv")]
     atomic_write_text(paths[0], jsonl)
     atomic_write_text(paths[1], buf.getvalue())
@@ -297,12 +314,14 @@ def check_outputs_free(out_dir: str, overwrite: bool) -> None:
     existing = [name for name in OUTPUT_FILES if os.path.lexists(os.path.join(out_dir, name))]
     if existing:
         where = printable(os.path.join(out_dir, existing[0]))
-        raise ApexError(f"'{where}' exists (an earlier apex score); pass --overwrite to replace it, "
-                        "or choose another --out")
+        raise ApexError(
+            f"'{where}' exists (an earlier apex score); pass --overwrite to replace it, or choose another --out"
+        )
 
 
-def plan_batches(files: Sequence[str], batch_size: int,
-                 max_batch_pixels: int) -> tuple[list[list[str]], list[tuple[str, str]]]:
+def plan_batches(
+    files: Sequence[str], batch_size: int, max_batch_pixels: int
+) -> tuple[list[list[str]], list[tuple[str, str]]]:
     """Files -> (batches of at most `batch_size` files and `max_batch_pixels` decoded pixels in
     all, from the headers alone; files too large for any batch, with the reason). A file whose
     header cannot be read counts 0 pixels: decoding it then fails with its own reason."""
@@ -314,8 +333,13 @@ def plan_batches(files: Sequence[str], batch_size: int,
         size = image_size(path)
         n = size[0] * size[1] if size else 0
         if n > max_batch_pixels:
-            too_large.append((path, f"too large for one scoring batch: {size[0]}x{size[1]} = {n} pixels > "
-                                    f"--max-batch-pixels {max_batch_pixels}; raise it to score this image"))
+            too_large.append(
+                (
+                    path,
+                    f"too large for one scoring batch: {size[0]}x{size[1]} = {n} pixels > "
+                    f"--max-batch-pixels {max_batch_pixels}; raise it to score this image",
+                )
+            )
             continue
         if batch and (len(batch) >= batch_size or pixels + n > max_batch_pixels):
             batches.append(batch)
@@ -331,8 +355,9 @@ def _empty_row(path: str, names: Sequence[str], reason: str) -> dict[str, Any]:
     return {"file": storable(path), "prompt": None, **{n: None for n in names}, "error": reason}
 
 
-def _scored_row(path: str, prompt: str | None, scores: Sequence[float], objectives: Sequence[str],
-                prompt_needing: Sequence[str]) -> dict[str, Any]:
+def _scored_row(
+    path: str, prompt: str | None, scores: Sequence[float], objectives: Sequence[str], prompt_needing: Sequence[str]
+) -> dict[str, Any]:
     """One image's row: a score per objective (null when not finite or missing its prompt)."""
     row: dict[str, Any] = {"file": storable(path), "prompt": None if prompt is None else storable(prompt)}
     problems = []
@@ -341,21 +366,31 @@ def _scored_row(path: str, prompt: str | None, scores: Sequence[float], objectiv
             problems.append(f"{name} returned {v}, written as null")
         row[name] = None if (not math.isfinite(v) or (prompt is None and name in prompt_needing)) else v
     if prompt is None and prompt_needing:
-        problems.append(f"no prompt (needed by {', '.join(prompt_needing)}); "
-                        "give --prompt, --prompts FILE or a metadata.jsonl beside the images")
+        problems.append(
+            f"no prompt (needed by {', '.join(prompt_needing)}); "
+            "give --prompt, --prompts FILE or a metadata.jsonl beside the images"
+        )
     row["error"] = "; ".join(problems) or None
     return row
 
 
 def _check_limits(batch_size: int, max_pixels: int, max_batch_pixels: int) -> None:
-    for flag, value in (("--batch-size", batch_size), ("--max-pixels", max_pixels),
-                        ("--max-batch-pixels", max_batch_pixels)):
+    for flag, value in (
+        ("--batch-size", batch_size),
+        ("--max-pixels", max_pixels),
+        ("--max-batch-pixels", max_batch_pixels),
+    ):
         if value < 1:
             raise ApexError(f"{flag} must be at least 1, got {value}")
 
 
-def _score_batch(suite, good: list[tuple[str, Any]], prompts: list[str | None], prompt_needing: list[str],
-                 report: Callable[[str, str, str], None]) -> list[dict[str, Any]]:
+def _score_batch(
+    suite,
+    good: list[tuple[str, Any]],
+    prompts: list[str | None],
+    prompt_needing: list[str],
+    report: Callable[[str, str, str], None],
+) -> list[dict[str, Any]]:
     """One decoded batch through the suite: a row per image, with each reward's per-image extras;
     a row whose scores cannot stand (no prompt for a reward that needs one) is reported."""
     R, info = suite([im for _, im in good], [p or "" for p in prompts])
@@ -364,21 +399,36 @@ def _score_batch(suite, good: list[tuple[str, Any]], prompts: list[str | None], 
         row = _scored_row(path, p, [float(v) for v in R[i]], suite.objectives, prompt_needing)
         if row["error"]:
             report(path, row["error"], "problem")
-        extras = {name: {key: vals[i] for key, vals in info[name].items() if len(vals) == len(good)}
-                  for name in suite.objectives if info.get(name)}
+        extras = {
+            name: {key: vals[i] for key, vals in info[name].items() if len(vals) == len(good)}
+            for name in suite.objectives
+            if info.get(name)
+        }
         if extras:
             row["info"] = extras
         rows.append(row)
     return rows
 
 
-def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str = ".",
-                prompt: str | None = None, prompts_file: str | None = None,
-                device: str = "auto", dtype: str = "auto", config: RewardsConfig | None = None,
-                batch_size: int = 32, strict: bool = False, max_pixels: int = DEFAULT_MAX_PIXELS,
-                max_batch_pixels: int = DEFAULT_BATCH_PIXELS, overwrite: bool = False,
-                progress: bool = True, console: Console | None = None,
-                err_console: Console | None = None) -> ScoreReport:
+def score_paths(
+    paths: Sequence[str],
+    *,
+    objectives: Sequence[str],
+    out_dir: str = ".",
+    prompt: str | None = None,
+    prompts_file: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    config: RewardsConfig | None = None,
+    batch_size: int = 32,
+    strict: bool = False,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_batch_pixels: int = DEFAULT_BATCH_PIXELS,
+    overwrite: bool = False,
+    progress: bool = True,
+    console: Console | None = None,
+    err_console: Console | None = None,
+) -> ScoreReport:
     """Score image files on `objectives`; write scores.jsonl/csv under `out_dir` (refused when
     they exist, unless `overwrite`); return the report. Everything printed goes through
     `markup_safe`: a file name cannot send control sequences to the terminal."""
@@ -396,8 +446,13 @@ def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str
     check_outputs_free(out_dir, overwrite)
     files, skipped = expand_paths(paths)
     batches, too_large = plan_batches(files, batch_size, max_batch_pixels)
-    lookup = PromptLookup(prompt, prompts_file, warn=lambda message: err_console.print(
-        f"[yellow]warning[/] {markup_safe(message)}; skipped that line", highlight=False))
+    lookup = PromptLookup(
+        prompt,
+        prompts_file,
+        warn=lambda message: err_console.print(
+            f"[yellow]warning[/] {markup_safe(message)}; skipped that line", highlight=False
+        ),
+    )
     dev, dt = resolve_device_dtype(device, dtype)
 
     rows: list[dict[str, Any]] = []
@@ -417,10 +472,19 @@ def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str
         except ImageLoadError as exc:
             return path, str(exc)
 
-    with RewardSuite(objectives, device=dev, dtype=dt, config=config) as suite, \
-            ThreadPoolExecutor(max_workers=4, thread_name_prefix="apex-decode") as decoder, \
-            Progress(TextColumn("scoring"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                     console=err_console, transient=True, disable=not progress) as bar:
+    with (
+        RewardSuite(objectives, device=dev, dtype=dt, config=config) as suite,
+        ThreadPoolExecutor(max_workers=4, thread_name_prefix="apex-decode") as decoder,
+        Progress(
+            TextColumn("scoring"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=err_console,
+            transient=True,
+            disable=not progress,
+        ) as bar,
+    ):
         task = bar.add_task("score", total=sum(len(b) for b in batches))
         for chunk in batches:
             good, good_prompts = [], []
@@ -441,8 +505,10 @@ def score_paths(paths: Sequence[str], *, objectives: Sequence[str], out_dir: str
     console.print(summary_table(summary, len(rows), len(issues)))
     console.print(f"wrote {markup_safe(report_obj.files[0])} and {markup_safe(report_obj.files[1])}", highlight=False)
     if report_obj.n_scored == 0:
-        raise ApexError(f"no image could be scored ({len(rows)} inputs, {len(issues)} with problems; "
-                        f"reasons in {report_obj.files[0]})")
+        raise ApexError(
+            f"no image could be scored ({len(rows)} inputs, {len(issues)} with problems; "
+            f"reasons in {report_obj.files[0]})"
+        )
     if strict and issues:
         raise ApexError(f"{len(issues)} input(s) had problems (--strict); first: {issues[0][0]}: {issues[0][1]}")
     return report_obj

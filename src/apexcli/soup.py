@@ -49,8 +49,16 @@ META_PREFIX = "transformer."
 # config keys (dotted) that must agree for the parents' LoRAs to be mixed and evaluated together
 SAME_MODEL = ("model.pretrained", "model.revision", "model.variant", "model.tiny_seed")
 SAME_LORA = ("lora.rank", "lora.alpha", "lora.target_modules")
-SAME_EVAL = ("model.resolution", "model.max_sequence_length", "prompts.eval", "eval.num_prompts",
-             "eval.num_steps", "eval.guidance_scale", "eval.seed", "sampling.negative_prompt")
+SAME_EVAL = (
+    "model.resolution",
+    "model.max_sequence_length",
+    "prompts.eval",
+    "eval.num_prompts",
+    "eval.num_steps",
+    "eval.guidance_scale",
+    "eval.seed",
+    "sampling.negative_prompt",
+)
 
 
 @dataclass
@@ -92,7 +100,9 @@ def mix_loras(loras: Sequence[LoraFile], coefficients: Sequence[float]) -> LoraF
     for lo in loras[1:]:
         if set(lo.tensors) != keys:
             diff = sorted(keys.symmetric_difference(lo.tensors))[0]
-            raise ApexError(f"the runs' LoRAs adapt different modules (e.g. {diff}); soups need the same lora.target_modules")
+            raise ApexError(
+                f"the runs' LoRAs adapt different modules (e.g. {diff}); soups need the same lora.target_modules"
+            )
     if len(used) == 1 and used[0][1] == 1.0:
         return LoraFile(dict(used[0][0].tensors), dict(used[0][0].metadata))
     tensors: dict[str, torch.Tensor] = {}
@@ -145,11 +155,15 @@ def parse_coefficients(texts: Sequence[str], n_runs: int) -> list[list[float]]:
     """``["0.25,0.75", ...]`` -> coefficient vectors; default for two runs: 0.25, 0.5, 0.75.
     One run is refused before any coefficient: its only mixture is the run itself."""
     if n_runs < 2:
-        raise ApexError(f"apex soup needs two or more runs, got {n_runs}: a soup of one run is that run itself; "
-                        "give the runs to mix")
+        raise ApexError(
+            f"apex soup needs two or more runs, got {n_runs}: a soup of one run is that run itself; "
+            "give the runs to mix"
+        )
     if not texts:
         if n_runs != 2:
-            raise ApexError(f"give --coef for a soup of {n_runs} runs (e.g. --coef {','.join(['%.3g' % (1 / n_runs)] * n_runs)})")
+            raise ApexError(
+                f"give --coef for a soup of {n_runs} runs (e.g. --coef {','.join(['%.3g' % (1 / n_runs)] * n_runs)})"
+            )
         return [[1 - t, t] for t in (0.25, 0.5, 0.75)]
     out = []
     for text in texts:
@@ -209,7 +223,9 @@ def make_soups(
     for p, lo in zip(parents[1:], loras[1:]):
         for k, v in lo.tensors.items():
             if k in shapes and tuple(v.shape) != shapes[k]:
-                raise ApexError(f"LoRA tensor {k} is {tuple(v.shape)} in '{p.run.path}' but {shapes[k]} in '{parents[0].run.path}'; soups need one LoRA shape")
+                raise ApexError(
+                    f"LoRA tensor {k} is {tuple(v.shape)} in '{p.run.path}' but {shapes[k]} in '{parents[0].run.path}'; soups need one LoRA shape"
+                )
     step = max(p.step for p in parents)
     if step == 0:
         raise ApexError("the parents' checkpoints are all at step 0 (the base model); train them first")
@@ -221,8 +237,9 @@ def make_soups(
             raise ApexError(f"'{folder}' exists; remove it or choose another --out")
     for i, folder in enumerate(folders):  # names are exact: only the same mixture twice collides
         if folder in folders[:i]:
-            raise ApexError(f"the mixture {','.join(map(_label, coefficients[i]))} is given twice (--coef); "
-                            "give each mixture once")
+            raise ApexError(
+                f"the mixture {','.join(map(_label, coefficients[i]))} is given twice (--coef); give each mixture once"
+            )
     made = []
     for coefs, folder in zip(coefficients, folders):
         mixed = mix_loras(loras, coefs)
@@ -235,14 +252,21 @@ def make_soups(
         rank, alpha = rank_and_alpha(mixed)  # the file's, not the parents' (factors are concatenated)
         config.setdefault("lora", {}).update(rank=rank, alpha=alpha)
         run.write_config(config)
-        atomic_write_text(folder / SOUP_FILE, json.dumps({
-            "method": "rewarded soup: W = W0 + sum_i c_i s B_i A_i, one LoRA of concatenated factors",
-            "parents": [str(p.run.path.resolve()) for p in parents],
-            "names": [p.name for p in parents],
-            "checkpoints": [str(p.lora_dir.resolve()) for p in parents],
-            "coefficients": [float(c) for c in coefs],
-            "step": step,
-        }, indent=2) + "\n")
+        atomic_write_text(
+            folder / SOUP_FILE,
+            json.dumps(
+                {
+                    "method": "rewarded soup: W = W0 + sum_i c_i s B_i A_i, one LoRA of concatenated factors",
+                    "parents": [str(p.run.path.resolve()) for p in parents],
+                    "names": [p.name for p in parents],
+                    "checkpoints": [str(p.lora_dir.resolve()) for p in parents],
+                    "coefficients": [float(c) for c in coefs],
+                    "step": step,
+                },
+                indent=2,
+            )
+            + "\n",
+        )
         with atomic_directory(run.checkpoint_dir(step)) as tmp:
             save_file(mixed.tensors, str(tmp / LORA_FILE), metadata=mixed.metadata)
         run.metrics_path.touch()

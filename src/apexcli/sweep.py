@@ -34,7 +34,13 @@ from apexcli.console import make_console
 from apexcli.errors import ApexError
 
 # keys the sweep sets itself; an override may not change them
-RESERVED_OVERRIDES = ("balance.weights", "balance.strategy", "objectives", "out", "name")  # one per run: set by the sweep
+RESERVED_OVERRIDES = (
+    "balance.weights",
+    "balance.strategy",
+    "objectives",
+    "out",
+    "name",
+)  # one per run: set by the sweep
 LABEL_DECIMALS = 4  # decimals of a weight in a run folder name
 MAX_RUNS = 200  # default limit on |W|: each run is a whole training run
 
@@ -149,8 +155,10 @@ def plan_sweep(
         raise ApexError(f"--points {points}: need at least 2 points per simplex edge")
     n_runs = sweep_size(len(objectives), points)
     if n_runs > max_runs:
-        raise ApexError(f"--points {points} with {len(objectives)} objectives makes {n_runs} runs, more than "
-                        f"--max-runs {max_runs}; use fewer points or raise --max-runs")
+        raise ApexError(
+            f"--points {points} with {len(objectives)} objectives makes {n_runs} runs, more than "
+            f"--max-runs {max_runs}; use fewer points or raise --max-runs"
+        )
     if steps is not None and steps < 1:
         raise ApexError(f"--steps {steps}: need at least 1 training step")
     for item in overrides:
@@ -162,16 +170,24 @@ def plan_sweep(
     plan = []
     for weights in simplex_lattice(len(objectives), points):
         run_out = Path(out) / weight_label(weights)
-        argv = train_argv(weights, objectives, run_out, preset=preset, steps=steps,
-                          config=config, overrides=overrides, resume=resume)
+        argv = train_argv(
+            weights, objectives, run_out, preset=preset, steps=steps, config=config, overrides=overrides, resume=resume
+        )
         plan.append(SweepRun(weights=weights, out=run_out, argv=argv))
     if len({r.out for r in plan}) != len(plan):
         raise ApexError(f"--points {points}: too many points to name runs apart; use fewer")
     return plan
 
 
-def check_plan(plan: Sequence[SweepRun], objectives: Sequence[str], *, preset: str | None = None,
-               steps: int | None = None, config: Path | None = None, overrides: Sequence[str] = ()) -> None:
+def check_plan(
+    plan: Sequence[SweepRun],
+    objectives: Sequence[str],
+    *,
+    preset: str | None = None,
+    steps: int | None = None,
+    config: Path | None = None,
+    overrides: Sequence[str] = (),
+) -> None:
     """Resolve and validate every run's config as ``apex train`` does (objective names included),
     without loading a model: an ApexError here means no run would have started."""
     from apexcli.config import resolve_config
@@ -180,8 +196,11 @@ def check_plan(plan: Sequence[SweepRun], objectives: Sequence[str], *, preset: s
     for name in objectives:
         canonical_name(name.strip())
     for run in plan:
-        options: dict = {"objectives": [o.strip() for o in objectives if o.strip()], "out": str(run.out),
-                         "balance": {"strategy": "static", "weights": list(run.weights)}}
+        options: dict = {
+            "objectives": [o.strip() for o in objectives if o.strip()],
+            "out": str(run.out),
+            "balance": {"strategy": "static", "weights": list(run.weights)},
+        }
         if steps is not None:
             options["train"] = {"steps": steps}
         resolve_config(preset=preset, config_file=config, options=options, overrides=list(overrides))
@@ -209,8 +228,17 @@ def run_sweep(
     run failed.
     """
     console = console or make_console()
-    plan = plan_sweep(objectives, points, out, preset=preset, steps=steps, config=config,
-                      overrides=overrides, resume=resume, max_runs=max_runs)
+    plan = plan_sweep(
+        objectives,
+        points,
+        out,
+        preset=preset,
+        steps=steps,
+        config=config,
+        overrides=overrides,
+        resume=resume,
+        max_runs=max_runs,
+    )
     try:
         check_plan(plan, objectives, preset=preset, steps=steps, config=config, overrides=overrides)
     except ApexError as exc:
@@ -224,8 +252,7 @@ def run_sweep(
     prefix = list(executable) if executable is not None else [_apex_executable()]
     for i, run in enumerate(plan, start=1):
         argv = prefix + run.argv[1:]
-        console.print(f"[bold][{i}/{len(plan)}][/] {escape(shlex.join(run.argv))}",
-                      highlight=False, soft_wrap=True)
+        console.print(f"[bold][{i}/{len(plan)}][/] {escape(shlex.join(run.argv))}", highlight=False, soft_wrap=True)
         start = time.perf_counter()
         try:
             code: int | None = subprocess.run(argv, check=False).returncode
@@ -234,8 +261,7 @@ def run_sweep(
             code, error = None, f"could not start: {exc}"
         result.outcomes.append(SweepOutcome(run, code, time.perf_counter() - start, error))
         if code != 0:
-            console.print(f"[red]run {escape(run.out.name)} failed ({escape(error)}); "
-                          "continuing[/]", highlight=False)
+            console.print(f"[red]run {escape(run.out.name)} failed ({escape(error)}); continuing[/]", highlight=False)
 
     _print_summary(result, console)
     if result.failed:
@@ -266,6 +292,5 @@ def _print_summary(result: SweepResult, console: Console) -> None:
         table.add_column(col)
     for o in result.outcomes:
         status = "ok" if o.returncode == 0 else f"[red]{escape(o.error)}[/]"
-        table.add_row(escape(str(o.run.out)), ",".join(f"{w:.4g}" for w in o.run.weights),
-                      status, f"{o.seconds:.1f}")
+        table.add_row(escape(str(o.run.out)), ",".join(f"{w:.4g}" for w in o.run.weights), status, f"{o.seconds:.1f}")
     console.print(table)

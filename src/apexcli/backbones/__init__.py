@@ -15,7 +15,13 @@ _BY_TRANSFORMER = {b.transformer_class: b for b in BACKBONES}
 _BY_PIPELINE = {b.pipeline_class: b for b in BACKBONES}
 
 __all__ = [
-    "BACKBONES", "Backbone", "backbone_of", "backbone_of_pipeline", "backbone_for_class", "model_dtype", "unwrap_model",
+    "BACKBONES",
+    "Backbone",
+    "backbone_of",
+    "backbone_of_pipeline",
+    "backbone_for_class",
+    "model_dtype",
+    "unwrap_model",
 ]
 
 

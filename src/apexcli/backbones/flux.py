@@ -27,8 +27,14 @@ PATCH = 2
 """Latent pixels per token side: FLUX packs 2x2 latent pixels into one token."""
 
 ATTENTION_PROJECTIONS = (
-    "attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0",
-    "attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj", "attn.to_add_out",
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
 )
 """Double-stream blocks' image and text projections; the suffixes ``attn.to_q/k/v`` also match
 the single-stream blocks' attention (which has no ``to_out``: ``proj_out`` fuses it with the MLP)."""

@@ -94,6 +94,8 @@ def build_balancer(name: str, objectives: list[str], weights: list[float] | None
             setattr(cfg.experimental, key, value)
         else:
             section = getattr(cfg, section_name) if section_name else None
-            valid = sorted(_TOP_LEVEL | _EXPERIMENTAL | ({f.name for f in dataclasses.fields(section)} if section else set()))
+            valid = sorted(
+                _TOP_LEVEL | _EXPERIMENTAL | ({f.name for f in dataclasses.fields(section)} if section else set())
+            )
             raise ApexError(f"unknown option '{key}' for balance strategy '{name}'; valid: {', '.join(valid)}")
     return build_balancer_from_config(cfg, objectives)

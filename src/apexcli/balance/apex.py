@@ -76,8 +76,12 @@ class ApexBalancer(Balancer):
             self.pending_gram = g
 
     def wants_progress(self, step: int) -> bool:
-        return (self.k > 1 and self.cfg.experimental.progress_prompts > 0 and self.cfg.apex.b_pn > 0
-                and self._probe_due(step))  # one objective has no need relative to others
+        return (
+            self.k > 1
+            and self.cfg.experimental.progress_prompts > 0
+            and self.cfg.apex.b_pn > 0
+            and self._probe_due(step)
+        )  # one objective has no need relative to others
 
     def set_progress_means(self, mean: torch.Tensor, std: torch.Tensor) -> None:
         m = torch.as_tensor(mean, dtype=torch.float64).reshape(-1)
@@ -101,8 +105,12 @@ class ApexBalancer(Balancer):
         # 0) has no unit of progress until it first varies, and meanwhile reports progress 0.
         self.scale0 = torch.where(ok & (self.scale0 <= 0), batch.batch_std, self.scale0)
         self.mean0 = torch.where(first, batch.batch_mean, self.mean0)
-        self.scale = torch.where(first, batch.batch_std, torch.where(again, d * self.scale + (1 - d) * batch.batch_std, self.scale))
-        self.mean = torch.where(first, batch.batch_mean, torch.where(again, d * self.mean + (1 - d) * batch.batch_mean, self.mean))
+        self.scale = torch.where(
+            first, batch.batch_std, torch.where(again, d * self.scale + (1 - d) * batch.batch_std, self.scale)
+        )
+        self.mean = torch.where(
+            first, batch.batch_mean, torch.where(again, d * self.mean + (1 - d) * batch.batch_mean, self.mean)
+        )
         self.seen = self.seen | ok
 
     def _balance(self, batch: Batch) -> Outcome:

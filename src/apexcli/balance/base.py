@@ -18,11 +18,11 @@ import torch
 from apexcli.balance.config import BalanceConfig
 from apexcli.balance.normalize import (
     GroupStats,
+    explained_share,
+    gdpo_denominator,
     group_index,
     group_statistics,
     group_zscores,
-    gdpo_denominator,
-    explained_share,
     masked_batch_moments,
 )
 from apexcli.balance.priorities import conflict_penalty, cosine_matrix, learning_potential, normalize_user_weights
@@ -131,7 +131,9 @@ class Balancer:
     def _checked_gram(self, gram: torch.Tensor) -> torch.Tensor | None:
         g = torch.as_tensor(gram).detach().to("cpu", torch.float64)
         if g.shape != (self.k, self.k):
-            raise ApexError(f"gradient Gram matrix has shape {tuple(g.shape)}, expected ({self.k}, {self.k}) for objectives {self.objectives}")
+            raise ApexError(
+                f"gradient Gram matrix has shape {tuple(g.shape)}, expected ({self.k}, {self.k}) for objectives {self.objectives}"
+            )
         if not bool(torch.isfinite(g).all()):
             return None  # a failed probe (non-finite loss) is dropped, never propagated
         return 0.5 * (g + g.T)
@@ -158,10 +160,14 @@ class Balancer:
         if r.ndim == 1 and self.k == 1:
             r = r.unsqueeze(1)
         if r.ndim != 2 or r.shape[1] != self.k:
-            raise ApexError(f"rewards have shape {tuple(r.shape)}, expected [N, {self.k}] for objectives {self.objectives}")
+            raise ApexError(
+                f"rewards have shape {tuple(r.shape)}, expected [N, {self.k}] for objectives {self.objectives}"
+            )
         g = torch.as_tensor(groups).detach().to("cpu").reshape(-1)
         if g.shape[0] != r.shape[0]:
-            raise ApexError(f"groups has {g.shape[0]} entries but rewards has {r.shape[0]} rows; give one group id per sample")
+            raise ApexError(
+                f"groups has {g.shape[0]} entries but rewards has {r.shape[0]} rows; give one group id per sample"
+            )
         if r.shape[0] == 0:
             raise ApexError("balance got an empty batch (0 samples)")
         mask = torch.isfinite(r)
@@ -203,13 +209,22 @@ class Balancer:
     # ---------------------------------------------------------------- state
     def state_dict(self) -> dict:
         """Plain python values only (ints, floats, lists, bools, None): torch.save(weights_only) and JSON safe."""
-        return {"strategy": self.name, "objectives": list(self.objectives), "step": int(self.step), **self._extra_state()}
+        return {
+            "strategy": self.name,
+            "objectives": list(self.objectives),
+            "step": int(self.step),
+            **self._extra_state(),
+        }
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("strategy") != self.name:
-            raise ApexError(f"balancer state is for strategy '{state.get('strategy')}', not '{self.name}'; resume with the same balance.strategy")
+            raise ApexError(
+                f"balancer state is for strategy '{state.get('strategy')}', not '{self.name}'; resume with the same balance.strategy"
+            )
         if list(state.get("objectives", [])) != self.objectives:
-            raise ApexError(f"balancer state is for objectives {state.get('objectives')}, not {self.objectives}; resume with the same --objectives")
+            raise ApexError(
+                f"balancer state is for objectives {state.get('objectives')}, not {self.objectives}; resume with the same --objectives"
+            )
         self.step = int(state["step"])
         self._load_extra_state(state)
 

@@ -152,4 +152,3 @@ class BalanceConfig:
         from apexcli.config import validate_balance  # config.py nests this section: imported when used
 
         validate_balance(self, n_objectives)
-

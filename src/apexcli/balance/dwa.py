@@ -56,8 +56,12 @@ class DwaBalancer(Balancer):
         again = ok & self.seen
         self.prev_mean = torch.where(again, self.mean, self.prev_mean)
         self.has_prev = self.has_prev | again
-        self.mean = torch.where(first, batch.batch_mean, torch.where(again, decay * self.mean + (1 - decay) * batch.batch_mean, self.mean))
-        self.scale = torch.where(first, batch.batch_std, torch.where(again, decay * self.scale + (1 - decay) * batch.batch_std, self.scale))
+        self.mean = torch.where(
+            first, batch.batch_mean, torch.where(again, decay * self.mean + (1 - decay) * batch.batch_mean, self.mean)
+        )
+        self.scale = torch.where(
+            first, batch.batch_std, torch.where(again, decay * self.scale + (1 - decay) * batch.batch_std, self.scale)
+        )
         self.seen = self.seen | ok
         metrics = {f"balance/progress/{n}": float(delta[i]) for i, n in enumerate(self.objectives)}
         return Outcome(adv, w, z, contrib, metrics)

@@ -52,8 +52,12 @@ def group_statistics(values: torch.Tensor, mask: torch.Tensor, gidx: torch.Tenso
     std = var.clamp(min=0).sqrt()
     idx = gidx.unsqueeze(1).expand(n, k)
     inf = torch.full_like(values, float("inf"))
-    gmax = torch.full((g, k), -float("inf"), dtype=values.dtype).scatter_reduce(0, idx, torch.where(mask, values, -inf), "amax")
-    gmin = torch.full((g, k), float("inf"), dtype=values.dtype).scatter_reduce(0, idx, torch.where(mask, values, inf), "amin")
+    gmax = torch.full((g, k), -float("inf"), dtype=values.dtype).scatter_reduce(
+        0, idx, torch.where(mask, values, -inf), "amax"
+    )
+    gmin = torch.full((g, k), float("inf"), dtype=values.dtype).scatter_reduce(
+        0, idx, torch.where(mask, values, inf), "amin"
+    )
     flat = (count < 2) | (gmax <= gmin)
     std = torch.where(flat, torch.zeros_like(std), std)
     return GroupStats(gidx, count, mean, std, flat)
@@ -69,7 +73,9 @@ def masked_batch_moments(values: torch.Tensor, mask: torch.Tensor) -> tuple[torc
     return count, mean, var.clamp(min=0).sqrt()
 
 
-def group_zscores(values: torch.Tensor, mask: torch.Tensor, stats: GroupStats, denominator: torch.Tensor) -> torch.Tensor:
+def group_zscores(
+    values: torch.Tensor, mask: torch.Tensor, stats: GroupStats, denominator: torch.Tensor
+) -> torch.Tensor:
     """z[i,k] = (r[i,k] - mean_g(i),k) / denominator[g(i),k]; 0 where masked or the group is flat for k."""
     gi = stats.group_index
     z = (values - stats.mean[gi]) / denominator[gi].clamp(min=TINY)

@@ -15,7 +15,9 @@ from apexcli.balance.base import Balancer, Batch, Outcome
 from apexcli.balance.normalize import batch_standardize
 
 
-def dominated_in_groups(values: torch.Tensor, mask: torch.Tensor, gidx: torch.Tensor, active: torch.Tensor) -> torch.Tensor:
+def dominated_in_groups(
+    values: torch.Tensor, mask: torch.Tensor, gidx: torch.Tensor, active: torch.Tensor
+) -> torch.Tensor:
     """[N] bool: sample i is dominated by a sample j of its own group.
 
     j dominates i when, over the ``active`` objectives finite for both, r_j >= r_i everywhere

@@ -51,7 +51,9 @@ def conflict_penalty(cos: torch.Tensor) -> torch.Tensor:
     return neg.sum(1) / (k - 1)
 
 
-def progress(mean_now: torch.Tensor, mean_start: torch.Tensor, scale_start: torch.Tensor, targets: torch.Tensor | None) -> torch.Tensor:
+def progress(
+    mean_now: torch.Tensor, mean_start: torch.Tensor, scale_start: torch.Tensor, targets: torch.Tensor | None
+) -> torch.Tensor:
     """p_k = (M_k(t) - M_k(0)) / S_k(0), or with targets (M_k(t) - M_k(0)) / (T_k - M_k(0)).
 
     A degenerate denominator (S_k(0) = 0, or the start already at the target) gives p_k = 0,

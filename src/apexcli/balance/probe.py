@@ -97,7 +97,11 @@ def gradient_gram_by_backward(
     flat: list[torch.Tensor] = []
     for j in range(per_objective_advantages.shape[1]):
         loss_for_advantages(per_objective_advantages[:, j]).backward()
-        flat.append(_flatten([None if p.grad is None else local_tensor(p.grad) for p in params], [local_tensor(p) for p in params]))
+        flat.append(
+            _flatten(
+                [None if p.grad is None else local_tensor(p.grad) for p in params], [local_tensor(p) for p in params]
+            )
+        )
         for p in params:
             p.grad = None
     stacked = torch.stack(flat).to(torch.float64)  # [K, P_local]: this rank's slice of every gradient

@@ -145,7 +145,9 @@ class Evaluator:
         return (raw - self.start) / (self.best - self.start)
 
 
-def sample_rewards(task: ToyTask, actions: torch.Tensor, groups: torch.Tensor, n_groups: int, gen: torch.Generator) -> torch.Tensor:
+def sample_rewards(
+    task: ToyTask, actions: torch.Tensor, groups: torch.Tensor, n_groups: int, gen: torch.Generator
+) -> torch.Tensor:
     """Noisy rewards [N, K] for actions [N, 2] (prompt offsets constant inside a group)."""
     cols = []
     for r in task.rewards:
@@ -185,7 +187,7 @@ def train_policy(
         rewards = sample_rewards(task, actions, groups, s.groups, gen)
         adv, info = balancer(rewards, groups)
 
-        def loss_for(a: torch.Tensor) -> torch.Tensor:
+        def loss_for(a: torch.Tensor, actions: torch.Tensor = actions) -> torch.Tensor:
             logp = -((actions - mu) ** 2).sum(1) / (2 * task.sigma**2)  # log pi(a) up to a constant
             return -(a.to(logp.dtype) * logp).mean()
 

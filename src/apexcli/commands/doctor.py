@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Optional
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -16,13 +16,21 @@ STATUS_STYLE = {"ok": "green", "warn": "yellow", "FAIL": "bold red"}
 
 
 def doctor(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, as for apex train.", show_default=False)] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset to check: tiny, mini, sd35m, sd35m-1gpu, sd35l.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file, applied over the preset.")] = None,
-    objectives: Annotated[Optional[str], typer.Option(help="Comma-separated rewards, as for apex train (name@URL for a reward server).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Hub id or local directory of the SD3 pipeline (model.pretrained).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory whose disk is checked (out).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE (repeatable), as for apex train.")] = None,
+    overrides: Annotated[
+        list[str] | None, typer.Argument(help="Config overrides KEY=VALUE, as for apex train.", show_default=False)
+    ] = None,
+    preset: Annotated[str | None, typer.Option(help="Preset to check: tiny, mini, sd35m, sd35m-1gpu, sd35l.")] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config file, applied over the preset.")] = None,
+    objectives: Annotated[
+        str | None, typer.Option(help="Comma-separated rewards, as for apex train (name@URL for a reward server).")
+    ] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Hub id or local directory of the SD3 pipeline (model.pretrained).")
+    ] = None,
+    out: Annotated[Path | None, typer.Option("--out", "-o", help="Run directory whose disk is checked (out).")] = None,
+    set_: Annotated[
+        list[str] | None, typer.Option("--set", help="Config override KEY=VALUE (repeatable), as for apex train.")
+    ] = None,
 ) -> None:
     """Check that a preset or config can train here (versions, GPU, weights, reward backends, disk, the memory plan); exit 1 on any FAIL."""
     from apexcli.console import make_console
@@ -35,7 +43,9 @@ def doctor(
         options["model"] = {"pretrained": model}
     if out is not None:
         options["out"] = str(out)
-    rows = diagnose(preset=preset, config_file=config, options=options, overrides=list(overrides or []) + list(set_ or []))
+    rows = diagnose(
+        preset=preset, config_file=config, options=options, overrides=list(overrides or []) + list(set_ or [])
+    )
     make_console().print(_table(rows))
     if any(row.status == FAIL for row in rows):
         raise typer.Exit(1)

@@ -3,18 +3,27 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 
 def evaluate(
     run: Annotated[Path, typer.Argument(help="Run directory made by apex train.")],
-    checkpoint: Annotated[Optional[str], typer.Option(help="Checkpoint dir (default: the run's newest), or 'base' for the base model.")] = None,
+    checkpoint: Annotated[
+        str | None, typer.Option(help="Checkpoint dir (default: the run's newest), or 'base' for the base model.")
+    ] = None,
     log: Annotated[bool, typer.Option(help="Also append the eval row to the run's metrics.jsonl.")] = False,
-    prompts: Annotated[Optional[str], typer.Option(help="Evaluate on another prompt set (a .txt/.jsonl file or builtin:NAME); written to eval/set-.../, not the run's rows.")] = None,
-    num_prompts: Annotated[Optional[int], typer.Option(help="How many of the set's prompts (default: the run's eval.num_prompts).")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Eval noise seed (default: the run's eval.seed).")] = None,
+    prompts: Annotated[
+        str | None,
+        typer.Option(
+            help="Evaluate on another prompt set (a .txt/.jsonl file or builtin:NAME); written to eval/set-.../, not the run's rows."
+        ),
+    ] = None,
+    num_prompts: Annotated[
+        int | None, typer.Option(help="How many of the set's prompts (default: the run's eval.num_prompts).")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Eval noise seed (default: the run's eval.seed).")] = None,
 ) -> None:
     """Re-run a run's held-out evaluation on one of its checkpoints, or evaluate it on another set."""
     from apexcli.eval.evaluator import evaluate_checkpoint

@@ -8,7 +8,6 @@ from typing import Annotated
 import typer
 
 
-
 def pareto(
     runs: Annotated[
         list[Path],
@@ -19,7 +18,11 @@ def pareto(
     ],
     out: Annotated[
         Path,
-        typer.Option("--out", "-o", help="Folder for pareto.json, report.md and the PNG plots (~ is your home); an earlier report there is kept unless --overwrite."),
+        typer.Option(
+            "--out",
+            "-o",
+            help="Folder for pareto.json, report.md and the PNG plots (~ is your home); an earlier report there is kept unless --overwrite.",
+        ),
     ] = Path("pareto"),
     overwrite: Annotated[
         bool,

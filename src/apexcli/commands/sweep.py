@@ -49,7 +49,9 @@ def sweep(
     ] = False,
     resume: Annotated[
         bool,
-        typer.Option("--resume", help="Continue an interrupted sweep: every run gets --resume auto (finished runs only load)."),
+        typer.Option(
+            "--resume", help="Continue an interrupted sweep: every run gets --resume auto (finished runs only load)."
+        ),
     ] = False,
     max_runs: Annotated[
         int,

@@ -5,27 +5,61 @@ from __future__ import annotations
 import os
 import shlex
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
 
 def train(
-    overrides: Annotated[Optional[list[str]], typer.Argument(help="Config overrides KEY=VALUE, dotted, e.g. train.lr=1e-4 balance.apex.tau=0.5.", show_default=False)] = None,
-    preset: Annotated[Optional[str], typer.Option(help="Preset to start from: tiny, mini, sd35m, sd35m-1gpu, sd35l.")] = None,
-    config: Annotated[Optional[Path], typer.Option("--config", help="YAML config file, applied over the preset.")] = None,
-    objectives: Annotated[Optional[str], typer.Option(help="Comma-separated rewards to optimise, e.g. pick,deqa,aes,ocr (name@URL for a reward server).")] = None,
-    balance: Annotated[Optional[str], typer.Option(help="Balancing strategy: apex, gdpo, static, dwa, mgda, random, pareto.")] = None,
-    weights: Annotated[Optional[str], typer.Option(help="Comma-separated user weights, one per objective (balance.weights).")] = None,
-    steps: Annotated[Optional[int], typer.Option(help="Training iterations (train.steps).")] = None,
-    out: Annotated[Optional[Path], typer.Option("--out", "-o", help="Run directory (config, metrics.jsonl, checkpoints, eval).")] = None,
-    resume: Annotated[Optional[str], typer.Option(help="'auto' (newest readable checkpoint of --out, or start fresh) or a checkpoint/run path.")] = None,
-    overwrite: Annotated[bool, typer.Option("--overwrite", help="Delete the run already in --out (config, metrics, checkpoints, eval) and start a new one.")] = False,
-    eval_every: Annotated[Optional[int], typer.Option(help="Evaluate at step 0, every N steps and at the end (eval.every); 0 = off.")] = None,
-    seed: Annotated[Optional[int], typer.Option(help="Seed of prompts, noise and LoRA init.")] = None,
-    device: Annotated[Optional[str], typer.Option(help="auto, cpu, cuda, cuda:N (model.device).")] = None,
-    model: Annotated[Optional[str], typer.Option(help="Hub id or local directory of the SD3 pipeline (model.pretrained).")] = None,
-    set_: Annotated[Optional[list[str]], typer.Option("--set", help="Config override KEY=VALUE (repeatable; same as a positional override).")] = None,
+    overrides: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="Config overrides KEY=VALUE, dotted, e.g. train.lr=1e-4 balance.apex.tau=0.5.", show_default=False
+        ),
+    ] = None,
+    preset: Annotated[
+        str | None, typer.Option(help="Preset to start from: tiny, mini, sd35m, sd35m-1gpu, sd35l.")
+    ] = None,
+    config: Annotated[Path | None, typer.Option("--config", help="YAML config file, applied over the preset.")] = None,
+    objectives: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma-separated rewards to optimise, e.g. pick,deqa,aes,ocr (name@URL for a reward server)."
+        ),
+    ] = None,
+    balance: Annotated[
+        str | None, typer.Option(help="Balancing strategy: apex, gdpo, static, dwa, mgda, random, pareto.")
+    ] = None,
+    weights: Annotated[
+        str | None, typer.Option(help="Comma-separated user weights, one per objective (balance.weights).")
+    ] = None,
+    steps: Annotated[int | None, typer.Option(help="Training iterations (train.steps).")] = None,
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Run directory (config, metrics.jsonl, checkpoints, eval).")
+    ] = None,
+    resume: Annotated[
+        str | None,
+        typer.Option(help="'auto' (newest readable checkpoint of --out, or start fresh) or a checkpoint/run path."),
+    ] = None,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Delete the run already in --out (config, metrics, checkpoints, eval) and start a new one.",
+        ),
+    ] = False,
+    eval_every: Annotated[
+        int | None, typer.Option(help="Evaluate at step 0, every N steps and at the end (eval.every); 0 = off.")
+    ] = None,
+    seed: Annotated[int | None, typer.Option(help="Seed of prompts, noise and LoRA init.")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda, cuda:N (model.device).")] = None,
+    model: Annotated[
+        str | None, typer.Option(help="Hub id or local directory of the SD3 pipeline (model.pretrained).")
+    ] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="Config override KEY=VALUE (repeatable; same as a positional override)."),
+    ] = None,
 ) -> None:
     """Train a LoRA with GRPO on several rewards at once (APEX balancing by default)."""
     from apexcli.train import run_training
@@ -68,7 +102,20 @@ def _command_line(parsed: dict) -> list[str]:
     """The command as parsed (not ``sys.argv``, which is another program's when ``apexcli.cli.main``
     is called in-process): ``apex train --opt VALUE ... KEY=VALUE ...``, each part shell-quoted."""
     argv = ["apex", "train"]
-    for name in ("preset", "config", "objectives", "balance", "weights", "steps", "out", "resume", "eval_every", "seed", "device", "model"):
+    for name in (
+        "preset",
+        "config",
+        "objectives",
+        "balance",
+        "weights",
+        "steps",
+        "out",
+        "resume",
+        "eval_every",
+        "seed",
+        "device",
+        "model",
+    ):
         value = parsed.get(name)
         if value is not None:
             argv += ["--" + name.replace("_", "-"), shlex.quote(str(value))]

@@ -94,10 +94,7 @@ class PointTable:
 
 def no_runs_message(paths: Sequence[Path]) -> str:
     where = ", ".join(str(p) for p in paths)
-    return (
-        f"no runs found under {where}: a run is a folder with config.yaml and metrics.jsonl "
-        "(made by apex train)"
-    )
+    return f"no runs found under {where}: a run is a folder with config.yaml and metrics.jsonl (made by apex train)"
 
 
 def collect_runs(paths: Sequence[Path]) -> Collection:
@@ -138,9 +135,7 @@ def _read_run(run: RunDir, collection: Collection) -> RunRecord | None:
     metrics = run.read_metrics()
     if metrics.skipped:
         shown = "; ".join(metrics.skipped[:3]) + ("; ..." if len(metrics.skipped) > 3 else "")
-        collection.warnings.append(
-            f"{run.path}: skipped {len(metrics.skipped)} corrupt metrics.jsonl line(s): {shown}"
-        )
+        collection.warnings.append(f"{run.path}: skipped {len(metrics.skipped)} corrupt metrics.jsonl line(s): {shown}")
     rows, bad = _plausible_rows(metrics.rows)
     if bad:
         shown = "; ".join(bad[:3]) + ("; ..." if len(bad) > 3 else "")
@@ -176,14 +171,10 @@ def _read_run(run: RunDir, collection: Collection) -> RunRecord | None:
 
     evals = [evals_by_step[s] for s in sorted(evals_by_step)]
     if not evals:
-        collection.skipped.append(
-            SkippedRun(run.path, "no eval rows in metrics.jsonl (train with evaluation on)")
-        )
+        collection.skipped.append(SkippedRun(run.path, "no eval rows in metrics.jsonl (train with evaluation on)"))
         return None
     if all(e.step == 0 for e in evals):
-        collection.skipped.append(
-            SkippedRun(run.path, "only the base-model eval (step 0): no trained eval point yet")
-        )
+        collection.skipped.append(SkippedRun(run.path, "only the base-model eval (step 0): no trained eval point yet"))
         return None
 
     balance = config.get("balance") if isinstance(config.get("balance"), dict) else {}
@@ -228,11 +219,15 @@ def _with_values(runs: list[RunRecord], objectives: list[str]) -> tuple[list[str
         if any(k in e.means for run in runs for e in run.evals if e.step > 0):
             kept.append(k)
         else:
-            notes.append(f"{k}: no finite eval value in any run (none of the eval prompts applies to it, "
-                         f"e.g. no quoted text for ocr); left out of the comparison")
+            notes.append(
+                f"{k}: no finite eval value in any run (none of the eval prompts applies to it, "
+                f"e.g. no quoted text for ocr); left out of the comparison"
+            )
     if not kept:
-        raise ApexError(f"no objective has a finite eval value in any run ({', '.join(objectives)}): "
-                        "evaluate on prompts the objectives apply to")
+        raise ApexError(
+            f"no objective has a finite eval value in any run ({', '.join(objectives)}): "
+            "evaluate on prompts the objectives apply to"
+        )
     return kept, notes
 
 
@@ -249,12 +244,10 @@ def build_points(collection: Collection, all_steps: bool = False) -> PointTable:
         sets = "; ".join(f"{r.name}: {','.join(r.objectives)}" for r in runs)
         if not objectives:
             raise ApexError(
-                f"the runs share no eval objective ({sets}): compare runs evaluated on at "
-                "least one common objective"
+                f"the runs share no eval objective ({sets}): compare runs evaluated on at least one common objective"
             )
         warnings.append(
-            f"runs evaluate different objectives ({sets}); comparing on the common ones: "
-            f"{','.join(objectives)}"
+            f"runs evaluate different objectives ({sets}); comparing on the common ones: {','.join(objectives)}"
         )
 
     objectives, left_out = _with_values(runs, objectives)
@@ -270,15 +263,10 @@ def build_points(collection: Collection, all_steps: bool = False) -> PointTable:
         if not usable:
             last = candidates[-1]
             lacking = ",".join(k for k in objectives if k not in last.means)
-            skipped.append(
-                SkippedRun(run.path, f"eval at step {last.step} has no finite value for {lacking}")
-            )
+            skipped.append(SkippedRun(run.path, f"eval at step {last.step} has no finite value for {lacking}"))
             continue
         if missing:
-            warnings.append(
-                f"{run.name}: eval steps {','.join(map(str, missing))} have non-finite values; "
-                "left out"
-            )
+            warnings.append(f"{run.name}: eval steps {','.join(map(str, missing))} have non-finite values; left out")
         for e in usable:
             run_index.append(len(kept))
             steps.append(e.step)

@@ -18,7 +18,7 @@ from accelerate.utils import gather_object
 from apexcli.config import Config, config_from_dict, validate
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import decode_latents, latent_channels, rollout
-from apexcli.images import image_grid  # noqa: F401  (re-exported: the eval grid's layout)
+from apexcli.images import image_grid
 from apexcli.jsonsafe import finite_or_none
 from apexcli.models.loading import load_pipeline, resolve_device
 from apexcli.models.lora import load_lora_for_inference, resolve_lora_path
@@ -31,8 +31,17 @@ from apexcli.seeds import mix_seed
 
 class Evaluator:
     def __init__(
-        self, cfg: Config, pipe, cache, train_objectives: list[str], *, device: torch.device, accelerator=None,
-        prompts: list[str] | None = None, seed: int | None = None, suite: RewardSuite | None = None,
+        self,
+        cfg: Config,
+        pipe,
+        cache,
+        train_objectives: list[str],
+        *,
+        device: torch.device,
+        accelerator=None,
+        prompts: list[str] | None = None,
+        seed: int | None = None,
+        suite: RewardSuite | None = None,
     ):
         """``prompts``, ``seed`` and ``suite`` replace the eval prompts, ``eval.seed`` and a reward suite
         of its own (apex's progress probe passes training prompts and the trainer's suite)."""
@@ -40,16 +49,23 @@ class Evaluator:
         self.device = device
         self.accelerator = accelerator
         self.seed = cfg.eval.seed if seed is None else seed
-        self.objectives_requested = list(suite.objectives) if suite is not None else (cfg.eval.objectives or list(train_objectives))
+        self.objectives_requested = (
+            list(suite.objectives) if suite is not None else (cfg.eval.objectives or list(train_objectives))
+        )
         self.prompts = list(prompts) if prompts is not None else load_prompts(cfg.prompts.eval)[: cfg.eval.num_prompts]
         seq = cfg.model.max_sequence_length
         self.cond = encode_prompts(pipe, self.prompts, max_sequence_length=seq, device="cpu", cache=cache)
-        self.uncond = encode_prompts(pipe, [cfg.sampling.negative_prompt], max_sequence_length=seq, device=device, cache=cache)
+        self.uncond = encode_prompts(
+            pipe, [cfg.sampling.negative_prompt], max_sequence_length=seq, device=device, cache=cache
+        )
         latent = cfg.model.resolution // pipe.vae_scale_factor
         shape = (latent_channels(pipe.transformer), latent, latent)
         # one generator per prompt: the noise of prompt i never depends on batch size or count
         self.noise = torch.stack(
-            [torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(self.seed, i))) for i in range(len(self.prompts))]
+            [
+                torch.randn(shape, generator=torch.Generator().manual_seed(mix_seed(self.seed, i)))
+                for i in range(len(self.prompts))
+            ]
         )
         self._suite = suite
         self._owns_suite = suite is None
@@ -62,7 +78,15 @@ class Evaluator:
 
     @torch.no_grad()
     def run(
-        self, transformer, vae, scheduler, vae_scale_factor: int, step: int, run: RunDir | None, *, lockstep: bool = False,
+        self,
+        transformer,
+        vae,
+        scheduler,
+        vae_scale_factor: int,
+        step: int,
+        run: RunDir | None,
+        *,
+        lockstep: bool = False,
         directory: Path | None = None,
     ) -> dict | None:
         """Every process evaluates its share of the prompts (i = rank, rank + W, ...); the main
@@ -86,9 +110,16 @@ class Evaluator:
             if padding:
                 idx = [rank % len(self.prompts)]
             traj = rollout(
-                transformer, scheduler, self.cond.index(idx).to(self.device),
-                num_steps=e.num_steps, height=res, width=res, vae_scale_factor=vae_scale_factor,
-                guidance_scale=e.guidance_scale, uncond=self.uncond, sampler="ode",
+                transformer,
+                scheduler,
+                self.cond.index(idx).to(self.device),
+                num_steps=e.num_steps,
+                height=res,
+                width=res,
+                vae_scale_factor=vae_scale_factor,
+                guidance_scale=e.guidance_scale,
+                uncond=self.uncond,
+                sampler="ode",
                 initial_noise=self.noise[idx],  # rollout copies it to the device without a sync
             )
             if padding:
@@ -129,8 +160,13 @@ class Evaluator:
 
 
 def evaluate_checkpoint(
-    run_path: Path, checkpoint: str | None = None, *, log: bool = False,
-    prompts: str | None = None, num_prompts: int | None = None, seed: int | None = None,
+    run_path: Path,
+    checkpoint: str | None = None,
+    *,
+    log: bool = False,
+    prompts: str | None = None,
+    num_prompts: int | None = None,
+    seed: int | None = None,
 ) -> dict:
     """``apex eval RUN``: re-run the run's evaluation on one of its checkpoints (default: the
     newest; ``base`` = the base model). Writes ``eval/step-XXXXXX/`` (``eval/other-RUN-step-XXXXXX/``
@@ -146,21 +182,28 @@ def evaluate_checkpoint(
     own_set = prompts is not None or num_prompts is not None or seed is not None
     if own_set:
         if log:
-            raise ApexError("--log appends to the run's own eval rows; an evaluation on other --prompts, "
-                            "--num-prompts or --seed is written to its own folder only: drop --log")
+            raise ApexError(
+                "--log appends to the run's own eval rows; an evaluation on other --prompts, "
+                "--num-prompts or --seed is written to its own folder only: drop --log"
+            )
         cfg = _with_eval_set(cfg, prompts, num_prompts, seed)
     evals = run.path / "eval" / _eval_set_name(cfg) if own_set else run.path / "eval"
     step, directory, weight_file = 0, evals / step_dirname(0), None
     if checkpoint != "base":
         ckpt = resolve_lora_path(checkpoint or run.path, option="--checkpoint")
         if ckpt == run.path and checkpoint is None:
-            raise ApexError(f"run '{run_path}' has no checkpoint yet; pass --checkpoint base to evaluate the base model")
+            raise ApexError(
+                f"run '{run_path}' has no checkpoint yet; pass --checkpoint base to evaluate the base model"
+            )
         step = parse_step_dirname(ckpt.name) or parse_step_dirname(ckpt.parent.name) or 0
         directory = evals / step_dirname(step)
         lora_dir = ckpt / "ema" if cfg.eval.use_ema and (ckpt / "ema").is_dir() else ckpt
         given = _given_file(checkpoint)
         weight_file = given or lora_dir / LORA_FILE  # a file named is the file used
-        if ckpt.resolve().parent != run.checkpoints_dir.resolve() or weight_file.resolve() != (lora_dir / LORA_FILE).resolve():
+        if (
+            ckpt.resolve().parent != run.checkpoints_dir.resolve()
+            or weight_file.resolve() != (lora_dir / LORA_FILE).resolve()
+        ):
             # another run's checkpoint (or another file than the run's eval uses): its numbers are not
             # this run's, so they never enter its metrics, and its images never replace eval/step-N
             if log:
@@ -177,7 +220,9 @@ def evaluate_checkpoint(
     cache = TextEmbeddingCache(cfg.model.text_cache_dir, encoder_fingerprint(pipe))
     evaluator = Evaluator(cfg, pipe, cache, cfg.objectives, device=device)
     try:
-        row = evaluator.run(pipe.transformer, pipe.vae, pipe.scheduler, pipe.vae_scale_factor, step, run, directory=directory)
+        row = evaluator.run(
+            pipe.transformer, pipe.vae, pipe.scheduler, pipe.vae_scale_factor, step, run, directory=directory
+        )
     finally:
         evaluator.close()
     if log:
@@ -203,8 +248,11 @@ def _with_eval_set(cfg: Config, prompts: str | None, num_prompts: int | None, se
         why = field_rule(next(f for f in fields(EvalConfig) if f.name == "seed")).problem(seed)
         if why is not None:
             raise ApexError(f"--seed {why}")
-    evaluation = replace(cfg.eval, num_prompts=cfg.eval.num_prompts if num_prompts is None else num_prompts,
-                         seed=cfg.eval.seed if seed is None else seed)
+    evaluation = replace(
+        cfg.eval,
+        num_prompts=cfg.eval.num_prompts if num_prompts is None else num_prompts,
+        seed=cfg.eval.seed if seed is None else seed,
+    )
     cfg = replace(cfg, eval=evaluation, prompts=replace(cfg.prompts, eval=prompts or cfg.prompts.eval))
     validate(cfg)
     load_prompts(cfg.prompts.eval)  # a missing or empty set fails here, before any model loads
@@ -214,7 +262,7 @@ def _with_eval_set(cfg: Config, prompts: str | None, num_prompts: int | None, se
 def _eval_set_name(cfg: Config) -> str:
     """``set-<prompt set>-n<N>-seed<S>``: the folder of one eval set, readable and distinct."""
     spec = cfg.prompts.eval
-    label = spec[len("builtin:"):] if spec.startswith("builtin:") else Path(spec).stem
+    label = spec[len("builtin:") :] if spec.startswith("builtin:") else Path(spec).stem
     label = "".join(c if c.isalnum() or c in "-_." else "_" for c in label)[:60] or "prompts"
     return f"set-{label}-n{cfg.eval.num_prompts}-seed{cfg.eval.seed}"
 

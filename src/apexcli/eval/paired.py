@@ -91,7 +91,9 @@ class PairStats:
 
     def to_json(self) -> dict:
         return {
-            "a": self.a, "b": self.b, "n": self.n,
+            "a": self.a,
+            "b": self.b,
+            "n": self.n,
             "difference": {k: i.to_json() for k, i in self.diffs.items()},
             "hypervolume_difference": self.hypervolume.to_json(),
             "distinguishable": self.distinguishable(),
@@ -205,7 +207,9 @@ def analyse(
             report.warnings.append(f"{run.name}: its eval prompts match none of the base eval's; no paired statistics")
             continue
         if len(keys) < len(base):
-            report.warnings.append(f"{run.name}: {len(base) - len(keys)} base eval prompt(s) have no score in the run; left out")
+            report.warnings.append(
+                f"{run.name}: {len(base) - len(keys)} base eval prompt(s) have no score in the run; left out"
+            )
         b = matrix(base, keys, objs)
         mats = [matrix(sc, keys, objs) for sc in step_scores]
         final = mats[-1]

@@ -16,10 +16,10 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")  # before pyplot: headless servers have no display
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.ticker import MaxNLocator  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 DPI = 120  # pixels per inch of every saved figure
 PANEL_IN = 4.0  # inches per subplot side
@@ -86,8 +86,15 @@ def scatter_matrix(
                 ax.plot(s.values[:, j], s.values[:, i], "-", color=s.color, alpha=0.5, lw=1)
             ax.scatter(s.values[:, j], s.values[:, i], color=s.color, s=36, zorder=3)
             front = s.on_front
-            ax.scatter(s.values[front, j], s.values[front, i], s=130, facecolors="none",
-                       edgecolors="black", linewidths=1.5, zorder=4)
+            ax.scatter(
+                s.values[front, j],
+                s.values[front, i],
+                s=130,
+                facecolors="none",
+                edgecolors="black",
+                linewidths=1.5,
+                zorder=4,
+            )
         ax.scatter([base[j]], [base[i]], marker="*", s=200, color="black", zorder=5)
         if k == 2:
             _draw_staircase(ax, series)
@@ -180,8 +187,7 @@ def curves(
 
 
 def _figure(rows: int, cols: int, width: float, height: float):
-    fig, axes = plt.subplots(rows, cols, figsize=(width, height), dpi=DPI, squeeze=False,
-                             layout="constrained")
+    fig, axes = plt.subplots(rows, cols, figsize=(width, height), dpi=DPI, squeeze=False, layout="constrained")
     return fig, axes
 
 

@@ -22,8 +22,7 @@ from apexcli.console import make_console
 from apexcli.errors import ApexError
 from apexcli.eval import paired as paired_stats
 from apexcli.eval import plots
-from apexcli.eval.collect import PointTable, soup_info, build_points, collect_runs
-from apexcli.eval.strip import Strip, write_strip
+from apexcli.eval.collect import PointTable, build_points, collect_runs, soup_info
 from apexcli.eval.pareto import (
     NORMALISATIONS,
     Normalisation,
@@ -32,6 +31,7 @@ from apexcli.eval.pareto import (
     nondominated_mask,
     usable_base_std,
 )
+from apexcli.eval.strip import Strip, write_strip
 from apexcli.runs import atomic_write_text
 
 JSON_FILE = "pareto.json"
@@ -97,9 +97,7 @@ def run_pareto(
     console = console or make_console()
     err_console = err_console or make_console(stderr=True)
     if normalisation not in ("auto", *NORMALISATIONS):
-        raise ApexError(
-            f"unknown normalisation {normalisation!r}: use one of auto, {', '.join(NORMALISATIONS)}"
-        )
+        raise ApexError(f"unknown normalisation {normalisation!r}: use one of auto, {', '.join(NORMALISATIONS)}")
     out = Path(out).expanduser()
     check_outputs_free(out, overwrite)
     table = build_points(collect_runs([Path(p).expanduser() for p in paths]), all_steps=all_steps)
@@ -111,14 +109,14 @@ def run_pareto(
         if not has_std:
             table.warnings.append("step-0 evals carry no usable std per objective: normalising by the observed spread")
     elif normalisation == "base_std" and not has_std:
-        raise ApexError("--normalize base_std needs a positive eval/{k}/std in every run's step-0 eval; use spread or none")
+        raise ApexError(
+            "--normalize base_std needs a positive eval/{k}/std in every run's step-0 eval; use spread or none"
+        )
     norm = fit_normalisation(table.values, table.base, normalisation, table.base_std)
     normalised = norm.apply(table.values)
     on_front = nondominated_mask(normalised)
     origin = np.zeros(len(table.objectives))
-    run_hv = [
-        hypervolume(normalised[table.run_index == r], origin) for r in range(len(table.runs))
-    ]
+    run_hv = [hypervolume(normalised[table.run_index == r], origin) for r in range(len(table.runs))]
     front_hv = hypervolume(normalised[on_front], origin)
 
     out.mkdir(parents=True, exist_ok=True)
@@ -136,7 +134,9 @@ def run_pareto(
     result.paired = paired_stats.analyse(table, norm.scale, run_hv, normalised)
     result.soups = _soup_fronts(result)
     result.plots = _write_plots(result, out)
-    final_steps = {run.name: int(table.steps[np.flatnonzero(table.run_index == r)[-1]]) for r, run in enumerate(table.runs)}
+    final_steps = {
+        run.name: int(table.steps[np.flatnonzero(table.run_index == r)[-1]]) for r, run in enumerate(table.runs)
+    }
     result.strip = write_strip(table.runs, final_steps, out)
     if result.strip is not None:
         table.warnings.extend(result.strip.warnings)
@@ -153,8 +153,10 @@ def check_outputs_free(out: Path, overwrite: bool) -> None:
         return
     existing = [name for name in (REPORT_FILE, JSON_FILE) if (out / name).exists()]
     if existing:
-        raise ApexError(f"'{out / existing[0]}' exists (an earlier apex pareto?); pass --overwrite to replace it, "
-                        "or choose another --out")
+        raise ApexError(
+            f"'{out / existing[0]}' exists (an earlier apex pareto?); pass --overwrite to replace it, "
+            "or choose another --out"
+        )
 
 
 # -- pareto.json ---------------------------------------------------------------------------
@@ -211,7 +213,9 @@ def _to_json(result: ParetoResult, all_steps: bool) -> dict:
         "plots": [p.path.name for p in result.plots],
         "paired": result.paired.to_json() if result.paired is not None else None,
         "soups": _soups_json(result.soups),
-        "samples": None if result.strip is None else {
+        "samples": None
+        if result.strip is None
+        else {
             "file": result.strip.path.name,
             "rows": result.strip.rows,
             "objectives": result.strip.objectives,
@@ -258,8 +262,13 @@ def _write_plots(result: ParetoResult, out: Path) -> list[plots.PlotFile]:
             data[k] = ([s for s, _ in pts], [v for _, v in pts])
         eval_lines.append((run.name, color, data))
     written.append(
-        plots.curves(out / EVAL_CURVES_FILE, t.objectives, eval_lines, "eval mean",
-                     "Eval means over training steps (step 0 = base model)")
+        plots.curves(
+            out / EVAL_CURVES_FILE,
+            t.objectives,
+            eval_lines,
+            "eval mean",
+            "Eval means over training steps (step 0 = base model)",
+        )
     )
     weight_lines = [
         (run.name, color, {k: ([s for s, _ in c], [w for _, w in c]) for k, c in run.weight_curves.items()})
@@ -271,8 +280,7 @@ def _write_plots(result: ParetoResult, out: Path) -> list[plots.PlotFile]:
         for _, _, data in weight_lines:
             names += [k for k in data if k not in names]
         written.append(
-            plots.curves(out / WEIGHTS_FILE, names, weight_lines, "weight w_k",
-                         "Balance weights over training steps")
+            plots.curves(out / WEIGHTS_FILE, names, weight_lines, "weight w_k", "Balance weights over training steps")
         )
     return written
 
@@ -311,8 +319,7 @@ def _report_markdown(result: ParetoResult, all_steps: bool) -> str:
     lines = [
         "# apex pareto report",
         "",
-        f"- Runs compared: {len(t.runs)} (skipped: {len(t.skipped)}), on objectives: "
-        f"{', '.join(ks)} (all maximised).",
+        f"- Runs compared: {len(t.runs)} (skipped: {len(t.skipped)}), on objectives: {', '.join(ks)} (all maximised).",
         f"- Points: {'every eval step > 0 of each run' if all_steps else 'the final eval of each run'}.",
         *(f"- Left out: {note}." for note in t.left_out),
         f"- Reference point (base model): {_fmt_named(ks, t.base)}; {t.base_source}.",
@@ -328,8 +335,16 @@ def _report_markdown(result: ParetoResult, all_steps: bool) -> str:
     lines.append("| " + " | ".join(header) + " |")
     lines.append("|" + "---|" * len(header))
     for row in _rows(result):
-        cells = [row["run"], row["strategy"], row["weights"], row["step"], *row["values"],
-                 *row["gains"], row["hv"], row["front"]]
+        cells = [
+            row["run"],
+            row["strategy"],
+            row["weights"],
+            row["step"],
+            *row["values"],
+            *row["gains"],
+            row["hv"],
+            row["front"],
+        ]
         lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
     lines.append("")
     captions = {
@@ -345,12 +360,23 @@ def _report_markdown(result: ParetoResult, all_steps: bool) -> str:
     for p in result.plots:
         lines += [f"## {captions[p.path.name]}", "", f"![{captions[p.path.name]}]({p.path.name})", ""]
     if result.strip is not None:
-        lines += ["## Samples: the same eval prompts and seeds, base model and each run", "",
-                  f"![samples]({result.strip.path.name})", "",
-                  "Rows: " + "; ".join(result.strip.rows) + "."
-                  + (" Under each tile its scores (" + ", ".join(result.strip.objectives) + "): the base model's"
-                     " values, and each run's change from them, green up and red down." if result.strip.objectives else "")
-                  + " Columns:", ""]
+        lines += [
+            "## Samples: the same eval prompts and seeds, base model and each run",
+            "",
+            f"![samples]({result.strip.path.name})",
+            "",
+            "Rows: "
+            + "; ".join(result.strip.rows)
+            + "."
+            + (
+                " Under each tile its scores (" + ", ".join(result.strip.objectives) + "): the base model's"
+                " values, and each run's change from them, green up and red down."
+                if result.strip.objectives
+                else ""
+            )
+            + " Columns:",
+            "",
+        ]
         lines += [f"{i}. {p} (seed {s})" for i, (p, s) in enumerate(result.strip.prompts, 1)] + [""]
     lines += _paired_markdown(result) + _soups_markdown(result.soups)
     if t.skipped:
@@ -369,11 +395,19 @@ def _print_terminal(result: ParetoResult, console: Console) -> None:
     table = Table(title=f"Pareto comparison ({result.normalisation.method} normalisation)")
     for col in ["run", "strategy", "weights", "step", *t.objectives, "HV", "front"]:
         text = col in ("run", "strategy", "front")
-        table.add_column(col, justify="left" if text else "right", overflow="fold",
-                         min_width=12 if col == "run" else None)
+        table.add_column(
+            col, justify="left" if text else "right", overflow="fold", min_width=12 if col == "run" else None
+        )
     for row in _rows(result):
-        table.add_row(escape(row["run"]), escape(row["strategy"]), row["weights"], row["step"],
-                      *row["values"], row["hv"], row["front"])
+        table.add_row(
+            escape(row["run"]),
+            escape(row["strategy"]),
+            row["weights"],
+            row["step"],
+            *row["values"],
+            row["hv"],
+            row["front"],
+        )
     console.print(table)
     console.print(f"front hypervolume: {_fmt(result.front_hypervolume)}")
     _print_paired(result, console)
@@ -425,8 +459,6 @@ def _soup_fronts(result: ParetoResult) -> SoupFronts | None:
         sweep_runs=[t.runs[r].name for r in sweep],
         sweep_hypervolume=hv(sweep),
     )
-
-
 
 
 def _soups_json(soups: SoupFronts | None) -> dict | None:
@@ -501,14 +533,20 @@ def _paired_markdown(result: ParetoResult) -> list[str]:
         "",
     ]
     if p.runs:
-        header = ["run", "n"] + [c for k in ks for c in (f"gain {k} [CI]", f"win {k}")] + ["joint win", "joint collapse", "HV [CI]"]
+        header = (
+            ["run", "n"]
+            + [c for k in ks for c in (f"gain {k} [CI]", f"win {k}")]
+            + ["joint win", "joint collapse", "HV [CI]"]
+        )
         lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
         for name, cells in _paired_rows(result):
             lines.append("| " + " | ".join(c.replace("|", "\\|") for c in [name, *cells]) + " |")
         lines.append("")
         same_as_base = [n for n, s in p.runs.items() if not s.distinguishable_from_base()]
         if same_as_base:
-            lines += [f"- Not distinguishable from the base model (every gain's CI contains 0): {', '.join(same_as_base)}."]
+            lines += [
+                f"- Not distinguishable from the base model (every gain's CI contains 0): {', '.join(same_as_base)}."
+            ]
     if p.pairs:
         lines += ["", "### Run against run", ""] + [f"- {pair.sentence()}" for pair in p.pairs]
     if p.seed_groups:
@@ -516,7 +554,9 @@ def _paired_markdown(result: ParetoResult) -> list[str]:
         for g in p.seed_groups:
             gains = ", ".join(f"{k} {m:+.3g} ± {s:.3g}" for k, (m, s) in g.gains.items())
             hv_m, hv_s = g.hypervolume
-            lines.append(f"- {', '.join(g.runs)}: normalised gain (mean ± std over seeds) {gains}; HV {hv_m:.3g} ± {hv_s:.3g}.")
+            lines.append(
+                f"- {', '.join(g.runs)}: normalised gain (mean ± std over seeds) {gains}; HV {hv_m:.3g} ± {hv_s:.3g}."
+            )
     if p.warnings:
         lines += [""] + [f"- warning: {w}" for w in p.warnings]
     return lines + [""]
@@ -532,7 +572,14 @@ def _print_paired(result: ParetoResult, console: Console) -> None:
     if rows:
         table = Table(title="Paired over eval prompts: gain over base [95% CI], win rate, joint rates")
         ks = result.table.objectives
-        for col in ["run", "n", *[c for k in ks for c in (f"gain {k}", f"win {k}")], "joint win", "joint collapse", "HV [CI]"]:
+        for col in [
+            "run",
+            "n",
+            *[c for k in ks for c in (f"gain {k}", f"win {k}")],
+            "joint win",
+            "joint collapse",
+            "HV [CI]",
+        ]:
             table.add_column(col, justify="left" if col == "run" else "right", overflow="fold")
         for name, cells in rows:
             table.add_row(escape(name), *cells)
@@ -540,7 +587,9 @@ def _print_paired(result: ParetoResult, console: Console) -> None:
     for pair in p.pairs[:MAX_PAIRS_PRINTED]:
         console.print(escape(pair.sentence()), highlight=False)
     if len(p.pairs) > MAX_PAIRS_PRINTED:
-        console.print(f"... {len(p.pairs) - MAX_PAIRS_PRINTED} more run-vs-run comparisons in {REPORT_FILE}", highlight=False)
+        console.print(
+            f"... {len(p.pairs) - MAX_PAIRS_PRINTED} more run-vs-run comparisons in {REPORT_FILE}", highlight=False
+        )
     for g in p.seed_groups:
         hv_m, hv_s = g.hypervolume
         console.print(escape(f"seeds of {', '.join(g.runs)}: HV {hv_m:.3g} ± {hv_s:.3g}"), highlight=False)

@@ -70,8 +70,13 @@ class PairedGain:
     loss_rate: float  # d < 0
 
     def to_json(self) -> dict:
-        return {"n": self.n, **{f"mean_{k}": v for k, v in self.mean.to_json().items()},
-                "win_rate": _num(self.win_rate), "tie_rate": _num(self.tie_rate), "loss_rate": _num(self.loss_rate)}
+        return {
+            "n": self.n,
+            **{f"mean_{k}": v for k, v in self.mean.to_json().items()},
+            "win_rate": _num(self.win_rate),
+            "tie_rate": _num(self.tie_rate),
+            "loss_rate": _num(self.loss_rate),
+        }
 
 
 @dataclass(frozen=True)
@@ -186,8 +191,9 @@ def hypervolume_difference(
     return Interval(estimate, low, high), n
 
 
-def _paired_gains(runs: Sequence[Sequence[np.ndarray]], ref: np.ndarray, scale: np.ndarray
-                  ) -> tuple[list[np.ndarray | None], int]:
+def _paired_gains(
+    runs: Sequence[Sequence[np.ndarray]], ref: np.ndarray, scale: np.ndarray
+) -> tuple[list[np.ndarray | None], int]:
     """Per run, its points' gains ``(m - ref) / scale`` as one [S, n, K] array, over the n prompts
     finite in every matrix of every run and in the reference; all None when n is 0 or a run has
     no point."""

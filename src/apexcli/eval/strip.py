@@ -38,9 +38,14 @@ class Strip:
 
 
 def _tile_scores(row: dict) -> TileScores:
-    return {k: float(v) for k, v in row.items()
-            if k not in ("index", "prompt", "seed") and isinstance(v, (int, float)) and not isinstance(v, bool)
-            and math.isfinite(v)}
+    return {
+        k: float(v)
+        for k, v in row.items()
+        if k not in ("index", "prompt", "seed")
+        and isinstance(v, (int, float))
+        and not isinstance(v, bool)
+        and math.isfinite(v)
+    }
 
 
 def _read_eval(directory: Path) -> tuple[Image.Image, list[tuple[str, int]], list[TileScores]] | None:
@@ -88,8 +93,10 @@ def grid_tiles(grid: Image.Image, n: int) -> list[Image.Image] | None:
             continue
         side = width // cols
         if side and math.ceil(n / cols) * side == height:
-            return [grid.crop(((i % cols) * side, (i // cols) * side, (i % cols + 1) * side, (i // cols + 1) * side))
-                    for i in range(n)]
+            return [
+                grid.crop(((i % cols) * side, (i // cols) * side, (i % cols + 1) * side, (i // cols + 1) * side))
+                for i in range(n)
+            ]
     return None
 
 
@@ -118,7 +125,9 @@ def write_strip(runs: list, steps: dict[str, int], out: Path) -> Strip | None:
             continue
         grid, keys, scores = got
         if keys[:n] != base_keys[:n]:
-            warnings.append(f"image strip: {run.name} was evaluated on other prompts or seeds than the base row; left out")
+            warnings.append(
+                f"image strip: {run.name} was evaluated on other prompts or seeds than the base row; left out"
+            )
             continue
         tiles = grid_tiles(grid, len(keys))
         if tiles is None:
@@ -151,5 +160,6 @@ def write_strip(runs: list, steps: dict[str, int], out: Path) -> Strip | None:
                 draw.text((x + 2, y + tile + 1 + i * CAPTION_LINE), text, fill=colour, font=small)
     path = Path(out) / STRIP_FILE
     canvas.save(path)
-    return Strip(path=path, rows=[label for label, _, _ in rows], prompts=base_keys[:n], objectives=objectives,
-                 warnings=warnings)
+    return Strip(
+        path=path, rows=[label for label, _, _ in rows], prompts=base_keys[:n], objectives=objectives, warnings=warnings
+    )

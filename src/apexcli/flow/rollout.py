@@ -32,10 +32,10 @@ import torch
 
 from apexcli.backbones import backbone_of
 from apexcli.backbones.base import model_dtype as _model_dtype
-from apexcli.backbones.base import unwrap_model  # noqa: F401  (re-exported: the trainer's import)
+from apexcli.backbones.base import unwrap_model
 from apexcli.backbones.sd3 import TIMESTEP_SCALE  # noqa: F401  (re-exported)
 from apexcli.backbones.sd3 import scheduler_sigmas as _scheduler_sigmas  # noqa: F401  (re-exported)
-from apexcli.conditioning import PromptEmbeds, to_device  # noqa: F401  (re-exported: rollout's input type)
+from apexcli.conditioning import PromptEmbeds, to_device
 from apexcli.errors import ApexError
 from apexcli.flow.sde import STEP_FUNCTIONS, StepOutput, ode_step
 
@@ -97,8 +97,12 @@ class Trajectory:
     @property
     def step_options(self) -> dict:
         """What ``step_log_prob`` needs to score this trajectory's steps: ``**traj.step_options``."""
-        return {"sampler": self.sampler, "noise_level": self.noise_level, "sigma_max": self.sigma_max,
-                "noise_block": self.noise_block}
+        return {
+            "sampler": self.sampler,
+            "noise_level": self.noise_level,
+            "sigma_max": self.sigma_max,
+            "noise_block": self.noise_block,
+        }
 
     @property
     def final(self) -> torch.Tensor:
@@ -131,8 +135,9 @@ class Trajectory:
         """One trajectory of every sample of ``items`` (rollouts of one sampler; the first's settings)."""
         if len(items) == 1:
             return items[0]
-        return replace(items[0], latents=torch.cat([t.latents for t in items]),
-                       log_probs=torch.cat([t.log_probs for t in items]))
+        return replace(
+            items[0], latents=torch.cat([t.latents for t in items]), log_probs=torch.cat([t.log_probs for t in items])
+        )
 
 
 def first_sigma_below_one(sigmas: torch.Tensor) -> float:
@@ -163,7 +168,9 @@ def initial_noise(
     shape = tuple(shape)
     gen_device = generator.device if generator is not None else torch.device("cpu")
     if not share_within_group:
-        return to_device(torch.randn((n, *shape), generator=generator, device=gen_device, dtype=torch.float32), device).to(dtype)
+        return to_device(
+            torch.randn((n, *shape), generator=generator, device=gen_device, dtype=torch.float32), device
+        ).to(dtype)
     if group_ids is None:
         raise ValueError("share_within_group needs group_ids")
     ids = [int(g) for g in (group_ids.tolist() if isinstance(group_ids, torch.Tensor) else group_ids)]
@@ -175,7 +182,9 @@ def initial_noise(
     else:
         per_group = torch.stack(
             [
-                torch.randn(shape, generator=torch.Generator().manual_seed((seed * 1_000_003 + g) % 2**63), dtype=torch.float32)
+                torch.randn(
+                    shape, generator=torch.Generator().manual_seed((seed * 1_000_003 + g) % 2**63), dtype=torch.float32
+                )
                 for g in unique
             ]
         )
@@ -246,7 +255,9 @@ def rollout(
         raise ApexError(f"image size {height}x{width} must be a multiple of {multiple} (VAE factor x patch size)")
     latent_hw = (height // vae_scale_factor, width // vae_scale_factor)
     if latent_hw[0] % noise_block or latent_hw[1] % noise_block:
-        raise ApexError(f"sampling.experimental.noise_block={noise_block} must divide the latent size {latent_hw[0]}x{latent_hw[1]}")
+        raise ApexError(
+            f"sampling.experimental.noise_block={noise_block} must divide the latent size {latent_hw[0]}x{latent_hw[1]}"
+        )
     batch = len(cond)
     device = cond.prompt_embeds.device
 
@@ -274,8 +285,16 @@ def rollout(
         s, s_next = sigmas_on_device[i], sigmas_on_device[i + 1]
         v = predict_velocity(transformer, x, s, cond, guidance_scale=guidance_scale, uncond=uncond)
         if mask[i]:
-            out = step_fn(v, x, s, s_next, noise_level=noise_level, sigma_max=sigma_max, generator=generator,
-                          noise_block=noise_block)
+            out = step_fn(
+                v,
+                x,
+                s,
+                s_next,
+                noise_level=noise_level,
+                sigma_max=sigma_max,
+                generator=generator,
+                noise_block=noise_block,
+            )
             x = out.prev_sample
             log_probs[:, i] = out.log_prob
         else:
@@ -319,7 +338,14 @@ def step_log_prob(
         raise ValueError(f"sampler '{sampler}' has no log-prob; use one of {', '.join(STEP_FUNCTIONS)}")
     v = predict_velocity(transformer, x, sigma, cond, guidance_scale=guidance_scale, uncond=uncond)
     return STEP_FUNCTIONS[sampler](
-        v, x, sigma, sigma_next, noise_level=noise_level, sigma_max=sigma_max, prev_sample=x_next, noise_block=noise_block
+        v,
+        x,
+        sigma,
+        sigma_next,
+        noise_level=noise_level,
+        sigma_max=sigma_max,
+        prev_sample=x_next,
+        noise_block=noise_block,
     )
 
 

@@ -212,8 +212,14 @@ def sde_step_with_logprob(
         prev_sample = torch.where(std == 0, mean, noisy).to(x.dtype)
     # the density of the block coordinates: the only ones the step draws
     log_prob = gaussian_log_prob(block_coordinates(prev_sample, noise_block), block_coordinates(mean, noise_block), std)
-    return StepOutput(prev_sample=prev_sample, log_prob=log_prob, mean=mean, std=std,
-                      noise_scale=sig_t.expand(x.shape[0], *sig_t.shape[1:]), noise_block=noise_block)
+    return StepOutput(
+        prev_sample=prev_sample,
+        log_prob=log_prob,
+        mean=mean,
+        std=std,
+        noise_scale=sig_t.expand(x.shape[0], *sig_t.shape[1:]),
+        noise_block=noise_block,
+    )
 
 
 def cps_step_with_logprob(

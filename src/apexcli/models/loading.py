@@ -6,6 +6,7 @@ from contextlib import nullcontext
 from pathlib import Path
 
 import torch
+
 from apexcli.backbones import backbone_for_class
 from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
@@ -26,8 +27,10 @@ def resolve_device(name: str) -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise ApexError(f"model.device is '{name}' but no CUDA GPU is visible; use model.device=cpu (or auto)")
     if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
-        raise ApexError(f"model.device is '{name}' but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
-                        f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})")
+        raise ApexError(
+            f"model.device is '{name}' but only {torch.cuda.device_count()} CUDA GPU(s) are visible "
+            f"(cuda:0 .. cuda:{torch.cuda.device_count() - 1})"
+        )
     return device
 
 
@@ -78,9 +81,7 @@ def _pipeline_class_name(source: str, cfg: ModelConfig) -> str:
     """``_class_name`` of the pipeline's ``model_index.json`` (a local dir, or the hub's file)."""
     from diffusers import DiffusionPipeline
 
-    index = DiffusionPipeline.load_config(
-        source, revision=cfg.revision, local_files_only=cfg.local_files_only
-    )
+    index = DiffusionPipeline.load_config(source, revision=cfg.revision, local_files_only=cfg.local_files_only)
     return str(index.get("_class_name", "StableDiffusion3Pipeline"))
 
 
@@ -117,7 +118,7 @@ def load_pipeline(cfg: ModelConfig, dtype: torch.dtype | None = None):
             variant=cfg.variant,
             local_files_only=cfg.local_files_only,
         )
-    except (OSError, ValueError, EnvironmentError) as exc:
+    except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ApexError(
             f"could not load model '{cfg.pretrained}' ({first[:160]}); without hub access download it elsewhere with "

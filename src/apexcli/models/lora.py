@@ -40,7 +40,11 @@ def attach_lora(
         raise ApexError(f"lora.init must be one of {', '.join(LORA_INITS)}, got '{init}'")
     transformer.requires_grad_(False)
     config = LoraConfig(
-        r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights=LORA_INITS[init], target_modules=target_modules
+        r=rank,
+        lora_alpha=alpha,
+        lora_dropout=dropout,
+        init_lora_weights=LORA_INITS[init],
+        target_modules=target_modules,
     )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -142,7 +146,9 @@ def load_lora_into_adapter(transformer, directory: Path) -> None:
         raise ApexError(f"LoRA in '{directory}' does not fit this model ({first[:160]}); {hint}") from None
     unexpected = getattr(result, "unexpected_keys", None)
     if unexpected:
-        raise ApexError(f"LoRA in '{directory}' does not fit this model (unexpected keys, e.g. {unexpected[0]}); {hint}")
+        raise ApexError(
+            f"LoRA in '{directory}' does not fit this model (unexpected keys, e.g. {unexpected[0]}); {hint}"
+        )
     # missing_keys lists every base weight too; only adapter weights left untouched matter
     missing = [k for k in getattr(result, "missing_keys", None) or [] if "lora_" in k]
     if missing:
@@ -165,7 +171,9 @@ def resolve_lora_path(path: str | Path, option: str = "--lora") -> Path:
     p = Path(path).expanduser()
     if p.is_file():
         if p.suffix != ".safetensors":
-            raise ApexError(f"{option} '{p}' is a {p.suffix or 'extension-less'} file, not a LoRA; give a .safetensors file, a checkpoint dir or a run dir")
+            raise ApexError(
+                f"{option} '{p}' is a {p.suffix or 'extension-less'} file, not a LoRA; give a .safetensors file, a checkpoint dir or a run dir"
+            )
         return p.parent
     if (p / LORA_FILE).is_file():
         return p
@@ -192,21 +200,27 @@ def check_lora_tensors(state: dict[str, torch.Tensor], weight_file: Path, option
         if tensor.ndim != 2:
             raise ApexError(f"{where}: '{key}' has shape {tuple(tensor.shape)}; LoRA factors are matrices (2-D)")
         if not tensor.is_floating_point():
-            raise ApexError(f"{where}: '{key}' holds {str(tensor.dtype).replace('torch.', '')} values; LoRA factors are floating point")
+            raise ApexError(
+                f"{where}: '{key}' holds {str(tensor.dtype).replace('torch.', '')} values; LoRA factors are floating point"
+            )
         values = tensor.detach().float()
         if not torch.isfinite(values).all():
             raise ApexError(f"{where}: '{key}' holds NaN or infinite values; the file is corrupt")
         largest = float(values.abs().max()) if values.numel() else 0.0
         if largest > MAX_LORA_ABS:
-            raise ApexError(f"{where}: '{key}' holds a value of magnitude {largest:.3g}, beyond {MAX_LORA_ABS:g}: "
-                            "no trained LoRA has such entries; the file is corrupt")
+            raise ApexError(
+                f"{where}: '{key}' holds a value of magnitude {largest:.3g}, beyond {MAX_LORA_ABS:g}: "
+                "no trained LoRA has such entries; the file is corrupt"
+            )
     for key, a in state.items():
         if ".lora_A." not in key:
             continue
         b = state.get(key.replace(".lora_A.", ".lora_B."))
         if b is not None and a.shape[0] != b.shape[1]:
-            raise ApexError(f"{where}: '{key}' has rank {a.shape[0]} but its lora_B has rank {b.shape[1]}; "
-                            "the factors of one layer must share their rank")
+            raise ApexError(
+                f"{where}: '{key}' has rank {a.shape[0]} but its lora_B has rank {b.shape[1]}; "
+                "the factors of one layer must share their rank"
+            )
 
 
 def load_lora_for_inference(pipe, weight_file: Path, option: str = "--lora") -> int:

@@ -99,6 +99,7 @@ class LiveBytes(TorchDispatchMode):
         def callback(_ref: weakref.ref) -> None:
             if self._refs.pop(key, None) is not None:
                 self.now -= nbytes
+
         return callback
 
     def _track(self, storage: torch.UntypedStorage) -> None:
@@ -223,10 +224,14 @@ def step_inputs(config: dict, shape: StepShape, device: torch.device | str, seed
 
     sigma = torch.full((n,), 0.8, device=device)
     return dict(
-        x=draw(n, channels, hw, hw), x_next=draw(n, channels, hw, hw), sigma=sigma, sigma_next=sigma - 0.1,
+        x=draw(n, channels, hw, hw),
+        x_next=draw(n, channels, hw, hw),
+        sigma=sigma,
+        sigma_next=sigma - 0.1,
         cond=PromptEmbeds(draw(n, tokens, joint), draw(n, pooled)),
         uncond=PromptEmbeds(draw(1, tokens, joint), draw(1, pooled)),
-        old_log_prob=draw(n), advantages=draw(n),
+        old_log_prob=draw(n),
+        advantages=draw(n),
     )
 
 
@@ -248,8 +253,13 @@ def run_micro_step(model: torch.nn.Module, inputs: dict, opts: StepOptions, mark
 
     i = inputs
     args = (i["x"], i["x_next"], i["sigma"], i["sigma_next"], i["cond"])
-    call = dict(guidance_scale=opts.guidance_scale, uncond=i["uncond"], sampler="sde", noise_level=opts.noise_level,
-                sigma_max=SIGMA_MAX)
+    call = dict(
+        guidance_scale=opts.guidance_scale,
+        uncond=i["uncond"],
+        sampler="sde",
+        noise_level=opts.noise_level,
+        sigma_max=SIGMA_MAX,
+    )
     mark("forward")
     out = step_log_prob(model, *args, **call)
     kl = None
@@ -258,8 +268,9 @@ def run_micro_step(model: torch.nn.Module, inputs: dict, opts: StepOptions, mark
         with torch.no_grad(), adapters_disabled(adapter_layers(model)):
             ref = step_log_prob(model, *args, **call)
         kl = step_kl(out, ref, opts.kl_form)
-    loss = grpo_policy_loss(out.log_prob, i["old_log_prob"], i["advantages"], clip_range=opts.clip_range, kl=kl,
-                            kl_beta=opts.kl_beta).loss
+    loss = grpo_policy_loss(
+        out.log_prob, i["old_log_prob"], i["advantages"], clip_range=opts.clip_range, kl=kl, kl_beta=opts.kl_beta
+    ).loss
     mark("backward")
     loss.backward()
     mark("end")
@@ -322,8 +333,9 @@ class _Timeline:
             self.block, self.block_start = index, self.live.open_window("block")
 
 
-def step_memory(model: torch.nn.Module, inputs: dict, shape: StepShape, *, checkpointing: bool,
-                opts: StepOptions | None = None) -> StepMemory:
+def step_memory(
+    model: torch.nn.Module, inputs: dict, shape: StepShape, *, checkpointing: bool, opts: StepOptions | None = None
+) -> StepMemory:
     """Run one micro-step of ``model`` (an SD3 transformer with LoRA, on meta or a real device) on
     ``inputs`` (``step_inputs``) and account for its memory. Call ``allocate_lora_grads`` first."""
     opts = opts or StepOptions(guidance_scale=shape.guidance_scale)
@@ -345,10 +357,13 @@ def step_memory(model: torch.nn.Module, inputs: dict, shape: StepShape, *, check
     phases, n = timeline.phases, len(blocks)
     by_pointer = next(model.parameters()).device.type != "meta" and not checkpointing
     return StepMemory(
-        shape=shape, checkpointing=checkpointing,
+        shape=shape,
+        checkpointing=checkpointing,
         kept=phases["reference" if "reference" in phases else "backward"][0],
-        reference_peak=phases.get("reference", (0, 0))[1], backward_peak=phases["backward"][1],
-        peak=max(p for _, p in phases.values()), outside_saved=saved.unique(-1),
+        reference_peak=phases.get("reference", (0, 0))[1],
+        backward_peak=phases["backward"][1],
+        peak=max(p for _, p in phases.values()),
+        outside_saved=saved.unique(-1),
         block_saved_raw=() if checkpointing else tuple(saved.raw(b) for b in range(n)),
         block_saved=() if checkpointing else tuple(saved.unique(b) for b in range(n)),
         block_saved_by_data_ptr=tuple(saved.unique(b, by_data_ptr=True) for b in range(n)) if by_pointer else (),
@@ -362,8 +377,9 @@ def forward_peak(model: torch.nn.Module, inputs: dict, guidance_scale: float) ->
 
     live = LiveBytes()
     with fused_attention(), live, torch.no_grad():
-        predict_velocity(model, inputs["x"], inputs["sigma"], inputs["cond"], guidance_scale=guidance_scale,
-                         uncond=inputs["uncond"])
+        predict_velocity(
+            model, inputs["x"], inputs["sigma"], inputs["cond"], guidance_scale=guidance_scale, uncond=inputs["uncond"]
+        )
     return live.peak
 
 
@@ -402,8 +418,9 @@ def quiet_diffusers() -> Iterator[None]:
         dlog.set_verbosity(level)
 
 
-def sd3_transformer(config: dict, dtype: torch.dtype, device: str = "meta", lora: dict | None = None,
-                    seed: int = 0) -> torch.nn.Module:
+def sd3_transformer(
+    config: dict, dtype: torch.dtype, device: str = "meta", lora: dict | None = None, seed: int = 0
+) -> torch.nn.Module:
     """An ``SD3Transformer2DModel`` from ``config``, built in ``dtype`` (float32 first would double a
     real build's memory), its float32 buffers cast too as ``from_pretrained(torch_dtype=...)``
     leaves them; LoRA attached as the trainer does (``attach_lora(**lora)``)."""
@@ -443,8 +460,13 @@ def component_params() -> dict[str, int]:
     )
 
     with quiet_diffusers(), torch.device("meta"):
-        pick = CLIPModel(CLIPConfig(text_config=dict(arch.CLIP_H_TEXT), vision_config=dict(arch.CLIP_H_VISION),
-                                    projection_dim=arch.CLIP_H_PROJECTION))
+        pick = CLIPModel(
+            CLIPConfig(
+                text_config=dict(arch.CLIP_H_TEXT),
+                vision_config=dict(arch.CLIP_H_VISION),
+                projection_dim=arch.CLIP_H_PROJECTION,
+            )
+        )
         return {
             "vae": _n_params(AutoencoderKL.from_config(dict(arch.SD3_VAE))),
             "clip_l_text": _n_params(CLIPTextModelWithProjection(CLIPTextConfig(**arch.CLIP_L_TEXT))),
@@ -456,8 +478,15 @@ def component_params() -> dict[str, int]:
         }
 
 
-def compute_step_memory(config: dict, shape: StepShape, lora: dict, *, checkpointing: bool,
-                        opts: StepOptions | None = None, dtype: torch.dtype = torch.bfloat16) -> StepMemory:
+def compute_step_memory(
+    config: dict,
+    shape: StepShape,
+    lora: dict,
+    *,
+    checkpointing: bool,
+    opts: StepOptions | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+) -> StepMemory:
     """``step_memory`` of a meta transformer built from ``config``: the plan's activation figure."""
     model = sd3_transformer(config, dtype, "meta", lora)
     allocate_lora_grads(model)
@@ -526,8 +555,10 @@ def transformer_config_for(cfg: Config) -> dict:
     from apexcli.models.loading import MINI_DIR
 
     name = cfg.model.pretrained
-    for release, config in (("stable-diffusion-3.5-large", arch.SD35L_TRANSFORMER),
-                            ("stable-diffusion-3.5-medium", arch.SD35M_TRANSFORMER)):
+    for release, config in (
+        ("stable-diffusion-3.5-large", arch.SD35L_TRANSFORMER),
+        ("stable-diffusion-3.5-medium", arch.SD35M_TRANSFORMER),
+    ):
         if name.rstrip("/").endswith(release):
             return dict(config)
     path = Path(str(MINI_DIR) if name == "mini" else name).expanduser() / "transformer" / "config.json"
@@ -549,9 +580,11 @@ def _objectives(cfg: Config) -> dict[str, bool]:
 
 
 def _lora_rows(n: int, ema: bool) -> list[PlanRow]:
-    rows = [PlanRow("lora_weights", "LoRA weights", 4 * n, "gpu", f"{n:,} parameters, float32"),
-            PlanRow("lora_grads", "LoRA gradients", 4 * n, "gpu", "float32"),
-            PlanRow("adamw_states", "AdamW states (m, v)", 8 * n, "gpu", "float32")]
+    rows = [
+        PlanRow("lora_weights", "LoRA weights", 4 * n, "gpu", f"{n:,} parameters, float32"),
+        PlanRow("lora_grads", "LoRA gradients", 4 * n, "gpu", "float32"),
+        PlanRow("adamw_states", "AdamW states (m, v)", 8 * n, "gpu", "float32"),
+    ]
     if ema:
         rows.append(PlanRow("lora_ema", "LoRA EMA", 4 * n, "gpu", "float32"))
     return rows
@@ -562,16 +595,25 @@ def reward_rows(cfg: Config, params: dict[str, int]) -> list[PlanRow]:
     from apexcli.rewards.base import resolve_dtype
 
     wanted, rows = _objectives(cfg), []
-    for name, key, label in (("pick", "pick_clip_h", "PickScore (CLIP-H/14)"),
-                             ("aes", "aes_clip_l_vision", "aesthetic (CLIP-L/14 vision + MLP)")):
+    for name, key, label in (
+        ("pick", "pick_clip_h", "PickScore (CLIP-H/14)"),
+        ("aes", "aes_clip_l_vision", "aesthetic (CLIP-L/14 vision + MLP)"),
+    ):
         if name in wanted and not wanted[name]:
             dtype = resolve_dtype(getattr(cfg.rewards, name).dtype, torch.float32)
             size = torch.finfo(dtype).bits // 8
             detail = f"{params[key]:,} parameters, {str(dtype).removeprefix('torch.')}"
             rows.append(PlanRow(name, label, params[key] * size, "gpu", detail))
     if "deqa" in wanted:
-        rows.append(PlanRow("deqa", "DeQA-Score (its own server process)", int(DEQA_PARAMS_PUBLISHED * 2), "deqa",
-                            "~8.2e9 parameters (published), float16"))
+        rows.append(
+            PlanRow(
+                "deqa",
+                "DeQA-Score (its own server process)",
+                int(DEQA_PARAMS_PUBLISHED * 2),
+                "deqa",
+                "~8.2e9 parameters (published), float16",
+            )
+        )
     return rows
 
 
@@ -584,12 +626,17 @@ def _weight_rows(model: torch.nn.Module, params: dict[str, int], size: int, cfg:
     free = cfg.model.free_text_encoders
     return [
         PlanRow("transformer", "transformer weights", base * size, "gpu", f"{base:,} parameters"),
-        PlanRow("pos_embed", "transformer buffers (PatchEmbed pos_embed)", buffers * size, "gpu",
-                f"{buffers:,} values"),
+        PlanRow(
+            "pos_embed", "transformer buffers (PatchEmbed pos_embed)", buffers * size, "gpu", f"{buffers:,} values"
+        ),
         PlanRow("vae", "VAE (encoder + decoder)", params["vae"] * size, "gpu", f"{params['vae']:,} parameters"),
-        PlanRow("text_encoders", "CLIP-L + CLIP-G + T5-XXL text encoders", encoders * size,
-                "encoding" if free else "gpu",
-                f"{encoders:,} parameters, " + ("freed once prompts are embedded" if free else "kept (not freed)")),
+        PlanRow(
+            "text_encoders",
+            "CLIP-L + CLIP-G + T5-XXL text encoders",
+            encoders * size,
+            "encoding" if free else "gpu",
+            f"{encoders:,} parameters, " + ("freed once prompts are embedded" if free else "kept (not freed)"),
+        ),
         *_lora_rows(lora, cfg.train.ema_decay > 0),
     ]
 
@@ -601,10 +648,16 @@ def _data_rows(cfg: Config, config: dict, size: int) -> list[PlanRow]:
     steps = cfg.sampling.num_steps + 1
     embeds = samples * (tokens * config["joint_attention_dim"] + config["pooled_projection_dim"]) * size
     return [
-        PlanRow("trajectories", "trajectories of one step", samples * steps * config["in_channels"] * latent**2 * 4,
-                "gpu", f"{samples} x {steps} latents, float32"),
-        PlanRow("step_embeds", "prompt embeddings of one step's samples", embeds, "gpu",
-                f"{samples} x {tokens} tokens"),
+        PlanRow(
+            "trajectories",
+            "trajectories of one step",
+            samples * steps * config["in_channels"] * latent**2 * 4,
+            "gpu",
+            f"{samples} x {steps} latents, float32",
+        ),
+        PlanRow(
+            "step_embeds", "prompt embeddings of one step's samples", embeds, "gpu", f"{samples} x {tokens} tokens"
+        ),
     ]
 
 
@@ -620,11 +673,21 @@ def _work_rows(cfg: Config, config: dict, model: torch.nn.Module) -> tuple[list[
     rollout_shape = StepShape(t.rollout_batch_size, latent, tokens, s.guidance_scale)
     rollout = forward_peak(model, step_inputs(config, rollout_shape, "meta"), s.guidance_scale)
     return [
-        PlanRow("train_step", "training micro-step (activations + backward)", step.peak, "transient",
-                f"forward batch {shape.forward_batch}, {shape.image_tokens}+{tokens} tokens, "
-                f"checkpointing {'on' if ckpt else 'off'}"),
-        PlanRow("rollout_forward", "rollout forward (no grad)", rollout, "transient",
-                f"forward batch {rollout_shape.forward_batch}"),
+        PlanRow(
+            "train_step",
+            "training micro-step (activations + backward)",
+            step.peak,
+            "transient",
+            f"forward batch {shape.forward_batch}, {shape.image_tokens}+{tokens} tokens, "
+            f"checkpointing {'on' if ckpt else 'off'}",
+        ),
+        PlanRow(
+            "rollout_forward",
+            "rollout forward (no grad)",
+            rollout,
+            "transient",
+            f"forward batch {rollout_shape.forward_batch}",
+        ),
     ], step
 
 
@@ -633,11 +696,20 @@ def _host_rows(model: torch.nn.Module, weight_rows: list[PlanRow]) -> list[PlanR
     values = model.pos_embed.pos_embed.numel()
     weights = sum(r.nbytes for r in weight_rows if r.key in ("transformer", "pos_embed", "vae", "text_encoders"))
     return [
-        PlanRow("host_pos_embed_build", "host: building the transformer's pos_embed (float64, transient)",
-                int(POS_EMBED_BUILD_BYTES_PER_VALUE * values), "host",
-                f"{POS_EMBED_BUILD_BYTES_PER_VALUE} bytes x {values:,} values"),
-        PlanRow("host_weights", "host: the pipeline's weights while loading", weights, "host",
-                "page cache (mmapped) in the model dtype; copies when from_pretrained converts"),
+        PlanRow(
+            "host_pos_embed_build",
+            "host: building the transformer's pos_embed (float64, transient)",
+            int(POS_EMBED_BUILD_BYTES_PER_VALUE * values),
+            "host",
+            f"{POS_EMBED_BUILD_BYTES_PER_VALUE} bytes x {values:,} values",
+        ),
+        PlanRow(
+            "host_weights",
+            "host: the pipeline's weights while loading",
+            weights,
+            "host",
+            "page cache (mmapped) in the model dtype; copies when from_pretrained converts",
+        ),
     ]
 
 
@@ -655,6 +727,5 @@ def plan_memory(cfg: Config, gpu_bytes: int | None = None, transformer: dict | N
     params = component_params()
     weights = _weight_rows(model, params, size, cfg)
     work, step = _work_rows(cfg, config, model)
-    rows = [*weights, *reward_rows(cfg, params), *_data_rows(cfg, config, size), *work,
-            *_host_rows(model, weights)]
+    rows = [*weights, *reward_rows(cfg, params), *_data_rows(cfg, config, size), *work, *_host_rows(model, weights)]
     return MemoryPlan(tuple(rows), step, gpu_bytes)

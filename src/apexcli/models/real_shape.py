@@ -67,8 +67,12 @@ def clip_tokenizer(pad_token: str = "<|endoftext|>") -> PreTrainedTokenizerFast:
         special_tokens=[("<|startoftext|>", arch.CLIP_BOS_ID), ("<|endoftext|>", arch.CLIP_EOS_ID)],
     )
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>",
-        pad_token=pad_token, model_max_length=arch.CLIP_TOKENS,
+        tokenizer_object=tok,
+        bos_token="<|startoftext|>",
+        eos_token="<|endoftext|>",
+        unk_token="<|endoftext|>",
+        pad_token=pad_token,
+        model_max_length=arch.CLIP_TOKENS,
     )
 
 
@@ -81,7 +85,10 @@ def t5_tokenizer() -> PreTrainedTokenizerFast:
     tok.pre_tokenizer = pre_tokenizers.Split("", "isolated")
     tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
     return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        eos_token="</s>",
+        unk_token="<unk>",
         model_max_length=arch.T5_MODEL_MAX_LENGTH,
     )
 
@@ -103,8 +110,13 @@ def real_shape_transformer_config(family: str, num_layers: int) -> dict:
 
 
 def build_real_shape_sd3(
-    family: str = "sd35m", *, num_layers: int = 2, text_layers: int = 1, seed: int = 0,
-    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+    family: str = "sd35m",
+    *,
+    num_layers: int = 2,
+    text_layers: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
 ) -> StableDiffusion3Pipeline:
     """An SD3.5 pipeline (``family``: sd35m or sd35l) at its published widths, ``num_layers``
     transformer blocks (``real_shape_transformer_config``; the last one text-output-free, as in
@@ -135,8 +147,13 @@ def build_real_shape_sd3(
 
 
 def build_real_shape_flux(
-    *, num_layers: int = 1, num_single_layers: int = 1, text_layers: int = 1, seed: int = 0,
-    dtype: torch.dtype = torch.bfloat16, device: str | torch.device = "cpu",
+    *,
+    num_layers: int = 1,
+    num_single_layers: int = 1,
+    text_layers: int = 1,
+    seed: int = 0,
+    dtype: torch.dtype = torch.bfloat16,
+    device: str | torch.device = "cpu",
 ) -> FluxPipeline:
     """A FLUX.1-dev pipeline at its published widths (3072-wide blocks, 24 x 128 heads, rotary
     axes (16, 56, 56), 64 packed input channels, T5-XXL 4096 tokens, pooled CLIP-L 768, guidance
@@ -173,8 +190,13 @@ def save_real_shape_sd3(path: str | Path, family: str = "sd35m", **kwargs) -> Pa
 
 def _clip_processor() -> CLIPImageProcessor:
     size = arch.CLIP_H_VISION["image_size"]
-    return CLIPImageProcessor(size={"shortest_edge": size}, crop_size={"height": size, "width": size},
-                              image_mean=list(arch.CLIP_MEAN), image_std=list(arch.CLIP_STD), do_convert_rgb=True)
+    return CLIPImageProcessor(
+        size={"shortest_edge": size},
+        crop_size={"height": size, "width": size},
+        image_mean=list(arch.CLIP_MEAN),
+        image_std=list(arch.CLIP_STD),
+        do_convert_rgb=True,
+    )
 
 
 def save_real_shape_pickscore(path: str | Path, *, layers: int = 1, seed: int = 0) -> Path:
@@ -217,16 +239,20 @@ def save_real_shape_aesthetic(path: str | Path, *, layers: int = 1, seed: int = 
 def main(argv: list[str] | None = None) -> None:
     import argparse
 
-    parser = argparse.ArgumentParser(description="Save a real-shape SD3.5 or FLUX.1-dev pipeline (random weights, depth cut).")
+    parser = argparse.ArgumentParser(
+        description="Save a real-shape SD3.5 or FLUX.1-dev pipeline (random weights, depth cut)."
+    )
     parser.add_argument("family", choices=[*sorted(arch.SD3_FAMILIES), "flux1-dev"])
     parser.add_argument("out", type=Path)
-    parser.add_argument("--layers", type=int, default=2, help="transformer blocks (the release has 24 / 38; FLUX: double-stream, 19)")
+    parser.add_argument(
+        "--layers", type=int, default=2, help="transformer blocks (the release has 24 / 38; FLUX: double-stream, 19)"
+    )
     parser.add_argument("--text-layers", type=int, default=1, help="layers per text encoder")
     args = parser.parse_args(argv)
     if args.family == "flux1-dev":
-        build_real_shape_flux(num_layers=args.layers, num_single_layers=args.layers, text_layers=args.text_layers).save_pretrained(
-            args.out, safe_serialization=True
-        )
+        build_real_shape_flux(
+            num_layers=args.layers, num_single_layers=args.layers, text_layers=args.text_layers
+        ).save_pretrained(args.out, safe_serialization=True)
     else:
         save_real_shape_sd3(args.out, args.family, num_layers=args.layers, text_layers=args.text_layers)
     print(f"wrote {args.out}", file=sys.stderr)

@@ -84,11 +84,15 @@ def encoder_fingerprint(pipe) -> str:
         }
     for attr in TOKENIZERS:
         tok = getattr(pipe, attr, None)
-        parts[attr] = "none" if tok is None else {
-            "class": type(tok).__name__,
-            "vocab": hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest(),
-            "max_length": tok.model_max_length,
-        }
+        parts[attr] = (
+            "none"
+            if tok is None
+            else {
+                "class": type(tok).__name__,
+                "vocab": hashlib.sha256(json.dumps(sorted(tok.get_vocab().items())).encode()).hexdigest(),
+                "max_length": tok.model_max_length,
+            }
+        )
     return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
 
 
@@ -157,7 +161,7 @@ def _encode(pipe, prompts: list[str], max_sequence_length: int) -> tuple[torch.T
     if all(getattr(pipe, attr, None) is None for attr in TEXT_ENCODERS):
         raise ApexError(
             f"prompt {prompts[0]!r} is not in the text-embedding cache and the text encoders were freed; "
-            "encode every prompt (and \"\") before free_text_encoders(pipe)"
+            'encode every prompt (and "") before free_text_encoders(pipe)'
         )
     for attr in TEXT_ENCODERS:  # frozen encoders: no dropout (modules built in code start in train mode)
         enc = getattr(pipe, attr, None)

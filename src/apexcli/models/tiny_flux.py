@@ -16,8 +16,13 @@ from transformers import CLIPTextConfig, CLIPTextModel, T5Config, T5EncoderModel
 from apexcli.models.tiny import TINY_MAX_TOKENS, TINY_RESOLUTION, build_char_tokenizer
 
 FLUX_SCHEDULER = dict(
-    num_train_timesteps=1000, shift=3.0, use_dynamic_shifting=True,
-    base_shift=0.5, max_shift=1.15, base_image_seq_len=256, max_image_seq_len=4096,
+    num_train_timesteps=1000,
+    shift=3.0,
+    use_dynamic_shifting=True,
+    base_shift=0.5,
+    max_shift=1.15,
+    base_image_seq_len=256,
+    max_image_seq_len=4096,
 )
 """FLUX.1-dev's ``scheduler/scheduler_config.json``: the shift depends on the token count."""
 
@@ -28,15 +33,28 @@ FLUX_VAE_FACTORS = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=
 def _text_encoders(vocab: int, hidden: int) -> tuple[CLIPTextModel, T5EncoderModel]:
     clip = CLIPTextModel(
         CLIPTextConfig(
-            vocab_size=vocab, hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=2,
-            num_attention_heads=4, max_position_embeddings=TINY_MAX_TOKENS, pad_token_id=0, bos_token_id=2,
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=2 * hidden,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=TINY_MAX_TOKENS,
+            pad_token_id=0,
+            bos_token_id=2,
             eos_token_id=3,
         )
     )
     t5 = T5EncoderModel(
         T5Config(
-            vocab_size=vocab, d_model=hidden, d_kv=8, d_ff=2 * hidden, num_layers=2, num_heads=4,
-            pad_token_id=0, eos_token_id=3, decoder_start_token_id=0,
+            vocab_size=vocab,
+            d_model=hidden,
+            d_kv=8,
+            d_ff=2 * hidden,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=3,
+            decoder_start_token_id=0,
         )
     )
     return clip, t5

@@ -8,11 +8,23 @@ the CLI's option parsing) does not import torch and the model code.
 from importlib import import_module
 
 _WHERE = {
-    "ImageBatch": "base", "Reward": "base",
-    "AesConfig": "config", "DeqaConfig": "config", "OcrConfig": "config", "PickConfig": "config",
-    "RemoteConfig": "config", "RewardsConfig": "config", "ToyConfig": "config", "apply_overrides": "config",
-    "REGISTRY": "registry", "REWARD_NAMES": "registry", "build_reward": "registry",
-    "canonical_name": "registry", "needs_prompt": "registry", "reward_class": "registry", "reward_spec": "registry",
+    "ImageBatch": "base",
+    "Reward": "base",
+    "AesConfig": "config",
+    "DeqaConfig": "config",
+    "OcrConfig": "config",
+    "PickConfig": "config",
+    "RemoteConfig": "config",
+    "RewardsConfig": "config",
+    "ToyConfig": "config",
+    "apply_overrides": "config",
+    "REGISTRY": "registry",
+    "REWARD_NAMES": "registry",
+    "build_reward": "registry",
+    "canonical_name": "registry",
+    "needs_prompt": "registry",
+    "reward_class": "registry",
+    "reward_spec": "registry",
     "RewardSuite": "suite",
 }
 

@@ -35,8 +35,9 @@ Sign prompts ('a sign that says "CAT"'); what the word reads is the OCR reward's
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from functools import lru_cache
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
@@ -81,8 +82,10 @@ def _sign_reference(word: str, size: int) -> tuple[float, float]:
 
 def _sign_masks(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Board-white mask, ink mask restricted to the board's bounding box, board box present [B]."""
-    pal = torch.tensor([grammar.SIGN_BOARD, grammar.SIGN_INK, grammar.SIGN_SKY, grammar.SIGN_POST],
-                       dtype=torch.float32) / 255
+    pal = (
+        torch.tensor([grammar.SIGN_BOARD, grammar.SIGN_INK, grammar.SIGN_SKY, grammar.SIGN_POST], dtype=torch.float32)
+        / 255
+    )
     index, dist = nearest_palette(images, pal)
     ok = dist < UNLABELLED
     board = (index == 0) & ok
@@ -94,8 +97,12 @@ def _sign_masks(images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch
     y1 = torch.where(rows, ar_h, -1).max(dim=1).values
     x0 = torch.where(cols, ar_w, w).min(dim=1).values
     x1 = torch.where(cols, ar_w, -1).max(dim=1).values
-    inside = ((ar_h.view(1, h, 1) >= y0.view(b, 1, 1)) & (ar_h.view(1, h, 1) <= y1.view(b, 1, 1))
-              & (ar_w.view(1, 1, w) >= x0.view(b, 1, 1)) & (ar_w.view(1, 1, w) <= x1.view(b, 1, 1)))
+    inside = (
+        (ar_h.view(1, h, 1) >= y0.view(b, 1, 1))
+        & (ar_h.view(1, h, 1) <= y1.view(b, 1, 1))
+        & (ar_w.view(1, 1, w) >= x0.view(b, 1, 1))
+        & (ar_w.view(1, 1, w) <= x1.view(b, 1, 1))
+    )
     return board, ink & inside, rows.any(dim=1)
 
 
@@ -123,7 +130,7 @@ def position_scores(cx: torch.Tensor, cy: torch.Tensor) -> dict[str, torch.Tenso
 def shape_probabilities(fill: torch.Tensor) -> dict[str, torch.Tensor]:
     """p(shape | fill ratio) for every shape, Gaussian around each shape's ideal fill."""
     names = list(FILL)
-    logits = torch.stack([-(fill - FILL[n]) ** 2 / (2 * FILL_SIGMA**2) for n in names])
+    logits = torch.stack([-((fill - FILL[n]) ** 2) / (2 * FILL_SIGMA**2) for n in names])
     probs = logits.softmax(dim=0)
     return {n: probs[i] for i, n in enumerate(names)}
 

@@ -38,9 +38,12 @@ class AestheticHead(nn.Module):
         super().__init__()
         d = dims
         self.layers = nn.Sequential(
-            nn.Linear(d[0], d[1]), nn.Dropout(0.2),
-            nn.Linear(d[1], d[2]), nn.Dropout(0.2),
-            nn.Linear(d[2], d[3]), nn.Dropout(0.1),
+            nn.Linear(d[0], d[1]),
+            nn.Dropout(0.2),
+            nn.Linear(d[1], d[2]),
+            nn.Dropout(0.2),
+            nn.Linear(d[2], d[3]),
+            nn.Dropout(0.1),
             nn.Linear(d[3], d[4]),
             nn.Linear(d[4], d[5]),
         )
@@ -69,15 +72,18 @@ def resolve_head_file(config: AesConfig) -> str:
     if os.path.isdir(src):
         path = os.path.join(src, config.head_filename)
         if not os.path.isfile(path):
-            raise ApexError(f"aesthetic head: {path!r} not found; set rewards.aes.head_source=/path/to/{config.head_filename}")
+            raise ApexError(
+                f"aesthetic head: {path!r} not found; set rewards.aes.head_source=/path/to/{config.head_filename}"
+            )
         return path
     from huggingface_hub import hf_hub_download
 
     try:
         return hf_hub_download(repo_id=src, filename=config.head_filename)
     except Exception as exc:  # offline, 404, invalid repo id: all mean "not available here"
-        raise ApexError(missing_weights_message("aesthetic MLP", src, "rewards.aes.head_source",
-                                                type(exc).__name__)) from None
+        raise ApexError(
+            missing_weights_message("aesthetic MLP", src, "rewards.aes.head_source", type(exc).__name__)
+        ) from None
 
 
 def load_head_state(path: str) -> dict[str, torch.Tensor]:
@@ -89,8 +95,10 @@ def load_head_state(path: str) -> dict[str, torch.Tensor]:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # pickle with code, corrupt file
-        raise ApexError(f"aesthetic head {path!r} is not a plain tensor state dict ({type(exc).__name__}); "
-                        "use the original sac+logos+ava1-l14-linearMSE.pth or a .safetensors copy") from None
+        raise ApexError(
+            f"aesthetic head {path!r} is not a plain tensor state dict ({type(exc).__name__}); "
+            "use the original sac+logos+ava1-l14-linearMSE.pth or a .safetensors copy"
+        ) from None
 
 
 class Aesthetic(Reward):
@@ -105,18 +113,30 @@ class Aesthetic(Reward):
         vision = getattr(full, "vision_config", full)
         if hasattr(full, "projection_dim"):  # a full CLIP checkpoint keeps projection_dim at the top level
             vision.projection_dim = full.projection_dim
-        self.clip = load_pretrained(CLIPVisionModelWithProjection.from_pretrained, config.clip_source,
-                                    what=what, option=option, config=vision, **dtype_kwargs(self.dtype))
+        self.clip = load_pretrained(
+            CLIPVisionModelWithProjection.from_pretrained,
+            config.clip_source,
+            what=what,
+            option=option,
+            config=vision,
+            **dtype_kwargs(self.dtype),
+        )
         self.clip.to(self.device).eval().requires_grad_(False)
-        proc = load_pretrained(CLIPImageProcessor.from_pretrained, config.clip_source,
-                               what="CLIP ViT-L/14 image processor", option="rewards.aes.clip_source")
+        proc = load_pretrained(
+            CLIPImageProcessor.from_pretrained,
+            config.clip_source,
+            what="CLIP ViT-L/14 image processor",
+            option="rewards.aes.clip_source",
+        )
         self.preprocess = ClipPreprocess.from_processor(proc)
         self.head = AestheticHead.from_state_dict(load_head_state(resolve_head_file(config)))
         self.head.to(self.device).eval().requires_grad_(False)  # float32: it is tiny
         dim = self.clip.config.projection_dim
         if self.head.layers[0].in_features != dim:
-            raise ApexError(f"aesthetic head expects {self.head.layers[0].in_features}-d embeddings but "
-                            f"{config.clip_source} gives {dim}-d; use CLIP ViT-L/14 (rewards.aes.clip_source)")
+            raise ApexError(
+                f"aesthetic head expects {self.head.layers[0].in_features}-d embeddings but "
+                f"{config.clip_source} gives {dim}-d; use CLIP ViT-L/14 (rewards.aes.clip_source)"
+            )
 
     @torch.inference_mode()
     def embeddings(self, batch: ImageBatch) -> torch.Tensor:

@@ -24,7 +24,8 @@ cover less than one big one.
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 
@@ -54,8 +55,9 @@ def appeal_parts(images: torch.Tensor) -> dict[str, torch.Tensor]:
     centring = torch.where(has, 1 - (off / 0.5).clamp(max=1), torch.zeros_like(off))
 
     p = n / (h * w)
-    coverage = torch.where(has, torch.exp(-torch.log(p.clamp(min=1e-6) / IDEAL_COVER) ** 2 / (2 * COVER_SIGMA**2)),
-                           torch.zeros_like(p))
+    coverage = torch.where(
+        has, torch.exp(-(torch.log(p.clamp(min=1e-6) / IDEAL_COVER) ** 2) / (2 * COVER_SIGMA**2)), torch.zeros_like(p)
+    )
 
     r, g, bl = images[:, 0], images[:, 1], images[:, 2]
     ca = (r - (g + bl) / 2) * f

@@ -12,7 +12,8 @@ GPU rewards read tensors, OCR reads PIL RGB images.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import Any, ClassVar, Sequence
+from collections.abc import Sequence
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -20,8 +21,14 @@ from PIL import Image
 
 from apexcli.errors import ApexError
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
-           "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "fp32": torch.float32,
+    "fp16": torch.float16,
+    "bf16": torch.bfloat16,
+}
 
 
 def resolve_dtype(name: str, default: torch.dtype) -> torch.dtype:
@@ -143,8 +150,9 @@ class Reward(ABC):
     def score(self, batch: ImageBatch, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
         """Score one chunk of at most `batch_size` images."""
 
-    def __call__(self, images: torch.Tensor | Sequence[Image.Image] | ImageBatch,
-                 prompts: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __call__(
+        self, images: torch.Tensor | Sequence[Image.Image] | ImageBatch, prompts: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         """Score any number of images, in chunks of `batch_size`; returns ([N] float32 CPU, info)."""
         batch = images if isinstance(images, ImageBatch) else ImageBatch(images)
         n = len(batch)
@@ -162,5 +170,5 @@ class Reward(ABC):
         out = torch.cat(parts) if parts else torch.zeros(0)
         return out, info
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027  (a hook: most rewards hold nothing to release)
         """Release resources (worker threads, ONNX Runtime InferenceSessions). Models are freed with the object."""

@@ -121,13 +121,14 @@ class ClipPreprocess:
                 x = F.pad(x, (pw // 2, pw - pw // 2, ph // 2, ph - ph // 2))
                 th, tw = x.shape[-2:]
             top, left = (th - ch) // 2, (tw - cw) // 2
-            x = x[..., top:top + ch, left:left + cw]
+            x = x[..., top : top + ch, left : left + cw]
         mean = x.new_tensor(self.mean).view(1, 3, 1, 1)
         std = x.new_tensor(self.std).view(1, 3, 1, 1)
         return (x - mean) / std
 
-    def __call__(self, images: torch.Tensor | list[torch.Tensor], device: torch.device | str,
-                 dtype: torch.dtype) -> torch.Tensor:
+    def __call__(
+        self, images: torch.Tensor | list[torch.Tensor], device: torch.device | str, dtype: torch.dtype
+    ) -> torch.Tensor:
         """A [B,3,H,W] batch or a list of [3,H,W] images in [0,1] -> pixel_values [B,3,h,w]."""
         if isinstance(images, torch.Tensor):
             out = self._one_size(images.to(device=device, dtype=torch.float32))

@@ -25,7 +25,9 @@ class PickConfig:
     source: str = "yuvalkirstain/PickScore_v1"  # hub id or local dir of the CLIPModel weights
     processor_source: str = "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"  # hub id or dir: image processor + tokenizer
     batch_size: int = setting(32, ge=1)  # images per forward pass
-    dtype: str = ""  # "" = the suite's dtype (float32 unless score/serve get --dtype); else float32 / float16 / bfloat16
+    dtype: str = (
+        ""  # "" = the suite's dtype (float32 unless score/serve get --dtype); else float32 / float16 / bfloat16
+    )
 
 
 @dataclass
@@ -58,7 +60,9 @@ class DeqaConfig:
 class OcrConfig:
     """Text rendering accuracy: 1 − min(Levenshtein, len)/len against the prompt's first quoted text."""
 
-    backend: str = setting("rapidocr", choices=("rapidocr", "paddleocr"))  # rapidocr (ONNX, ships its models, offline) or paddleocr (2.x or 3.x)
+    backend: str = setting(
+        "rapidocr", choices=("rapidocr", "paddleocr")
+    )  # rapidocr (ONNX, ships its models, offline) or paddleocr (2.x or 3.x)
     # OCR threads, each with its own engine (its models loaded once more), run beside the model
     # rewards; 64 is more than OCR ever gains from, and 100000 engines never finished loading
     workers: int = setting(2, ge=1, le=64)

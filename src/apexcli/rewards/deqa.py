@@ -33,18 +33,26 @@ class DeQAScore(Reward):
                 f"deqa runs Python code shipped with {config.source}; allow it with --trust-remote-code "
                 "(rewards.deqa.trust_remote_code=true), or serve it from its own environment (`make deqa-server`, "
                 "then `.venv-deqa/bin/python -m apexcli.rewards.deqa_server --trust-remote-code`) and use "
-                "deqa@http://127.0.0.1:18086")
+                "deqa@http://127.0.0.1:18086"
+            )
         self.device = torch.device(device)
         self.dtype = resolve_dtype(config.dtype, dtype)
         self.batch_size = config.batch_size
         kwargs: dict[str, Any] = {"trust_remote_code": True, **dtype_kwargs(self.dtype)}
         if config.attn_implementation:
             kwargs["attn_implementation"] = config.attn_implementation
-        self.model = load_pretrained(AutoModelForCausalLM.from_pretrained, config.source,
-                                     what="DeQA-Score model", option="rewards.deqa.source", **kwargs)
+        self.model = load_pretrained(
+            AutoModelForCausalLM.from_pretrained,
+            config.source,
+            what="DeQA-Score model",
+            option="rewards.deqa.source",
+            **kwargs,
+        )
         self.model.to(self.device).eval().requires_grad_(False)
         if not callable(getattr(self.model, "score", None)):
-            raise ApexError(f"{config.source} has no score(images) method; point rewards.deqa.source at DeQA-Score weights")
+            raise ApexError(
+                f"{config.source} has no score(images) method; point rewards.deqa.source at DeQA-Score weights"
+            )
 
     @torch.inference_mode()
     def score(self, batch: ImageBatch, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:

@@ -28,7 +28,8 @@ import argparse
 import io
 import os
 import sys
-from typing import Any, Sequence
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -62,8 +63,9 @@ class DeqaSuite:
         self.jpeg_quality = int(jpeg_quality)
         self.scale = float(scale)
 
-    def __call__(self, images: Sequence[Image.Image], prompts: Sequence[str] | None = None
-                 ) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __call__(
+        self, images: Sequence[Image.Image], prompts: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         images = list(images)
         if self.jpeg_quality:
             images = [jpeg_round_trip(im, self.jpeg_quality) for im in images]
@@ -74,16 +76,29 @@ class DeqaSuite:
         self.reward.close()
 
 
-def build_suite(source: str, *, device: str = "cuda", dtype: str = "float16", batch_size: int = 8,
-                attn_implementation: str = "eager", jpeg_quality: int = 0, scale: float = 1.0,
-                trust_remote_code: bool = False) -> DeqaSuite:
+def build_suite(
+    source: str,
+    *,
+    device: str = "cuda",
+    dtype: str = "float16",
+    batch_size: int = 8,
+    attn_implementation: str = "eager",
+    jpeg_quality: int = 0,
+    scale: float = 1.0,
+    trust_remote_code: bool = False,
+) -> DeqaSuite:
     """Load DeQA-Score (its remote code) on `device` in `dtype` and wrap it for the server."""
     from apexcli.rewards.base import resolve_dtype
     from apexcli.rewards.config import DeqaConfig
     from apexcli.rewards.deqa import DeQAScore
 
-    config = DeqaConfig(source=source, trust_remote_code=trust_remote_code, batch_size=batch_size,
-                        attn_implementation=attn_implementation, dtype=dtype)
+    config = DeqaConfig(
+        source=source,
+        trust_remote_code=trust_remote_code,
+        batch_size=batch_size,
+        attn_implementation=attn_implementation,
+        dtype=dtype,
+    )
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -93,22 +108,39 @@ def build_suite(source: str, *, device: str = "cuda", dtype: str = "float16", ba
 
 
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m apexcli.rewards.deqa_server",
-                                description="Serve DeQA-Score as the 'deqa' reward (use deqa@http://HOST:PORT).")
+    p = argparse.ArgumentParser(
+        prog="python -m apexcli.rewards.deqa_server",
+        description="Serve DeQA-Score as the 'deqa' reward (use deqa@http://HOST:PORT).",
+    )
     p.add_argument("--source", default=DEFAULT_SOURCE, help="hub id or local dir of the DeQA-Score weights")
-    p.add_argument("--trust-remote-code", action="store_true",
-                   help="allow the Python code shipped with the weights to run (required)")
-    p.add_argument("--host", default="127.0.0.1", help="interface to bind (loopback by default; beyond it, set a token)")
-    p.add_argument("--token", default=os.environ.get("APEX_SERVE_TOKEN", ""),
-                   help="require 'Authorization: Bearer TOKEN' (default: $APEX_SERVE_TOKEN, which the client sends)")
+    p.add_argument(
+        "--trust-remote-code",
+        action="store_true",
+        help="allow the Python code shipped with the weights to run (required)",
+    )
+    p.add_argument(
+        "--host", default="127.0.0.1", help="interface to bind (loopback by default; beyond it, set a token)"
+    )
+    p.add_argument(
+        "--token",
+        default=os.environ.get("APEX_SERVE_TOKEN", ""),
+        help="require 'Authorization: Bearer TOKEN' (default: $APEX_SERVE_TOKEN, which the client sends)",
+    )
     p.add_argument("--port", type=int, default=18086)
     p.add_argument("--device", default="cuda", help="cuda, cuda:N or cpu")
-    p.add_argument("--dtype", default="float16",
-                   help="float16 (default); DeQA-Score's score() casts its inputs to half, so other dtypes fail there")
+    p.add_argument(
+        "--dtype",
+        default="float16",
+        help="float16 (default); DeQA-Score's score() casts its inputs to half, so other dtypes fail there",
+    )
     p.add_argument("--batch-size", type=int, default=8, help="images per score() call")
     p.add_argument("--attn-implementation", default="eager", help="passed to from_pretrained ('' = library default)")
-    p.add_argument("--jpeg-quality", type=int, default=0,
-                   help="score each image after a JPEG round trip at this quality; 75 = Flow-GRPO's transport; 0 = off")
+    p.add_argument(
+        "--jpeg-quality",
+        type=int,
+        default=0,
+        help="score each image after a JPEG round trip at this quality; 75 = Flow-GRPO's transport; 0 = off",
+    )
     p.add_argument("--scale", type=float, default=1.0, help="multiply the scores; 0.2 = Flow-GRPO's DeQA/5")
     return p.parse_args(argv)
 
@@ -120,18 +152,30 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
     try:
         with override_hint("pass --source DIR"):  # this command's syntax for rewards.deqa.source
-            suite = build_suite(args.source, device=args.device, dtype=args.dtype, batch_size=args.batch_size,
-                                attn_implementation=args.attn_implementation, jpeg_quality=args.jpeg_quality,
-                                scale=args.scale, trust_remote_code=args.trust_remote_code)
+            suite = build_suite(
+                args.source,
+                device=args.device,
+                dtype=args.dtype,
+                batch_size=args.batch_size,
+                attn_implementation=args.attn_implementation,
+                jpeg_quality=args.jpeg_quality,
+                scale=args.scale,
+                trust_remote_code=args.trust_remote_code,
+            )
         server = make_server(suite, args.host, args.port, token=args.token)  # type: ignore[arg-type]
     except ApexError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     if args.host not in LOOPBACK_HOSTS and not args.token:
         print(f"warning: serving on {args.host}: anyone who can reach this port can run the model", file=sys.stderr)
-    extras = [f"JPEG q{args.jpeg_quality} round trip"] * bool(args.jpeg_quality) + [f"scores x {args.scale:g}"] * (args.scale != 1.0)
-    print(f"serving deqa on {server.url} ({args.device}, {args.dtype}{''.join(', ' + e for e in extras)}); "
-          f"use deqa@{server.url}; Ctrl-C stops", flush=True)
+    extras = [f"JPEG q{args.jpeg_quality} round trip"] * bool(args.jpeg_quality) + [f"scores x {args.scale:g}"] * (
+        args.scale != 1.0
+    )
+    print(
+        f"serving deqa on {server.url} ({args.device}, {args.dtype}{''.join(', ' + e for e in extras)}); "
+        f"use deqa@{server.url}; Ctrl-C stops",
+        flush=True,
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from apexcli.errors import ApexError
 
@@ -35,8 +36,10 @@ def missing_weights_message(what: str, source: str, option: str, reason: str = "
     fix = _OVERRIDE_HINT.get().format(option=option)
     if looks_local(source) and not os.path.exists(source):
         return f"{what}: local path {source!r} does not exist{why}; {fix}, DIR being a folder holding it"
-    return (f"cannot load {what} {source!r}{why}: download it with "
-            f"`huggingface-cli download {source} --local-dir DIR`, then {fix}")
+    return (
+        f"cannot load {what} {source!r}{why}: download it with "
+        f"`huggingface-cli download {source} --local-dir DIR`, then {fix}"
+    )
 
 
 def dtype_kwargs(dtype: Any) -> dict[str, Any]:

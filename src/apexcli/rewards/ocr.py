@@ -29,8 +29,9 @@ from __future__ import annotations
 
 import math
 import queue
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Callable, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -98,8 +99,10 @@ class RapidOcrEngine:
         self.engine = RapidOCR(params=params)
         steps = ("load_img", "preprocess_img", "run_ocr_steps")
         if self.drop_upside_down and not all(hasattr(self.engine, n) for n in steps):
-            raise ApexError("this rapidocr does not expose its OCR steps (needed to drop upside-down lines); "
-                            "pip install -U rapidocr (3.10 does), or set rewards.ocr.upside_down=rotate (or read)")
+            raise ApexError(
+                "this rapidocr does not expose its OCR steps (needed to drop upside-down lines); "
+                "pip install -U rapidocr (3.10 does), or set rewards.ocr.upside_down=rotate (or read)"
+            )
 
     def read(self, bgr: np.ndarray) -> str:
         if not self.drop_upside_down:
@@ -114,8 +117,11 @@ class RapidOcrEngine:
         verdicts = cls.cls_res or [("0", 0.0)] * len(texts)
         thresh = float(eng.cfg.Cls.cls_thresh)
         min_score = float(getattr(eng, "text_score", 0.5))  # what RapidOCR.__call__ filters on
-        return " ".join(t for t, s, (label, conf) in zip(texts, scores, verdicts)
-                        if t.strip() and s >= min_score and not ("180" in label and conf > thresh))
+        return " ".join(
+            t
+            for t, s, (label, conf) in zip(texts, scores, verdicts)
+            if t.strip() and s >= min_score and not ("180" in label and conf > thresh)
+        )
 
 
 class PaddleOcrEngine:
@@ -126,21 +132,31 @@ class PaddleOcrEngine:
             import paddleocr
             from paddleocr import PaddleOCR
         except ImportError:
-            raise ApexError("paddleocr is not installed; pip install 'apexcli[paddle]' or use rewards.ocr.backend=rapidocr") from None
+            raise ApexError(
+                "paddleocr is not installed; pip install 'apexcli[paddle]' or use rewards.ocr.backend=rapidocr"
+            ) from None
         self.major = int(str(getattr(paddleocr, "__version__", "2")).split(".")[0] or 2)
         # drop and read both run without the classifier: the reference's setting; its English
         # recogniser reads upside-down text as garbage
         self.rotate = config.upside_down == "rotate"
         try:
             if self.major >= 3:
-                self.engine = PaddleOCR(lang=config.lang, device="gpu" if config.use_gpu else "cpu",
-                                        use_doc_orientation_classify=False, use_doc_unwarping=False,
-                                        use_textline_orientation=self.rotate)
+                self.engine = PaddleOCR(
+                    lang=config.lang,
+                    device="gpu" if config.use_gpu else "cpu",
+                    use_doc_orientation_classify=False,
+                    use_doc_unwarping=False,
+                    use_textline_orientation=self.rotate,
+                )
             else:
-                self.engine = PaddleOCR(use_angle_cls=self.rotate, lang=config.lang, use_gpu=config.use_gpu, show_log=False)
+                self.engine = PaddleOCR(
+                    use_angle_cls=self.rotate, lang=config.lang, use_gpu=config.use_gpu, show_log=False
+                )
         except Exception as exc:  # it fetches models on first construction; offline this fails
-            raise ApexError(f"PaddleOCR {paddleocr.__version__} could not start ({type(exc).__name__}); it downloads "
-                            "its models on first use: run once online, or use rewards.ocr.backend=rapidocr") from None
+            raise ApexError(
+                f"PaddleOCR {paddleocr.__version__} could not start ({type(exc).__name__}); it downloads "
+                "its models on first use: run once online, or use rewards.ocr.backend=rapidocr"
+            ) from None
 
     def read(self, bgr: np.ndarray) -> str:
         if self.major >= 3:
@@ -166,7 +182,9 @@ class OcrReward(Reward):
 
     def __init__(self, config: OcrConfig, device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32):
         if config.backend not in BACKENDS:
-            raise ApexError(f"unknown OCR backend {config.backend!r}; valid: {', '.join(BACKENDS)} (rewards.ocr.backend)")
+            raise ApexError(
+                f"unknown OCR backend {config.backend!r}; valid: {', '.join(BACKENDS)} (rewards.ocr.backend)"
+            )
         if config.upside_down not in UPSIDE_DOWN:
             raise ApexError(f"unknown rewards.ocr.upside_down {config.upside_down!r}; valid: {', '.join(UPSIDE_DOWN)}")
         self.workers = max(1, int(config.workers))

@@ -29,25 +29,44 @@ class PickScore(Reward):
         self.device = torch.device(device)
         self.dtype = resolve_dtype(config.dtype, dtype)
         self.batch_size = config.batch_size
-        self.model = load_pretrained(CLIPModel.from_pretrained, config.source, what="PickScore_v1 model",
-                                     option="rewards.pick.source", **dtype_kwargs(self.dtype))
+        self.model = load_pretrained(
+            CLIPModel.from_pretrained,
+            config.source,
+            what="PickScore_v1 model",
+            option="rewards.pick.source",
+            **dtype_kwargs(self.dtype),
+        )
         self.model.to(self.device).eval().requires_grad_(False)
-        proc = load_pretrained(CLIPImageProcessor.from_pretrained, config.processor_source,
-                               what="PickScore image processor", option="rewards.pick.processor_source")
-        self.tokenizer = load_pretrained(AutoTokenizer.from_pretrained, config.processor_source,
-                                         what="PickScore tokenizer", option="rewards.pick.processor_source")
+        proc = load_pretrained(
+            CLIPImageProcessor.from_pretrained,
+            config.processor_source,
+            what="PickScore image processor",
+            option="rewards.pick.processor_source",
+        )
+        self.tokenizer = load_pretrained(
+            AutoTokenizer.from_pretrained,
+            config.processor_source,
+            what="PickScore tokenizer",
+            option="rewards.pick.processor_source",
+        )
         self.preprocess = ClipPreprocess.from_processor(proc)
-        self.max_tokens = min(int(self.tokenizer.model_max_length),
-                              int(self.model.config.text_config.max_position_embeddings))
+        self.max_tokens = min(
+            int(self.tokenizer.model_max_length), int(self.model.config.text_config.max_position_embeddings)
+        )
 
     @torch.inference_mode()
     def text_embeddings(self, prompts: list[str]) -> torch.Tensor:
         """L2-normalised text embeddings [B, D] (float32); each distinct prompt encoded once."""
         unique = list(dict.fromkeys(prompts))
-        tokens = self.tokenizer(unique, padding=True, truncation=True, max_length=self.max_tokens,
-                                return_tensors="pt").to(self.device)
-        emb = F.normalize(self.model.get_text_features(input_ids=tokens["input_ids"],
-                                                       attention_mask=tokens["attention_mask"]).float(), dim=-1)
+        tokens = self.tokenizer(
+            unique, padding=True, truncation=True, max_length=self.max_tokens, return_tensors="pt"
+        ).to(self.device)
+        emb = F.normalize(
+            self.model.get_text_features(
+                input_ids=tokens["input_ids"], attention_mask=tokens["attention_mask"]
+            ).float(),
+            dim=-1,
+        )
         index = {p: i for i, p in enumerate(unique)}
         return emb[torch.tensor([index[p] for p in prompts], device=emb.device)]
 

@@ -7,8 +7,8 @@ Everything takes a float batch ``[B, 3, H, W]`` in [0, 1] and works on the whole
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +38,7 @@ def nearest_palette(images: torch.Tensor, palette: torch.Tensor) -> tuple[torch.
     pal = palette if palette.ndim == 3 else palette.unsqueeze(0).expand(images.shape[0], -1, -1)
     # |x - p|² = |x|² - 2 x·p + |p|², as one batched matmul instead of a [B,P,3,H,W] difference
     x = images.flatten(2)  # [B,3,HW]
-    d = (x.square().sum(dim=1, keepdim=True) - 2 * pal @ x + pal.square().sum(dim=2, keepdim=True))
+    d = x.square().sum(dim=1, keepdim=True) - 2 * pal @ x + pal.square().sum(dim=2, keepdim=True)
     dist, index = d.min(dim=1)
     b, _, h, w = images.shape
     return index.view(b, h, w), dist.clamp(min=0).sqrt().view(b, h, w)
@@ -102,7 +102,7 @@ def component_stats(labels: torch.Tensor) -> Components:
     area[:, 0] = 0  # label 0 is "outside the mask"
     n_max = max(1, int((area > 0).sum(dim=1).max()))
     top_area, slot = area.topk(n_max, dim=1)
-    pick = lambda t: t.view(b, n_slots).gather(1, slot)  # noqa: E731
+    pick = lambda t: t.view(b, n_slots).gather(1, slot)
     safe = top_area.clamp(min=1)
     present = top_area > 0
     return Components(
@@ -114,8 +114,9 @@ def component_stats(labels: torch.Tensor) -> Components:
     )
 
 
-def batched(fn: Callable[[torch.Tensor, Sequence[str]], torch.Tensor], batch: ImageBatch,
-            prompts: Sequence[str]) -> torch.Tensor:
+def batched(
+    fn: Callable[[torch.Tensor, Sequence[str]], torch.Tensor], batch: ImageBatch, prompts: Sequence[str]
+) -> torch.Tensor:
     """Apply ``fn(images [B,3,H,W], prompts) -> [B]`` to a stacked batch on the CPU, or image by
     image when the images differ in size (e.g. a folder scored by ``apex score``)."""
     stacked = batch.stacked("cpu")

@@ -56,7 +56,9 @@ REGISTRY: dict[str, RewardSpec] = {
     "compressibility": _builtin("toy", "Compressibility", "toy", False, "−JPEG size in kB"),
     "contrast": _builtin("toy", "Contrast", "toy", False, "RMS contrast of luma, 0–0.5"),
     # the miniature world's stand-ins for pick, deqa and aes (weight-free; docs/method/mini-world.md)
-    "adherence": _builtin("adherence", "Adherence", "toy", True, "world prompt adherence from pixels, 16–24 (pick's role)"),
+    "adherence": _builtin(
+        "adherence", "Adherence", "toy", True, "world prompt adherence from pixels, 16–24 (pick's role)"
+    ),
     "quality": _builtin("quality", "Quality", "toy", False, "crisp edges + clean flat regions, 1–5 (deqa's role)"),
     "appeal": _builtin("appeal", "Appeal", "toy", False, "centring, coverage, harmony, contrast, 5–6.5 (aes's role)"),
 }
@@ -90,8 +92,10 @@ def canonical_name(name: str) -> str:
     if key in installed:
         return _add(_import_reward(installed[key].module, installed[key].attr, f"entry point '{key}'"), key, key=key)
     others = f"; installed: {', '.join(sorted(installed))}" if installed else ""
-    raise ApexError(f"unknown objective {name!r}; valid: {', '.join(REWARD_NAMES)}{others}; "
-                    "or a reward of your own as package.module:ClassName")
+    raise ApexError(
+        f"unknown objective {name!r}; valid: {', '.join(REWARD_NAMES)}{others}; "
+        "or a reward of your own as package.module:ClassName"
+    )
 
 
 def reward_spec(key: str) -> RewardSpec:
@@ -138,8 +142,10 @@ def _options(cls: type[Reward], key: str, config: RewardsConfig) -> Any:
     reject_old_keys({"rewards": {"extra": {key: data}}})
     if cls.Options is None:
         if data:
-            raise ApexError(f"config key '{prefix}{next(iter(data))}' is set, but reward '{key}' takes no options "
-                            "(its class declares no Options dataclass)")
+            raise ApexError(
+                f"config key '{prefix}{next(iter(data))}' is set, but reward '{key}' takes no options "
+                "(its class declares no Options dataclass)"
+            )
         return None
     options = from_dict(cls.Options, data, prefix)
     check_fields(options, prefix)
@@ -155,8 +161,10 @@ def _import_reward(module: str, attr: str, where: str) -> type[Reward]:
     try:
         cls = getattr(importlib.import_module(module), attr)
     except ImportError as exc:
-        raise ApexError(f"reward {where}: cannot import module '{module}' ({exc}); put its folder on PYTHONPATH "
-                        "or install its package") from None
+        raise ApexError(
+            f"reward {where}: cannot import module '{module}' ({exc}); put its folder on PYTHONPATH "
+            "or install its package"
+        ) from None
     except AttributeError:
         raise ApexError(f"reward {where}: module '{module}' has no class '{attr}'") from None
     if not (isinstance(cls, type) and issubclass(cls, Reward)):
@@ -171,9 +179,13 @@ def _add(cls: type[Reward], where: str, *, key: str | None = None) -> str:
         raise ApexError(f"reward {where} is named {key!r}; a reward's name is letters, digits, '_' and '-'")
     if key in REGISTRY or key in ALIASES:
         raise ApexError(f"reward {where} is named '{key}', as a built-in reward is; give its class another `name`")
-    spec = RewardSpec(cls.__module__, cls.__qualname__, "", cls.needs_prompt, (cls.__doc__ or "").strip().split("\n")[0])
+    spec = RewardSpec(
+        cls.__module__, cls.__qualname__, "", cls.needs_prompt, (cls.__doc__ or "").strip().split("\n")[0]
+    )
     other = _ADDED.get(key)
     if other is not None and (other.module, other.cls) != (spec.module, spec.cls):
-        raise ApexError(f"rewards {other.module}:{other.cls} and {where} are both named '{key}'; give one another `name`")
+        raise ApexError(
+            f"rewards {other.module}:{other.cls} and {where} are both named '{key}'; give one another `name`"
+        )
     _ADDED[key], _CLASSES[key] = spec, cls  # a module imported again replaces its class
     return key

@@ -69,8 +69,7 @@ def request_json(url: str, payload: dict | None, config: RemoteConfig, what: str
     for attempt in range(attempts):
         if attempt:
             time.sleep(config.backoff_s * 2 ** (attempt - 1))
-        req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST",
-                                     headers=headers)
+        req = urllib.request.Request(url, data=data, method="GET" if data is None else "POST", headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=config.timeout_s) as resp:
                 return json.loads(resp.read().decode("utf-8"))
@@ -82,8 +81,11 @@ def request_json(url: str, payload: dict | None, config: RemoteConfig, what: str
                 message = body
             message = " ".join(str(message).split())[:200]
             if exc.code == 401:
-                fix = f"the token in {TOKEN_ENV} is wrong" if token else \
-                    f"set {TOKEN_ENV} to the token the server was started with"
+                fix = (
+                    f"the token in {TOKEN_ENV} is wrong"
+                    if token
+                    else f"set {TOKEN_ENV} to the token the server was started with"
+                )
                 raise ApexError(f"reward server {url} refused {what}: HTTP 401, no valid bearer token: {fix}") from None
             if exc.code < 500:  # the request itself is wrong: retrying cannot help
                 raise ApexError(f"reward server {url} refused {what}: HTTP {exc.code}: {message}") from None
@@ -92,8 +94,10 @@ def request_json(url: str, payload: dict | None, config: RemoteConfig, what: str
             last = " ".join(str(getattr(exc, "reason", exc)).split())[:120] or type(exc).__name__
         except ValueError:
             last = "answer is not JSON"
-    raise ApexError(f"reward server {url} failed for {what} after {attempts} attempt(s) ({last}); "
-                    f"is `{serve_command(what)}` running there?")
+    raise ApexError(
+        f"reward server {url} failed for {what} after {attempts} attempt(s) ({last}); "
+        f"is `{serve_command(what)}` running there?"
+    )
 
 
 def serve_command(name: str) -> str:
@@ -133,21 +137,27 @@ class RemoteReward(Reward):
         self.needs_prompt = reward_spec(name).needs_prompt  # type: ignore[misc]
         self.url = url.rstrip("/")
         if not self.url.startswith(("http://", "https://")):
-            raise ApexError(f"reward URL {url!r} for {name} must start with http:// (e.g. {name}@http://127.0.0.1:18086)")
+            raise ApexError(
+                f"reward URL {url!r} for {name} must start with http:// (e.g. {name}@http://127.0.0.1:18086)"
+            )
         self.config = config or RemoteConfig()
         self.batch_size = batch_size
         health = request_json(self.url + "/health", None, self.config, name)
         served = health.get("objectives", [])
         self.max_request_pixels = _positive_int(health.get("max_request_pixels"))  # None: a server without one
         if name not in served:
-            raise ApexError(f"reward server {self.url} serves {', '.join(served) or 'nothing'}, not {name}; "
-                            f"start one with `{serve_command(name)}`")
+            raise ApexError(
+                f"reward server {self.url} serves {', '.join(served) or 'nothing'}, not {name}; "
+                f"start one with `{serve_command(name)}`"
+            )
 
     def score(self, batch: ImageBatch, prompts: list[str]) -> tuple[torch.Tensor, dict[str, Any]]:
         """One request per group of images that fits the server's pixel limit (usually one)."""
         images = batch.pil()
-        parts = [self._request(images[start:stop], list(prompts[start:stop]))
-                 for start, stop in pixel_groups([im.width * im.height for im in images], self.max_request_pixels)]
+        parts = [
+            self._request(images[start:stop], list(prompts[start:stop]))
+            for start, stop in pixel_groups([im.width * im.height for im in images], self.max_request_pixels)
+        ]
         if len(parts) == 1:
             values, info = parts[0]
         else:  # per-image lists, joined in order

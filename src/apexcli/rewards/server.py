@@ -126,8 +126,13 @@ def check_token(token: str) -> str:
     return token
 
 
-def check_limits(threads: int, timeout_s: float, port: int, max_request_pixels: int = DEFAULT_REQUEST_PIXELS,
-                 max_per_client: int = DEFAULT_MAX_PER_CLIENT) -> None:
+def check_limits(
+    threads: int,
+    timeout_s: float,
+    port: int,
+    max_request_pixels: int = DEFAULT_REQUEST_PIXELS,
+    max_per_client: int = DEFAULT_MAX_PER_CLIENT,
+) -> None:
     """ApexError naming the option that is out of range."""
     if threads < 1:
         raise ApexError(f"--threads {threads}: need at least 1")
@@ -147,11 +152,20 @@ class RewardHTTPServer(ThreadingHTTPServer):
     daemon_threads = True
     request_queue_size = LISTEN_BACKLOG
 
-    def __init__(self, suite: RewardSuite, host: str = "127.0.0.1", port: int = 18086,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, *, token: str = "",
-                 threads: int = DEFAULT_THREADS, timeout_s: float = DEFAULT_TIMEOUT_S,
-                 max_request_pixels: int = DEFAULT_REQUEST_PIXELS, max_per_client: int = DEFAULT_MAX_PER_CLIENT,
-                 header_grace_s: float = HEADER_GRACE_S):
+    def __init__(
+        self,
+        suite: RewardSuite,
+        host: str = "127.0.0.1",
+        port: int = 18086,
+        max_pixels: int = DEFAULT_MAX_PIXELS,
+        *,
+        token: str = "",
+        threads: int = DEFAULT_THREADS,
+        timeout_s: float = DEFAULT_TIMEOUT_S,
+        max_request_pixels: int = DEFAULT_REQUEST_PIXELS,
+        max_per_client: int = DEFAULT_MAX_PER_CLIENT,
+        header_grace_s: float = HEADER_GRACE_S,
+    ):
         check_limits(threads, timeout_s, port, max_request_pixels, max_per_client)
         self.suite = suite
         self.max_pixels = max_pixels
@@ -214,8 +228,10 @@ class RewardHTTPServer(ThreadingHTTPServer):
         address = connection.address
         while self._held_by(address) >= self.max_per_client and not self._drop_one(address=address):
             if not self._held_by(address, authenticated=False):
-                connection.refusal = (f"too many connections from {address} (at most {self.max_per_client} at once: "
-                                      "apex serve --max-per-client); retry when one is answered")
+                connection.refusal = (
+                    f"too many connections from {address} (at most {self.max_per_client} at once: "
+                    "apex serve --max-per-client); retry when one is answered"
+                )
                 break
             if self._stopping.wait(_POLL_S):
                 break
@@ -229,8 +245,13 @@ class RewardHTTPServer(ThreadingHTTPServer):
     def _held_by(self, address: str, authenticated: bool | None = None) -> int:
         """Live connections of `address` (only those with that `authenticated` state, if given)."""
         with self._registry:
-            return sum(1 for c in self.connections.values() if c.address == address and not c.dropped
-                       and (authenticated is None or c.authenticated == authenticated))
+            return sum(
+                1
+                for c in self.connections.values()
+                if c.address == address
+                and not c.dropped
+                and (authenticated is None or c.authenticated == authenticated)
+            )
 
     def _drop_one(self, address: str | None) -> bool:
         """Shut down the unauthenticated connection (of `address`, or of any) that has sent
@@ -244,8 +265,13 @@ class RewardHTTPServer(ThreadingHTTPServer):
             held: dict[str, int] = {}
             for c in live:
                 held[c.address] = held.get(c.address, 0) + 1
-            candidates = [c for c in live if not c.authenticated and now - c.since >= self.header_grace_s
-                          and (address is None or c.address == address)]
+            candidates = [
+                c
+                for c in live
+                if not c.authenticated
+                and now - c.since >= self.header_grace_s
+                and (address is None or c.address == address)
+            ]
             if not candidates:
                 return False
             victim = max(candidates, key=lambda c: (held[c.address], -c.since))
@@ -299,9 +325,11 @@ class RewardHTTPServer(ThreadingHTTPServer):
         sizes = [image_size(blob) for blob in blobs]
         total = sum(w * h for w, h in (size for size in sizes if size))
         if total > self.max_request_pixels:
-            raise TooLarge(f"the request's {len(blobs)} images hold {total} decoded pixels, more than this server's "
-                           f"limit of {self.max_request_pixels} per request (apex serve --max-request-pixels); "
-                           "send fewer or smaller images")
+            raise TooLarge(
+                f"the request's {len(blobs)} images hold {total} decoded pixels, more than this server's "
+                f"limit of {self.max_request_pixels} per request (apex serve --max-request-pixels); "
+                "send fewer or smaller images"
+            )
         return blobs
 
     def score_payload(self, payload: Any) -> dict[str, Any]:
@@ -332,9 +360,11 @@ class RewardHTTPServer(ThreadingHTTPServer):
                     raise BadRequest(f"image {i}: {exc}") from None
             R, info = self.suite(images, prompts)
         columns = [self.suite.objectives.index(o) for o in wanted]
-        return {"objectives": list(wanted),
-                "scores": [nan_to_none(row) for row in R[:, columns].tolist()],
-                "info": {o: info.get(o, {}) for o in wanted}}
+        return {
+            "objectives": list(wanted),
+            "scores": [nan_to_none(row) for row in R[:, columns].tolist()],
+            "info": {o: info.get(o, {}) for o in wanted},
+        }
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -375,20 +405,29 @@ class _Handler(BaseHTTPRequestHandler):
             return False
         if self.server.authorized(self.headers.get("Authorization")):
             return True
-        self._send(401, {"error": f"missing or wrong bearer token; set {TOKEN_ENV} to the server's token"},
-                   {"WWW-Authenticate": "Bearer"})
+        self._send(
+            401,
+            {"error": f"missing or wrong bearer token; set {TOKEN_ENV} to the server's token"},
+            {"WWW-Authenticate": "Bearer"},
+        )
         return False
 
-    def do_GET(self) -> None:  # noqa: N802 (http.server naming)
+    def do_GET(self) -> None:
         if not self._admitted():
             return
         if self.path.rstrip("/") == "/health":
-            self._send(200, {"status": "ok", "objectives": self.server.suite.objectives,
-                             "max_request_pixels": self.server.max_request_pixels})
+            self._send(
+                200,
+                {
+                    "status": "ok",
+                    "objectives": self.server.suite.objectives,
+                    "max_request_pixels": self.server.max_request_pixels,
+                },
+            )
         else:
             self._send(404, {"error": f"unknown path {self.path}; use GET /health or POST /score"})
 
-    def do_POST(self) -> None:  # noqa: N802
+    def do_POST(self) -> None:
         if not self._admitted():
             return
         if self.path.rstrip("/") != "/score":
@@ -399,9 +438,13 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             length = -1
         if length <= 0 or length > MAX_REQUEST_BYTES:
-            self._send(413 if length > MAX_REQUEST_BYTES else 400,
-                       {"error": f"need a Content-Length of 1 to {MAX_REQUEST_BYTES} bytes, "
-                                 f"got {self.headers.get('Content-Length')!r}"})
+            self._send(
+                413 if length > MAX_REQUEST_BYTES else 400,
+                {
+                    "error": f"need a Content-Length of 1 to {MAX_REQUEST_BYTES} bytes, "
+                    f"got {self.headers.get('Content-Length')!r}"
+                },
+            )
             return
         try:
             body = self.rfile.read(length)
@@ -425,17 +468,34 @@ class _Handler(BaseHTTPRequestHandler):
         pass
 
 
-def make_server(suite: RewardSuite, host: str = "127.0.0.1", port: int = 18086,
-                max_pixels: int = DEFAULT_MAX_PIXELS, *, token: str = "",
-                threads: int = DEFAULT_THREADS, timeout_s: float = DEFAULT_TIMEOUT_S,
-                max_request_pixels: int = DEFAULT_REQUEST_PIXELS, max_per_client: int = DEFAULT_MAX_PER_CLIENT,
-                header_grace_s: float = HEADER_GRACE_S) -> RewardHTTPServer:
+def make_server(
+    suite: RewardSuite,
+    host: str = "127.0.0.1",
+    port: int = 18086,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    *,
+    token: str = "",
+    threads: int = DEFAULT_THREADS,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_request_pixels: int = DEFAULT_REQUEST_PIXELS,
+    max_per_client: int = DEFAULT_MAX_PER_CLIENT,
+    header_grace_s: float = HEADER_GRACE_S,
+) -> RewardHTTPServer:
     """Bind the server (port 0 picks a free port); call serve_forever() to run it."""
     check_limits(threads, timeout_s, port, max_request_pixels, max_per_client)
     try:
-        return RewardHTTPServer(suite, host, port, max_pixels, token=token, threads=threads, timeout_s=timeout_s,
-                                max_request_pixels=max_request_pixels, max_per_client=max_per_client,
-                                header_grace_s=header_grace_s)
+        return RewardHTTPServer(
+            suite,
+            host,
+            port,
+            max_pixels,
+            token=token,
+            threads=threads,
+            timeout_s=timeout_s,
+            max_request_pixels=max_request_pixels,
+            max_per_client=max_per_client,
+            header_grace_s=header_grace_s,
+        )
     except OSError as exc:
         raise ApexError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); choose another --port") from None
 
@@ -443,11 +503,21 @@ def make_server(suite: RewardSuite, host: str = "127.0.0.1", port: int = 18086,
 LOOPBACK_HOSTS = ("127.0.0.1", "localhost", "::1")
 
 
-def serve_rewards(objectives: list[str], *, host: str = "127.0.0.1", port: int = 18086,
-                  device: str = "auto", dtype: str = "auto", config: Any = None,
-                  token: str = "", threads: int = DEFAULT_THREADS, timeout_s: float = DEFAULT_TIMEOUT_S,
-                  max_request_pixels: int = DEFAULT_REQUEST_PIXELS, max_per_client: int = DEFAULT_MAX_PER_CLIENT,
-                  log=print) -> None:
+def serve_rewards(
+    objectives: list[str],
+    *,
+    host: str = "127.0.0.1",
+    port: int = 18086,
+    device: str = "auto",
+    dtype: str = "auto",
+    config: Any = None,
+    token: str = "",
+    threads: int = DEFAULT_THREADS,
+    timeout_s: float = DEFAULT_TIMEOUT_S,
+    max_request_pixels: int = DEFAULT_REQUEST_PIXELS,
+    max_per_client: int = DEFAULT_MAX_PER_CLIENT,
+    log=print,
+) -> None:
     """Load the rewards once and serve them until interrupted (the `apex serve` core)."""
     from apexcli.rewards.runtime import resolve_device_dtype
 
@@ -455,13 +525,25 @@ def serve_rewards(objectives: list[str], *, host: str = "127.0.0.1", port: int =
     check_limits(threads, timeout_s, port, max_request_pixels, max_per_client)  # before the models load
     dev, dt = resolve_device_dtype(device, dtype)
     suite = RewardSuite(objectives, device=dev, dtype=dt, config=config)
-    server = make_server(suite, host, port, token=token, threads=threads, timeout_s=timeout_s,
-                         max_request_pixels=max_request_pixels, max_per_client=max_per_client)
+    server = make_server(
+        suite,
+        host,
+        port,
+        token=token,
+        threads=threads,
+        timeout_s=timeout_s,
+        max_request_pixels=max_request_pixels,
+        max_per_client=max_per_client,
+    )
     if host not in LOOPBACK_HOSTS and not token:
-        log(f"warning: serving on {host} without a token: anyone who can reach this port can run the "
-            f"models; set {TOKEN_ENV} (or --token) here and in the clients' environment")
-    log(f"serving {', '.join(suite.objectives)} on {server.url} ({dev}, {dt}"
-        f"{', token required' if token else ''}); use {suite.objectives[0]}@{server.url}; Ctrl-C stops")
+        log(
+            f"warning: serving on {host} without a token: anyone who can reach this port can run the "
+            f"models; set {TOKEN_ENV} (or --token) here and in the clients' environment"
+        )
+    log(
+        f"serving {', '.join(suite.objectives)} on {server.url} ({dev}, {dt}"
+        f"{', token required' if token else ''}); use {suite.objectives[0]}@{server.url}; Ctrl-C stops"
+    )
     try:
         server.serve_forever()
     except KeyboardInterrupt:

@@ -8,8 +8,9 @@ background thread so the trainer can sample batch i+1 while batch i is being sco
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from PIL import Image
@@ -47,8 +48,14 @@ class RewardSuite:
     `info[name]` holds that reward's per-image extras (e.g. OCR text), lists of length N.
     """
 
-    def __init__(self, objectives: Sequence[str], *, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = SUITE_DTYPE, config: RewardsConfig | None = None):
+    def __init__(
+        self,
+        objectives: Sequence[str],
+        *,
+        device: torch.device | str = "cpu",
+        dtype: torch.dtype = SUITE_DTYPE,
+        config: RewardsConfig | None = None,
+    ):
         if isinstance(objectives, str):
             objectives = [o for o in objectives.split(",") if o.strip()]
         if not objectives:
@@ -84,7 +91,9 @@ class RewardSuite:
         keys = [canonical_name(split_remote(o)[0]) for o in objectives]
         missing = [k for k in keys if k not in self.rewards]
         if missing:
-            raise ApexError(f"objective(s) {', '.join(missing)} are not loaded in this reward suite ({', '.join(self.objectives)})")
+            raise ApexError(
+                f"objective(s) {', '.join(missing)} are not loaded in this reward suite ({', '.join(self.objectives)})"
+            )
         view = object.__new__(RewardSuite)
         view.__dict__.update(self.__dict__)
         view.objectives = keys
@@ -110,8 +119,9 @@ class RewardSuite:
         rows = [[cls.applies_to(p) for cls in classes] for p in prompts]
         return torch.tensor(rows, dtype=torch.bool).reshape(len(prompts), len(self.objectives))
 
-    def __call__(self, images: torch.Tensor | Sequence[Image.Image] | ImageBatch,
-                 prompts: Sequence[str] | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def __call__(
+        self, images: torch.Tensor | Sequence[Image.Image] | ImageBatch, prompts: Sequence[str] | None = None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         batch = images if isinstance(images, ImageBatch) else ImageBatch(images)
         n = len(batch)
         prompts = [""] * n if prompts is None else list(prompts)
@@ -131,8 +141,7 @@ class RewardSuite:
         R = torch.stack([results[k][0].float().cpu().reshape(n) for k in self.objectives], dim=1)
         return R, {k: results[k][1] for k in self.objectives}
 
-    def submit(self, images: torch.Tensor | Sequence[Image.Image],
-               prompts: Sequence[str] | None = None) -> Future:
+    def submit(self, images: torch.Tensor | Sequence[Image.Image], prompts: Sequence[str] | None = None) -> Future:
         """Score in the background; the Future resolves to (R, info). Do not modify `images` meanwhile.
 
         CUDA inputs are scored on a side stream that first waits for the work queued so far on
@@ -146,8 +155,9 @@ class RewardSuite:
         prompts = list(prompts) if prompts is not None else None
         return self._background.submit(self._score_in_background, batch, prompts, ready)
 
-    def _score_in_background(self, batch: ImageBatch, prompts: list[str] | None,
-                             ready: torch.cuda.Event | None) -> tuple[torch.Tensor, dict[str, Any]]:
+    def _score_in_background(
+        self, batch: ImageBatch, prompts: list[str] | None, ready: torch.cuda.Event | None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
         if ready is None:
             return self(batch, prompts)
         if self._side_stream is None:
@@ -181,4 +191,3 @@ def union_objectives(*lists: Sequence[str]) -> list[str]:
         for objective in objectives:
             seen.setdefault(canonical_name(split_remote(objective)[0]), objective)
     return list(seen.values())
-

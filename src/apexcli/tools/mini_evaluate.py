@@ -28,17 +28,31 @@ from apexcli.world.measure import attribute_matches, read_shapes
 
 
 @torch.no_grad()
-def sample_fixed(pipe: StableDiffusion3Pipeline, texts: list[str], seed: int, guidance: float, steps: int,
-                 batch: int = 16, resolution: int = 64) -> list[Image.Image]:
+def sample_fixed(
+    pipe: StableDiffusion3Pipeline,
+    texts: list[str],
+    seed: int,
+    guidance: float,
+    steps: int,
+    batch: int = 16,
+    resolution: int = 64,
+) -> list[Image.Image]:
     """Image i from the generator seeded seed + i, in batches."""
     pipe.set_progress_bar_config(disable=True)
     images: list[Image.Image] = []
     for start in range(0, len(texts), batch):
         chunk = texts[start : start + batch]
         gens = [torch.Generator().manual_seed(seed + start + i) for i in range(len(chunk))]
-        images += pipe(prompt=chunk, num_inference_steps=steps, guidance_scale=guidance, height=resolution,
-                       width=resolution, generator=gens, max_sequence_length=pipe.tokenizer.model_max_length,
-                       output_type="pil").images
+        images += pipe(
+            prompt=chunk,
+            num_inference_steps=steps,
+            guidance_scale=guidance,
+            height=resolution,
+            width=resolution,
+            generator=gens,
+            max_sequence_length=pipe.tokenizer.model_max_length,
+            output_type="pil",
+        ).images
     return images
 
 
@@ -74,19 +88,36 @@ def ocr_scores(images: list[Image.Image], texts: list[str]) -> dict[str, float]:
         scores, info = reward([images[i] for i in idx], [texts[i] for i in idx])
     finally:
         reward.close()
-    return {"ocr": float(scores.mean()), "ocr_exact": float((scores == 1).float().mean()), "n_signs": len(idx),
-            "ocr_read": info["text"][:8]}
+    return {
+        "ocr": float(scores.mean()),
+        "ocr_exact": float((scores == 1).float().mean()),
+        "n_signs": len(idx),
+        "ocr_read": info["text"][:8],
+    }
 
 
-def evaluate(pipe: StableDiffusion3Pipeline, n: int = 64, seed: int = 0, guidance: float = 4.0, steps: int = 10,
-             shift: float | None = None, out: Path | None = None) -> dict:
+def evaluate(
+    pipe: StableDiffusion3Pipeline,
+    n: int = 64,
+    seed: int = 0,
+    guidance: float = 4.0,
+    steps: int = 10,
+    shift: float | None = None,
+    out: Path | None = None,
+) -> dict:
     if shift is not None:
         pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(pipe.scheduler.config, shift=shift)
     texts = world_prompts(n, seed=seed, split="eval")
     start = time.monotonic()
     images = sample_fixed(pipe, texts, seed=seed, guidance=guidance, steps=steps)
-    result = {"n": n, "seed": seed, "guidance": guidance, "steps": steps, "shift": pipe.scheduler.config.shift,
-              "sample_s": round(time.monotonic() - start, 1)}
+    result = {
+        "n": n,
+        "seed": seed,
+        "guidance": guidance,
+        "steps": steps,
+        "shift": pipe.scheduler.config.shift,
+        "sample_s": round(time.monotonic() - start, 1),
+    }
     result.update(adherence_scores(images, texts))
     result.update(ocr_scores(images, texts))
     if out is not None:
@@ -101,7 +132,9 @@ def evaluate(pipe: StableDiffusion3Pipeline, n: int = 64, seed: int = 0, guidanc
     return result
 
 
-def sampling_speed(pipe: StableDiffusion3Pipeline, guidance: float, steps: int = 10, n: int = 8, repeats: int = 3) -> dict:
+def sampling_speed(
+    pipe: StableDiffusion3Pipeline, guidance: float, steps: int = 10, n: int = 8, repeats: int = 3
+) -> dict:
     """Seconds to sample n images at `steps` steps: the best wall time of a few repeats, and the
     process CPU time per repeat (on a shared machine, wall time includes waiting for a core)."""
     texts = world_prompts(n, seed=1, split="eval")
@@ -112,8 +145,14 @@ def sampling_speed(pipe: StableDiffusion3Pipeline, guidance: float, steps: int =
         sample_fixed(pipe, texts, seed=0, guidance=guidance, steps=steps)
         walls.append(time.perf_counter() - w)
         cpus.append(time.process_time() - c)
-    return {"images": n, "steps": steps, "guidance": guidance, "threads": torch.get_num_threads(),
-            "best_wall_s": round(min(walls), 2), "cpu_s": round(float(np.mean(cpus)), 2)}
+    return {
+        "images": n,
+        "steps": steps,
+        "guidance": guidance,
+        "threads": torch.get_num_threads(),
+        "best_wall_s": round(min(walls), 2),
+        "cpu_s": round(float(np.mean(cpus)), 2),
+    }
 
 
 def main(argv: list[str] | None = None) -> None:

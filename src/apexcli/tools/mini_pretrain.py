@@ -118,15 +118,33 @@ def build_mini_pipeline(cfg: MiniConfig) -> StableDiffusion3Pipeline:
 
     def clip() -> CLIPTextModelWithProjection:
         return CLIPTextModelWithProjection(
-            CLIPTextConfig(vocab_size=vocab, hidden_size=th, intermediate_size=2 * th, num_hidden_layers=2,
-                           num_attention_heads=4, projection_dim=th, max_position_embeddings=MAX_TOKENS,
-                           pad_token_id=0, bos_token_id=2, eos_token_id=3)
+            CLIPTextConfig(
+                vocab_size=vocab,
+                hidden_size=th,
+                intermediate_size=2 * th,
+                num_hidden_layers=2,
+                num_attention_heads=4,
+                projection_dim=th,
+                max_position_embeddings=MAX_TOKENS,
+                pad_token_id=0,
+                bos_token_id=2,
+                eos_token_id=3,
+            )
         )
 
     clip_l, clip_g = clip(), clip()
     t5 = T5EncoderModel(
-        T5Config(vocab_size=vocab, d_model=2 * th, d_kv=32, d_ff=4 * th, num_layers=2, num_heads=4,
-                 pad_token_id=0, eos_token_id=3, decoder_start_token_id=0)
+        T5Config(
+            vocab_size=vocab,
+            d_model=2 * th,
+            d_kv=32,
+            d_ff=4 * th,
+            num_layers=2,
+            num_heads=4,
+            pad_token_id=0,
+            eos_token_id=3,
+            decoder_start_token_id=0,
+        )
     )
     width = cfg.heads * cfg.head_dim
     latent = RESOLUTION // 2 ** (len(cfg.vae_channels) - 1)
@@ -270,8 +288,12 @@ def recon_adherence(vae: AutoencoderKL, seed: int, n: int = 64) -> dict[str, flo
 
 def encode(pipe: StableDiffusion3Pipeline, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     embeds, _, pooled, _ = pipe.encode_prompt(
-        prompt=texts, prompt_2=None, prompt_3=None, device=torch.device("cpu"),
-        do_classifier_free_guidance=False, max_sequence_length=MAX_TOKENS,
+        prompt=texts,
+        prompt_2=None,
+        prompt_3=None,
+        device=torch.device("cpu"),
+        do_classifier_free_guidance=False,
+        max_sequence_length=MAX_TOKENS,
     )
     return embeds, pooled
 
@@ -284,11 +306,21 @@ def logit_normal(n: int, gen: torch.Generator) -> torch.Tensor:
 
 
 @torch.no_grad()
-def sample(pipe: StableDiffusion3Pipeline, texts: list[str], seed: int, guidance: float, steps: int) -> list[Image.Image]:
+def sample(
+    pipe: StableDiffusion3Pipeline, texts: list[str], seed: int, guidance: float, steps: int
+) -> list[Image.Image]:
     gen = torch.Generator().manual_seed(seed)
     pipe.set_progress_bar_config(disable=True)
-    out = pipe(prompt=texts, num_inference_steps=steps, guidance_scale=guidance, height=RESOLUTION, width=RESOLUTION,
-               generator=gen, max_sequence_length=MAX_TOKENS, output_type="pil")
+    out = pipe(
+        prompt=texts,
+        num_inference_steps=steps,
+        guidance_scale=guidance,
+        height=RESOLUTION,
+        width=RESOLUTION,
+        generator=gen,
+        max_sequence_length=MAX_TOKENS,
+        output_type="pil",
+    )
     return out.images
 
 
@@ -304,8 +336,16 @@ def grid_prompts() -> list[str]:
     return world_prompts(16, seed=0, split="eval", sign_fraction=0.5)
 
 
-def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: Logger, deadline: float,
-               export_dir: Path | None, *, noisy: bool = False) -> StableDiffusion3Pipeline:
+def train_flow(
+    pipe: StableDiffusion3Pipeline,
+    cfg: MiniConfig,
+    out: Path,
+    log: Logger,
+    deadline: float,
+    export_dir: Path | None,
+    *,
+    noisy: bool = False,
+) -> StableDiffusion3Pipeline:
     """Train transformer + text encoders; returns the EMA pipeline. `noisy`: the caption-noise
     phase (cfg.noisy_steps on mislabelled renders, its own data and noise seeds) instead of
     the clean one (cfg.flow_steps)."""
@@ -341,6 +381,7 @@ def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: 
             elif k is not None:
                 sign_latents[k] = out[i].clone()
         return out
+
     running = None
     for step in range(steps):
         if time.monotonic() > deadline:
@@ -352,8 +393,13 @@ def train_flow(pipe: StableDiffusion3Pipeline, cfg: MiniConfig, out: Path, log: 
         t = logit_normal(x0.shape[0], gen)
         xt = (1 - t.view(-1, 1, 1, 1)) * x0 + t.view(-1, 1, 1, 1) * eps
         embeds, pooled = encode(pipe, texts)
-        pred = pipe.transformer(hidden_states=xt, timestep=t * 1000, encoder_hidden_states=embeds,
-                                pooled_projections=pooled, return_dict=False)[0]
+        pred = pipe.transformer(
+            hidden_states=xt,
+            timestep=t * 1000,
+            encoder_hidden_states=embeds,
+            pooled_projections=pooled,
+            return_dict=False,
+        )[0]
         loss = F.mse_loss(pred, eps - x0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -388,7 +434,9 @@ def as_shipped(pipe: StableDiffusion3Pipeline) -> StableDiffusion3Pipeline:
     return pipe
 
 
-def pretrain(cfg: MiniConfig, out: Path, export_dir: Path | None = None, init: Path | None = None) -> StableDiffusion3Pipeline:
+def pretrain(
+    cfg: MiniConfig, out: Path, export_dir: Path | None = None, init: Path | None = None
+) -> StableDiffusion3Pipeline:
     """All phases; with `init` (a pipeline the clean phases made, e.g. an earlier export), only
     the caption-noise phase, from it."""
     # One thread by default: on a shared, loaded CPU two OpenMP threads spend most of their time
@@ -426,11 +474,17 @@ def pretrain(cfg: MiniConfig, out: Path, export_dir: Path | None = None, init: P
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, required=True, help="run directory: loss.jsonl, grids, config.json")
-    parser.add_argument("--export", type=Path, default=None, help="write the diffusers pipeline here (e.g. src/apexcli/models/mini)")
+    parser.add_argument(
+        "--export", type=Path, default=None, help="write the diffusers pipeline here (e.g. src/apexcli/models/mini)"
+    )
     parser.add_argument("--minutes", type=float, default=MiniConfig.minutes)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--init", type=Path, default=None,
-                        help="start from this pipeline (made by the clean phases) and run only the caption-noise phase")
+    parser.add_argument(
+        "--init",
+        type=Path,
+        default=None,
+        help="start from this pipeline (made by the clean phases) and run only the caption-noise phase",
+    )
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a MiniConfig field")
     args = parser.parse_args(argv)
     cfg = MiniConfig(seed=args.seed, minutes=args.minutes)
@@ -441,7 +495,9 @@ def main(argv: list[str] | None = None) -> None:
     if args.init is not None and cfg.noisy_steps <= 0:
         parser.error("--init runs only the caption-noise phase: add --set noisy_steps=N (N > 0)")
     if args.init is not None and not (args.init / "model_index.json").is_file():
-        parser.error(f"--init {args.init}: no model_index.json there; give a diffusers export such as src/apexcli/models/mini")
+        parser.error(
+            f"--init {args.init}: no model_index.json there; give a diffusers export such as src/apexcli/models/mini"
+        )
     pretrain(cfg, args.out, args.export, args.init)
 
 

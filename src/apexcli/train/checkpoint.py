@@ -35,7 +35,9 @@ class TrainingState:
     rng: dict
 
 
-def save_checkpoint(run: RunDir, step: int, *, save_lora, save_ema_lora, state: TrainingState, config_yaml: str, keep: int) -> Path:
+def save_checkpoint(
+    run: RunDir, step: int, *, save_lora, save_ema_lora, state: TrainingState, config_yaml: str, keep: int
+) -> Path:
     """``save_lora(dir)`` / ``save_ema_lora(dir)`` write diffusers-format LoRA files into ``dir``."""
     final = run.checkpoint_dir(step)
     with atomic_directory(final) as tmp:

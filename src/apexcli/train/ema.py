@@ -57,8 +57,11 @@ class LoraEMA:
 
     def state_dict(self) -> dict:
         """Whole tensors on CPU (a collective under FSDP2, where the shadows are shards)."""
-        return {"decay": self.decay, "steps": self.steps,
-                "shadow": [full_tensor(s).to("cpu", copy=True) for s in self.shadow]}
+        return {
+            "decay": self.decay,
+            "steps": self.steps,
+            "shadow": [full_tensor(s).to("cpu", copy=True) for s in self.shadow],
+        }
 
     @torch.no_grad()
     def load_state_dict(self, state: dict) -> None:

@@ -41,8 +41,10 @@ def check_shards(cfg: Config, world_size: int) -> str:
         )
     steps = optimizer_steps_per_update(cfg, world_size)
     kind = "one process" if world_size == 1 else f"{world_size} processes"
-    return (f"{kind}; {total} samples per update = {shard} per process in {micro} micro-batch(es) of "
-            f"{t.train_batch_size}; {steps} optimizer step(s) per epoch")
+    return (
+        f"{kind}; {total} samples per update = {shard} per process in {micro} micro-batch(es) of "
+        f"{t.train_batch_size}; {steps} optimizer step(s) per epoch"
+    )
 
 
 def optimizer_steps_per_update(cfg: Config, world_size: int) -> int:
@@ -58,8 +60,10 @@ def warn_single_process_launch(world_size: int) -> None:
     GPU while its user believes it uses N. That combination is worth one line."""
     launched_by_accelerate = "ACCELERATE_MIXED_PRECISION" in os.environ
     if world_size == 1 and launched_by_accelerate and "MASTER_PORT" in os.environ and "WORLD_SIZE" not in os.environ:
-        warn("accelerate launch started a single process although it was asked for several; add --multi_gpu "
-             "(GPUs), or launch with `torchrun --nproc_per_node N -m apexcli train ...` (CPUs)")
+        warn(
+            "accelerate launch started a single process although it was asked for several; add --multi_gpu "
+            "(GPUs), or launch with `torchrun --nproc_per_node N -m apexcli train ...` (CPUs)"
+        )
 
 
 def note_ema_delay(cfg: Config, steps_per_update: int) -> None:
@@ -70,5 +74,8 @@ def note_ema_delay(cfg: Config, steps_per_update: int) -> None:
     if t.ema_decay <= 0 or t.ema_every <= 1 or not cfg.eval.use_ema or cfg.eval.every <= 0:
         return
     first = -(-t.ema_every // (steps_per_update * t.inner_epochs))
-    print(f"apex: eval uses the LoRA's EMA, updated every {t.ema_every} optimizer steps: evaluations before update "
-          f"{first} show the base model (eval.use_ema=false evaluates the live LoRA)", file=sys.stderr)
+    print(
+        f"apex: eval uses the LoRA's EMA, updated every {t.ema_every} optimizer steps: evaluations before update "
+        f"{first} show the base model (eval.use_ema=false evaluates the live LoRA)",
+        file=sys.stderr,
+    )

@@ -17,6 +17,7 @@ from apexcli.flow.sde import StepOutput, gaussian_kl
 
 KL_FORMS = ("exact", "reference")
 
+
 @dataclass
 class PolicyLossOutput:
     loss: torch.Tensor

@@ -14,7 +14,9 @@ import torch
 from apexcli.seeds import mix_seed
 
 
-def flow_matching_point(x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def flow_matching_point(
+    x0: torch.Tensor, sigma: torch.Tensor, noise: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(x_t, target)``: ``x_t = (1 - sigma) x0 + sigma noise`` and the velocity ``noise - x0``
     (rectified flow, as SD3 and its scheduler define it); ``sigma`` ``[B]``."""
     s = sigma.view(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)

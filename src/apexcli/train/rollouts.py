@@ -76,12 +76,27 @@ class ShardSampler:
         if s.share_group_noise:
             latent = res // self.vae_scale_factor
             noise = initial_noise(
-                len(idx), (latent_channels(self.transformer), latent, latent),
-                group_ids=plan.group_ids[idx], share_within_group=True, seed=mix_seed(cfg.seed, step), device=self.device,
+                len(idx),
+                (latent_channels(self.transformer), latent, latent),
+                group_ids=plan.group_ids[idx],
+                share_within_group=True,
+                seed=mix_seed(cfg.seed, step),
+                device=self.device,
             )
         return rollout(
-            self.transformer, self.scheduler, cond, num_steps=s.num_steps, height=res, width=res,
-            vae_scale_factor=self.vae_scale_factor, guidance_scale=s.guidance_scale, uncond=self.uncond,
-            sampler=s.sampler, noise_level=s.noise_level, noise_block=s.experimental.noise_block, sde_steps=self.steps_trained,
-            initial_noise=noise, generator=generator,
+            self.transformer,
+            self.scheduler,
+            cond,
+            num_steps=s.num_steps,
+            height=res,
+            width=res,
+            vae_scale_factor=self.vae_scale_factor,
+            guidance_scale=s.guidance_scale,
+            uncond=self.uncond,
+            sampler=s.sampler,
+            noise_level=s.noise_level,
+            noise_block=s.experimental.noise_block,
+            sde_steps=self.steps_trained,
+            initial_noise=noise,
+            generator=generator,
         )

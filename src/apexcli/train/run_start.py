@@ -150,7 +150,11 @@ def resolve_resume(run: RunDir, resume: str) -> StartPlan:
             owner = _run_of_checkpoint(path)
             step = parse_step_dirname(path.name)
             previous = _newest_good(owner, below=step)[0] if owner is not None and step is not None else None
-            offer = f"; the previous good checkpoint is {previous} (--resume {previous})" if previous else "; no older readable checkpoint exists"
+            offer = (
+                f"; the previous good checkpoint is {previous} (--resume {previous})"
+                if previous
+                else "; no older readable checkpoint exists"
+            )
             raise ApexError(f"{exc}{offer}") from None
     plan = resolve_resume(RunDir(path), "auto") if path.is_dir() else StartPlan()
     if plan.checkpoint is None:
@@ -178,7 +182,9 @@ def plan_start(run: RunDir, cfg: Config, *, resume: str | None, overwrite: bool,
     own = plan.checkpoint is not None and _is_inside(plan.checkpoint, run.path)
     if plan.checkpoint is not None:
         if own and overwrite:
-            raise ApexError(f"--overwrite would delete {plan.checkpoint}, which --resume continues from; drop --overwrite")
+            raise ApexError(
+                f"--overwrite would delete {plan.checkpoint}, which --resume continues from; drop --overwrite"
+            )
         if plan.skipped and verbose:
             warn(f"resuming from the previous good checkpoint {plan.checkpoint}")
         check_resume_config(plan.checkpoint, read_checkpoint_config(plan.checkpoint), cfg, verbose=verbose)
@@ -188,8 +194,10 @@ def plan_start(run: RunDir, cfg: Config, *, resume: str | None, overwrite: bool,
                 f"pass --steps above {plan.state.step} to train further"
             )
         if plan.state.step == cfg.train.steps and own:
-            raise NothingToTrain(f"'{run.path}' is complete at step {plan.state.step} (train.steps); nothing to train, "
-                                 f"nothing written. Pass --steps above {plan.state.step} to train further")
+            raise NothingToTrain(
+                f"'{run.path}' is complete at step {plan.state.step} (train.steps); nothing to train, "
+                f"nothing written. Pass --steps above {plan.state.step} to train further"
+            )
     if entries and not own:
         if not overwrite:
             what = "a new run" if plan.checkpoint is None else f"a run resumed from {plan.checkpoint}"
@@ -290,8 +298,10 @@ def abandon_after(run: RunDir, step: int) -> Path | None:
     later = [p for s, p in _step_dirs(run) if s > step]
     metrics = run.read_metrics()
     if metrics.skipped:
-        warn(f"{run.metrics_path} has {len(metrics.skipped)} line(s) that are not rows ({metrics.skipped[0]}); "
-             "kept as they are")
+        warn(
+            f"{run.metrics_path} has {len(metrics.skipped)} line(s) that are not rows ({metrics.skipped[0]}); "
+            "kept as they are"
+        )
     rows = metrics.rows
     dropped = [r for r in rows if r["step"] > step]
     if not later:

@@ -131,8 +131,9 @@ def set_up(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool, arg
         # Rewards first: an unknown objective fails before any model is loaded. One suite holds
         # every reward model the run uses; training, eval and the progress probe take views of it.
         eval_objectives = list(cfg.eval.objectives or cfg.objectives) if cfg.eval.every > 0 else []
-        reward_models = RewardSuite(union_objectives(cfg.objectives, eval_objectives), device=accelerator.device,
-                                    config=cfg.rewards)
+        reward_models = RewardSuite(
+            union_objectives(cfg.objectives, eval_objectives), device=accelerator.device, config=cfg.rewards
+        )
         parts = _build(cfg, accelerator, start, reward_models, eval_objectives)
         if start.checkpoint is not None:
             parts.step = restore(parts, cfg, start.checkpoint, start.state)
@@ -146,7 +147,9 @@ def set_up(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool, arg
     return parts
 
 
-def _launch(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool, lock: RunLock) -> tuple[Accelerator, StartPlan]:
+def _launch(
+    cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool, lock: RunLock
+) -> tuple[Accelerator, StartPlan]:
     """The accelerator, the layout checks and apex doctor's, the run folder's lock (the main
     process holds it for the whole run: a second writer fails at once), then the plan for the
     run directory (refuse to clobber a run; read the resume checkpoint in full), all before any
@@ -174,13 +177,17 @@ def _launch(cfg: Config, run: RunDir, *, resume: str | None, overwrite: bool, lo
     set_seed(cfg.seed)
     if acc.device.type == "cpu" and cfg.model.dtype != "float32" and acc.is_main_process:
         # Allowed (it exercises the GPU dtype paths on a CPU), but rarely what a user wants.
-        print(f"note: model.dtype={cfg.model.dtype} on CPU is slow unless the CPU has bf16 units; "
-              "model.dtype=float32 is the CPU default", file=sys.stderr)
+        print(
+            f"note: model.dtype={cfg.model.dtype} on CPU is slow unless the CPU has bf16 units; "
+            "model.dtype=float32 is the CPU default",
+            file=sys.stderr,
+        )
     return acc, start
 
 
-def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: RewardSuite,
-           eval_objectives: list[str]) -> TrainingParts:
+def _build(
+    cfg: Config, acc: Accelerator, start: StartPlan, reward_models: RewardSuite, eval_objectives: list[str]
+) -> TrainingParts:
     """Objectives and prompts (checked against each other), the pipeline, text, evaluation and
     the LoRA, then what trains it: the policy loss, the update loop, sampler and probe."""
     device = acc.device
@@ -193,34 +200,76 @@ def _build(cfg: Config, acc: Accelerator, start: StartPlan, reward_models: Rewar
     text = _encode(cfg, pipe, prompts, device)
     evaluator = progress_probe = None
     if cfg.eval.every > 0:
-        evaluator = Evaluator(cfg, pipe, text.text_cache, objectives, device=device, accelerator=acc,
-                              suite=reward_models.view(eval_objectives))
+        evaluator = Evaluator(
+            cfg,
+            pipe,
+            text.text_cache,
+            objectives,
+            device=device,
+            accelerator=acc,
+            suite=reward_models.view(eval_objectives),
+        )
     if balancer.wants_progress(0):  # a balancer that wants progress at all wants it at the first step
-        progress_probe = ProgressProbe(cfg, pipe, text.text_cache, objectives, prompts, device=device, accelerator=acc,
-                                       suite=suite)
+        progress_probe = ProgressProbe(
+            cfg, pipe, text.text_cache, objectives, prompts, device=device, accelerator=acc, suite=suite
+        )
     if acc.is_main_process:
         if evaluator is not None:
             _warn_unscored(evaluator.suite, evaluator.prompts, f"the evaluation (prompts.eval={cfg.prompts.eval})")
         if progress_probe is not None:
-            _warn_unscored(progress_probe.suite, progress_probe.evaluator.prompts,
-                           f"the progress probe (balance.experimental.progress_prompts={cfg.balance.experimental.progress_prompts})")
+            _warn_unscored(
+                progress_probe.suite,
+                progress_probe.evaluator.prompts,
+                f"the progress probe (balance.experimental.progress_prompts={cfg.balance.experimental.progress_prompts})",
+            )
     if cfg.model.free_text_encoders:
         free_text_encoders(pipe)
     lora = _lora(cfg, pipe, acc)
     steps_trained = trained_steps(cfg)
-    models = PolicyModels(policy=lora.transformer, reference=unwrap_model(lora.transformer), adapters=lora.adapter_layers,
-                          guidance_scale=cfg.sampling.guidance_scale, uncond=text.uncond)
+    models = PolicyModels(
+        policy=lora.transformer,
+        reference=unwrap_model(lora.transformer),
+        adapters=lora.adapter_layers,
+        guidance_scale=cfg.sampling.guidance_scale,
+        uncond=text.uncond,
+    )
     policy_loss = build_policy_loss(cfg, models, steps_trained)
     return TrainingParts(
-        accelerator=acc, device=device, start=start, step=0, reward_models=reward_models, suite=suite,
-        objectives=objectives, balancer=balancer, prompts=prompts, pipe=pipe,
-        scheduler=pipe.scheduler, vae_scale_factor=pipe.vae_scale_factor, **text._asdict(), evaluator=evaluator,
-        progress_probe=progress_probe, **lora._asdict(), steps_trained=steps_trained, policy_loss=policy_loss,
-        sampler=ShardSampler(cfg, lora.transformer, pipe.scheduler, lora.vae, pipe.vae_scale_factor, prompts,
-                             text.embeds, text.uncond, suite, steps_trained, device),
+        accelerator=acc,
+        device=device,
+        start=start,
+        step=0,
+        reward_models=reward_models,
+        suite=suite,
+        objectives=objectives,
+        balancer=balancer,
+        prompts=prompts,
+        pipe=pipe,
+        scheduler=pipe.scheduler,
+        vae_scale_factor=pipe.vae_scale_factor,
+        **text._asdict(),
+        evaluator=evaluator,
+        progress_probe=progress_probe,
+        **lora._asdict(),
+        steps_trained=steps_trained,
+        policy_loss=policy_loss,
+        sampler=ShardSampler(
+            cfg,
+            lora.transformer,
+            pipe.scheduler,
+            lora.vae,
+            pipe.vae_scale_factor,
+            prompts,
+            text.embeds,
+            text.uncond,
+            suite,
+            steps_trained,
+            device,
+        ),
         update=PolicyUpdate(cfg, acc, policy_loss, lora.lora_params, lora.optimizer, lora.lr_schedule, lora.ema),
-        gradient_probe=GradientProbe(cfg, policy_loss, unwrap_model(lora.transformer), lora.lora_params, acc,
-                                     sharded=lora.sharded),
+        gradient_probe=GradientProbe(
+            cfg, policy_loss, unwrap_model(lora.transformer), lora.lora_params, acc, sharded=lora.sharded
+        ),
     )
 
 
@@ -231,8 +280,10 @@ def _check_objectives_apply(suite: RewardSuite, prompts: list[str], prompts_spec
     for k, key in enumerate(suite.objectives):
         if not applies[:, k].any():
             reward = reward_class(key)
-            raise ApexError(f"objective '{key}' needs {reward.prompt_requirement}, and prompts.train={prompts_spec} has none; "
-                            f"use {reward.prompt_fix}")
+            raise ApexError(
+                f"objective '{key}' needs {reward.prompt_requirement}, and prompts.train={prompts_spec} has none; "
+                f"use {reward.prompt_fix}"
+            )
 
 
 def _warn_unscored(suite: RewardSuite, prompts: list[str], what: str) -> None:
@@ -240,8 +291,10 @@ def _warn_unscored(suite: RewardSuite, prompts: list[str], what: str) -> None:
     applies = suite.applies(prompts)
     for k, key in enumerate(suite.objectives):
         if not applies[:, k].any():
-            warn(f"objective '{key}' applies to none of the {len(prompts)} prompts of {what}, so its scores there are "
-                 f"NaN; it needs {reward_class(key).prompt_requirement}")
+            warn(
+                f"objective '{key}' applies to none of the {len(prompts)} prompts of {what}, so its scores there are "
+                f"NaN; it needs {reward_class(key).prompt_requirement}"
+            )
 
 
 def _encode(cfg: Config, pipe, prompts: list[str], device: torch.device) -> Conditioning:
@@ -260,23 +313,39 @@ def _lora(cfg: Config, pipe, acc: Accelerator) -> Lora:
     vae = pipe.vae.to(device)
     vae.requires_grad_(False)
     transformer = pipe.transformer.to(device)
-    params = attach_lora(transformer, rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=cfg.lora.dropout,
-                         target_modules=cfg.lora.target_modules, seed=cfg.seed, init=cfg.lora.init)
+    params = attach_lora(
+        transformer,
+        rank=cfg.lora.rank,
+        alpha=cfg.lora.alpha,
+        dropout=cfg.lora.dropout,
+        target_modules=cfg.lora.target_modules,
+        seed=cfg.seed,
+        init=cfg.lora.init,
+    )
     if cfg.model.gradient_checkpointing:
         transformer.enable_gradient_checkpointing()
     if cfg.model.compile:
         compile_transformer_blocks(transformer)
     t = cfg.train
-    optimizer = torch.optim.AdamW(params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay,
-                                  eps=t.adam_eps)
+    optimizer = torch.optim.AdamW(
+        params, lr=t.lr, betas=(t.adam_beta1, t.adam_beta2), weight_decay=t.weight_decay, eps=t.adam_eps
+    )
     schedule = UpdateSchedule(optimizer, t)
     transformer, optimizer = acc.prepare(transformer, optimizer)
     # FSDP2 replaces every parameter by a DTensor shard: from here on, the trainable ones are
     # the prepared model's (the same objects as before under DDP or one process)
     params = [p for p in unwrap_model(transformer).parameters() if p.requires_grad]
     ema = LoraEMA(params, t.ema_decay, every=t.ema_every, warmup=t.ema_warmup) if t.ema_decay > 0 else None
-    return Lora(vae, transformer, optimizer, schedule, params, is_sharded(params),
-                adapter_layers(unwrap_model(transformer)), ema)
+    return Lora(
+        vae,
+        transformer,
+        optimizer,
+        schedule,
+        params,
+        is_sharded(params),
+        adapter_layers(unwrap_model(transformer)),
+        ema,
+    )
 
 
 def restore(parts: TrainingParts, cfg: Config, checkpoint: Path, state: TrainingState) -> int:
@@ -324,10 +393,13 @@ def _check_tracker_installed(tracker: str | None) -> None:
     """accelerate drops a tracker whose package is missing with only a log warning (silenced
     by the CLI), so a run asked to log to tensorboard or wandb would log nowhere."""
     if tracker and importlib.util.find_spec(tracker) is None:
-        raise ApexError(f"logging.tracker={tracker} needs the '{tracker}' package: pip install {tracker} (or apexcli[tracking])")
+        raise ApexError(
+            f"logging.tracker={tracker} needs the '{tracker}' package: pip install {tracker} (or apexcli[tracking])"
+        )
 
 
 def _tracker_config(cfg: Config) -> dict:
     """The config as one level of dotted keys with plain values, as trackers take it."""
-    return {k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten_dict(config_to_dict(cfg)).items()}
-
+    return {
+        k: v if isinstance(v, (int, float, str, bool)) else str(v) for k, v in flatten_dict(config_to_dict(cfg)).items()
+    }

@@ -52,7 +52,9 @@ __all__ = ["PROGRESS_NOISE_STREAM", "Trainer", "_busy_seconds", "_check_shards",
 class Trainer:
     """``setup()`` -> ``train()`` -> ``close()``; ``save_checkpoint()`` at any time."""
 
-    def __init__(self, cfg: Config, *, resume: str | None = None, argv: list[str] | None = None, overwrite: bool = False):
+    def __init__(
+        self, cfg: Config, *, resume: str | None = None, argv: list[str] | None = None, overwrite: bool = False
+    ):
         self.cfg = cfg
         self.resume = resume
         self.overwrite = overwrite
@@ -72,24 +74,44 @@ class Trainer:
         return self.sampler(plan, self.step)
 
     def _measure_progress(self) -> None:
-        mean, std = self.progress_probe(unwrap_model(self.transformer), self.vae, self.scheduler, self.vae_scale_factor,
-                                        self.step, lockstep=self.sharded)
+        mean, std = self.progress_probe(
+            unwrap_model(self.transformer),
+            self.vae,
+            self.scheduler,
+            self.vae_scale_factor,
+            self.step,
+            lockstep=self.sharded,
+        )
         self.balancer.set_progress_means(mean, std)
 
-    def _probe(self, trajectories: list[Trajectory], per_objective_local: torch.Tensor, cond_ids: list[int],
-               group_ids: torch.Tensor) -> None:
-        gram = self.gradient_probe(Trajectory.cat(trajectories), per_objective_local, self.embeds.index(cond_ids),
-                                   group_ids, self.step)
+    def _probe(
+        self,
+        trajectories: list[Trajectory],
+        per_objective_local: torch.Tensor,
+        cond_ids: list[int],
+        group_ids: torch.Tensor,
+    ) -> None:
+        gram = self.gradient_probe(
+            Trajectory.cat(trajectories), per_objective_local, self.embeds.index(cond_ids), group_ids, self.step
+        )
         self.balancer.set_gradient_gram(gram)
 
-    def _update(self, trajectories: list[Trajectory], advantages: torch.Tensor, cond_ids: list[int],
-                group_ids: torch.Tensor | None = None) -> dict:
+    def _update(
+        self,
+        trajectories: list[Trajectory],
+        advantages: torch.Tensor,
+        cond_ids: list[int],
+        group_ids: torch.Tensor | None = None,
+    ) -> dict:
         """The policy update on this process's samples; ``group_ids`` ``[n]`` (global group of each
         sample) lets a loss share its noise within a group (None: one group a sample)."""
         traj = Trajectory.cat(trajectories)
         batch = UpdateBatch(
-            traj=traj, sigmas=traj.sigmas.to(traj.latents.device), cond=self.embeds.index(cond_ids).to(self.device),
-            advantages=clip_advantages(advantages.to(self.device), self.cfg.train.adv_clip), group_ids=group_ids,
+            traj=traj,
+            sigmas=traj.sigmas.to(traj.latents.device),
+            cond=self.embeds.index(cond_ids).to(self.device),
+            advantages=clip_advantages(advantages.to(self.device), self.cfg.train.adv_clip),
+            group_ids=group_ids,
             step=self.step,
         )
         return self.update(batch, self._selected_samples(advantages, self.cfg.train.train_batch_size))
@@ -100,15 +122,28 @@ class Trainer:
         most = None
         if acc.num_processes > 1:
             most = lambda n: int(acc.gather(torch.tensor([n], device=self.device)).max())
-        return selected_samples(advantages, micro, drop_zero=self.balancer.drops_zero_advantage,
-                                seed=self.cfg.seed, step=self.step, rank=acc.process_index, most_micro_batches=most)
+        return selected_samples(
+            advantages,
+            micro,
+            drop_zero=self.balancer.drops_zero_advantage,
+            seed=self.cfg.seed,
+            step=self.step,
+            rank=acc.process_index,
+            most_micro_batches=most,
+        )
 
     def train_step(self) -> dict:
         cfg, acc = self.cfg, self.accelerator
         t_start = time.perf_counter()
-        plan = plan_step(step=self.step, seed=cfg.seed, num_prompts=len(self.prompts),
-                         prompts_per_step=cfg.train.prompts_per_step, group_size=cfg.train.group_size,
-                         rank=acc.process_index, world_size=acc.num_processes)
+        plan = plan_step(
+            step=self.step,
+            seed=cfg.seed,
+            num_prompts=len(self.prompts),
+            prompts_per_step=cfg.train.prompts_per_step,
+            group_size=cfg.train.group_size,
+            rank=acc.process_index,
+            world_size=acc.num_processes,
+        )
         seconds = {"progress_probe": 0.0, "probe": 0.0}
         if self.progress_probe is not None and self.balancer.wants_progress(self.step - 1):
             t0 = time.perf_counter()
@@ -145,8 +180,9 @@ class Trainer:
     def train(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
         main = acc.is_main_process
-        progress = TrainProgress(total=cfg.train.steps, start=self.step, enabled=main and cfg.logging.progress,
-                                 objectives=self.objectives)
+        progress = TrainProgress(
+            total=cfg.train.steps, start=self.step, enabled=main and cfg.logging.progress, objectives=self.objectives
+        )
         first_step = self.step
         with progress:
             if self.evaluator is not None and self.step == 0:
@@ -160,7 +196,9 @@ class Trainer:
                 if main:
                     self.run.append_metrics(row)
                 if acc.log_with:
-                    acc.log({k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}, step=self.step)
+                    acc.log(
+                        {k: v for k, v in row.items() if isinstance(v, (int, float)) and v is not None}, step=self.step
+                    )
                 progress.advance(self.step, row)
                 last = self.step == cfg.train.steps
                 # evaluate before checkpointing: a resume from this checkpoint then never lacks
@@ -191,7 +229,12 @@ class Trainer:
         ctx = self.ema.swapped_in() if (self.ema is not None and self.cfg.eval.use_ema) else nullcontext()
         with ctx, attention_kernels(self.cfg.model.attention):
             row = self.evaluator.run(
-                unwrap_model(self.transformer), self.vae, self.scheduler, self.vae_scale_factor, self.step, self.run,
+                unwrap_model(self.transformer),
+                self.vae,
+                self.scheduler,
+                self.vae_scale_factor,
+                self.step,
+                self.run,
                 lockstep=self.sharded,
             )
         if self.accelerator.is_main_process and row is not None:
@@ -217,12 +260,21 @@ class Trainer:
         optimizer_state = optimizer_state_by_name(model, self.optimizer.optimizer)
         path = None
         if acc.is_main_process:
-            state = TrainingState(step=self.step, optimizer=optimizer_state, lr_scheduler=self.lr_schedule.state_dict(),
-                                  balancer=self.balancer.state_dict(), ema=ema_state, rng={"torch": torch.get_rng_state()})
+            state = TrainingState(
+                step=self.step,
+                optimizer=optimizer_state,
+                lr_scheduler=self.lr_schedule.state_dict(),
+                balancer=self.balancer.state_dict(),
+                ema=ema_state,
+                rng={"torch": torch.get_rng_state()},
+            )
             path = save_checkpoint(
-                self.run, self.step, save_lora=lambda d: save_lora(model, d, live),
+                self.run,
+                self.step,
+                save_lora=lambda d: save_lora(model, d, live),
                 save_ema_lora=None if ema_weights is None else (lambda d: save_lora(model, d, ema_weights)),
-                state=state, config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
+                state=state,
+                config_yaml=yaml.safe_dump(config_to_dict(self.cfg), sort_keys=False),
                 keep=self.cfg.train.keep_checkpoints,
             )
         acc.wait_for_everyone()

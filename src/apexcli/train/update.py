@@ -25,8 +25,16 @@ from apexcli.train.losses.base import Reduction
 from apexcli.train.lr_schedule import UpdateSchedule
 
 
-def selected_samples(advantages: torch.Tensor, micro: int, *, drop_zero: bool, seed: int, step: int, rank: int,
-                     most_micro_batches: Callable[[int], int] | None = None) -> torch.Tensor:
+def selected_samples(
+    advantages: torch.Tensor,
+    micro: int,
+    *,
+    drop_zero: bool,
+    seed: int,
+    step: int,
+    rank: int,
+    most_micro_batches: Callable[[int], int] | None = None,
+) -> torch.Tensor:
     """Local sample indices to train on, a multiple of ``micro`` long.
 
     All of them, unless the balancer asks to drop zero-advantage samples (Flow-GRPO's
@@ -59,8 +67,19 @@ def micro_batches_per_step(n_micro: int, optimizer_steps_per_epoch: int) -> int:
 
 def idle_statistics(lr: float) -> dict:
     """The row of an update with nothing to train (every advantage 0 on every process)."""
-    return {"loss": 0.0, "kl": 0.0, "ratio_mean": 1.0, "clip_frac": 0.0, "ratio_max_dev": 0.0, "grad_norm": 0.0,
-            "skipped_updates": 0, "ratio_first": 1.0, "lr": lr, "optimizer_steps": 0, "samples_trained": 0}
+    return {
+        "loss": 0.0,
+        "kl": 0.0,
+        "ratio_mean": 1.0,
+        "clip_frac": 0.0,
+        "ratio_max_dev": 0.0,
+        "grad_norm": 0.0,
+        "skipped_updates": 0,
+        "ratio_first": 1.0,
+        "lr": lr,
+        "optimizer_steps": 0,
+        "samples_trained": 0,
+    }
 
 
 class UpdateStatistics:
@@ -149,14 +168,26 @@ class PolicyUpdate:
         out["lr"] = lr_applied  # of the update's last optimizer step (not the next one's)
         return out
 
-    def _accumulate(self, batch: UpdateBatch, epoch: int, rows: torch.Tensor, passes: int, last_of_step: bool,
-                    stats: UpdateStatistics) -> None:
+    def _accumulate(
+        self,
+        batch: UpdateBatch,
+        epoch: int,
+        rows: torch.Tensor,
+        passes: int,
+        last_of_step: bool,
+        stats: UpdateStatistics,
+    ) -> None:
         """Backward passes of one micro-batch, each its share of the step's mean; gradients sync
         across processes only in the step's very last backward."""
         points = self.policy_loss.points_per_sample
         for point in range(points):
-            micro = MicroBatch(epoch=epoch, rows=rows, point=point, cond=batch.cond.index(rows),
-                               advantages=batch.advantages[rows.to(batch.advantages.device)])
+            micro = MicroBatch(
+                epoch=epoch,
+                rows=rows,
+                point=point,
+                cond=batch.cond.index(rows),
+                advantages=batch.advantages[rows.to(batch.advantages.device)],
+            )
             sync = last_of_step and point == points - 1
             with nullcontext() if sync else self.accelerator.no_sync(self.policy_loss.models.policy):
                 loss, values = self.policy_loss.loss(micro)

@@ -52,9 +52,30 @@ POSITION_PHRASES: dict[str, str] = {
 COUNT_WORDS: dict[int, str] = {1: "a", 2: "two", 3: "three"}
 # Short words in capitals: three or four letters so the glyphs can be large at 64 px.
 WORDS: tuple[str, ...] = (
-    "CAT", "DOG", "SUN", "BOX", "CUP", "HAT", "MAP", "PEN",
-    "BUS", "CAR", "FOX", "EGG", "KEY", "SKY", "ZOO", "RUN",
-    "STOP", "OPEN", "FISH", "BOOK", "MILK", "LAMP", "TREE", "BIRD",
+    "CAT",
+    "DOG",
+    "SUN",
+    "BOX",
+    "CUP",
+    "HAT",
+    "MAP",
+    "PEN",
+    "BUS",
+    "CAR",
+    "FOX",
+    "EGG",
+    "KEY",
+    "SKY",
+    "ZOO",
+    "RUN",
+    "STOP",
+    "OPEN",
+    "FISH",
+    "BOOK",
+    "MILK",
+    "LAMP",
+    "TREE",
+    "BIRD",
 )
 # Sign scenes: fixed board, ink and sky colours (the prompt names only the word).
 SIGN_BOARD = (250, 250, 250)
@@ -120,8 +141,9 @@ def mislabel(scene: Scene, rng: random.Random, attribute_noise: float, letter_no
     (shape, colour, count, position, background) is, with probability `attribute_noise`, replaced
     by another value; each letter of a sign, with probability `letter_noise`, by another letter."""
     if scene.kind == "sign":
-        letters = [rng.choice([c for c in WORD_LETTERS if c != ch]) if rng.random() < letter_noise else ch
-                   for ch in scene.word]
+        letters = [
+            rng.choice([c for c in WORD_LETTERS if c != ch]) if rng.random() < letter_noise else ch for ch in scene.word
+        ]
         return Scene(kind="sign", word="".join(letters))
 
     def other(value, choices):

@@ -164,7 +164,9 @@ def render(scene: Scene, size: int = 64, rng: random.Random | None = None) -> Im
         draw.rectangle([board.x0 * s, board.y0 * s, board.x1 * s - 1, board.y1 * s - 1], fill=SIGN_BOARD)
         font, _, _ = _text_font(big)
         for char, (x, y) in zip(scene.word, _slots(scene.word, big)):
-            draw.text((x, y), char, font=font, anchor="mm", fill=SIGN_INK, stroke_width=_stroke(font), stroke_fill=SIGN_INK)
+            draw.text(
+                (x, y), char, font=font, anchor="mm", fill=SIGN_INK, stroke_width=_stroke(font), stroke_fill=SIGN_INK
+            )
         return image.resize((size, size), Image.Resampling.BOX)
     background = BACKGROUND_COLORS[scene.background or DEFAULT_BACKGROUND]
     image = Image.new("RGB", (big, big), background)

@@ -14,5 +14,14 @@ def build_policy_loss(cfg: Config, models: PolicyModels, steps_trained: list[int
     return POLICY_LOSSES[cfg.train.loss](cfg, models, steps_trained)
 
 
-__all__ = ["POLICY_LOSSES", "GrpoLoss", "MicroBatch", "NftLoss", "PolicyLoss", "PolicyModels", "ProbeTerms",
-           "UpdateBatch", "build_policy_loss"]
+__all__ = [
+    "POLICY_LOSSES",
+    "GrpoLoss",
+    "MicroBatch",
+    "NftLoss",
+    "PolicyLoss",
+    "PolicyModels",
+    "ProbeTerms",
+    "UpdateBatch",
+    "build_policy_loss",
+]

@@ -38,13 +38,32 @@ class PolicyModels:
     guidance_scale: float
     uncond: PromptEmbeds
 
-    def velocity(self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
+    def velocity(
+        self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds
+    ) -> torch.Tensor:
         return predict_velocity(model, x, sigma, cond, guidance_scale=self.guidance_scale, uncond=self.uncond)
 
-    def log_prob(self, model: torch.nn.Module, traj: Trajectory, x: torch.Tensor, x_next: torch.Tensor,
-                 sigma: float | torch.Tensor, sigma_next: float | torch.Tensor, cond: PromptEmbeds) -> StepOutput:
-        return step_log_prob(model, x, x_next, sigma, sigma_next, cond, guidance_scale=self.guidance_scale,
-                             uncond=self.uncond, **traj.step_options)
+    def log_prob(
+        self,
+        model: torch.nn.Module,
+        traj: Trajectory,
+        x: torch.Tensor,
+        x_next: torch.Tensor,
+        sigma: float | torch.Tensor,
+        sigma_next: float | torch.Tensor,
+        cond: PromptEmbeds,
+    ) -> StepOutput:
+        return step_log_prob(
+            model,
+            x,
+            x_next,
+            sigma,
+            sigma_next,
+            cond,
+            guidance_scale=self.guidance_scale,
+            uncond=self.uncond,
+            **traj.step_options,
+        )
 
     @torch.no_grad()
     def base_velocity(self, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds) -> torch.Tensor:
@@ -52,8 +71,15 @@ class PolicyModels:
             return self.velocity(self.reference, x, sigma, cond)
 
     @torch.no_grad()
-    def base_log_prob(self, traj: Trajectory, x: torch.Tensor, x_next: torch.Tensor, sigma: torch.Tensor,
-                      sigma_next: torch.Tensor, cond: PromptEmbeds) -> StepOutput:
+    def base_log_prob(
+        self,
+        traj: Trajectory,
+        x: torch.Tensor,
+        x_next: torch.Tensor,
+        sigma: torch.Tensor,
+        sigma_next: torch.Tensor,
+        cond: PromptEmbeds,
+    ) -> StepOutput:
         with adapters_disabled(self.adapters):
             return self.log_prob(self.reference, traj, x, x_next, sigma, sigma_next, cond)
 
@@ -116,7 +142,7 @@ class PolicyLoss(ABC):
         epoch, so the policy stays the rollout's at every micro-batch."""
         self.batch = batch
 
-    def begin_epoch(self, epoch: int, generator: torch.Generator) -> None:
+    def begin_epoch(self, epoch: int, generator: torch.Generator) -> None:  # noqa: B027  (a hook: GRPO draws nothing)
         """Per-epoch draws, from the generator the loop just drew the epoch's sample order from."""
 
     @abstractmethod

@@ -27,8 +27,11 @@ class GrpoLoss(PolicyLoss):
     def prepare(self, batch: UpdateBatch, *, on_policy: bool) -> None:
         super().prepare(batch, on_policy=on_policy)
         # the steps outside the window (the last excepted: it only jumps to x0) hold the anchor
-        self.outside = ([i for i in range(batch.traj.num_steps - 1) if i not in self.steps_trained]
-                        if self.cfg.train.experimental.anchor_beta > 0 else [])
+        self.outside = (
+            [i for i in range(batch.traj.num_steps - 1) if i not in self.steps_trained]
+            if self.cfg.train.experimental.anchor_beta > 0
+            else []
+        )
 
     def begin_epoch(self, epoch: int, generator: torch.Generator) -> None:
         """Per sample, a random order of the window's steps: the first ``points_per_sample`` train."""
@@ -48,11 +51,17 @@ class GrpoLoss(PolicyLoss):
         if t.kl_beta > 0:
             ref = self.models.base_log_prob(b.traj, x, x_next, sigma, sigma_next, micro.cond)
             kl = step_kl(out, ref, t.kl_form)
-        result = grpo_policy_loss(out.log_prob, old_logp, micro.advantages, clip_range=t.clip_range, kl=kl, kl_beta=t.kl_beta)
+        result = grpo_policy_loss(
+            out.log_prob, old_logp, micro.advantages, clip_range=t.clip_range, kl=kl, kl_beta=t.kl_beta
+        )
         loss = result.loss
-        stats = {"kl": result.kl, "ratio_mean": result.ratio_mean, "clip_frac": result.clip_frac,
-                 "ratio_first": result.ratio_mean,
-                 "ratio_max_dev": (out.log_prob.detach() - old_logp).exp().sub(1).abs().max()}
+        stats = {
+            "kl": result.kl,
+            "ratio_mean": result.ratio_mean,
+            "clip_frac": result.clip_frac,
+            "ratio_first": result.ratio_mean,
+            "ratio_max_dev": (out.log_prob.detach() - old_logp).exp().sub(1).abs().max(),
+        }
         if self.outside and micro.point == 0:  # once per sample and micro-batch, in the same backward
             anchor = self._anchor(rows, micro.cond)
             stats["anchor"] = anchor.detach()

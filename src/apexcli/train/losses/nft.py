@@ -27,7 +27,9 @@ class NftLoss(PolicyLoss):
         x_t, sigma_t, target = self.points.at(micro.epoch, rows, micro.point, b.sigmas, b.traj.final)
         v = self.models.velocity(self.models.policy, x_t, sigma_t, micro.cond)
         v_old = v if self.v_old is None else self.v_old[micro.epoch, micro.point][rows]
-        result = nft_loss(v, v_old, target, micro.advantages, beta=t.experimental.nft_beta, adv_scale=t.experimental.nft_adv_scale)
+        result = nft_loss(
+            v, v_old, target, micro.advantages, beta=t.experimental.nft_beta, adv_scale=t.experimental.nft_adv_scale
+        )
         loss, stats = result.loss, {}
         if t.kl_beta > 0:
             kl = velocity_anchor(v, self.models.base_velocity(x_t, sigma_t, micro.cond)).mean()
@@ -52,8 +54,13 @@ class NftLoss(PolicyLoss):
     def _points(self, traj: Trajectory, group_ids: torch.Tensor | None, per_sample: int, step: int) -> NftPoints:
         return draw_nft_points(
             torch.arange(len(traj)) if group_ids is None else group_ids,
-            seed=self.cfg.seed, step=step, epochs=self.cfg.train.inner_epochs, points_per_sample=per_sample,
-            grid_steps=traj.num_steps, latent_shape=tuple(traj.final.shape[1:]), device=traj.latents.device,
+            seed=self.cfg.seed,
+            step=step,
+            epochs=self.cfg.train.inner_epochs,
+            points_per_sample=per_sample,
+            grid_steps=traj.num_steps,
+            latent_shape=tuple(traj.final.shape[1:]),
+            device=traj.latents.device,
         )
 
     @torch.no_grad()

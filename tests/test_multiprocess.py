@@ -211,3 +211,23 @@ def test_nft_under_ddp_is_the_one_process_update(tmp_path):
     rank1 = load_file(str(tmp_path / "rank1.safetensors"))
     assert all(torch.equal(rank0[k], rank1[k]) for k in rank0)
     assert two[1]["nft_drift"] == 0.0 and two[1]["kl"] > 0  # the second update starts from a moved LoRA
+
+
+def test_flux_under_ddp_is_the_one_process_update(tmp_path):
+    """FLUX.1 through the same DDP path: two ranks holding one prompt group each compute the
+    one-process gradient (same first-update grad norm), and end with identical LoRA weights."""
+    from helpers import run_cli
+
+    argv = ["train", "--preset", "tiny-flux", "--steps", "2", *TINY_OVERRIDES]
+    result = run_cli([*argv, "--out", str(tmp_path / "one")])
+    assert result.code == 0, result.stderr[-3000:]
+    one = read_metrics(tmp_path / "one")
+    out = tmp_path / "two"
+    proc = _torchrun(tmp_path, 2, [*argv, "--out", str(out)])
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = read_metrics(out)
+    assert two[0]["grad_norm"] == pytest.approx(one[0]["grad_norm"], rel=1e-5) and two[0]["grad_norm"] > 0
+    assert two[0]["ratio_first"] == 1.0
+    rank0 = load_file(str(tmp_path / "rank0.safetensors"))
+    rank1 = load_file(str(tmp_path / "rank1.safetensors"))
+    assert rank0.keys() == rank1.keys() and all(torch.equal(rank0[k], rank1[k]) for k in rank0)

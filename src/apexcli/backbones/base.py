@@ -40,6 +40,22 @@ def model_dtype(model: torch.nn.Module) -> torch.dtype:
     return next((p.dtype for p in params if not p.requires_grad), first.dtype)
 
 
+def dynamic_shift_mu(scheduler, seq_len: int, max_shift: float) -> float:
+    """The scheduler's time-shift ``mu`` for ``seq_len`` image tokens: linear between its base and
+    max shift over 256..4096 tokens, as diffusers' ``calculate_shift``; ``max_shift`` is the
+    default of the pipeline whose schedule this mirrors (its scheduler config may set its own)."""
+    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+    c = scheduler.config
+    return calculate_shift(
+        seq_len,
+        c.get("base_image_seq_len", 256),
+        c.get("max_image_seq_len", 4096),
+        c.get("base_shift", 0.5),
+        c.get("max_shift", max_shift),
+    )
+
+
 class Backbone(ABC):
     """One text-to-image flow model family (stateless: one shared instance per family)."""
 

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from apexcli.backbones.base import Backbone, model_dtype, unwrap_model
+from apexcli.backbones.base import Backbone, dynamic_shift_mu, model_dtype, unwrap_model
 
 PATCH = 2
 """Latent pixels per token side: FLUX packs 2x2 latent pixels into one token."""
@@ -64,16 +64,8 @@ def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch
 
 def scheduler_sigmas(scheduler, num_steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:
     """``[T+1]`` CPU float32 sigmas, set up as ``FluxPipeline`` does."""
-    from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
     seq_len = (latent_hw[0] // PATCH) * (latent_hw[1] // PATCH)
-    mu = calculate_shift(
-        seq_len,
-        scheduler.config.get("base_image_seq_len", 256),
-        scheduler.config.get("max_image_seq_len", 4096),
-        scheduler.config.get("base_shift", 0.5),
-        scheduler.config.get("max_shift", 1.15),
-    )
+    mu = dynamic_shift_mu(scheduler, seq_len, max_shift=1.15)
     sigmas = None if scheduler.config.get("use_flow_sigmas", False) else np.linspace(1.0, 1 / num_steps, num_steps)
     if sigmas is None:
         scheduler.set_timesteps(num_steps, device="cpu", mu=mu)

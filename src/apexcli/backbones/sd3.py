@@ -12,7 +12,7 @@ from collections.abc import Sequence
 
 import torch
 
-from apexcli.backbones.base import Backbone, model_dtype
+from apexcli.backbones.base import Backbone, dynamic_shift_mu, model_dtype
 
 TIMESTEP_SCALE = 1000.0
 """SD3 transformers take ``timestep = 1000 * sigma``."""
@@ -40,18 +40,8 @@ def scheduler_sigmas(scheduler, num_steps: int, latent_hw: tuple[int, int], patc
     """``[T+1]`` CPU float32 sigmas, set up as ``StableDiffusion3Pipeline`` does."""
     kwargs = {}
     if scheduler.config.get("use_dynamic_shifting", False):
-        from diffusers.pipelines.stable_diffusion_3.pipeline_stable_diffusion_3 import (
-            calculate_shift,
-        )
-
         seq_len = (latent_hw[0] // patch_size) * (latent_hw[1] // patch_size)
-        kwargs["mu"] = calculate_shift(
-            seq_len,
-            scheduler.config.get("base_image_seq_len", 256),
-            scheduler.config.get("max_image_seq_len", 4096),
-            scheduler.config.get("base_shift", 0.5),
-            scheduler.config.get("max_shift", 1.16),
-        )
+        kwargs["mu"] = dynamic_shift_mu(scheduler, seq_len, max_shift=1.16)
     scheduler.set_timesteps(num_steps, device="cpu", **kwargs)
     return scheduler.sigmas.detach().to("cpu", torch.float32).clone()
 

@@ -481,8 +481,8 @@ def make_server(
     max_per_client: int = DEFAULT_MAX_PER_CLIENT,
     header_grace_s: float = HEADER_GRACE_S,
 ) -> RewardHTTPServer:
-    """Bind the server (port 0 picks a free port); call serve_forever() to run it."""
-    check_limits(threads, timeout_s, port, max_request_pixels, max_per_client)
+    """Bind the server (port 0 picks a free port); call serve_forever() to run it. The limits are
+    checked by the server itself, before it binds."""
     try:
         return RewardHTTPServer(
             suite,

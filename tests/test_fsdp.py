@@ -8,7 +8,8 @@ accelerate's own set-up; torch's FSDP2 itself runs on CPU. Everything else is th
 Covered: every LoRA parameter is a shard, training matches DDP step for step (the probe's Gram
 too), evaluation with unequal prompt shares runs in lockstep, and checkpoints hold whole
 tensors, so a run saved under FSDP resumes under DDP to the same weights; a bf16 base and
-compiled blocks work under FSDP too.
+compiled blocks work under FSDP too, and FLUX.1 shards its double- and single-stream blocks with
+the same config file.
 """
 
 from __future__ import annotations
@@ -57,8 +58,11 @@ def close_and_report(self):
     if getattr(self, "lora_params", None):
         from apexcli.sharding import local_tensor
 
+        from torch.distributed.fsdp import FSDPModule
+
+        units = sorted({type(m).__name__.removeprefix("FSDP") for m in self.transformer.modules() if isinstance(m, FSDPModule)})
         report = {"sharded": self.sharded, "local": sum(local_tensor(p).numel() for p in self.lora_params),
-                  "whole": sum(p.numel() for p in self.lora_params)}
+                  "whole": sum(p.numel() for p in self.lora_params), "units": units}
         with open(os.path.join(sys.argv[2], f"layout{self.accelerator.process_index}.json"), "w") as f:
             json.dump(report, f)
     close(self)
@@ -108,7 +112,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _launch(tmp: Path, layout: str, out: Path, *extra: str) -> None:
+def _launch(tmp: Path, layout: str, out: Path, *extra: str, argv: list[str] = ARGV) -> None:
     launcher = tmp / "launch.py"
     launcher.write_text(LAUNCHER)
     report_dir = out.parent / f"{out.name}-{layout}-layout"
@@ -131,7 +135,7 @@ def _launch(tmp: Path, layout: str, out: Path, *extra: str) -> None:
         str(launcher),
         layout,
         str(report_dir),
-        *ARGV,
+        *argv,
         "--out",
         str(out),
         *extra,
@@ -175,6 +179,7 @@ def test_every_lora_parameter_is_a_shard(runs):
         assert fsdp["sharded"] and not ddp["sharded"]
         assert fsdp["whole"] == ddp["whole"] == ddp["local"]
         assert fsdp["local"] < 0.75 * fsdp["whole"], fsdp  # about half on each of two ranks
+        assert "JointTransformerBlock" in fsdp["units"]
 
 
 def test_training_matches_ddp_step_for_step(runs):
@@ -258,3 +263,26 @@ def test_compiled_blocks_under_fsdp_match_ddp(runs):
             # rounding (1e-7 in a reward) reaches it as about 1e-4 of a start-std
             tol = {"abs": 1e-3} if key.startswith("balance/progress/") else {"rel": 1e-4, "abs": 1e-7}
             assert a[key] == pytest.approx(b[key], **tol), (a["step"], key)
+
+
+def test_flux_under_fsdp_is_the_one_process_update(tmp_path):
+    """The same config file shards FLUX.1's double- and single-stream blocks (the model's own
+    ``_no_split_modules``); the two-rank FSDP run makes the one-process updates."""
+    from helpers import run_cli
+
+    argv = ["train", "--preset", "tiny-flux", "--steps", "2", *TINY_OVERRIDES, "train.checkpoint_every=2"]
+    result = run_cli([*argv, "--out", str(tmp_path / "one")])
+    assert result.code == 0, result.stderr[-3000:]
+    _launch(tmp_path, "fsdp", tmp_path / "fsdp", argv=argv)
+    layout = _layout(tmp_path / "fsdp", "fsdp", 0)
+    assert layout["sharded"] and layout["local"] < 0.75 * layout["whole"]
+    assert {"FluxTransformerBlock", "FluxSingleTransformerBlock"} <= set(layout["units"])
+    one, fsdp = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "fsdp")
+    for a, b in zip(fsdp, one, strict=True):
+        assert a["ratio_first"] == pytest.approx(1.0, abs=1e-5)
+        for key in ("loss", "kl", "grad_norm"):
+            assert a[key] == pytest.approx(b[key], rel=1e-4, abs=1e-7), (a["step"], key)
+    straight = load_lora_file(tmp_path / "one" / "checkpoints" / "step-000002")
+    sharded = load_lora_file(tmp_path / "fsdp" / "checkpoints" / "step-000002")
+    assert sharded.keys() == straight.keys() and any("single_transformer_blocks" in k for k in straight)
+    assert all(torch.allclose(sharded[k], straight[k], atol=1e-5) for k in straight)

@@ -110,7 +110,12 @@ class SamplingConfig:
     num_steps: int = setting(10, ge=2, le=1000)
     """Denoising steps of a training rollout."""
     guidance_scale: float = setting(4.5, ge=0)
-    """Classifier-free guidance in rollouts and training; <= 1 disables CFG (half the forwards)."""
+    """Classifier-free guidance in rollouts and training; <= 1 disables CFG (half the forwards).
+    FLUX.1-dev: the distilled guidance, an input of one forward (schnell ignores it)."""
+    true_cfg_scale: float = setting(1.0, ge=1)
+    """FLUX only: true classifier-free guidance on top of the distilled guidance, ``v = v_neg + s
+    (v_cond - v_neg)`` with a forward on ``sampling.negative_prompt`` (diffusers' ``true_cfg_scale``);
+    1 = off. Doubles the forwards. SD3 refuses it: its ``guidance_scale`` is already true CFG."""
     sampler: str = setting("sde", choices=("sde", "cps", "cps_gaussian"))
     """Stochastic sampler of the trained steps: sde (Flow-GRPO), cps (coefficient-preserving, log-prob
     -(x'-mean)^2 as Flow-GRPO; use train.clip_range=1e-5 as it does) or cps_gaussian (CPS scored
@@ -120,7 +125,7 @@ class SamplingConfig:
     share_group_noise: bool = False
     """Start every sample of a prompt group from the same initial noise (Flow-GRPO's ``same_latent``)."""
     negative_prompt: str = ""
-    """Prompt of the unconditional branch of CFG."""
+    """Prompt of the unconditional branch of CFG (and of FLUX's true CFG)."""
     experimental: SamplingExperimental = field(default_factory=SamplingExperimental)
     """Research settings of the sampler (sampling.experimental.*)."""
 
@@ -243,7 +248,10 @@ class EvalConfig:
     num_steps: int = setting(40, ge=1, le=1000)
     """ODE steps of evaluation sampling."""
     guidance_scale: float = setting(4.5, ge=0)
-    """CFG of evaluation sampling."""
+    """CFG of evaluation sampling (FLUX.1-dev: its distilled guidance)."""
+    true_cfg_scale: float = setting(1.0, ge=1)
+    """FLUX only: true CFG of evaluation sampling, as ``sampling.true_cfg_scale`` (diffusers'
+    ``true_cfg_scale``); 1 = off. Doubles the forwards. SD3 refuses it."""
     num_prompts: int = setting(64, ge=1)
     """Held-out prompts used (the first N of the eval set)."""
     seed: int = setting(1234, ge=0, le=2**32 - 1)

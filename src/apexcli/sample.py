@@ -1,7 +1,7 @@
 """``apex sample``: images from the base model plus an optional LoRA, with metadata.jsonl.
 
 Each image's initial noise comes from its own seed, so an image is reproducible from
-(prompt, seed, steps, guidance, size, LoRA) whatever the batch size. Sampling is the
+(prompt, seed, steps, guidance, true CFG, size, LoRA) whatever the batch size. Sampling is the
 deterministic ODE (Euler) sampler of evaluation.
 """
 
@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from apexcli.backbones import backbone_of_pipeline
 from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
 from apexcli.fileio import atomic_write
@@ -55,7 +56,9 @@ class SampleRequest:
     steps: int = 40
     """ODE steps."""
     guidance_scale: float = 4.5
-    """Classifier-free guidance (<= 1 disables it)."""
+    """Classifier-free guidance (<= 1 disables it); FLUX.1-dev: its distilled guidance."""
+    true_cfg_scale: float = 1.0
+    """FLUX only: true CFG against ``negative_prompt`` (diffusers' ``true_cfg_scale``); 1 = off."""
     height: int = 512
     """Image height in pixels."""
     width: int = 512
@@ -63,7 +66,7 @@ class SampleRequest:
     batch_size: int = 4
     """Images per forward."""
     negative_prompt: str = ""
-    """Unconditional prompt of CFG."""
+    """Unconditional prompt of CFG (and of FLUX's true CFG)."""
     overwrite: bool = False
     """Replace an earlier ``apex sample`` output in ``out`` (refused otherwise)."""
 
@@ -102,6 +105,8 @@ def check_request(req: SampleRequest) -> None:
         raise ApexError(f"--out '{req.out}' is a file; give a folder for the images and metadata.jsonl")
     if not (math.isfinite(req.guidance_scale) and req.guidance_scale >= 0):
         raise ApexError(f"--guidance must be a finite number >= 0, got {req.guidance_scale}")
+    if not (math.isfinite(req.true_cfg_scale) and req.true_cfg_scale >= 1):
+        raise ApexError(f"--true-cfg must be a finite number >= 1 (1 = off), got {req.true_cfg_scale}")
 
 
 def earlier_output(out: Path) -> list[Path]:
@@ -143,13 +148,14 @@ def _save_png(image: Image.Image, path: Path) -> None:
 
 @torch.no_grad()
 def sample_images(req: SampleRequest) -> list[Path]:
-    """Write the images and ``metadata.jsonl`` (file, prompt, seed, steps, guidance, lora), each
+    """Write the images and ``metadata.jsonl`` (file, prompt, seed, steps, guidance, true_cfg, lora), each
     image as it is made, its metadata line appended once the image is on disk: an interrupted
     run leaves every finished image, described."""
     check_request(req)
     check_out(req.out, req.overwrite)
     device = resolve_device(req.model.device)
     pipe = load_pipeline(req.model)
+    backbone_of_pipeline(pipe).check_true_cfg(req.true_cfg_scale, "--true-cfg")
     lora_dir = None
     if req.lora:
         lora_dir = resolve_lora_path(req.lora)
@@ -188,6 +194,7 @@ def sample_images(req: SampleRequest) -> list[Path]:
                 vae_scale_factor=f,
                 guidance_scale=req.guidance_scale,
                 uncond=uncond,
+                true_cfg_scale=req.true_cfg_scale,
                 sampler="ode",
                 initial_noise=noise,
             )
@@ -202,6 +209,7 @@ def sample_images(req: SampleRequest) -> list[Path]:
                     "seed": seed,
                     "steps": req.steps,
                     "guidance": req.guidance_scale,
+                    "true_cfg": req.true_cfg_scale,
                     "height": req.height,
                     "width": req.width,
                     "lora": str(lora_dir) if lora_dir else None,
@@ -225,6 +233,7 @@ def sample_from_options(
     steps: int | None,
     guidance: float | None,
     size: int | None,
+    true_cfg: float | None = None,
     batch_size: int,
     device: str | None,
     overrides: Sequence[str] = (),
@@ -255,6 +264,7 @@ def sample_from_options(
             seed=seed,
             steps=cfg.eval.num_steps if steps is None else steps,
             guidance_scale=cfg.eval.guidance_scale if guidance is None else guidance,
+            true_cfg_scale=cfg.eval.true_cfg_scale if true_cfg is None else true_cfg,
             height=cfg.model.resolution if size is None else size,
             width=cfg.model.resolution if size is None else size,
             batch_size=batch_size,

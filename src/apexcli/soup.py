@@ -56,6 +56,7 @@ SAME_EVAL = (
     "eval.num_prompts",
     "eval.num_steps",
     "eval.guidance_scale",
+    "eval.true_cfg_scale",
     "eval.seed",
     "sampling.negative_prompt",
 )
@@ -200,7 +201,7 @@ def load_parents(paths: Sequence[Path]) -> list[Parent]:
     for other in parents[1:]:
         for keys, what in ((SAME_MODEL, "base model"), (SAME_LORA, "LoRA"), (SAME_EVAL, "eval setup")):
             for key in keys:
-                a, b = _get(first.config, key), _get(other.config, key)
+                a, b = _setting(first.config, key), _setting(other.config, key)
                 if a != b:
                     raise ApexError(
                         f"runs '{first.run.path}' and '{other.run.path}' have different {what} ({key}: {a!r} vs {b!r}); "
@@ -349,6 +350,14 @@ def _union(lists) -> list[str]:
     for items in lists:
         out += [k for k in items if k not in out]
     return out
+
+
+def _setting(config: dict, dotted: str):
+    """``dotted``'s value in a run's config, or its default where the config predates the key."""
+    from apexcli.config import Config, config_to_dict
+
+    value = _get(config, dotted)
+    return _get(config_to_dict(Config()), dotted) if value is None else value
 
 
 def _get(config: dict, dotted: str):

@@ -96,8 +96,15 @@ class Backbone(ABC):
         *,
         guidance_scale: float,
         uncond: PromptEmbeds | None,
+        true_cfg_scale: float = 1.0,
     ) -> torch.Tensor:
-        """Float32 velocity ``eps - x0`` ``[B, C, h, w]`` at the unpacked latent ``x``."""
+        """Float32 velocity ``eps - x0`` ``[B, C, h, w]`` at the unpacked latent ``x``;
+        ``true_cfg_scale`` > 1 is FLUX's true CFG against ``uncond`` (1 for SD3)."""
+
+    @abstractmethod
+    def check_true_cfg(self, scale: float, key: str) -> None:
+        """An ApexError when the setting ``key`` (= ``scale``) asks this family for a true CFG it
+        does not take (checked at set-up, once the family is known)."""
 
     @abstractmethod
     def encode_prompt(

@@ -12,7 +12,7 @@ def sample(
     overrides: Annotated[
         list[str] | None,
         typer.Argument(
-            help="Config overrides KEY=VALUE, dotted, as for `apex train`, e.g. eval.num_steps=20 model.resolution=256 (sampling reads model.*, eval.num_steps, eval.guidance_scale, sampling.negative_prompt). --steps, --guidance, --size, --model and --device win over them.",
+            help="Config overrides KEY=VALUE, dotted, as for `apex train`, e.g. eval.num_steps=20 model.resolution=256 (sampling reads model.*, eval.num_steps, eval.guidance_scale, eval.true_cfg_scale, sampling.negative_prompt). --steps, --guidance, --true-cfg, --size, --model and --device win over them.",
             show_default=False,
         ),
     ] = None,
@@ -52,7 +52,16 @@ def sample(
     seed: Annotated[int, typer.Option(help="Seed of the first image; image i uses seed + i.")] = 0,
     steps: Annotated[int | None, typer.Option(help="ODE steps (default: the preset's eval.num_steps).")] = None,
     guidance: Annotated[
-        float | None, typer.Option(help="CFG scale (default: the preset's eval.guidance_scale).")
+        float | None,
+        typer.Option(help="CFG scale; FLUX.1-dev: its distilled guidance (default: the preset's eval.guidance_scale)."),
+    ] = None,
+    true_cfg: Annotated[
+        float | None,
+        typer.Option(
+            "--true-cfg",
+            help="FLUX only: true CFG scale against sampling.negative_prompt, as diffusers' true_cfg_scale; 1 = off, "
+            "more doubles the forwards (default: the preset's eval.true_cfg_scale).",
+        ),
     ] = None,
     size: Annotated[int | None, typer.Option(help="Square image size in pixels (default: model.resolution).")] = None,
     batch_size: Annotated[int, typer.Option(help="Images per forward pass.")] = 4,
@@ -77,6 +86,7 @@ def sample(
         seed=seed,
         steps=steps,
         guidance=guidance,
+        true_cfg=true_cfg,
         size=size,
         batch_size=batch_size,
         device=device,

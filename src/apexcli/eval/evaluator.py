@@ -15,6 +15,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import gather_object
 
+from apexcli.backbones import backbone_of_pipeline
 from apexcli.config import Config, config_from_dict, validate
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import decode_latents, latent_channels, rollout
@@ -45,6 +46,7 @@ class Evaluator:
     ):
         """``prompts``, ``seed`` and ``suite`` replace the eval prompts, ``eval.seed`` and a reward suite
         of its own (apex's progress probe passes training prompts and the trainer's suite)."""
+        backbone_of_pipeline(pipe).check_true_cfg(cfg.eval.true_cfg_scale, "eval.true_cfg_scale")
         self.cfg = cfg
         self.device = device
         self.accelerator = accelerator
@@ -119,6 +121,7 @@ class Evaluator:
                 vae_scale_factor=vae_scale_factor,
                 guidance_scale=e.guidance_scale,
                 uncond=self.uncond,
+                true_cfg_scale=e.true_cfg_scale,
                 sampler="ode",
                 initial_noise=self.noise[idx],  # rollout copies it to the device without a sync
             )

@@ -53,6 +53,7 @@ def predict_velocity(
     *,
     guidance_scale: float = 1.0,
     uncond: PromptEmbeds | None = None,
+    true_cfg_scale: float = 1.0,
 ) -> torch.Tensor:
     """Float32 velocity ``v = eps - x0`` at the unpacked latent ``x`` (noise level ``sigma``:
     scalar or ``[B]``), by the transformer's family (``apexcli.backbones``).
@@ -60,9 +61,12 @@ def predict_velocity(
     SD3, ``guidance_scale > 1``: classifier-free guidance ``v = v_u + g * (v_c - v_u)`` from ONE
     forward over the batch ``[uncond, cond]`` (``uncond`` may have batch 1, it is broadcast);
     ``guidance_scale <= 1``: one conditional forward. FLUX: one conditional forward, the
-    guidance an input embedding (dev) or none (schnell).
+    guidance an input embedding (dev) or none (schnell); ``true_cfg_scale > 1`` adds true CFG
+    against ``uncond``, ``v = v_u + s * (v_c - v_u)``, from one forward over ``[uncond, cond]``.
     """
-    return backbone_of(transformer).velocity(transformer, x, sigma, cond, guidance_scale=guidance_scale, uncond=uncond)
+    return backbone_of(transformer).velocity(
+        transformer, x, sigma, cond, guidance_scale=guidance_scale, uncond=uncond, true_cfg_scale=true_cfg_scale
+    )
 
 
 def latent_channels(transformer: torch.nn.Module) -> int:
@@ -225,6 +229,7 @@ def rollout(
     vae_scale_factor: int,
     guidance_scale: float = 1.0,
     uncond: PromptEmbeds | None = None,
+    true_cfg_scale: float = 1.0,
     sampler: str = "sde",
     noise_level: float = 0.7,
     sde_steps: Sequence[int] | None = None,
@@ -242,6 +247,7 @@ def rollout(
     the starting latent (see ``initial_noise()`` for group-shared noise); otherwise it is drawn
     from ``generator``, which also drives the step noise. ``noise_block`` > 1 (``sde`` only)
     makes the step noise constant on latent blocks of that side (``flow.sde``).
+    ``true_cfg_scale``: FLUX's true CFG (``predict_velocity``).
     """
     if sampler not in SAMPLERS:
         raise ApexError(f"unknown sampler '{sampler}': use one of {', '.join(SAMPLERS)}")
@@ -283,7 +289,9 @@ def rollout(
     sigmas_on_device = to_device(sigmas, device)
     for i in range(num_steps):
         s, s_next = sigmas_on_device[i], sigmas_on_device[i + 1]
-        v = predict_velocity(transformer, x, s, cond, guidance_scale=guidance_scale, uncond=uncond)
+        v = predict_velocity(
+            transformer, x, s, cond, guidance_scale=guidance_scale, uncond=uncond, true_cfg_scale=true_cfg_scale
+        )
         if mask[i]:
             out = step_fn(
                 v,
@@ -322,6 +330,7 @@ def step_log_prob(
     *,
     guidance_scale: float = 1.0,
     uncond: PromptEmbeds | None = None,
+    true_cfg_scale: float = 1.0,
     sampler: str = "sde",
     noise_level: float = 0.7,
     sigma_max: float | None = None,
@@ -336,7 +345,9 @@ def step_log_prob(
     """
     if sampler not in STEP_FUNCTIONS:
         raise ValueError(f"sampler '{sampler}' has no log-prob; use one of {', '.join(STEP_FUNCTIONS)}")
-    v = predict_velocity(transformer, x, sigma, cond, guidance_scale=guidance_scale, uncond=uncond)
+    v = predict_velocity(
+        transformer, x, sigma, cond, guidance_scale=guidance_scale, uncond=uncond, true_cfg_scale=true_cfg_scale
+    )
     return STEP_FUNCTIONS[sampler](
         v,
         x,

@@ -5,6 +5,8 @@ Same modules as FLUX.1-dev, only tiny: double- and single-stream blocks with rot
 and a guidance embedding, a 16-channel VAE with FLUX's shift/scale, a CLIP-L-style text model
 (pooled) and a T5 encoder (tokens), and a dynamically shifted flow-matching scheduler, so the
 FLUX code paths (packing, dynamic shift, distilled guidance) run on a CPU in seconds.
+``schnell=True`` builds the FLUX.1-schnell variant: no guidance embedding and schnell's
+unshifted scheduler.
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ FLUX_SCHEDULER = dict(
     max_image_seq_len=4096,
 )
 """FLUX.1-dev's ``scheduler/scheduler_config.json``: the shift depends on the token count."""
+
+SCHNELL_SCHEDULER = {**FLUX_SCHEDULER, "shift": 1.0, "use_dynamic_shifting": False}
+"""FLUX.1-schnell's: no shift at all (its few steps take the plain ``linspace(1, 1/T, T)``)."""
 
 FLUX_VAE_FACTORS = dict(latent_channels=16, scaling_factor=0.3611, shift_factor=0.1159)
 """FLUX.1's VAE latent: 16 channels, ``(z - 0.1159) * 0.3611`` has unit variance."""
@@ -60,8 +65,11 @@ def _text_encoders(vocab: int, hidden: int) -> tuple[CLIPTextModel, T5EncoderMod
     return clip, t5
 
 
-def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) -> FluxPipeline:
-    """Build the tiny FLUX pipeline. Same seed -> bit-identical weights."""
+def build_tiny_flux_pipeline(
+    seed: int = 0, dtype: torch.dtype = torch.float32, *, schnell: bool = False
+) -> FluxPipeline:
+    """Build the tiny FLUX pipeline (FLUX.1-dev's layout; ``schnell``: FLUX.1-schnell's, without
+    the guidance embedding, with its unshifted scheduler). Same seed -> bit-identical weights."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         tokenizer = build_char_tokenizer()
@@ -75,7 +83,7 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) 
             num_attention_heads=4,
             joint_attention_dim=32,  # = T5 width
             pooled_projection_dim=32,  # = CLIP width
-            guidance_embeds=True,  # as FLUX.1-dev
+            guidance_embeds=not schnell,  # FLUX.1-dev distils guidance into an input; schnell has none
             axes_dims_rope=(2, 2, 4),  # sums to the head width, as (16, 56, 56) does to 128
         )
         vae = AutoencoderKL(
@@ -92,7 +100,7 @@ def build_tiny_flux_pipeline(seed: int = 0, dtype: torch.dtype = torch.float32) 
             **FLUX_VAE_FACTORS,
         )
     pipe = FluxPipeline(
-        scheduler=FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+        scheduler=FlowMatchEulerDiscreteScheduler(**(SCHNELL_SCHEDULER if schnell else FLUX_SCHEDULER)),
         vae=vae,
         text_encoder=clip,
         tokenizer=tokenizer,

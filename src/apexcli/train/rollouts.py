@@ -93,6 +93,7 @@ class ShardSampler:
             vae_scale_factor=self.vae_scale_factor,
             guidance_scale=s.guidance_scale,
             uncond=self.uncond,
+            true_cfg_scale=s.true_cfg_scale,
             sampler=s.sampler,
             noise_level=s.noise_level,
             noise_block=s.experimental.noise_block,

@@ -17,6 +17,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import set_seed
 
+from apexcli.backbones import backbone_of_pipeline
 from apexcli.balance import build_balancer_from_config
 from apexcli.balance.base import Balancer
 from apexcli.config import Config, config_to_dict, experimental_settings, trained_steps
@@ -197,6 +198,9 @@ def _build(
     prompts = load_prompts(cfg.prompts.train)
     _check_objectives_apply(suite, prompts, cfg.prompts.train)
     pipe = load_pipeline(cfg.model)
+    family = backbone_of_pipeline(pipe)
+    family.check_true_cfg(cfg.sampling.true_cfg_scale, "sampling.true_cfg_scale")
+    family.check_true_cfg(cfg.eval.true_cfg_scale, "eval.true_cfg_scale")
     text = _encode(cfg, pipe, prompts, device)
     evaluator = progress_probe = None
     if cfg.eval.every > 0:
@@ -232,6 +236,7 @@ def _build(
         adapters=lora.adapter_layers,
         guidance_scale=cfg.sampling.guidance_scale,
         uncond=text.uncond,
+        true_cfg_scale=cfg.sampling.true_cfg_scale,
     )
     policy_loss = build_policy_loss(cfg, models, steps_trained)
     return TrainingParts(

@@ -37,11 +37,21 @@ class PolicyModels:
     adapters: list[torch.nn.Module]
     guidance_scale: float
     uncond: PromptEmbeds
+    true_cfg_scale: float = 1.0
+    """FLUX's true CFG (``sampling.true_cfg_scale``); 1 = off."""
 
     def velocity(
         self, model: torch.nn.Module, x: torch.Tensor, sigma: torch.Tensor, cond: PromptEmbeds
     ) -> torch.Tensor:
-        return predict_velocity(model, x, sigma, cond, guidance_scale=self.guidance_scale, uncond=self.uncond)
+        return predict_velocity(
+            model,
+            x,
+            sigma,
+            cond,
+            guidance_scale=self.guidance_scale,
+            uncond=self.uncond,
+            true_cfg_scale=self.true_cfg_scale,
+        )
 
     def log_prob(
         self,
@@ -62,6 +72,7 @@ class PolicyModels:
             cond,
             guidance_scale=self.guidance_scale,
             uncond=self.uncond,
+            true_cfg_scale=self.true_cfg_scale,
             **traj.step_options,
         )
 

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 import torch
 
 from apexcli.conditioning import PromptEmbeds
+from apexcli.errors import ApexError
 
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
@@ -67,6 +68,9 @@ class Backbone(ABC):
     """diffusers transformer class name the family's models are (or derive from)."""
     default_lora_targets: tuple[str, ...]
     """Module-name suffixes that get LoRA adapters by default."""
+    takes_true_cfg: bool = False
+    """Whether ``true_cfg_scale`` > 1 means something: a negative-prompt forward on top of a
+    distilled guidance (FLUX). Where ``guidance_scale`` is CFG itself (SD3) it is refused."""
 
     def pipeline_type(self) -> type:
         """The diffusers pipeline class: it saves and reads the family's LoRA files."""
@@ -101,10 +105,15 @@ class Backbone(ABC):
         """Float32 velocity ``eps - x0`` ``[B, C, h, w]`` at the unpacked latent ``x``;
         ``true_cfg_scale`` > 1 is FLUX's true CFG against ``uncond`` (1 for SD3)."""
 
-    @abstractmethod
     def check_true_cfg(self, scale: float, key: str) -> None:
-        """An ApexError when the setting ``key`` (= ``scale``) asks this family for a true CFG it
-        does not take (checked at set-up, once the family is known)."""
+        """An ApexError when the setting ``key`` (= ``scale``) asks for a true CFG this family does
+        not take (checked at set-up, once the family is known)."""
+        if scale != 1.0 and not self.takes_true_cfg:
+            guidance = key.replace("true_cfg_scale", "guidance_scale") if "true_cfg_scale" in key else "--guidance"
+            raise ApexError(
+                f"{key}={scale:g} is for FLUX only: {self.family.upper()}'s guidance_scale is already true CFG "
+                f"(a negative-prompt forward each step); set {key}=1 and raise {guidance} instead"
+            )
 
     @abstractmethod
     def encode_prompt(

@@ -86,6 +86,7 @@ class FluxBackbone(Backbone):
     pipeline_class = "FluxPipeline"
     transformer_class = "FluxTransformer2DModel"
     default_lora_targets = ATTENTION_PROJECTIONS
+    takes_true_cfg = True  # dev and schnell alike
 
     def latent_channels(self, config) -> int:
         return int(config.in_channels) // (PATCH * PATCH)
@@ -95,9 +96,6 @@ class FluxBackbone(Backbone):
 
     def sigmas(self, scheduler, num_steps: int, latent_hw: tuple[int, int], patch: int) -> torch.Tensor:
         return scheduler_sigmas(scheduler, num_steps, latent_hw)
-
-    def check_true_cfg(self, scale: float, key: str) -> None:
-        """Any ``scale >= 1`` (the config's rule): dev and schnell both take true CFG."""
 
     def velocity(
         self, transformer, x, sigma, cond, *, guidance_scale=1.0, uncond=None, true_cfg_scale=1.0

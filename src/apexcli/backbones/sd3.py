@@ -13,7 +13,6 @@ from collections.abc import Sequence
 import torch
 
 from apexcli.backbones.base import Backbone, dynamic_shift_mu, model_dtype
-from apexcli.errors import ApexError
 
 TIMESTEP_SCALE = 1000.0
 """SD3 transformers take ``timestep = 1000 * sigma``."""
@@ -61,14 +60,6 @@ class SD3Backbone(Backbone):
 
     def sigmas(self, scheduler, num_steps: int, latent_hw: tuple[int, int], patch: int) -> torch.Tensor:
         return scheduler_sigmas(scheduler, num_steps, latent_hw, patch)
-
-    def check_true_cfg(self, scale: float, key: str) -> None:
-        if scale != 1.0:
-            guidance = key.replace("true_cfg_scale", "guidance_scale") if "true_cfg_scale" in key else "--guidance"
-            raise ApexError(
-                f"{key}={scale:g} is for FLUX only: SD3's guidance_scale is already true CFG "
-                f"(a negative-prompt forward each step); set {key}=1 and raise {guidance} instead"
-            )
 
     def velocity(
         self, transformer, x, sigma, cond, *, guidance_scale=1.0, uncond=None, true_cfg_scale=1.0

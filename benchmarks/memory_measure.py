@@ -1,15 +1,22 @@
-"""SD3.5-M training memory MEASURED on the CPU with real tensors, against the plan's meta computation.
+"""Training memory MEASURED on the CPU with real tensors, against the plan's meta computation
+(SD3.5-M or FLUX.1-dev at their published widths, depth cut).
 
-    python benchmarks/memory_measure.py               # 24 blocks, 1 sample + CFG, 256 px (a few minutes on 2 cores)
+    python benchmarks/memory_measure.py               # SD3.5-M, 24 blocks, 1 sample + CFG, 256 px (a few minutes on 2 cores)
     python benchmarks/memory_measure.py --layers 3    # blocks 0 (dual attention), 1, 2 (last) only: ~1 minute
     python benchmarks/memory_measure.py --skip-host   # without the host-RAM-while-loading part
     python benchmarks/memory_measure.py --samples 4 --resolution 512 --checkpointing-only --skip-host
                                                       # sd35m-1gpu's own micro-batch (forward batch 8, 512 px)
+    python benchmarks/memory_measure.py --family flux1-dev
+                                                      # FLUX.1-dev, 1 double- + 1 single-stream block, 256 px
+    python benchmarks/memory_measure.py --family flux1-dev --samples 4 --resolution 512 --skip-host
+                                                      # flux1-dev-1gpu's micro-batch (forward batch 4, 512 px)
 
-The transformer has SD3.5-M's published widths, random weights, bf16 base and float32 LoRA attached
-by ``attach_lora`` (as the trainer does); one GRPO micro-step runs as ``Trainer._update`` runs it
-(policy forward with grad, no-grad reference forward with the adapters off, loss, backward), with
-gradient checkpointing off and on. The same step runs on a meta twin: that is the plan's number.
+The transformer has the family's published widths, random weights, bf16 base and float32 LoRA
+attached by ``attach_lora`` (as the trainer does); one GRPO micro-step runs as ``Trainer._update``
+runs it (policy forward with grad, no-grad reference forward with the adapters off, loss,
+backward), with gradient checkpointing off and on. The same step runs on a meta twin: that is the
+plan's number. SD3.5-M runs with CFG 4.5 (forward batch twice the samples), FLUX.1-dev with its
+distilled guidance 3.5 (one forward per sample).
 
 What is measured, and why this way:
 
@@ -23,10 +30,11 @@ What is measured, and why this way:
 - saved tensors per block, raw and deduplicated by storage ``data_ptr`` (real tensors) against the
   meta run's deduplication by storage;
 - host RAM while loading: peak RSS (``VmHWM``; anonymous and file-backed parts sampled every 2 ms)
-  of a fresh process loading a real-shape pipeline (2 or 6 blocks, 1 layer per text encoder) saved
-  to disk in bf16 or fp16, through ``load_pipeline`` (``from_pretrained(torch_dtype=bfloat16)``),
-  then reading every page of its weights as a copy to the GPU would; and the peak of building
-  SD3.5-M's ``PatchEmbed`` alone, whose sincos table is computed in float64.
+  of a fresh process loading a real-shape pipeline (SD3.5-M: 2 or 6 blocks; FLUX.1-dev: 1 or 2
+  blocks of each kind; 1 layer per text encoder) saved to disk in bf16 or fp16, through
+  ``load_pipeline`` (``from_pretrained(torch_dtype=bfloat16)``), then reading every page of its
+  weights as a copy to the GPU would; and, for SD3.5-M, the peak of building its ``PatchEmbed``
+  alone, whose sincos table is computed in float64.
 
 Prints a table and one JSON line.
 """
@@ -44,12 +52,36 @@ from pathlib import Path
 
 import torch
 
+from apexcli.backbones.flux import ATTENTION_PROJECTIONS as FLUX_PROJECTIONS
 from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS
 from apexcli.models import memory_plan as mp
-from apexcli.models.architectures import SD35M_TRANSFORMER
+from apexcli.models.architectures import FLUX1_DEV_TRANSFORMER, SD35M_TRANSFORMER
+from apexcli.models.memory_families import family_of_config
 
 MB = 1e6
-LORA = dict(rank=32, alpha=64, dropout=0.0, target_modules=SD3_JOINT_ATTENTION_PROJECTIONS, seed=0)
+T5_TOKENS = 128
+"""The presets' T5 length (``model.max_sequence_length``)."""
+FAMILIES = {
+    "sd35m": dict(
+        published=SD35M_TRANSFORMER,
+        lora=dict(rank=32, alpha=64, dropout=0.0, target_modules=SD3_JOINT_ATTENTION_PROJECTIONS, seed=0),
+        guidance=4.5,
+        layers=SD35M_TRANSFORMER["num_layers"],
+        host_cases=((2, "bfloat16"), (6, "bfloat16"), (2, "float16")),
+    ),
+    "flux1-dev": dict(
+        published=FLUX1_DEV_TRANSFORMER,
+        lora=dict(rank=32, alpha=64, dropout=0.0, target_modules=FLUX_PROJECTIONS, seed=0),
+        guidance=3.5,
+        layers=1,
+        host_cases=((1, "bfloat16"), (2, "bfloat16")),
+    ),
+}
+"""What each ``--family`` measures: its published transformer, the presets' LoRA, its guidance,
+the default depth (SD3.5-M: all 24 blocks; FLUX.1-dev: 1 double- and 1 single-stream block of its
+19 + 38), and the real-shape pipelines whose loading is measured (blocks, dtype on disk; a FLUX
+pipeline with N has N blocks of each kind). Depth varies the weights at fixed widths; float16 on
+disk makes the bfloat16 load convert."""
 
 
 def proc_status() -> dict[str, int]:
@@ -67,8 +99,11 @@ def reset_rss_peak() -> None:
     Path("/proc/self/clear_refs").write_text("5")
 
 
-def transformer_config(layers: int) -> dict:
-    """SD3.5-M's transformer, cut to ``layers`` blocks; a cut keeps one dual-attention block (0)."""
+def transformer_config(family: str, layers: int, single_layers: int = 1) -> dict:
+    """The family's published transformer cut to ``layers`` blocks (FLUX: ``layers`` double- and
+    ``single_layers`` single-stream blocks); a cut SD3.5-M keeps one dual-attention block (0)."""
+    if family == "flux1-dev":
+        return dict(FLUX1_DEV_TRANSFORMER, num_layers=layers, num_single_layers=single_layers)
     config = dict(SD35M_TRANSFORMER, num_layers=layers)
     if layers < SD35M_TRANSFORMER["num_layers"]:
         config["dual_attention_layers"] = (0,)
@@ -91,16 +126,14 @@ def measure_forward(model: torch.nn.Module, shape: mp.StepShape) -> dict:
     """One no-grad forward (a rollout step) on the CPU: allocator peak and live tensor peak."""
     inputs = mp.step_inputs(model.config, shape, "cpu")
     box: dict = {}
-    peak = mp.cpu_allocator_peak(lambda: box.setdefault("live", mp.forward_peak(model, inputs, shape.guidance_scale)))
+    peak = mp.cpu_allocator_peak(lambda: box.setdefault("live", mp.forward_peak(model, inputs, shape)))
     return {"allocator_peak": peak, "cpu_live_peak": box["live"]}
 
 
-def compute_step(config: dict, shape: mp.StepShape, checkpointing: bool) -> mp.StepMemory:
-    return mp.compute_step_memory(config, shape, LORA, checkpointing=checkpointing)
-
-
-def block_kinds(layers: int) -> dict[int, str]:
-    """The blocks shown: each structure of MMDiT-X once."""
+def block_kinds(family: str, layers: int, single_layers: int) -> dict[int, str]:
+    """The blocks shown: each block structure once (FLUX: the first double- and single-stream)."""
+    if family == "flux1-dev":
+        return {0: "double-stream, block 0", layers: "single-stream, first"}
     if layers < SD35M_TRANSFORMER["num_layers"]:
         return {0: "dual attention, block 0", 1: "plain", layers - 1: "last (no text output)"}
     return {0: "dual attention, block 0", 1: "dual attention", 13: "plain", layers - 1: "last (no text output)"}
@@ -202,9 +235,10 @@ loaded = proc_status()
 modules = [m for m in pipe.components.values() if hasattr(m, "parameters")]
 for t in (t for m in modules for t in (*m.parameters(), *m.buffers())):
     t.detach().reshape(-1)[::1024].float().sum()  # one value a page, as a copy to the GPU reads them
+buffers = [str(b.dtype) for b in pipe.transformer.buffers()]
 print(json.dumps({{"before": before, "loaded": loaded, "touched": proc_status(), "sampled_peaks": peaks,
                   "weights": sum(t.numel() * t.element_size() for m in modules for t in (*m.parameters(), *m.buffers())),
-                  "pos_embed_dtype": str(pipe.transformer.pos_embed.pos_embed.dtype)}}))
+                  "buffer_dtype": buffers[0] if buffers else None}}))
 """
 
 BUILD_CHILD = """
@@ -232,13 +266,21 @@ def pos_embed_build() -> dict:
     return {**child, "bytes_per_value": child["peak_rise"] / child["values"]}
 
 
-def host_loading(layers: int, disk_dtype: str) -> dict:
+SAVE = {
+    "sd35m": "save_real_shape_sd3({tmp!r}, 'sd35m', num_layers={layers}, dtype=torch.{dtype})",
+    "flux1-dev": "build_real_shape_flux(num_layers={layers}, num_single_layers={layers}, dtype=torch.{dtype})"
+    ".save_pretrained({tmp!r}, safe_serialization=True)",
+}
+"""How each family's real-shape pipeline is saved (``models/real_shape.py``)."""
+
+
+def host_loading(family: str, layers: int, disk_dtype: str) -> dict:
     """Peak RSS of a fresh process loading a saved real-shape pipeline in bfloat16, then reading
     one value of every page of its weights (as a copy to the GPU does)."""
     with tempfile.TemporaryDirectory() as tmp:
         save = (
-            "import torch; from apexcli.models.real_shape import save_real_shape_sd3; "
-            f"save_real_shape_sd3({tmp!r}, 'sd35m', num_layers={layers}, dtype=torch.{disk_dtype})"
+            "import torch; from apexcli.models.real_shape import build_real_shape_flux, save_real_shape_sd3; "
+            + SAVE[family].format(tmp=tmp, layers=layers, dtype=disk_dtype)
         )
         subprocess.run([sys.executable, "-c", save], check=True, capture_output=True)
         disk = sum(f.stat().st_size for f in Path(tmp).rglob("*.safetensors"))
@@ -255,15 +297,17 @@ def host_loading(layers: int, disk_dtype: str) -> dict:
         "loaded_rise": loaded["VmRSS"] - b["VmRSS"],
         "touched_rise": touched["VmRSS"] - b["VmRSS"],
         "touched_file_rise": touched["RssFile"] - b["RssFile"],
-        "pos_embed_dtype": child["pos_embed_dtype"],
+        "buffer_dtype": child["buffer_dtype"],
     }
 
 
-def print_host(build: dict, loads: list[dict]) -> None:
-    print(
-        f"\nhost RAM (MB). Building SD3.5-M's PatchEmbed alone: peak RSS +{build['peak_rise'] / MB:.0f} "
-        f"= {build['bytes_per_value']:.2f} bytes per pos_embed value ({build['values']:,} values)"
-    )
+def print_host(build: dict | None, loads: list[dict]) -> None:
+    print("\nhost RAM (MB)")
+    if build is not None:
+        print(
+            f"Building SD3.5-M's PatchEmbed alone: peak RSS +{build['peak_rise'] / MB:.0f} "
+            f"= {build['bytes_per_value']:.2f} bytes per pos_embed value ({build['values']:,} values)"
+        )
     print(
         f"{'pipeline':<22}{'on disk':>9}{'load peak':>11}{'anon':>8}{'file':>8}{'loaded':>8}{'read':>8}{'read file':>11}"
         f"{'peak/disk':>11}"
@@ -275,48 +319,51 @@ def print_host(build: dict, loads: list[dict]) -> None:
             f"{h['touched_rise'] / MB:8.0f}{h['touched_file_rise'] / MB:11.0f}"
             f"{h['load_peak_rise'] / h['disk_bytes']:11.2f}"
         )
-    print(f"pos_embed after loading: {loads[0]['pos_embed_dtype']}")
-
-
-HOST_CASES = ((2, "bfloat16"), (6, "bfloat16"), (2, "float16"))
-"""Depth varies the weights at a fixed PatchEmbed; float16 on disk makes the bfloat16 load convert."""
+    print(f"transformer buffers after loading: {loads[0]['buffer_dtype'] or 'none'}")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--family", choices=sorted(FAMILIES), default="sd35m", help="the published transformer")
     parser.add_argument(
-        "--layers", type=int, default=SD35M_TRANSFORMER["num_layers"], help="transformer blocks (24: all)"
+        "--layers", type=int, default=None, help="transformer blocks (SD3.5-M: 24, all; FLUX: double-stream, 1)"
     )
-    parser.add_argument("--samples", type=int, default=1, help="samples per micro-batch (x2 forwards with CFG)")
+    parser.add_argument("--single-layers", type=int, default=1, help="FLUX's single-stream blocks (default 1)")
+    parser.add_argument("--samples", type=int, default=1, help="samples per micro-batch (SD3: x2 forwards with CFG)")
     parser.add_argument("--resolution", type=int, default=256, help="image side in pixels")
     parser.add_argument("--skip-host", action="store_true", help="leave out the host-RAM-while-loading measurement")
     parser.add_argument(
         "--checkpointing-only",
         action="store_true",
-        help="only the step with gradient checkpointing (the preset's micro-batch without it needs ~26 GB)",
+        help="only the step with gradient checkpointing (sd35m-1gpu's micro-batch without it needs ~26 GB)",
     )
     args = parser.parse_args()
+    spec = FAMILIES[args.family]
+    layers = args.layers or spec["layers"]
+    lora = spec["lora"]
     torch.manual_seed(0)
-    shape = mp.StepShape(args.samples, args.resolution // 8, 77 + 128, 4.5)
-    config = transformer_config(args.layers)
+    config = transformer_config(args.family, layers, args.single_layers)
+    family = family_of_config(config)
+    shape = mp.StepShape(
+        args.samples, args.resolution // 8, family.text_tokens(T5_TOKENS), spec["guidance"], family.name
+    )
     modes = (True,) if args.checkpointing_only else (False, True)
-    meta = {ckpt: compute_step(config, shape, ckpt) for ckpt in modes}
-    model = mp.sd3_transformer(config, torch.bfloat16, "cpu", LORA)
+    meta = {ckpt: mp.compute_step_memory(config, shape, lora, checkpointing=ckpt) for ckpt in modes}
+    model = mp.build_transformer(config, torch.bfloat16, "cpu", lora)
     cpu = {ckpt: measure_step(model, shape, ckpt) for ckpt in modes}
     forward = measure_forward(model, shape)
     forward["computed_peak"] = mp.forward_peak(
-        mp.sd3_transformer(config, torch.bfloat16, "meta", LORA),
-        mp.step_inputs(config, shape, "meta"),
-        shape.guidance_scale,
+        mp.build_transformer(config, torch.bfloat16, "meta", lora), mp.step_inputs(config, shape, "meta"), shape
     )
     del model
     gc.collect()
-    blocks = block_table(block_kinds(args.layers), cpu, meta)
+    blocks = block_table(block_kinds(args.family, layers, args.single_layers), cpu, meta)
     full = full_table(cpu, meta)
-    build = None if args.skip_host else pos_embed_build()
-    host = None if args.skip_host else [host_loading(layers, dtype) for layers, dtype in HOST_CASES]
+    build = None if args.skip_host or args.family != "sd35m" else pos_embed_build()
+    host = None if args.skip_host else [host_loading(args.family, n, dtype) for n, dtype in spec["host_cases"]]
+    print(f"{args.family}: {config}")
     print_blocks(blocks, shape)
-    print_full(full, args.layers)
+    print_full(full, len(family.blocks(mp.build_transformer(config, torch.bfloat16, "meta"))))
     print(
         f"no-grad forward (a rollout step): allocator {forward['allocator_peak'] / MB:.1f}, CPU live "
         f"{forward['cpu_live_peak'] / MB:.1f}, computed {forward['computed_peak'] / MB:.1f} MB, measured/computed "
@@ -327,7 +374,9 @@ def main() -> None:
     print(
         json.dumps(
             {
-                "layers": args.layers,
+                "family": args.family,
+                "layers": layers,
+                "single_layers": args.single_layers if args.family == "flux1-dev" else None,
                 "samples": args.samples,
                 "forward_batch": shape.forward_batch,
                 "resolution": args.resolution,

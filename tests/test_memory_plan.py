@@ -1,5 +1,5 @@
 """The memory plan (``models/memory_plan.py``): exact counts, what moves the activations, and a real
-CPU measurement that the meta-device computation has to reproduce."""
+CPU measurement that the meta-device computation has to reproduce; for SD3.5 and FLUX.1."""
 
 from __future__ import annotations
 
@@ -8,7 +8,11 @@ import dataclasses
 import pytest
 import torch
 
+from apexcli.backbones.flux import ATTENTION_PROJECTIONS as FLUX_PROJECTIONS
 from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
+from apexcli.errors import ApexError
+from apexcli.models import architectures as arch
+from apexcli.models import memory_families as mfam
 from apexcli.models import memory_plan as mp
 from apexcli.models.architectures import SD35M_TRANSFORMER
 
@@ -129,3 +133,184 @@ def test_live_bytes_follow_allocations_and_frees():
     assert live.now == 40
     del c
     assert live.now == 0
+
+
+# --------------------------------------------------------------------------- FLUX.1
+
+FLUX_SMALL = dict(
+    patch_size=1,
+    in_channels=16,
+    num_layers=1,
+    num_single_layers=2,
+    attention_head_dim=16,
+    num_attention_heads=2,
+    joint_attention_dim=32,
+    pooled_projection_dim=16,
+    guidance_embeds=True,
+    axes_dims_rope=(4, 6, 6),
+)
+"""FLUX.1 at small widths: one double-stream block and two single-stream ones, guidance embedding."""
+FLUX_LORA = dict(rank=4, alpha=8, dropout=0.0, target_modules=FLUX_PROJECTIONS, seed=0)
+
+
+def flux_config(preset: str = "flux1-dev-1gpu", overrides: tuple[str, ...] = (), true_cfg: float | None = None):
+    cfg = resolve_config(preset=preset, overrides=list(overrides))
+    if true_cfg is not None:  # the plan reads sampling.true_cfg_scale with getattr: set where the config lacks it
+        cfg.sampling.true_cfg_scale = true_cfg
+    return cfg
+
+
+@pytest.fixture(scope="module")
+def flux_plan() -> mp.MemoryPlan:
+    return mp.plan_memory(flux_config(), gpu_bytes=80 * 10**9)
+
+
+def test_meta_flux_transformers_have_the_published_parameter_counts():
+    dev = mp.build_transformer(dict(arch.FLUX1_DEV_TRANSFORMER), torch.bfloat16)
+    schnell = mp.build_transformer(dict(arch.FLUX1_SCHNELL_TRANSFORMER), torch.bfloat16)
+    assert sum(p.numel() for p in dev.parameters()) == 11_901_408_320  # the published "12 B" (11.9 B)
+    # schnell: the same blocks without the guidance embedding (two linears, 256 -> 3072 -> 3072)
+    assert sum(p.numel() for p in schnell.parameters()) == 11_901_408_320 - (256 * 3072 + 3072 + 3072 * 3072 + 3072)
+    assert list(dev.buffers()) == []  # rotary ids: no position table
+    assert len(mfam.family_plan("flux").blocks(dev)) == 19 + 38
+
+
+def test_the_family_is_read_off_the_transformer_config(tmp_path):
+    assert mfam.family_of_config(dict(SD35M_TRANSFORMER)).name == "sd3"
+    assert mfam.family_of_config(dict(arch.FLUX1_DEV_TRANSFORMER)).name == "flux"
+    assert mfam.family_of_config(FLUX_SMALL).name == "flux"
+    with pytest.raises(ApexError, match="UNet2DConditionModel"):
+        mfam.family_of_config({"_class_name": "UNet2DConditionModel"})
+    with pytest.raises(ApexError, match="cross_attention_dim"):
+        mfam.family_of_config({"cross_attention_dim": 768})
+    # a saved FLUX transformer config (a real-shape fixture's cut depth) names its class
+    cut = dict(arch.FLUX1_DEV_TRANSFORMER, num_layers=1, num_single_layers=1)
+    mp.build_transformer(cut, torch.bfloat16).save_config(tmp_path / "transformer")
+    read = mp.transformer_config_for(flux_config(overrides=(f"model.pretrained={tmp_path}",)))
+    assert read["_class_name"] == "FluxTransformer2DModel" and read["num_single_layers"] == 1
+    assert mfam.family_of_config(read).name == "flux"
+
+
+@pytest.mark.parametrize(
+    ("pretrained", "published"),
+    [
+        ("black-forest-labs/FLUX.1-dev", arch.FLUX1_DEV_TRANSFORMER),
+        ("black-forest-labs/FLUX.1-schnell", arch.FLUX1_SCHNELL_TRANSFORMER),
+        ("stabilityai/stable-diffusion-3.5-large", arch.SD35L_TRANSFORMER),
+    ],
+)
+def test_release_ids_map_to_their_published_configs(pretrained, published):
+    assert mp.transformer_config_for(flux_config(overrides=(f"model.pretrained={pretrained}",))) == dict(published)
+
+
+def test_the_built_in_flux_pipeline_plans_its_own_transformer():
+    from apexcli.models.tiny_flux import build_tiny_flux_pipeline
+
+    config = mp.transformer_config_for(resolve_config(preset="tiny-flux"))
+    assert mfam.family_of_config(config).name == "flux"
+    built = build_tiny_flux_pipeline().transformer.config
+    assert {k: v for k, v in config.items() if not k.startswith("_")} == {
+        k: v for k, v in built.items() if not k.startswith("_")
+    }
+
+
+def test_the_flux_plan_counts_its_own_encoders_and_lora(flux_plan):
+    keys = [r.key for r in flux_plan.rows]
+    assert "pos_embed" not in keys and "host_pos_embed_build" not in keys  # no position table to build
+    assert flux_plan.row("transformer").nbytes == 2 * 11_901_408_320
+    # CLIP-L (the plain text model) + T5-XXL, no CLIP-G
+    assert flux_plan.row("text_encoders").nbytes == 2 * (123_060_480 + 4_762_310_656)
+    # r x (in + out) per projection: 8 in each of 19 double-stream blocks, to_q/k/v in each of 38 single-stream ones
+    assert flux_plan.row("lora_weights").nbytes == 4 * 32 * (3072 + 3072) * (19 * 8 + 38 * 3)
+    assert flux_plan.row("host_weights").nbytes == sum(
+        flux_plan.row(k).nbytes for k in ("transformer", "vae", "text_encoders")
+    )
+    # 16-channel unpacked latents, T5 tokens only
+    assert flux_plan.row("trajectories").nbytes == 32 * 11 * 16 * 64 * 64 * 4
+    assert flux_plan.row("step_embeds").nbytes == 32 * (128 * 4096 + 768) * 2
+
+
+def test_flux_dev_runs_one_forward_per_sample_and_fits_one_80_gb_gpu(flux_plan):
+    step = flux_plan.step
+    assert step.checkpointing and step.shape.family == "flux"
+    assert (step.shape.forward_batch, step.shape.image_tokens, step.shape.text_tokens) == (4, 1024, 128)
+    assert len(step.block_working_set) == 19 + 38
+    assert flux_plan.row("train_step").nbytes == step.peak
+    assert flux_plan.fits(deqa_on_gpu=True)
+    # the 12 B transformer dominates: more than every other resident row together
+    assert flux_plan.row("transformer").nbytes > flux_plan.resident() - flux_plan.row("transformer").nbytes
+
+
+def test_flux_true_cfg_doubles_the_forward_batch_and_the_activations():
+    guided = mp.StepShape(2, 16, 24, 3.5, "flux")
+    true_cfg = mp.StepShape(2, 16, 24, 3.5, "flux", true_cfg_scale=2.0)
+    assert (guided.forward_batch, true_cfg.forward_batch) == (2, 4)
+    assert mp.StepShape(2, 16, 24, 1.0, "flux").forward_batch == 2  # the guidance is an input, never a batch
+    one = mp.compute_step_memory(FLUX_SMALL, guided, FLUX_LORA, checkpointing=False)
+    two = mp.compute_step_memory(FLUX_SMALL, true_cfg, FLUX_LORA, checkpointing=False)
+    # every activation doubles; the rotary cos/sin tables (per token, shared by the batch) do not
+    assert 1.9 < sum(two.block_saved) / sum(one.block_saved) < 2.0
+    # plan_memory reads sampling.true_cfg_scale (with getattr: configs without the key plan one forward)
+    cut = dict(arch.FLUX1_DEV_TRANSFORMER, num_layers=1, num_single_layers=1)
+    plain = mp.plan_memory(flux_config(), transformer=cut)
+    doubled = mp.plan_memory(flux_config(true_cfg=2.0), transformer=cut)
+    assert (plain.step.shape.forward_batch, doubled.step.shape.forward_batch) == (4, 8)
+    assert (plain.row("rollout_forward").detail, doubled.row("rollout_forward").detail) == (
+        "forward batch 8",
+        "forward batch 16",
+    )
+    assert doubled.step.peak > 1.9 * plain.step.peak
+
+
+def test_a_step_shape_of_another_family_is_refused():
+    model = mp.build_transformer(FLUX_SMALL, torch.bfloat16, "meta", FLUX_LORA)
+    shape = mp.StepShape(1, 16, 24, 3.5)  # sd3
+    with pytest.raises(ValueError, match="flux transformer with the step shape of a sd3"):
+        mp.step_memory(model, mp.step_inputs(FLUX_SMALL, shape, "meta"), shape, checkpointing=False)
+
+
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_meta_computation_matches_a_real_cpu_flux_step(checkpointing):
+    shape = mp.StepShape(2, 16, 24, 3.5, "flux")
+    computed = mp.compute_step_memory(FLUX_SMALL, shape, FLUX_LORA, checkpointing=checkpointing)
+    model = mp.build_transformer(FLUX_SMALL, torch.bfloat16, "cpu", FLUX_LORA)
+    mp.allocate_lora_grads(model)
+    inputs = mp.step_inputs(FLUX_SMALL, shape, "cpu")
+    box: dict = {}
+    allocator = mp.cpu_allocator_peak(
+        lambda: box.setdefault("step", mp.step_memory(model, inputs, shape, checkpointing=checkpointing))
+    )
+    measured = box["step"]
+    # the CPU's bf16 LayerNorm keeps its statistics in bf16, the meta (and CUDA) one in float32
+    assert measured.peak == pytest.approx(computed.peak, rel=0.01)
+    assert allocator == pytest.approx(computed.peak, rel=0.10)
+    real = measured.block_working_set if checkpointing else measured.block_saved_by_data_ptr
+    meta = computed.block_working_set if checkpointing else computed.block_saved
+    assert len(real) == len(meta) == 3
+    for r, m in zip(real, meta, strict=True):
+        assert r == pytest.approx(m, rel=0.01)
+
+
+def test_the_doctor_memory_row_plans_flux(monkeypatch, flux_plan):
+    from apexcli import doctor
+
+    monkeypatch.setattr(doctor, "_host_ram_bytes", lambda: 64 * 2**30)
+    (row,) = doctor.memory_rows(flux_config(overrides=("model.device=cpu",)))
+    assert row.status == doctor.OK
+    assert f"training peak {flux_plan.peak(deqa_on_gpu=True) / mp.GB:.1f} GB" in row.found
+
+
+def test_the_trainer_plan_reads_a_flux_transformer():
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from memory_plan import trainer_plan
+
+    cut = dict(arch.FLUX1_DEV_TRANSFORMER, num_layers=1, num_single_layers=1)
+    plan = trainer_plan(flux_config(), cut)
+    weights = mp.build_transformer(cut, torch.bfloat16)
+    assert plan["transformer"] == 2 * sum(p.numel() for p in weights.parameters())
+    assert "pos_embed" not in plan and plan["vae"] == 2 * 83_819_683
+    assert plan["lora_weights"] == 4 * 32 * (3072 + 3072) * (8 + 3)
+    assert plan["total"] == sum(v for k, v in plan.items() if k != "total")

@@ -485,8 +485,8 @@ def _memory_fix(cfg: Config) -> str:
 
 
 def memory_rows(cfg: Config) -> list[Row]:
-    """The memory plan (``apexcli.models.memory_plan``, computed on the meta device in seconds)
-    against the GPU ``model.device`` names, or against the host's RAM on a CPU."""
+    """The memory plan (``apexcli.models.memory_plan``, computed on the meta device in seconds, for
+    SD3.5 and FLUX.1 alike) against the GPU ``model.device`` names, or against the host's RAM on a CPU."""
     from apexcli.models.sources import BUILT_IN
 
     if cfg.model.pretrained in BUILT_IN:
@@ -498,8 +498,8 @@ def memory_rows(cfg: Config) -> list[Row]:
     on_gpu = cfg.model.device != "cpu" and torch.cuda.is_available()
     index = torch.device(cfg.model.device).index if cfg.model.device.startswith("cuda:") else None
     capacity = torch.cuda.get_device_properties(index or 0).total_memory if on_gpu else _host_ram_bytes()
-    try:
-        plan = plan_memory(cfg, capacity)
+    try:  # under accelerate launch each process samples its share of a step (WORLD_SIZE of them)
+        plan = plan_memory(cfg, capacity, world_size=max(1, int(os.environ.get("WORLD_SIZE", "1") or 1)))
     except ApexError as exc:  # an architecture the plan cannot read (a folder without transformer/config.json)
         return [Row("memory", WARN, f"no plan: {exc}")]
     deqa_here = any(o.partition("@")[0].strip() == "deqa" and "@" not in o for o in cfg.objectives)

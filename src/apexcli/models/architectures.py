@@ -12,6 +12,9 @@ plan and the GPU benchmark build from. Where each value was read:
   The special-token ids are those of their tokenizers (CLIP: BOS 49406, EOS 49407; the
   CLIP-L config keeps the legacy ``eos_token_id: 2``, under which transformers pools at the
   largest token id, i.e. at EOS). T5 ``model_max_length`` 512, CLIP 77.
+- FLUX.1: ``transformer/``, ``vae/`` and ``scheduler/`` config.json of ``black-forest-labs/FLUX.1-dev``
+  and ``-schnell`` (schnell: no guidance embedding); its text encoders are SD3's CLIP-L (the plain
+  text model, pooled output) and T5 v1.1 XXL.
 - Reward towers: ``laion/CLIP-ViT-H-14-laion2B-s32B-b79K`` (PickScore_v1's architecture) and
   ``openai/clip-vit-large-patch14`` (the LAION aesthetic predictor's backbone); the aesthetic MLP
   from the published head file's shapes (``rewards/aes.py``).
@@ -95,6 +98,10 @@ FLUX1_DEV_TRANSFORMER = MappingProxyType(
 )
 """FLUX.1-dev: 19 double-stream + 38 single-stream blocks of 24 x 128 = 3072 on 2x2-packed
 16-channel latents, T5-XXL tokens, pooled CLIP-L, a guidance embedding (schnell: without)."""
+
+FLUX1_SCHNELL_TRANSFORMER = MappingProxyType({**FLUX1_DEV_TRANSFORMER, "guidance_embeds": False})
+"""FLUX.1-schnell (``transformer/config.json`` of ``black-forest-labs/FLUX.1-schnell``): FLUX.1-dev's
+architecture without the guidance embedding (timestep-distilled, no guidance input)."""
 
 FLUX_VAE = MappingProxyType({**SD3_VAE, "scaling_factor": 0.3611, "shift_factor": 0.1159})
 """FLUX.1's VAE: SD3's architecture with its own latent scaling 0.3611 and shift 0.1159."""
@@ -220,3 +227,13 @@ CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 SD3_FAMILIES = MappingProxyType({"sd35m": SD35M_TRANSFORMER, "sd35l": SD35L_TRANSFORMER})
 """Transformer config of each SD3.5 release, by the preset family name."""
+
+RELEASES = MappingProxyType(
+    {
+        "stabilityai/stable-diffusion-3.5-large": SD35L_TRANSFORMER,
+        "stabilityai/stable-diffusion-3.5-medium": SD35M_TRANSFORMER,
+        "black-forest-labs/FLUX.1-dev": FLUX1_DEV_TRANSFORMER,
+        "black-forest-labs/FLUX.1-schnell": FLUX1_SCHNELL_TRANSFORMER,
+    }
+)
+"""Transformer config of each published release, by its hub id."""

@@ -1,7 +1,9 @@
 """The GPU memory plan of a training config, computed on PyTorch's meta device (no weights, no GPU).
 
 Every module is built on the meta device from its published config (``models/architectures.py``),
-so parameter and buffer counts are exact. A meta forward and backward runs the same Python and the
+so parameter and buffer counts are exact. SD3.5 and FLUX.1 differ only in the parts that
+``models/memory_families.py`` supplies (blocks, forwards per velocity, text tokens, VAE and text
+encoders, host transient while loading); the accounting here is the same for both. A meta forward and backward runs the same Python and the
 same autograd as a real one: what autograd keeps, and when each tensor dies, are the same; only no
 memory is touched. Two counts come out of it:
 
@@ -33,6 +35,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_leaves
 
 from apexcli.models import architectures as arch
+from apexcli.models.memory_families import (
+    POS_EMBED_BUILD_BYTES_PER_VALUE,  # noqa: F401  (re-exported)
+    FamilyPlan,
+    family_of_config,
+    family_of_model,
+    family_plan,
+)
 
 if TYPE_CHECKING:
     from apexcli.config import Config
@@ -42,11 +51,6 @@ DEQA_PARAMS_PUBLISHED = 8.2e9
 """mPLUG-Owl2 (LLaMA-2-7B + ViT-L/14 + abstractor), from its paper: remote code, not built here."""
 AES_MLP_PARAMS = 768 * 1024 + 1024 + 1024 * 128 + 128 + 128 * 64 + 64 + 64 * 16 + 16 + 16 + 1
 """The LAION aesthetic head (768-1024-128-64-16-1), from the published file's shapes."""
-POS_EMBED_BUILD_BYTES_PER_VALUE = 16.09
-"""Peak host RSS of building an SD3 ``PatchEmbed``, per value of its ``pos_embed`` table: diffusers
-computes the sincos table in float64 (two [grid^2, dim] copies at once) before casting it.
-Measured by ``benchmarks/memory_measure.py`` (16.09 for SD3.5-M's 384 x 384 x 1536 table); every
-``from_pretrained`` of the transformer pays it, whatever the weights."""
 SIGMA_MAX = 0.97
 """Stand-in for a trajectory's ``sigma_max`` (the step math's shapes do not depend on it)."""
 
@@ -185,15 +189,20 @@ class StepShape:
     latent_hw: int
     text_tokens: int
     guidance_scale: float
+    family: str = "sd3"
+    """The model family (``Backbone.family``): it decides the forwards per velocity."""
+    true_cfg_scale: float = 1.0
+    """FLUX's true CFG (``> 1``: an unconditional forward beside the conditional one)."""
 
     @property
     def forward_batch(self) -> int:
-        """With CFG every transformer forward runs the batch ``[uncond, cond]``: twice the samples."""
-        return self.samples * (2 if self.guidance_scale > 1 else 1)
+        """With CFG every transformer forward runs the batch ``[uncond, cond]``: twice the samples
+        (SD3: ``guidance_scale > 1``; FLUX: ``true_cfg_scale > 1``, its distilled guidance is an input)."""
+        return self.samples * family_plan(self.family).forward_passes(self.guidance_scale, self.true_cfg_scale)
 
     @property
     def image_tokens(self) -> int:
-        return (self.latent_hw // arch.SD35M_TRANSFORMER["patch_size"]) ** 2
+        return (self.latent_hw // family_plan(self.family).patch) ** 2
 
 
 @dataclass(frozen=True)
@@ -205,16 +214,18 @@ class StepOptions:
     kl_beta: float = 0.04
     kl_form: str = "reference"
     clip_range: float = 1e-4
+    true_cfg_scale: float = 1.0
 
 
 def step_inputs(config: dict, shape: StepShape, device: torch.device | str, seed: int = 0) -> dict:
     """What the trainer feeds one GRPO micro-step of a transformer built from ``config``: float32
-    latents of a stored transition, per-sample noise levels, cached prompt embeddings (the
+    (unpacked) latents of a stored transition, per-sample noise levels, cached prompt embeddings (the
     unconditional ones with batch 1), advantages. Random on a real device, empty on meta."""
     from apexcli.flow.rollout import PromptEmbeds
 
     n, hw, tokens = shape.samples, shape.latent_hw, shape.text_tokens
-    channels, joint, pooled = config["in_channels"], config["joint_attention_dim"], config["pooled_projection_dim"]
+    channels = family_of_config(config).latent_channels(config)
+    joint, pooled = config["joint_attention_dim"], config["pooled_projection_dim"]
     gen = torch.Generator().manual_seed(seed)
 
     def draw(*size: int) -> torch.Tensor:
@@ -246,27 +257,41 @@ def allocate_lora_grads(model: torch.nn.Module) -> None:
 def run_micro_step(model: torch.nn.Module, inputs: dict, opts: StepOptions, mark: Callable[[str], None]) -> None:
     """One GRPO micro-step as ``Trainer._update`` runs it: the policy's log-prob of the stored step
     (grad through the LoRA), the reference's under ``no_grad`` with the adapters off, the clipped
-    loss with the KL term, the backward. ``mark(phase)`` is called as each phase begins."""
-    from apexcli.flow.rollout import step_log_prob
+    loss with the KL term, the backward. ``mark(phase)`` is called as each phase begins. The
+    log-prob is ``step_log_prob``'s: the family's velocity, then the SDE step's density."""
+    from apexcli.flow.sde import STEP_FUNCTIONS
     from apexcli.models.lora import adapter_layers, adapters_disabled
     from apexcli.train.loss import grpo_policy_loss, step_kl
 
-    i = inputs
-    args = (i["x"], i["x_next"], i["sigma"], i["sigma_next"], i["cond"])
-    call = dict(
-        guidance_scale=opts.guidance_scale,
-        uncond=i["uncond"],
-        sampler="sde",
-        noise_level=opts.noise_level,
-        sigma_max=SIGMA_MAX,
-    )
+    i, family = inputs, family_of_model(model)
+
+    def log_prob():
+        v = family.velocity(
+            model,
+            i["x"],
+            i["sigma"],
+            i["cond"],
+            uncond=i["uncond"],
+            guidance_scale=opts.guidance_scale,
+            true_cfg_scale=opts.true_cfg_scale,
+        )
+        return STEP_FUNCTIONS["sde"](
+            v,
+            i["x"],
+            i["sigma"],
+            i["sigma_next"],
+            noise_level=opts.noise_level,
+            sigma_max=SIGMA_MAX,
+            prev_sample=i["x_next"],
+        )
+
     mark("forward")
-    out = step_log_prob(model, *args, **call)
+    out = log_prob()
     kl = None
     if opts.kl_beta > 0:
         mark("reference")
         with torch.no_grad(), adapters_disabled(adapter_layers(model)):
-            ref = step_log_prob(model, *args, **call)
+            ref = log_prob()
         kl = step_kl(out, ref, opts.kl_form)
     loss = grpo_policy_loss(
         out.log_prob, i["old_log_prob"], i["advantages"], clip_range=opts.clip_range, kl=kl, kl_beta=opts.kl_beta
@@ -338,12 +363,15 @@ def step_memory(
 ) -> StepMemory:
     """Run one micro-step of ``model`` (an SD3 transformer with LoRA, on meta or a real device) on
     ``inputs`` (``step_inputs``) and account for its memory. Call ``allocate_lora_grads`` first."""
-    opts = opts or StepOptions(guidance_scale=shape.guidance_scale)
+    family = family_of_model(model)
+    if family.name != shape.family:
+        raise ValueError(f"a {family.name} transformer with the step shape of a {shape.family} one")
+    opts = opts or StepOptions(guidance_scale=shape.guidance_scale, true_cfg_scale=shape.true_cfg_scale)
     if checkpointing:
         model.enable_gradient_checkpointing()
     else:
         model.disable_gradient_checkpointing()
-    blocks = list(model.transformer_blocks)
+    blocks = family.blocks(model)
     saved, live = SavedBytes(exclude=resident_keys(model)), LiveBytes()
     timeline = _Timeline(live, saved)
     handles = [b.register_forward_pre_hook(lambda *_, i=i: timeline.enter_block(i)) for i, b in enumerate(blocks)]
@@ -371,14 +399,18 @@ def step_memory(
     )
 
 
-def forward_peak(model: torch.nn.Module, inputs: dict, guidance_scale: float) -> int:
+def forward_peak(model: torch.nn.Module, inputs: dict, shape: StepShape) -> int:
     """Peak bytes a no-grad forward adds (a rollout step: one transformer call, CFG batched)."""
-    from apexcli.flow.rollout import predict_velocity
-
     live = LiveBytes()
     with fused_attention(), live, torch.no_grad():
-        predict_velocity(
-            model, inputs["x"], inputs["sigma"], inputs["cond"], guidance_scale=guidance_scale, uncond=inputs["uncond"]
+        family_of_model(model).velocity(
+            model,
+            inputs["x"],
+            inputs["sigma"],
+            inputs["cond"],
+            uncond=inputs["uncond"],
+            guidance_scale=shape.guidance_scale,
+            true_cfg_scale=shape.true_cfg_scale,
         )
     return live.peak
 
@@ -418,22 +450,22 @@ def quiet_diffusers() -> Iterator[None]:
         dlog.set_verbosity(level)
 
 
-def sd3_transformer(
+def build_transformer(
     config: dict, dtype: torch.dtype, device: str = "meta", lora: dict | None = None, seed: int = 0
 ) -> torch.nn.Module:
-    """An ``SD3Transformer2DModel`` from ``config``, built in ``dtype`` (float32 first would double a
-    real build's memory), its float32 buffers cast too as ``from_pretrained(torch_dtype=...)``
-    leaves them; LoRA attached as the trainer does (``attach_lora(**lora)``)."""
-    from diffusers import SD3Transformer2DModel
-
+    """The transformer of ``config``'s family (``SD3Transformer2DModel``, ``FluxTransformer2DModel``),
+    built in ``dtype`` (float32 first would double a real build's memory), its float32 buffers cast
+    too as ``from_pretrained(torch_dtype=...)`` leaves them; LoRA attached as the trainer does
+    (``attach_lora(**lora)``)."""
     from apexcli.models.lora import attach_lora
 
+    cls = family_of_config(config).transformer_type()
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype)
     try:
         with quiet_diffusers(), torch.device(device), torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            model = SD3Transformer2DModel.from_config(dict(config)).to(dtype)
+            model = cls.from_config({k: v for k, v in config.items() if not k.startswith("_")}).to(dtype)
     finally:
         torch.set_default_dtype(previous)
     if lora is not None:
@@ -441,25 +473,23 @@ def sd3_transformer(
     return model
 
 
+sd3_transformer = build_transformer
+"""The name the SD3-only plan had (benchmarks/mfu.py builds SD3 with it)."""
+
+
 def _n_params(module: torch.nn.Module) -> int:
     return sum(p.numel() for p in module.parameters())
 
 
-def component_params() -> dict[str, int]:
-    """Parameters of each model of the recipe, built on meta from its published config."""
-    from diffusers import AutoencoderKL
-    from transformers import (
-        CLIPConfig,
-        CLIPModel,
-        CLIPTextConfig,
-        CLIPTextModelWithProjection,
-        CLIPVisionConfig,
-        CLIPVisionModelWithProjection,
-        T5Config,
-        T5EncoderModel,
-    )
+def component_params(family: str | FamilyPlan = "sd3") -> dict[str, int]:
+    """Parameters of each model of the recipe, built on meta from its published config: the
+    family's VAE (``vae``) and text encoders, and the reward towers."""
+    from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModelWithProjection
 
-    with quiet_diffusers(), torch.device("meta"):
+    family = family_plan(family) if isinstance(family, str) else family
+    with quiet_diffusers():
+        models = family.component_params()
+    with torch.device("meta"):
         pick = CLIPModel(
             CLIPConfig(
                 text_config=dict(arch.CLIP_H_TEXT),
@@ -467,15 +497,8 @@ def component_params() -> dict[str, int]:
                 projection_dim=arch.CLIP_H_PROJECTION,
             )
         )
-        return {
-            "vae": _n_params(AutoencoderKL.from_config(dict(arch.SD3_VAE))),
-            "clip_l_text": _n_params(CLIPTextModelWithProjection(CLIPTextConfig(**arch.CLIP_L_TEXT))),
-            "clip_g_text": _n_params(CLIPTextModelWithProjection(CLIPTextConfig(**arch.CLIP_G_TEXT))),
-            "t5_xxl_encoder": _n_params(T5EncoderModel(T5Config(**arch.T5_XXL))),
-            "pick_clip_h": _n_params(pick),
-            "aes_clip_l_vision": _n_params(CLIPVisionModelWithProjection(CLIPVisionConfig(**arch.CLIP_L_VISION)))
-            + AES_MLP_PARAMS,
-        }
+        aes = CLIPVisionModelWithProjection(CLIPVisionConfig(**arch.CLIP_L_VISION))
+    return {**models, "pick_clip_h": _n_params(pick), "aes_clip_l_vision": _n_params(aes) + AES_MLP_PARAMS}
 
 
 def compute_step_memory(
@@ -488,7 +511,7 @@ def compute_step_memory(
     dtype: torch.dtype = torch.bfloat16,
 ) -> StepMemory:
     """``step_memory`` of a meta transformer built from ``config``: the plan's activation figure."""
-    model = sd3_transformer(config, dtype, "meta", lora)
+    model = build_transformer(config, dtype, "meta", lora)
     allocate_lora_grads(model)
     return step_memory(model, step_inputs(config, shape, "meta"), shape, checkpointing=checkpointing, opts=opts)
 
@@ -546,28 +569,36 @@ class MemoryPlan:
 
 
 def transformer_config_for(cfg: Config) -> dict:
-    """The transformer architecture ``model.pretrained`` names: a published SD3.5 release, or the
-    ``transformer/config.json`` of a local pipeline directory (read, no weights)."""
+    """The transformer architecture ``model.pretrained`` names: a published release (SD3.5 Medium
+    and Large, FLUX.1-dev and -schnell; a hub id or a folder of that name), the pipeline built in
+    code (``tiny``, ``tiny-flux``: its own transformer's config), or the ``transformer/config.json``
+    of a local pipeline directory (read, no weights; a real-shape fixture's cut depth, say). Its
+    ``_class_name``, where the source has one, stays: ``family_of_config`` reads it."""
     import json
     from pathlib import Path
 
     from apexcli.errors import ApexError
-    from apexcli.models.loading import MINI_DIR
+    from apexcli.models.sources import BUILT_IN, MINI_DIR
 
     name = cfg.model.pretrained
-    for release, config in (
-        ("stable-diffusion-3.5-large", arch.SD35L_TRANSFORMER),
-        ("stable-diffusion-3.5-medium", arch.SD35M_TRANSFORMER),
-    ):
-        if name.rstrip("/").endswith(release):
+    for release, config in arch.RELEASES.items():
+        if Path(name.rstrip("/")).name == release.split("/")[-1]:
             return dict(config)
+    if name in BUILT_IN:
+        from dataclasses import replace
+
+        from apexcli.models.loading import load_pipeline
+
+        config = dict(load_pipeline(replace(cfg.model, dtype="float32")).transformer.config)
+        return {k: v for k, v in config.items() if k == "_class_name" or not k.startswith("_")}
     path = Path(str(MINI_DIR) if name == "mini" else name).expanduser() / "transformer" / "config.json"
     if path.is_file():
-        config = {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
-        if "num_single_layers" in config:  # the plan measures SD3 transformers only
-            raise ApexError(f"no memory plan for the FLUX transformer of model.pretrained '{name}' yet")
-        return config
-    raise ApexError(f"no memory plan for model.pretrained '{name}': give an SD3.5 release id or a pipeline directory")
+        config = json.loads(path.read_text())
+        return {k: v for k, v in config.items() if k == "_class_name" or not k.startswith("_")}
+    releases = ", ".join(arch.RELEASES)
+    raise ApexError(
+        f"no memory plan for model.pretrained '{name}': give a release id ({releases}) or a pipeline directory"
+    )
 
 
 def _objectives(cfg: Config) -> dict[str, bool]:
@@ -617,22 +648,24 @@ def reward_rows(cfg: Config, params: dict[str, int]) -> list[PlanRow]:
     return rows
 
 
-def _weight_rows(model: torch.nn.Module, params: dict[str, int], size: int, cfg: Config) -> list[PlanRow]:
-    """The base weights (buffers too), the text encoders, and the LoRA with its optimizer state."""
+def _weight_rows(
+    model: torch.nn.Module, params: dict[str, int], size: int, cfg: Config, family: FamilyPlan
+) -> list[PlanRow]:
+    """The base weights (buffers too, where the transformer has any), the VAE, the text encoders,
+    and the LoRA with its optimizer state."""
     base = sum(p.numel() for p in model.parameters() if not p.requires_grad)
     lora = sum(p.numel() for p in model.parameters() if p.requires_grad)
     buffers = sum(b.numel() for b in model.buffers())
-    encoders = params["clip_l_text"] + params["clip_g_text"] + params["t5_xxl_encoder"]
+    encoders = sum(params[key] for key in family.text_encoders())
     free = cfg.model.free_text_encoders
+    key, label = family.buffers_row
     return [
         PlanRow("transformer", "transformer weights", base * size, "gpu", f"{base:,} parameters"),
-        PlanRow(
-            "pos_embed", "transformer buffers (PatchEmbed pos_embed)", buffers * size, "gpu", f"{buffers:,} values"
-        ),
+        *([PlanRow(key, label, buffers * size, "gpu", f"{buffers:,} values")] if buffers else []),
         PlanRow("vae", "VAE (encoder + decoder)", params["vae"] * size, "gpu", f"{params['vae']:,} parameters"),
         PlanRow(
             "text_encoders",
-            "CLIP-L + CLIP-G + T5-XXL text encoders",
+            family.encoders_label,
             encoders * size,
             "encoding" if free else "gpu",
             f"{encoders:,} parameters, " + ("freed once prompts are embedded" if free else "kept (not freed)"),
@@ -641,17 +674,19 @@ def _weight_rows(model: torch.nn.Module, params: dict[str, int], size: int, cfg:
     ]
 
 
-def _data_rows(cfg: Config, config: dict, size: int) -> list[PlanRow]:
-    """What one step keeps besides the models: its trajectories and its samples' prompt embeddings."""
+def _data_rows(cfg: Config, config: dict, size: int, family: FamilyPlan, world_size: int) -> list[PlanRow]:
+    """What one step keeps besides the models, on one of ``world_size`` processes (each samples its
+    share of the step): its trajectories and its samples' prompt embeddings."""
     t, latent = cfg.train, cfg.model.resolution // 8
-    samples, tokens = t.prompts_per_step * t.group_size, arch.CLIP_TOKENS + cfg.model.max_sequence_length
+    samples = t.prompts_per_step * t.group_size // world_size
+    tokens = family.text_tokens(cfg.model.max_sequence_length)
     steps = cfg.sampling.num_steps + 1
     embeds = samples * (tokens * config["joint_attention_dim"] + config["pooled_projection_dim"]) * size
     return [
         PlanRow(
             "trajectories",
             "trajectories of one step",
-            samples * steps * config["in_channels"] * latent**2 * 4,
+            samples * steps * family.latent_channels(config) * latent**2 * 4,
             "gpu",
             f"{samples} x {steps} latents, float32",
         ),
@@ -661,17 +696,25 @@ def _data_rows(cfg: Config, config: dict, size: int) -> list[PlanRow]:
     ]
 
 
-def _work_rows(cfg: Config, config: dict, model: torch.nn.Module) -> tuple[list[PlanRow], StepMemory]:
+def true_cfg_scale(cfg: Config) -> float:
+    """``sampling.true_cfg_scale`` (FLUX's true CFG), 1 where the config has no such key."""
+    return float(getattr(cfg.sampling, "true_cfg_scale", 1.0))
+
+
+def _work_rows(
+    cfg: Config, config: dict, model: torch.nn.Module, family: FamilyPlan
+) -> tuple[list[PlanRow], StepMemory]:
     """The working sets: one training micro-step, one rollout forward."""
     t, s = cfg.train, cfg.sampling
-    latent, tokens = cfg.model.resolution // 8, arch.CLIP_TOKENS + cfg.model.max_sequence_length
-    shape = StepShape(t.train_batch_size, latent, tokens, s.guidance_scale)
-    opts = StepOptions(s.guidance_scale, s.noise_level, t.kl_beta, t.kl_form, t.clip_range)
+    latent, tokens = cfg.model.resolution // 8, family.text_tokens(cfg.model.max_sequence_length)
+    true_cfg = true_cfg_scale(cfg)
+    shape = StepShape(t.train_batch_size, latent, tokens, s.guidance_scale, family.name, true_cfg)
+    opts = StepOptions(s.guidance_scale, s.noise_level, t.kl_beta, t.kl_form, t.clip_range, true_cfg)
     ckpt = cfg.model.gradient_checkpointing
     allocate_lora_grads(model)
     step = step_memory(model, step_inputs(config, shape, "meta"), shape, checkpointing=ckpt, opts=opts)
-    rollout_shape = StepShape(t.rollout_batch_size, latent, tokens, s.guidance_scale)
-    rollout = forward_peak(model, step_inputs(config, rollout_shape, "meta"), s.guidance_scale)
+    rollout_shape = StepShape(t.rollout_batch_size, latent, tokens, s.guidance_scale, family.name, true_cfg)
+    rollout = forward_peak(model, step_inputs(config, rollout_shape, "meta"), rollout_shape)
     return [
         PlanRow(
             "train_step",
@@ -691,18 +734,13 @@ def _work_rows(cfg: Config, config: dict, model: torch.nn.Module) -> tuple[list[
     ], step
 
 
-def _host_rows(model: torch.nn.Module, weight_rows: list[PlanRow]) -> list[PlanRow]:
-    """Host RAM while ``from_pretrained`` loads the pipeline (measured: docs/memory.md)."""
-    values = model.pos_embed.pos_embed.numel()
-    weights = sum(r.nbytes for r in weight_rows if r.key in ("transformer", "pos_embed", "vae", "text_encoders"))
+def _host_rows(model: torch.nn.Module, weight_rows: list[PlanRow], family: FamilyPlan) -> list[PlanRow]:
+    """Host RAM while ``from_pretrained`` loads the pipeline (measured: docs/memory.md): what
+    building the transformer takes on top of its weights, and every weight once."""
+    loaded = ("transformer", family.buffers_row[0], "vae", "text_encoders")
+    weights = sum(r.nbytes for r in weight_rows if r.key in loaded)
     return [
-        PlanRow(
-            "host_pos_embed_build",
-            "host: building the transformer's pos_embed (float64, transient)",
-            int(POS_EMBED_BUILD_BYTES_PER_VALUE * values),
-            "host",
-            f"{POS_EMBED_BUILD_BYTES_PER_VALUE} bytes x {values:,} values",
-        ),
+        *(PlanRow(key, label, nbytes, "host", detail) for key, label, nbytes, detail in family.host_transient(model)),
         PlanRow(
             "host_weights",
             "host: the pipeline's weights while loading",
@@ -713,19 +751,25 @@ def _host_rows(model: torch.nn.Module, weight_rows: list[PlanRow]) -> list[PlanR
     ]
 
 
-def plan_memory(cfg: Config, gpu_bytes: int | None = None, transformer: dict | None = None) -> MemoryPlan:
+def plan_memory(
+    cfg: Config, gpu_bytes: int | None = None, transformer: dict | None = None, world_size: int = 1
+) -> MemoryPlan:
     """The memory plan of ``cfg`` on one GPU of ``gpu_bytes`` (None: no verdict), computed on the
-    meta device from the published architectures in a few seconds. ``transformer``: another
-    transformer config than ``model.pretrained``'s (a real-shape fixture's cut depth, say)."""
+    meta device from the published architectures in seconds. ``transformer``: another transformer
+    config than ``model.pretrained``'s (a real-shape fixture's cut depth, say); its family (SD3 or
+    FLUX) decides the text encoders, the VAE and the forwards per velocity. ``world_size``: the
+    processes of a data-parallel run (DDP: each holds every model and samples its share of a step)."""
     from apexcli.models.loading import DTYPES as MODEL_DTYPES
 
     dtype = MODEL_DTYPES[cfg.model.dtype]
     size = torch.finfo(dtype).bits // 8
     config = dict(transformer) if transformer is not None else transformer_config_for(cfg)
+    family = family_of_config(config)
     lora = dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0, target_modules=cfg.lora.target_modules, seed=0)
-    model = sd3_transformer(config, dtype, "meta", lora)
-    params = component_params()
-    weights = _weight_rows(model, params, size, cfg)
-    work, step = _work_rows(cfg, config, model)
-    rows = [*weights, *reward_rows(cfg, params), *_data_rows(cfg, config, size), *work, *_host_rows(model, weights)]
+    model = build_transformer(config, dtype, "meta", lora)
+    params = component_params(family)
+    weights = _weight_rows(model, params, size, cfg, family)
+    work, step = _work_rows(cfg, config, model, family)
+    data = _data_rows(cfg, config, size, family, world_size)
+    rows = [*weights, *reward_rows(cfg, params), *data, *work, *_host_rows(model, weights, family)]
     return MemoryPlan(tuple(rows), step, gpu_bytes)

@@ -257,3 +257,42 @@ def test_the_memory_row_compares_the_plan_with_the_machine(monkeypatch):
     )
     # apex train on a CPU does not spend the plan's seconds: only a GPU run is stopped by it
     assert doctor.gpu_memory_rows(cfg) == []
+
+
+def test_a_gpu_preset_on_a_host_without_a_gpu_is_judged_on_its_loading_only(monkeypatch):
+    """No GPU verdict without a GPU (the device row fails already); the host RAM the weights load
+    through is still checked, and its fix names the RAM needed."""
+    from apexcli import doctor
+    from apexcli.config import resolve_config
+
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    cfg = resolve_config(preset="flux1-dev-1gpu")
+    monkeypatch.setattr(doctor, "_host_ram_bytes", lambda: 64 * 10**9)
+    (row,) = doctor.memory_rows(cfg)
+    assert row.status == doctor.OK and "no GPU here" in row.found and "training peak 51.8 GB" in row.found
+    monkeypatch.setattr(doctor, "_host_ram_bytes", lambda: 25 * 10**9)
+    (row,) = doctor.memory_rows(cfg)
+    assert row.status == doctor.WARN and row.fix.startswith("a host with at least 34 GB of RAM")
+
+
+def test_the_memory_fix_moves_deqa_off_the_gpu_first(monkeypatch):
+    """On a 56 GB GPU flux1-dev-1gpu fits only without DeQA beside it (51.8 GB training and 59.0 GB
+    encoding with it, 35.4 and 42.6 without): the fix is DeQA behind its server, not a smaller batch."""
+    from types import SimpleNamespace
+
+    import torch
+
+    from apexcli import doctor
+    from apexcli.config import resolve_config
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=56 * 10**9))
+    monkeypatch.setattr(doctor, "_host_ram_bytes", lambda: 256 * 10**9)
+    cfg = resolve_config(preset="flux1-dev-1gpu", options={"objectives": ["pick", "deqa", "aes", "ocr"]})
+    (row,) = doctor.memory_rows(cfg)
+    assert row.status == doctor.FAIL and row.fix.startswith("run DeQA behind its own server")
+    cfg = resolve_config(
+        preset="flux1-dev-1gpu", options={"objectives": ["pick", "deqa@http://127.0.0.1:18086", "aes", "ocr"]}
+    )
+    (row,) = doctor.memory_rows(cfg)
+    assert row.status == doctor.OK and "this GPU has 56.0 GB" in row.found

@@ -475,8 +475,10 @@ def _host_ram_bytes() -> int | None:
         return None
 
 
-def _memory_fix(cfg: Config) -> str:
-    """The first lever that lowers the training peak the most, as one override."""
+def _memory_fix(cfg: Config, plan, deqa_here: bool, capacity: int) -> str:
+    """The first lever that brings the plan under ``capacity``, as one override."""
+    if deqa_here and max(plan.peak(), plan.encoding_peak()) <= capacity:
+        return "run DeQA behind its own server: deqa@http://HOST:PORT in --objectives (docs/guide/rewards.md)"
     if not cfg.model.gradient_checkpointing:
         return "model.gradient_checkpointing=true"
     if cfg.train.train_batch_size > 1:
@@ -486,7 +488,9 @@ def _memory_fix(cfg: Config) -> str:
 
 def memory_rows(cfg: Config) -> list[Row]:
     """The memory plan (``apexcli.models.memory_plan``, computed on the meta device in seconds, for
-    SD3.5 and FLUX.1 alike) against the GPU ``model.device`` names, or against the host's RAM on a CPU."""
+    SD3.5 and FLUX.1 alike) against the GPU ``model.device`` names and the host RAM the weights
+    load through; training on a CPU, everything against the host RAM. A GPU preset checked on a
+    machine without a GPU gets the plan, the host check, and no GPU verdict."""
     from apexcli.models.sources import BUILT_IN
 
     if cfg.model.pretrained in BUILT_IN:
@@ -495,24 +499,54 @@ def memory_rows(cfg: Config) -> list[Row]:
 
     from apexcli.models.memory_plan import GB, plan_memory
 
-    on_gpu = cfg.model.device != "cpu" and torch.cuda.is_available()
+    wants_gpu = cfg.model.device != "cpu"
+    on_gpu = wants_gpu and torch.cuda.is_available()
     index = torch.device(cfg.model.device).index if cfg.model.device.startswith("cuda:") else None
-    capacity = torch.cuda.get_device_properties(index or 0).total_memory if on_gpu else _host_ram_bytes()
+    host = _host_ram_bytes()
+    capacity = torch.cuda.get_device_properties(index or 0).total_memory if on_gpu else host
     try:  # under accelerate launch each process samples its share of a step (WORLD_SIZE of them)
         plan = plan_memory(cfg, capacity, world_size=max(1, int(os.environ.get("WORLD_SIZE", "1") or 1)))
     except ApexError as exc:  # an architecture the plan cannot read (a folder without transformer/config.json)
         return [Row("memory", WARN, f"no plan: {exc}")]
     deqa_here = any(o.partition("@")[0].strip() == "deqa" and "@" not in o for o in cfg.objectives)
     need = max(plan.peak(deqa_here), plan.encoding_peak(deqa_here))
-    where = "this GPU" if on_gpu else "this host's RAM"
     found = (
         f"plan: training peak {plan.peak(deqa_here) / GB:.1f} GB, while encoding prompts "
         f"{plan.encoding_peak(deqa_here) / GB:.1f} GB; host RAM while loading {plan.host_peak() / GB:.1f} GB"
     )
+    if wants_gpu and not on_gpu:  # the device row already fails; judge only what this host does
+        found += "; no GPU here to hold it"
+        if host is not None and plan.host_peak() > host:
+            return [
+                Row(
+                    "memory",
+                    WARN,
+                    f"{found}; this host's RAM has {host / GB:.1f} GB",
+                    f"a host with at least {plan.host_peak() / GB:.0f} GB of RAM: the weights load through it",
+                )
+            ]
+        return [Row("memory", OK, found)]
     if capacity is None:
         return [Row("memory", OK, found)]
+    where = "this GPU" if on_gpu else "this host's RAM"
     if need > capacity:
-        return [Row("memory", FAIL, f"{found}; {where} has {capacity / GB:.1f} GB", _memory_fix(cfg))]
+        return [
+            Row(
+                "memory",
+                FAIL,
+                f"{found}; {where} has {capacity / GB:.1f} GB",
+                _memory_fix(cfg, plan, deqa_here, capacity),
+            )
+        ]
+    if on_gpu and host is not None and plan.host_peak() > host:
+        return [
+            Row(
+                "memory",
+                WARN,
+                f"{found}; this host's RAM has {host / GB:.1f} GB",
+                f"a host with at least {plan.host_peak() / GB:.0f} GB of RAM: the weights load through it",
+            )
+        ]
     return [Row("memory", OK, f"{found}; {where} has {capacity / GB:.1f} GB")]
 
 

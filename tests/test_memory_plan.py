@@ -220,13 +220,14 @@ def test_the_flux_plan_counts_its_own_encoders_and_lora(flux_plan):
     assert flux_plan.row("transformer").nbytes == 2 * 11_901_408_320
     # CLIP-L (the plain text model) + T5-XXL, no CLIP-G
     assert flux_plan.row("text_encoders").nbytes == 2 * (123_060_480 + 4_762_310_656)
-    # r x (in + out) per projection: 8 in each of 19 double-stream blocks, to_q/k/v in each of 38 single-stream ones
-    assert flux_plan.row("lora_weights").nbytes == 4 * 32 * (3072 + 3072) * (19 * 8 + 38 * 3)
+    # r x (in + out) per adapted layer, Flow-GRPO's FLUX list at r=64: 8 attention projections and 4
+    # feed-forward layers (3072 <-> 12288) in each of 19 double-stream blocks, to_q/k/v in each of 38 single-stream ones
+    assert flux_plan.row("lora_weights").nbytes == 4 * 64 * (19 * (8 * 6144 + 4 * 15360) + 38 * 3 * 6144)
     assert flux_plan.row("host_weights").nbytes == sum(
         flux_plan.row(k).nbytes for k in ("transformer", "vae", "text_encoders")
     )
-    # 16-channel unpacked latents, T5 tokens only
-    assert flux_plan.row("trajectories").nbytes == 32 * 11 * 16 * 64 * 64 * 4
+    # 16-channel unpacked latents of the 6-step recipe (7 a trajectory), T5 tokens only
+    assert flux_plan.row("trajectories").nbytes == 32 * 7 * 16 * 64 * 64 * 4
     assert flux_plan.row("step_embeds").nbytes == 32 * (128 * 4096 + 768) * 2
 
 
@@ -312,5 +313,5 @@ def test_the_trainer_plan_reads_a_flux_transformer():
     weights = mp.build_transformer(cut, torch.bfloat16)
     assert plan["transformer"] == 2 * sum(p.numel() for p in weights.parameters())
     assert "pos_embed" not in plan and plan["vae"] == 2 * 83_819_683
-    assert plan["lora_weights"] == 4 * 32 * (3072 + 3072) * (8 + 3)
+    assert plan["lora_weights"] == 4 * 64 * (8 * 6144 + 4 * 15360 + 3 * 6144)  # one block of each kind, r=64
     assert plan["total"] == sum(v for k, v in plan.items() if k != "total")

@@ -9,8 +9,10 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from apexcli.backbones import backbone_of, backbone_of_pipeline
+from apexcli.conditioning import PromptEmbeds
 from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import latent_channels, predict_velocity, rollout
@@ -188,3 +190,48 @@ def test_an_unsupported_pipeline_class_is_a_one_line_error(tmp_path):
     with pytest.raises(ApexError, match="StableDiffusionXLPipeline") as info:
         load_pipeline(ModelConfig(pretrained=str(tmp_path), dtype="float32", local_files_only=True))
     assert "\n" not in str(info.value) and "FluxPipeline" in str(info.value)
+
+
+def test_the_memory_plan_of_a_flux_transformer_is_a_plan_or_one_line():
+    """``plan_memory`` given FLUX.1-dev's transformer config (what the GPU check's trainer part
+    passes) plans it or refuses in one line; read as SD3, it failed deep inside a forward pass."""
+    from apexcli.config import resolve_config
+    from apexcli.models.architectures import FLUX1_DEV_TRANSFORMER
+    from apexcli.models.memory_plan import plan_memory
+
+    cfg = resolve_config(preset="flux1-dev-1gpu")
+    try:
+        plan = plan_memory(cfg, transformer=dict(FLUX1_DEV_TRANSFORMER))
+    except ApexError as exc:
+        assert "\n" not in str(exc) and "FLUX" in str(exc)
+    else:
+        assert plan.peak() > 11.9e9 * 2  # the bf16 transformer alone
+
+
+class _HostToDeviceCopies(TorchDispatchMode):
+    """Records every op that takes a CPU tensor and returns a tensor on another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        host = [a for a in args if isinstance(a, torch.Tensor) and a.device.type == "cpu"]
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if host and any(isinstance(o, torch.Tensor) and o.device.type != "cpu" for o in outs):
+            self.copies.append(f"{func} of {[tuple(t.shape) for t in host]}")
+        return out
+
+
+def test_a_velocity_call_copies_nothing_from_the_host():
+    """On a GPU each host-to-device copy is a sync; the rollout keeps its sigmas on the device for
+    that reason. With every input on the device (the meta device stands in), the FLUX velocity
+    call builds its position ids, text ids and guidance there too, as the SD3 call does."""
+    transformer = build_tiny_flux_pipeline(seed=0).transformer.to("meta")
+    cond = PromptEmbeds(torch.empty(2, 8, 32, device="meta"), torch.empty(2, 32, device="meta"))
+    x = torch.empty(2, 16, 8, 8, device="meta")
+    with _HostToDeviceCopies() as seen:
+        v = predict_velocity(transformer, x, torch.empty((), device="meta"), cond, guidance_scale=3.5)
+    assert v.shape == x.shape and v.device.type == "meta"
+    assert seen.copies == []

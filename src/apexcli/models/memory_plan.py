@@ -722,6 +722,10 @@ def plan_memory(cfg: Config, gpu_bytes: int | None = None, transformer: dict | N
     dtype = MODEL_DTYPES[cfg.model.dtype]
     size = torch.finfo(dtype).bits // 8
     config = dict(transformer) if transformer is not None else transformer_config_for(cfg)
+    if "num_single_layers" in config:  # read as SD3, a FLUX config fails deep in a forward pass
+        from apexcli.errors import ApexError
+
+        raise ApexError(f"no memory plan for a FLUX transformer yet (model.pretrained '{cfg.model.pretrained}')")
     lora = dict(rank=cfg.lora.rank, alpha=cfg.lora.alpha, dropout=0.0, target_modules=cfg.lora.target_modules, seed=0)
     model = sd3_transformer(config, dtype, "meta", lora)
     params = component_params()

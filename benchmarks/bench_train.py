@@ -4,10 +4,14 @@
     python benchmarks/bench_train.py --steps 10 --threads 2 sampling.num_steps=10
     python benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu --warmup 1 --steps 2   # a GPU
     python benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu --smoke --warmup 0 --steps 1  # its CPU rehearsal
+    python benchmarks/bench_train.py --arch flux1-dev --preset flux1-dev-1gpu --warmup 0 --steps 1  # a GPU, 12 B params
 
 ``--arch sd35m`` trains on SD3.5-Medium's real-shape fixture (``models.real_shape``: published
-widths, 24 blocks, random weights) and prints the iterations' peak memory beside the plan of
-``memory_plan.py`` for the same config (both in the JSON line: ``peak_gib``, ``memory_plan_gib``).
+widths, 24 blocks, random weights), ``--arch flux1-dev`` on FLUX.1-dev's (19 double- + 38
+single-stream blocks, 12 B parameters: 24 GB in bf16), and both print the iterations' peak memory
+beside the plan of ``memory_plan.py``'s ``trainer_plan`` for the same config (in the JSON line:
+``peak_gib``, ``memory_plan_gib``; where the plan does not cover the architecture, its one-line
+reason in ``memory_plan_error``).
 
 Runs the real ``Trainer`` (setup, then ``train_step`` as ``train()`` does, without checkpoints)
 and times, per iteration:
@@ -65,7 +69,8 @@ from apexcli.quiet import quiet_libraries
 from apexcli.train.trainer import Trainer
 
 # --smoke: a CPU in float32 at 64 px (16 image tokens), T5 length 16, 20 prompts to embed, 2 prompts x
-# 2 samples, 3 steps of which 2 trained; with --arch sd35m one real-width transformer block
+# 2 samples, 3 steps of which 2 trained; with --arch sd35m one real-width transformer block, with
+# --arch flux1-dev one double- and two single-stream blocks
 SMOKE_OVERRIDES = [
     "model.device=cpu",
     "model.dtype=float32",
@@ -248,24 +253,57 @@ def step_gradient_shares(trainer: Trainer) -> dict[int, float]:
     return {t: (v / total if total > 0 else 0.0) for t, v in norms.items()}
 
 
-def real_shape_pipeline(cfg, dtype: torch.dtype, layers: int):
-    """SD3.5-Medium's real-shape fixture (``models.real_shape``: published widths, tokenizer
-    lengths and special ids, random weights) with ``layers`` transformer blocks (24 = the release)
-    and one layer per text encoder, built on the GPU when the config trains on one. The encoders
-    only condition the model: the trainer embeds the prompts once and frees them, so their depth
-    does not enter an iteration. No download."""
-    from apexcli.models.real_shape import build_real_shape_sd3
+ARCHS = {"sd35m": "the SD3.5-M", "flux1-dev": "the FLUX.1-dev"}
+"""The real-shape fixtures ``--arch`` trains on."""
+
+DEFAULT_LAYERS = {"sd35m": 24, "flux1-dev": 19}
+"""The releases' depths: SD3.5-M's blocks, FLUX.1-dev's double-stream blocks (and twice as many
+single-stream ones)."""
+
+
+def transformer_config(arch: str, layers: int) -> dict:
+    """The fixture's transformer config: ``layers`` SD3.5-M blocks, or FLUX.1-dev's ``layers``
+    double- and ``2 * layers`` single-stream blocks (the release's ratio, 19 and 38)."""
+    from apexcli.models.real_shape import real_shape_flux_config, real_shape_transformer_config
+
+    if arch == "flux1-dev":
+        return real_shape_flux_config(layers, 2 * layers)
+    return real_shape_transformer_config(arch, layers)
+
+
+def real_shape_pipeline(cfg, dtype: torch.dtype, arch: str, layers: int):
+    """The real-shape fixture of ``arch`` (``models.real_shape``: published widths, tokenizer
+    lengths and special ids, random weights) at the depth of ``transformer_config`` and one layer
+    per text encoder, built on the GPU when the config trains on one. The encoders only condition
+    the model: the trainer embeds the prompts once and frees them, so their depth does not enter
+    an iteration. No download."""
+    from apexcli.models.real_shape import build_real_shape_flux, build_real_shape_sd3
 
     device = "cuda" if torch.cuda.is_available() and cfg.model.device != "cpu" else "cpu"
-    return build_real_shape_sd3("sd35m", num_layers=layers, text_layers=1, seed=cfg.seed, dtype=dtype, device=device)
+    if arch == "flux1-dev":
+        config = transformer_config(arch, layers)
+        return build_real_shape_flux(
+            num_layers=config["num_layers"],
+            num_single_layers=config["num_single_layers"],
+            text_layers=1,
+            seed=cfg.seed,
+            dtype=dtype,
+            device=device,
+        )
+    return build_real_shape_sd3(arch, num_layers=layers, text_layers=1, seed=cfg.seed, dtype=dtype, device=device)
 
 
-def memory_plan_gib(cfg, layers: int) -> dict[str, float]:
-    """``memory_plan.trainer_plan`` (GiB) for this config on the transformer that was trained."""
-    from apexcli.models.real_shape import real_shape_transformer_config
+def memory_plan_gib(cfg, arch: str, layers: int) -> tuple[dict[str, float] | None, str | None]:
+    """``memory_plan.trainer_plan`` (GiB) for this config on the transformer that was trained, or
+    None and the plan's one-line reason where it does not cover the architecture."""
+    from apexcli.errors import ApexError
     from memory_plan import trainer_plan
 
-    return {k: v / 2**30 for k, v in trainer_plan(cfg, real_shape_transformer_config("sd35m", layers)).items()}
+    try:
+        plan = trainer_plan(cfg, transformer_config(arch, layers))
+    except ApexError as exc:
+        return None, str(exc)
+    return {k: v / 2**30 for k, v in plan.items()}, None
 
 
 def time_text_encoding(cfg, prompts: list[str], repeats: int) -> dict[str, float]:
@@ -308,16 +346,17 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = torch's default)")
     parser.add_argument(
         "--arch",
-        choices=["preset", "sd35m"],
+        choices=["preset", *ARCHS],
         default="preset",
-        help="sd35m: the preset's config on SD3.5-Medium's real-shape fixture, random weights "
-        "(no download; for GPUs, e.g. --preset sd35m-1gpu)",
+        help="sd35m / flux1-dev: the preset's config on SD3.5-Medium's / FLUX.1-dev's real-shape fixture, "
+        "random weights (no download; for GPUs, e.g. --preset sd35m-1gpu / flux1-dev-1gpu)",
     )
     parser.add_argument(
         "--layers",
         type=int,
         default=None,
-        help="transformer blocks with --arch sd35m (default 24, the release; 1 with --smoke)",
+        help="transformer blocks with --arch sd35m (default 24, the release), double-stream blocks with --arch "
+        "flux1-dev (default 19, the release; single-stream: twice as many); 1 with --smoke",
     )
     parser.add_argument(
         "--smoke",
@@ -325,7 +364,12 @@ def main() -> None:
         help="CPU, float32, 64 px, 2 x 2 samples, 3 steps: the same code paths in seconds",
     )
     args = parser.parse_args()
-    layers = args.layers or (1 if args.smoke else 24)
+    layers = args.layers or (1 if args.smoke else DEFAULT_LAYERS.get(args.arch, 0))
+    fixture = args.arch in ARCHS
+    blocks = None  # the fixture's depth: num_layers (and FLUX's num_single_layers)
+    if fixture:
+        config = transformer_config(args.arch, layers)
+        blocks = {k: config[k] for k in ("num_layers", "num_single_layers") if k in config}
     quiet_libraries()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -341,12 +385,15 @@ def main() -> None:
                 *args.overrides,
             ],
         )
-        if args.arch == "sd35m":
+        if fixture:
             import apexcli.train.setup as setup_module
             from apexcli.models.loading import DTYPES
 
-            setup_module.load_pipeline = lambda model_cfg: real_shape_pipeline(cfg, DTYPES[model_cfg.dtype], layers)
-            setup_module.preflight = lambda cfg: None  # its model row looks for SD3.5-M's weights; built in code here
+            setup_module.load_pipeline = lambda model_cfg: real_shape_pipeline(
+                cfg, DTYPES[model_cfg.dtype], args.arch, layers
+            )
+            # apex doctor's model row looks for the released weights: built in code here
+            setup_module.preflight = lambda cfg: None
         trainer = Trainer(cfg, argv=["bench_train"])
         try:
             trainer.setup()
@@ -371,7 +418,7 @@ def main() -> None:
     # the random architecture's one-layer encoders would say nothing about T5-XXL's cost
     text = time_text_encoding(cfg, trainer.prompts, repeats=max(args.steps, 3)) if args.arch == "preset" else None
     peak = torch.cuda.max_memory_allocated(trainer.device) / 2**30 if trainer.device.type == "cuda" else None
-    plan = memory_plan_gib(cfg, layers) if args.arch == "sd35m" else None
+    plan, plan_error = memory_plan_gib(cfg, args.arch, layers) if fixture else (None, None)
 
     def mean(values) -> float:
         return statistics.fmean(values) if values else 0.0
@@ -395,7 +442,12 @@ def main() -> None:
     outside = 1.0 - model / step if step > 0 else float("nan")
 
     t, s = cfg.train, cfg.sampling
-    arch = f" on the SD3.5-M real-shape fixture ({layers} blocks, random weights)" if args.arch == "sd35m" else ""
+    arch = ""
+    if blocks is not None:
+        depth = f"{layers} blocks"
+        if "num_single_layers" in blocks:
+            depth = f"{blocks['num_layers']} double- + {blocks['num_single_layers']} single-stream blocks"
+        arch = f" on {ARCHS[args.arch]} real-shape fixture ({depth}, random weights)"
     print(
         f"preset {args.preset}{arch}: {t.prompts_per_step} prompts x {t.group_size} samples, {s.num_steps} steps, "
         f"{cfg.model.resolution} px, device {trainer.device}, {torch.get_num_threads()} threads; "
@@ -427,8 +479,12 @@ def main() -> None:
             f"({text['uncached_s'] / step:.1%} of an iteration) vs {text['cached_s']:.6f} s from the cache "
             f"({text['uncached_s'] / max(text['cached_s'], 1e-9):.0f}x); the trainer encodes once at setup"
         )
+    measured = f"{peak:.2f} GiB" if peak is not None else f"not measured on {trainer.device.type}"
+    if plan_error is not None:
+        print(
+            f"peak memory of the iterations (torch.cuda.max_memory_allocated): {measured}; memory_plan.py: {plan_error}"
+        )
     if plan is not None:
-        measured = f"{peak:.2f} GiB" if peak is not None else f"not measured on {trainer.device.type}"
         print(
             f"peak memory of the iterations (torch.cuda.max_memory_allocated): {measured}; "
             f"memory_plan.py plans {plan['total']:.2f} GiB (transformer {plan['transformer']:.2f}, "
@@ -440,10 +496,12 @@ def main() -> None:
             {
                 "preset": args.preset,
                 "arch": args.arch,
-                "layers": layers if args.arch == "sd35m" else None,
+                "layers": layers if fixture else None,
+                "transformer_blocks": blocks,
                 "device": str(trainer.device),
                 "peak_gib": peak,
                 "memory_plan_gib": plan,
+                "memory_plan_error": plan_error,
                 "threads": torch.get_num_threads(),
                 "iterations": len(per_step),
                 "step_s": step,

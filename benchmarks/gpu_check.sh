@@ -4,19 +4,22 @@
 # reward throughput, speed levers, host syncs), then benchmarks/bench_train.py on the real
 # Trainer with SD3.5-M's real-shape fixture at full depth (24 blocks, published widths, random
 # weights, bf16): the share of an iteration outside model compute and its peak memory beside
-# memory_plan.py's plan; then the torch.compile lever. Needs no internet.
+# memory_plan.py's plan; then the same for flux1-dev-1gpu on FLUX.1-dev's real-shape fixture at
+# full depth (19 double- + 38 single-stream blocks, 12 B parameters, 24 GB in bf16; one prompt's
+# group, one iteration); then the torch.compile lever. Needs no internet.
 #
 # Time budget (one H100, under 10 minutes): every step has its own timeout and the timeouts add
-# up to 555 s: wheels 25, environment 15, tests 120, bench 180, trainer 115, compile 100. Each
-# part prints its elapsed seconds; the summary has them all.
+# up to 580 s: wheels 25, environment 15, tests 90, bench 150, trainer 100, flux 110, compile 90.
+# Each part prints its elapsed seconds; the summary has them all.
 #
 #   bash benchmarks/gpu_check.sh [--cpu] [--out DIR]
 #
 # --cpu: the same script on a CPU at toy sizes, so it cannot rot: the CUDA tests are collected
 # and skip (reported as skipped, never as passed), bench_gpu.py --smoke, bench_train.py --smoke
-# (the real-shape fixture at depth 1, 64 px), the compile lever on the smoke models. CUDA is
-# hidden from it; carried wheels are used only when APEX_WHEELS names them. `make test-all` runs
-# it (tests/test_gpu_check.py).
+# on both real-shape fixtures (depth 1: one SD3.5-M block; one FLUX.1-dev double- and two
+# single-stream blocks; 64 px, float32), the compile lever on the smoke models. CUDA is hidden
+# from it; carried wheels are used only when APEX_WHEELS names them. `make test-all` runs it
+# (tests/test_gpu_check.py).
 #
 # Prepare HERE once (a machine with PyPI; ~26 MB of wheels the GPU image lacks or has in the
 # wrong version: diffusers, transformers 4.57, tokenizers, huggingface_hub, peft, rapidfuzz,
@@ -29,9 +32,10 @@
 #   run(command="bash benchmarks/gpu_check.sh", carry=[".whl"], timeout_s=590)
 #
 # Logs and JSON land in --out DIR, else $OUT (returned by the tool; at most 8 files), else
-# logs/gpu_check/: env.txt, pytest_cuda.log, bench_gpu.{log,json}, bench_train.log (its last line
-# is its JSON), bench_compile.{log,json}, summary.json (every part's rc and seconds, the CUDA
-# tests' counts, bench_train's JSON). The last lines printed are the summary.
+# logs/gpu_check/: env.txt, pytest_cuda.log, bench_gpu.{log,json}, bench_train.log (both trainer
+# parts, one after the other; each ends in its JSON line), bench_compile.{log,json}, summary.json
+# (every part's rc and seconds, the CUDA tests' counts, bench_train's two JSON lines). The last
+# lines printed are the summary.
 set -uo pipefail
 MODE=gpu
 DEST=${OUT:-}
@@ -54,16 +58,17 @@ trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 T0=$(date +%s)
-T_WHEELS=25 T_ENV=15 T_TESTS=120 T_BENCH=180 T_TRAIN=115 T_COMPILE=100
-echo "gpu_check ($MODE): step timeouts add up to $((T_WHEELS + T_ENV + T_TESTS + T_BENCH + T_TRAIN + T_COMPILE)) s; output in $DEST"
+T_WHEELS=25 T_ENV=15 T_TESTS=90 T_BENCH=150 T_TRAIN=100 T_FLUX=110 T_COMPILE=90
+BUDGET_BENCH=125  # bench_gpu.py skips its remaining parts past this, inside its timeout
+echo "gpu_check ($MODE): step timeouts add up to $((T_WHEELS + T_ENV + T_TESTS + T_BENCH + T_TRAIN + T_FLUX + T_COMPILE)) s; output in $DEST"
 
 if [ "$MODE" = cpu ]; then
   export CUDA_VISIBLE_DEVICES=""  # the rehearsal runs on the CPU even where a GPU is present
   WHEELS=${APEX_WHEELS:-none}
-  BENCH=(--smoke) TRAIN=(--smoke --warmup 0 --steps 1)
+  BENCH=(--smoke) TRAIN=(--smoke --warmup 0 --steps 1) FLUX=(--smoke --warmup 0 --steps 1)
 else
   WHEELS=${APEX_WHEELS:-.whl}  # APEX_WHEELS=none: use what is installed
-  BENCH=() TRAIN=(--warmup 1 --steps 2 train.prompts_per_step=2)
+  BENCH=() TRAIN=(--warmup 1 --steps 2 train.prompts_per_step=2) FLUX=(--warmup 0 --steps 1 train.prompts_per_step=1)
 fi
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then  # into a folder of this run, never into the environment
   timeout "$T_WHEELS" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -78,13 +83,16 @@ export PYTHONPATH=$PWD/src:$PWD/tests${PYTHONPATH:+:$PYTHONPATH}
 } 2>&1 | tee "$DEST/env.txt"
 
 PARTS=()
-declare -A RC SECS LIMIT
-# part NAME LIMIT LOG CMD...: CMD under its timeout, output to the screen and DEST/LOG
+declare -A RC SECS LIMIT WRITTEN
+# part NAME LIMIT LOG CMD...: CMD under its timeout, output to the screen and DEST/LOG (appended
+# to when an earlier part wrote LOG: the tool brings back at most 8 files)
 part() {
-  local name=$1 limit=$2 log=$3 start
+  local name=$1 limit=$2 log=$3 start append=()
   shift 3
+  [ -n "${WRITTEN[$log]:-}" ] && append=(-a)
+  WRITTEN[$log]=1
   start=$(date +%s)
-  timeout "$limit" "$@" 2>&1 | tee "$DEST/$log"
+  timeout "$limit" "$@" 2>&1 | tee "${append[@]}" "$DEST/$log"
   RC[$name]=${PIPESTATUS[0]}
   SECS[$name]=$(($(date +%s) - start))
   LIMIT[$name]=$limit
@@ -92,18 +100,21 @@ part() {
   echo "-- $name: rc=${RC[$name]} in ${SECS[$name]} s (limit $limit s)"
 }
 
-echo "== 1/4 pytest -m cuda tests/test_cuda.py"
+echo "== 1/5 pytest -m cuda tests/test_cuda.py"
 part tests "$T_TESTS" pytest_cuda.log "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider \
   --junitxml="$WORK/pytest_cuda.xml"
 
-echo "== 2/4 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} (flops, rollout, train, rewards, levers)"
-part bench "$T_BENCH" bench_gpu.log "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" --budget-s 150 \
+echo "== 2/5 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} (flops, rollout, train, rewards, levers)"
+part bench "$T_BENCH" bench_gpu.log "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" --budget-s "$BUDGET_BENCH" \
   --json-out "$DEST/bench_gpu.json"
 
-echo "== 3/4 bench_train.py --arch sd35m ${TRAIN[*]} (the real Trainer on the real-shape fixture; toy rewards, so reward models are out of the count)"
+echo "== 3/5 bench_train.py --arch sd35m ${TRAIN[*]} (the real Trainer on the real-shape fixture; toy rewards, so reward models are out of the count)"
 part trainer "$T_TRAIN" bench_train.log "$PY" benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu "${TRAIN[@]}"
 
-echo "== 4/4 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} --parts compile"
+echo "== 4/5 bench_train.py --arch flux1-dev ${FLUX[*]} (the same on FLUX.1-dev's real-shape fixture)"
+part flux "$T_FLUX" bench_train.log "$PY" benchmarks/bench_train.py --arch flux1-dev --preset flux1-dev-1gpu "${FLUX[@]}"
+
+echo "== 5/5 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} --parts compile"
 part compile "$T_COMPILE" bench_compile.log "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" --parts compile \
   --json-out "$DEST/bench_compile.json"
 
@@ -125,18 +136,21 @@ if junit.is_file():
     n, skipped = int(suite.get("tests", 0)), int(suite.get("skipped", 0))
     failed = int(suite.get("failures", 0)) + int(suite.get("errors", 0))
     tests = {"collected": n, "passed": n - skipped - failed, "skipped": skipped, "failed": failed}
-trainer = None
+trainers = {}  # bench_train's JSON line of each fixture; a part stopped before its line has none
 log = dest / "bench_train.log"
 if log.is_file():
-    last = log.read_text(encoding="utf-8", errors="replace").strip().splitlines()[-1:]
-    try:
-        trainer = json.loads(last[0]) if last else None
-    except json.JSONDecodeError:
-        trainer = None  # stopped before its JSON line
+    for text in log.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            row = json.loads(text) if text.startswith("{") else None
+        except json.JSONDecodeError:
+            row = None
+        if isinstance(row, dict) and "arch" in row:
+            trainers[row["arch"]] = row
 rcs = " ".join(f"{name} rc={p['rc']} ({p['seconds']} s)" for name, p in parts.items())
 line = (f"gpu_check ({mode}): {rcs}; cuda tests: {tests['collected']} collected, {tests['passed']} passed, "
         f"{tests['skipped']} skipped, {tests['failed']} failed (rc 124 = timed out) in {total} s")
-summary = {"mode": mode, "line": line, "total_s": total, "parts": parts, "cuda_tests": tests, "trainer": trainer}
+summary = {"mode": mode, "line": line, "total_s": total, "parts": parts, "cuda_tests": tests,
+           "trainer": trainers.get("sd35m"), "flux_trainer": trainers.get("flux1-dev")}
 (dest / "summary.json").write_text(json.dumps(summary) + "\n", encoding="utf-8")
 print(line)
 EOF

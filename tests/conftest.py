@@ -26,3 +26,20 @@ def rapidocr():
     reward = OcrReward(OcrConfig(backend="rapidocr", workers=2))
     yield reward
     reward.close()
+
+
+@pytest.fixture(scope="session")
+def towers(tmp_path_factory) -> list[str]:
+    """Reward overrides pointing pick and aes at real-width towers (PickScore's CLIP-H, the
+    aesthetic CLIP-L + LAION MLP; one layer deep) saved in a temp dir: the real-shape runs' rewards."""
+    from apexcli.models.real_shape import save_real_shape_aesthetic, save_real_shape_pickscore
+
+    root = tmp_path_factory.mktemp("towers")
+    pick = save_real_shape_pickscore(root / "pick")
+    clip, head = save_real_shape_aesthetic(root / "aes")
+    return [
+        f"rewards.pick.source={pick}",
+        f"rewards.pick.processor_source={pick}",
+        f"rewards.aes.clip_source={clip}",
+        f"rewards.aes.head_source={head}",
+    ]

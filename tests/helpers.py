@@ -56,6 +56,58 @@ APEX_BIN = Path(sys.executable).parent / "apex"
 """The console script of the venv running the tests (subprocess checks of stderr/exit codes)."""
 
 
+# A preset on a real-shape fixture (``apexcli.models.real_shape``) on a CPU: the preset as shipped
+# but for the sizes, 128 px, 4 rollout steps, one prompt of 4 samples per update, micro-batches of
+# 2 (so each update still makes its two optimizer steps), a short eval, a checkpoint every step.
+REAL_SHAPE_CPU_SIZES = [
+    "model.device=cpu",
+    "model.resolution=128",
+    "sampling.num_steps=4",
+    "train.steps=2",
+    "train.prompts_per_step=1",
+    "train.group_size=4",
+    "train.rollout_batch_size=2",
+    "train.train_batch_size=2",
+    "train.checkpoint_every=1",
+    "eval.every=2",
+    "eval.num_steps=3",
+    "eval.num_prompts=2",
+    "eval.batch_size=2",
+    "logging.progress=false",
+]
+
+REAL_SHAPE_OBJECTIVES = "pick,aes,ocr"
+"""What the real-shape runs train: the reward towers at their real widths and the real OCR."""
+
+
+def real_shape_argv(preset: str, model: Path, out: Path, towers: list[str], *extra: str) -> list[str]:
+    """``apex train`` arguments of ``preset`` on the real-shape pipeline saved in ``model``, with the
+    CPU sizes, the towers' overrides (the ``towers`` fixture) and ``extra`` last (they win)."""
+    return [
+        "train",
+        "--preset",
+        preset,
+        "--model",
+        str(model),
+        "--out",
+        str(out),
+        "--objectives",
+        REAL_SHAPE_OBJECTIVES,
+        *REAL_SHAPE_CPU_SIZES,
+        *towers,
+        *extra,
+    ]
+
+
+def train_real_shape(preset: str, model: Path, out: Path, towers: list[str], *extra: str) -> str:
+    """``real_shape_argv`` run by the installed ``apex`` in a fresh process; fails the test on a
+    non-zero exit, else returns its stderr."""
+    argv = real_shape_argv(preset, model, out, towers, *extra)
+    result = run_apex_subprocess(argv)
+    assert result.returncode == 0, f"apex {' '.join(argv)} failed:\n{result.stderr[-4000:]}"
+    return result.stderr
+
+
 def tiny_overrides(**extra) -> list[str]:
     """``TINY_OVERRIDES`` plus ``key=value`` pairs (``tiny_overrides(**{"train.lr": 1e-3})``)."""
     return TINY_OVERRIDES + [f"{k}={v}" for k, v in extra.items()]

@@ -6,8 +6,9 @@ Run by ``benchmarks/gpu_check.sh`` on a GPU machine:
 2. the SD3.5-Medium MMDiT architecture (public config, random weights) at 512 px, batch 1:
    forward + backward with the LoRA of ``attach_lora`` (r=32 on the joint-attention
    projections), with gradient checkpointing off and on: same gradients, less memory;
-3. a rollout on CUDA makes no host-device synchronization at all: its host-to-device copies
-   go through pinned memory asynchronously, and nothing reads a GPU value on the host.
+3. a rollout on CUDA makes no host-device synchronization at all, on SD3 and on FLUX: its
+   host-to-device copies go through pinned memory asynchronously, and nothing reads a GPU value
+   on the host.
 """
 
 from __future__ import annotations
@@ -105,14 +106,17 @@ def test_sd35m_architecture_forward_backward_with_lora_and_checkpointing():
     assert peak_ckpt < 0.7 * peak_plain, (peak_ckpt, peak_plain)
 
 
-def test_rollout_does_not_synchronize():
+@pytest.mark.parametrize("family", ["sd3", "flux"])
+def test_rollout_does_not_synchronize(family):
     """Each host-device sync stalls the CPU until the GPU drains. A training rollout (prompt
-    embeddings and group-shared noise coming from the CPU, as in the trainer) makes none."""
-    from apexcli.flow.rollout import PromptEmbeds, initial_noise, rollout
+    embeddings and group-shared noise coming from the CPU, as in the trainer) makes none, on
+    either family."""
+    from apexcli.flow.rollout import PromptEmbeds, initial_noise, latent_channels, rollout
     from apexcli.models.tiny import build_tiny_pipeline
+    from apexcli.models.tiny_flux import build_tiny_flux_pipeline
     from bench_gpu import count_syncs
 
-    pipe = build_tiny_pipeline()
+    pipe = build_tiny_flux_pipeline() if family == "flux" else build_tiny_pipeline()
     transformer = pipe.transformer.to("cuda")
     gen = torch.Generator("cuda").manual_seed(0)
     cond_on_cpu = PromptEmbeds(
@@ -123,7 +127,7 @@ def test_rollout_does_not_synchronize():
     def run():
         noise = initial_noise(
             2,
-            (transformer.config.in_channels, 16, 16),
+            (latent_channels(transformer), 16, 16),
             group_ids=[0, 0],
             share_within_group=True,
             seed=1,

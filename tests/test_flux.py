@@ -11,8 +11,10 @@ import pytest
 import torch
 from diffusers import FluxPipeline
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from apexcli.backbones import backbone_of, backbone_of_pipeline
+from apexcli.conditioning import PromptEmbeds
 from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import latent_channels, predict_velocity, rollout
@@ -367,3 +369,43 @@ def test_eval_soup_and_pareto_on_tiny_flux_runs(runs, true_cfg_run, tmp_path):
         (point,) = listed[run.resolve()]["points"]
         assert point["step"] == 3
         assert point["values"] == {k.split("/")[1]: row[k] for k in means}
+
+
+def test_the_memory_plan_reads_a_flux_transformer_config():
+    """``plan_memory`` given FLUX.1-dev's transformer config (what the GPU check's trainer part
+    passes) plans it as FLUX; read as SD3, it failed deep inside a forward pass."""
+    from apexcli.config import resolve_config
+    from apexcli.models.architectures import FLUX1_DEV_TRANSFORMER
+    from apexcli.models.memory_plan import plan_memory
+
+    plan = plan_memory(resolve_config(preset="flux1-dev-1gpu"), transformer=dict(FLUX1_DEV_TRANSFORMER))
+    assert plan.row("transformer").nbytes == 2 * 11_901_408_320 and plan.step.shape.family == "flux"
+
+
+class _HostToDeviceCopies(TorchDispatchMode):
+    """Records every op that takes a CPU tensor and returns a tensor on another device."""
+
+    def __init__(self):
+        super().__init__()
+        self.copies: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        host = [a for a in args if isinstance(a, torch.Tensor) and a.device.type == "cpu"]
+        outs = out if isinstance(out, (tuple, list)) else [out]
+        if host and any(isinstance(o, torch.Tensor) and o.device.type != "cpu" for o in outs):
+            self.copies.append(f"{func} of {[tuple(t.shape) for t in host]}")
+        return out
+
+
+def test_a_velocity_call_copies_nothing_from_the_host():
+    """On a GPU each host-to-device copy is a sync; the rollout keeps its sigmas on the device for
+    that reason. With every input on the device (the meta device stands in), the FLUX velocity
+    call builds its position ids, text ids and guidance there too, as the SD3 call does."""
+    transformer = build_tiny_flux_pipeline(seed=0).transformer.to("meta")
+    cond = PromptEmbeds(torch.empty(2, 8, 32, device="meta"), torch.empty(2, 32, device="meta"))
+    x = torch.empty(2, 16, 8, 8, device="meta")
+    with _HostToDeviceCopies() as seen:
+        v = predict_velocity(transformer, x, torch.empty((), device="meta"), cond, guidance_scale=3.5)
+    assert v.shape == x.shape and v.device.type == "meta"
+    assert seen.copies == []

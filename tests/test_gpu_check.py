@@ -1,5 +1,5 @@
 """``benchmarks/gpu_check.sh --cpu``: the GPU check rehearsed on a CPU at toy sizes, so the one
-script a GPU machine runs cannot rot between GPU runs (about a minute on two cores)."""
+script a GPU machine runs cannot rot between GPU runs (about two minutes on two cores)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from helpers import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-PARTS = {"tests", "bench", "trainer", "compile"}
+PARTS = {"tests", "bench", "trainer", "flux", "compile"}
 BENCH_KEYS = {
     "bench",
     "smoke",
@@ -83,6 +83,14 @@ def test_cpu_rehearsal_runs_every_part(tmp_path):
         trainer["peak_gib"] is None
         and trainer["memory_plan_gib"]["total"] > trainer["memory_plan_gib"]["transformer"] > 0
     )
+    # the same on FLUX.1-dev's fixture, both block kinds present; its plan, or the plan's reason
+    flux = summary["flux_trainer"]
+    assert flux["arch"] == "flux1-dev" and flux["preset"] == "flux1-dev-1gpu" and flux["device"] == "cpu"
+    assert flux["transformer_blocks"] == {"num_layers": 1, "num_single_layers": 2}
+    assert flux["peak_gib"] is None and flux["step_s"] > 0 and flux["phases_s"]["train"] > 0
+    plan = flux["memory_plan_gib"]
+    assert (plan is None) != (flux["memory_plan_error"] is None)
+    assert plan is None or plan["total"] > plan["transformer"] > 0
     assert len(list(out.iterdir())) <= 8  # what the GPU machine's tool brings back
 
 

@@ -7,7 +7,8 @@ path of the released weights. The presets run as shipped except for what a CPU n
 4 rollout steps, one prompt of 4 samples per update, micro-batches of 2 (so each update still
 makes its two optimizer steps), a short eval. The objectives are ``pick,aes,ocr`` with reward
 towers at their real widths (PickScore's CLIP-H, the aesthetic CLIP-L + LAION MLP) and the real
-OCR; DeQA runs as its own server and has its own tests.
+OCR (the sizes, the towers and the run helper are shared with the FLUX.1-dev runs: ``helpers``
+and ``conftest``); DeQA runs as its own server and has its own tests.
 
 Minutes on two cores: marked slow (``make test-all``).
 """
@@ -22,42 +23,9 @@ import torch
 from safetensors.torch import load_file
 
 from apexcli.models import architectures as arch
-from helpers import read_metrics, run_apex_subprocess
+from helpers import read_metrics, run_apex_subprocess, train_real_shape
 
 pytestmark = pytest.mark.slow
-
-CPU_SIZES = [
-    "model.device=cpu",
-    "model.resolution=128",
-    "sampling.num_steps=4",
-    "train.steps=2",
-    "train.prompts_per_step=1",
-    "train.group_size=4",
-    "train.rollout_batch_size=2",
-    "train.train_batch_size=2",
-    "train.checkpoint_every=1",
-    "eval.every=2",
-    "eval.num_steps=3",
-    "eval.num_prompts=2",
-    "eval.batch_size=2",
-    "logging.progress=false",
-]
-
-
-@pytest.fixture(scope="module")
-def towers(tmp_path_factory) -> list[str]:
-    """Reward overrides pointing pick and aes at real-width towers saved in a temp dir."""
-    from apexcli.models.real_shape import save_real_shape_aesthetic, save_real_shape_pickscore
-
-    root = tmp_path_factory.mktemp("towers")
-    pick = save_real_shape_pickscore(root / "pick")
-    clip, head = save_real_shape_aesthetic(root / "aes")
-    return [
-        f"rewards.pick.source={pick}",
-        f"rewards.pick.processor_source={pick}",
-        f"rewards.aes.clip_source={clip}",
-        f"rewards.aes.head_source={head}",
-    ]
 
 
 @pytest.fixture(scope="module")
@@ -72,26 +40,6 @@ def sd35l(tmp_path_factory) -> Path:
     from apexcli.models.real_shape import save_real_shape_sd3
 
     return save_real_shape_sd3(tmp_path_factory.mktemp("sd35l") / "pipe", "sd35l")
-
-
-def _train(preset: str, model: Path, out: Path, towers: list[str], *extra: str) -> str:
-    argv = [
-        "train",
-        "--preset",
-        preset,
-        "--model",
-        str(model),
-        "--out",
-        str(out),
-        "--objectives",
-        "pick,aes,ocr",
-        *CPU_SIZES,
-        *towers,
-        *extra,
-    ]
-    result = run_apex_subprocess(argv)
-    assert result.returncode == 0, f"apex {' '.join(argv)} failed:\n{result.stderr[-4000:]}"
-    return result.stderr
 
 
 def test_the_fixture_loads_with_the_published_shapes(sd35m):
@@ -117,7 +65,7 @@ def test_the_fixture_loads_with_the_published_shapes(sd35m):
 
 def test_sd35m_1gpu_runs_end_to_end_and_resumes(sd35m, towers, tmp_path):
     out, cache = tmp_path / "run", tmp_path / "text_cache"
-    err = _train("sd35m-1gpu", sd35m, out, towers, f"model.text_cache_dir={cache}")
+    err = train_real_shape("sd35m-1gpu", sd35m, out, towers, f"model.text_cache_dir={cache}")
     assert "apex: one process; 4 samples per update" in err
     rows = read_metrics(out)
     assert [r["optimizer_steps"] for r in rows] == [2, 2]  # the recipe's two steps per epoch
@@ -132,7 +80,9 @@ def test_sd35m_1gpu_runs_end_to_end_and_resumes(sd35m, towers, tmp_path):
     assert any(k.endswith("lora_B.weight") and v.abs().max() > 0 for k, v in lora.items())
     assert (out / "checkpoints" / "step-000002" / "ema").is_dir()
 
-    err = _train("sd35m-1gpu", sd35m, out, towers, f"model.text_cache_dir={cache}", "train.steps=3", "--resume", "auto")
+    err = train_real_shape(
+        "sd35m-1gpu", sd35m, out, towers, f"model.text_cache_dir={cache}", "train.steps=3", "--resume", "auto"
+    )
     assert "resumed from" in err and "step 2" in err
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
 
@@ -141,7 +91,7 @@ def test_a_stock_pipeline_loads_the_lora_trained_on_the_real_shapes(sd35m, tower
     from diffusers import StableDiffusion3Pipeline
 
     out = tmp_path / "run"
-    _train("sd35m-1gpu", sd35m, out, towers, "train.steps=1", "eval.every=0", "train.lr=1e-2")
+    train_real_shape("sd35m-1gpu", sd35m, out, towers, "train.steps=1", "eval.every=0", "train.lr=1e-2")
     ckpt = out / "checkpoints" / "step-000001"
     pipe = StableDiffusion3Pipeline.from_pretrained(str(sd35m), torch_dtype=torch.bfloat16)
     x = torch.randn(1, 16, 16, 16, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
@@ -185,7 +135,7 @@ def test_a_stock_pipeline_loads_the_lora_trained_on_the_real_shapes(sd35m, tower
 def test_many_gpu_presets_run_end_to_end(preset, request, towers, tmp_path):
     model = request.getfixturevalue("sd35l" if preset == "sd35l" else "sd35m")
     out = tmp_path / "run"
-    _train(preset, model, out, towers)
+    train_real_shape(preset, model, out, towers)
     rows = read_metrics(out)
     assert [r["optimizer_steps"] for r in rows] == [2, 2] and all(r["ratio_first"] == 1.0 for r in rows)
     assert rows[-1]["grad_norm"] > 0

@@ -62,11 +62,12 @@ def unpack(tokens: torch.Tensor, h: int, w: int) -> torch.Tensor:
 
 
 def image_ids(h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """``[(h/2)(w/2), 3]`` rotary position ids ``(0, row, col)`` of the packed tokens."""
-    ids = torch.zeros(h // 2, w // 2, 3)
-    ids[..., 1] += torch.arange(h // 2)[:, None]
-    ids[..., 2] += torch.arange(w // 2)[None, :]
-    return ids.reshape(-1, 3).to(device=device, dtype=dtype)
+    """``[(h/2)(w/2), 3]`` rotary position ids ``(0, row, col)`` of the packed tokens, made on
+    ``device``: built on the host, they were a host-to-device copy, a sync on a GPU, every forward."""
+    ids = torch.zeros(h // 2, w // 2, 3, device=device)
+    ids[..., 1] += torch.arange(h // 2, device=device)[:, None]
+    ids[..., 2] += torch.arange(w // 2, device=device)[None, :]
+    return ids.reshape(-1, 3).to(dtype)
 
 
 def scheduler_sigmas(scheduler, num_steps: int, latent_hw: tuple[int, int]) -> torch.Tensor:

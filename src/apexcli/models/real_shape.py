@@ -109,6 +109,12 @@ def real_shape_transformer_config(family: str, num_layers: int) -> dict:
     return config
 
 
+def real_shape_flux_config(num_layers: int, num_single_layers: int) -> dict:
+    """FLUX.1-dev's published transformer config with ``num_layers`` double-stream and
+    ``num_single_layers`` single-stream blocks (the release: 19 and 38)."""
+    return _cut(arch.FLUX1_DEV_TRANSFORMER, num_layers=num_layers, num_single_layers=num_single_layers)
+
+
 def build_real_shape_sd3(
     family: str = "sd35m",
     *,
@@ -159,7 +165,7 @@ def build_real_shape_flux(
     axes (16, 56, 56), 64 packed input channels, T5-XXL 4096 tokens, pooled CLIP-L 768, guidance
     embedding), ``num_layers`` double- and ``num_single_layers`` single-stream blocks and
     ``text_layers`` layers per text encoder. Random weights, initialised on ``device``."""
-    config = _cut(arch.FLUX1_DEV_TRANSFORMER, num_layers=num_layers, num_single_layers=num_single_layers)
+    config = real_shape_flux_config(num_layers, num_single_layers)
     with torch.random.fork_rng(devices=[]), torch.device(device):
         torch.manual_seed(seed)
         # FLUX's CLIP-L is the plain text model (pooler output, no projection)
@@ -185,6 +191,13 @@ def save_real_shape_sd3(path: str | Path, family: str = "sd35m", **kwargs) -> Pa
     """``build_real_shape_sd3`` saved in diffusers' layout (safetensors) to ``path``."""
     path = Path(path)
     build_real_shape_sd3(family, **kwargs).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_real_shape_flux(path: str | Path, **kwargs) -> Path:
+    """``build_real_shape_flux`` saved in diffusers' layout (safetensors) to ``path``."""
+    path = Path(path)
+    build_real_shape_flux(**kwargs).save_pretrained(path, safe_serialization=True)
     return path
 
 
@@ -250,9 +263,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--text-layers", type=int, default=1, help="layers per text encoder")
     args = parser.parse_args(argv)
     if args.family == "flux1-dev":
-        build_real_shape_flux(
-            num_layers=args.layers, num_single_layers=args.layers, text_layers=args.text_layers
-        ).save_pretrained(args.out, safe_serialization=True)
+        save_real_shape_flux(
+            args.out, num_layers=args.layers, num_single_layers=args.layers, text_layers=args.text_layers
+        )
     else:
         save_real_shape_sd3(args.out, args.family, num_layers=args.layers, text_layers=args.text_layers)
     print(f"wrote {args.out}", file=sys.stderr)

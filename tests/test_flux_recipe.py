@@ -144,3 +144,26 @@ def test_flux1_dev_1gpu_holds_only_its_one_gpu_differences():
     }
     cfg = resolve_config(preset="flux1-dev-1gpu")
     assert cfg.model.free_text_encoders and trained_steps(cfg) == [0, 1, 2]
+
+
+def test_a_flux_model_given_the_sd3_defaults_is_warned_once_with_its_recipe(capsys):
+    """A FLUX model trained from the defaults (the SD3 recipe) names each setting that still holds
+    SD3's value and the preset with FLUX's; a FLUX preset, or a value the user chose, is quiet."""
+    from apexcli.backbones import BACKBONES
+    from apexcli.recipes import foreign_recipe_settings
+    from apexcli.train.setup import _warn_foreign_recipe
+
+    sd3, flux = BACKBONES
+    defaults = resolve_config(overrides=["model.pretrained=/models/flux1-dev"])
+    found = foreign_recipe_settings(defaults, flux)
+    assert "sampling.num_steps=10 (flux1-dev: 6)" in found and "train.kl_beta=0.04 (flux1-dev: 0)" in found
+    assert foreign_recipe_settings(resolve_config(preset="flux1-dev-1gpu"), flux) == []
+    assert foreign_recipe_settings(resolve_config(preset="sd35m-1gpu"), sd3) == []
+    chosen = resolve_config(preset="flux1-dev", overrides=["sampling.num_steps=8"])  # neither recipe's: the user's
+    assert foreign_recipe_settings(chosen, flux) == []
+    _warn_foreign_recipe(defaults, flux, main_process=True)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "sampling.noise_level=0.7 (flux1-dev: 0.9)" in err[0] and "--preset flux1-dev" in err[0]
+    _warn_foreign_recipe(resolve_config(preset="tiny-flux"), flux, main_process=True)  # built in: no recipe
+    _warn_foreign_recipe(defaults, flux, main_process=False)
+    assert capsys.readouterr().err == ""

@@ -27,6 +27,7 @@ from apexcli.eval.evaluator import Evaluator
 from apexcli.flow.rollout import PromptEmbeds, unwrap_model
 from apexcli.models.loading import compile_transformer_blocks, load_pipeline, resolve_device
 from apexcli.models.lora import adapter_layers, attach_lora, load_lora_into_adapter
+from apexcli.models.sources import BUILT_IN
 from apexcli.models.text_cache import (
     TextEmbeddingCache,
     encode_prompts,
@@ -35,6 +36,7 @@ from apexcli.models.text_cache import (
     move_text_encoders,
 )
 from apexcli.prompts import load_prompts
+from apexcli.recipes import RECIPE_PRESETS, foreign_recipe_settings
 from apexcli.rewards import RewardSuite
 from apexcli.rewards.registry import reward_class
 from apexcli.rewards.suite import union_objectives
@@ -201,6 +203,7 @@ def _build(
     family = backbone_of_pipeline(pipe)
     family.check_true_cfg(cfg.sampling.true_cfg_scale, "sampling.true_cfg_scale")
     family.check_true_cfg(cfg.eval.true_cfg_scale, "eval.true_cfg_scale")
+    _warn_foreign_recipe(cfg, family, acc.is_main_process)
     text = _encode(cfg, pipe, prompts, device)
     evaluator = progress_probe = None
     if cfg.eval.every > 0:
@@ -289,6 +292,20 @@ def _check_objectives_apply(suite: RewardSuite, prompts: list[str], prompts_spec
                 f"objective '{key}' needs {reward.prompt_requirement}, and prompts.train={prompts_spec} has none; "
                 f"use {reward.prompt_fix}"
             )
+
+
+def _warn_foreign_recipe(cfg: Config, family, main_process: bool) -> None:
+    """One line when a released model trains with another family's recipe values (a FLUX model
+    given the SD3 defaults); the built-in test pipelines have no recipe of their own."""
+    if not main_process or cfg.model.pretrained in BUILT_IN:
+        return
+    foreign = foreign_recipe_settings(cfg, family)
+    if foreign:
+        preset = RECIPE_PRESETS[family.family]
+        warn(
+            f"a {family.family} model with another family's recipe values: {'; '.join(foreign)}; "
+            f"--preset {preset} (or base: {preset} in a config file) trains its own recipe"
+        )
 
 
 def _warn_unscored(suite: RewardSuite, prompts: list[str], what: str) -> None:

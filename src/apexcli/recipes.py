@@ -1,0 +1,49 @@
+"""Which shipped recipe a model family trains with, and the settings of a config that still hold
+another family's recipe value (a FLUX model started from the SD3 defaults)."""
+
+from __future__ import annotations
+
+from functools import cache
+
+from apexcli.backbones import BACKBONES, Backbone
+from apexcli.config import Config, resolve_config
+
+RECIPE_PRESETS = {"sd3": "sd35m", "flux": "flux1-dev"}
+"""The preset that carries each family's reference recipe (Flow-GRPO's, for both)."""
+RECIPE_KEYS = (
+    "sampling.num_steps",
+    "sampling.noise_level",
+    "sampling.guidance_scale",
+    "train.kl_beta",
+    "lora.rank",
+    "lora.alpha",
+    "eval.num_steps",
+    "eval.guidance_scale",
+)
+"""The settings where the families' recipes differ and a wrong one silently trains another recipe."""
+
+
+def _get(cfg: Config, dotted: str):
+    value = cfg
+    for part in dotted.split("."):
+        value = getattr(value, part)
+    return value
+
+
+@cache
+def _recipe(family: str) -> Config:
+    return resolve_config(preset=RECIPE_PRESETS[family])
+
+
+def foreign_recipe_settings(cfg: Config, family: Backbone) -> list[str]:
+    """``key=value (preset: value)`` for each recipe setting of ``cfg`` that equals another
+    family's recipe and differs from ``family``'s own: values a user most likely never chose."""
+    own = _recipe(family.family)
+    found = []
+    for key in RECIPE_KEYS:
+        value, wanted = _get(cfg, key), _get(own, key)
+        if value == wanted:
+            continue
+        if any(_get(_recipe(b.family), key) == value for b in BACKBONES if b.family != family.family):
+            found.append(f"{key}={value:g} ({RECIPE_PRESETS[family.family]}: {wanted:g})")
+    return found

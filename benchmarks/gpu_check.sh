@@ -4,12 +4,15 @@
 # reward throughput, speed levers, host syncs), then benchmarks/bench_train.py on the real
 # Trainer with SD3.5-M's real-shape fixture at full depth (24 blocks, published widths, random
 # weights, bf16): the share of an iteration outside model compute and its peak memory beside
-# memory_plan.py's plan; then the same for flux1-dev-1gpu on FLUX.1-dev's real-shape fixture at
-# full depth (19 double- + 38 single-stream blocks, 12 B parameters, 24 GB in bf16; one prompt's
-# group, one iteration); then the torch.compile lever. Needs no internet.
+# memory_plan.py's plan; then the same for both FLUX presets on FLUX.1-dev's real-shape fixture
+# at full depth (19 double- + 38 single-stream blocks, 12 B parameters, 24 GB in bf16; one
+# prompt's group, one iteration): flux1-dev-1gpu (micro-batch 4, checkpointing) and flux1-dev
+# (a GPU's share of the multi-GPU recipe: micro-batch 3, no checkpointing, 6 steps); then the
+# torch.compile lever. Needs no internet.
 #
 # Time budget (one H100, under 10 minutes): every step has its own timeout and the timeouts add
-# up to 580 s: wheels 25, environment 15, tests 90, bench 150, trainer 100, flux 110, compile 90.
+# up to 580 s: wheels 25, environment 15, tests 80, bench 130, trainer 90, flux 80, flux_dev 80,
+# compile 80.
 # Each part prints its elapsed seconds; the summary has them all.
 #
 #   bash benchmarks/gpu_check.sh [--cpu] [--out DIR]
@@ -58,17 +61,20 @@ trap 'rm -rf "$WORK"' EXIT
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
 T0=$(date +%s)
-T_WHEELS=25 T_ENV=15 T_TESTS=90 T_BENCH=150 T_TRAIN=100 T_FLUX=110 T_COMPILE=90
-BUDGET_BENCH=125  # bench_gpu.py skips its remaining parts past this, inside its timeout
-echo "gpu_check ($MODE): step timeouts add up to $((T_WHEELS + T_ENV + T_TESTS + T_BENCH + T_TRAIN + T_FLUX + T_COMPILE)) s; output in $DEST"
+T_WHEELS=25 T_ENV=15 T_TESTS=80 T_BENCH=130 T_TRAIN=90 T_FLUX=80 T_FLUX_DEV=80 T_COMPILE=80
+BUDGET_BENCH=105  # bench_gpu.py skips its remaining parts past this, inside its timeout
+echo "gpu_check ($MODE): step timeouts add up to $((T_WHEELS + T_ENV + T_TESTS + T_BENCH + T_TRAIN + T_FLUX + T_FLUX_DEV + T_COMPILE)) s; output in $DEST"
 
 if [ "$MODE" = cpu ]; then
   export CUDA_VISIBLE_DEVICES=""  # the rehearsal runs on the CPU even where a GPU is present
   WHEELS=${APEX_WHEELS:-none}
   BENCH=(--smoke) TRAIN=(--smoke --warmup 0 --steps 1) FLUX=(--smoke --warmup 0 --steps 1)
+  FLUX_DEV=(--smoke --warmup 0 --steps 1)
 else
   WHEELS=${APEX_WHEELS:-.whl}  # APEX_WHEELS=none: use what is installed
   BENCH=() TRAIN=(--warmup 1 --steps 2 train.prompts_per_step=2) FLUX=(--warmup 0 --steps 1 train.prompts_per_step=1)
+  # one GPU's share of flux1-dev: one group of 3 samples, one micro-batch of 3, no checkpointing
+  FLUX_DEV=(--warmup 0 --steps 1 train.prompts_per_step=1 train.group_size=3)
 fi
 if ls "$WHEELS"/*.whl >/dev/null 2>&1; then  # into a folder of this run, never into the environment
   timeout "$T_WHEELS" "$PY" -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
@@ -100,21 +106,24 @@ part() {
   echo "-- $name: rc=${RC[$name]} in ${SECS[$name]} s (limit $limit s)"
 }
 
-echo "== 1/5 pytest -m cuda tests/test_cuda.py"
+echo "== 1/6 pytest -m cuda tests/test_cuda.py"
 part tests "$T_TESTS" pytest_cuda.log "$PY" -m pytest -m cuda tests/test_cuda.py -q -rs -p no:cacheprovider \
   --junitxml="$WORK/pytest_cuda.xml"
 
-echo "== 2/5 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} (flops, rollout, train, rewards, levers)"
+echo "== 2/6 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} (flops, rollout, train, rewards, levers)"
 part bench "$T_BENCH" bench_gpu.log "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" --budget-s "$BUDGET_BENCH" \
   --json-out "$DEST/bench_gpu.json"
 
-echo "== 3/5 bench_train.py --arch sd35m ${TRAIN[*]} (the real Trainer on the real-shape fixture; toy rewards, so reward models are out of the count)"
+echo "== 3/6 bench_train.py --arch sd35m ${TRAIN[*]} (the real Trainer on the real-shape fixture; toy rewards, so reward models are out of the count)"
 part trainer "$T_TRAIN" bench_train.log "$PY" benchmarks/bench_train.py --arch sd35m --preset sd35m-1gpu "${TRAIN[@]}"
 
-echo "== 4/5 bench_train.py --arch flux1-dev ${FLUX[*]} (the same on FLUX.1-dev's real-shape fixture)"
+echo "== 4/6 bench_train.py --arch flux1-dev --preset flux1-dev-1gpu ${FLUX[*]} (the same on FLUX.1-dev's real-shape fixture)"
 part flux "$T_FLUX" bench_train.log "$PY" benchmarks/bench_train.py --arch flux1-dev --preset flux1-dev-1gpu "${FLUX[@]}"
 
-echo "== 5/5 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} --parts compile"
+echo "== 5/6 bench_train.py --arch flux1-dev --preset flux1-dev ${FLUX_DEV[*]} (a GPU's share of the multi-GPU recipe)"
+part flux_dev "$T_FLUX_DEV" bench_train.log "$PY" benchmarks/bench_train.py --arch flux1-dev --preset flux1-dev "${FLUX_DEV[@]}"
+
+echo "== 6/6 bench_gpu.py${BENCH[*]:+ ${BENCH[*]}} --parts compile"
 part compile "$T_COMPILE" bench_compile.log "$PY" benchmarks/bench_gpu.py "${BENCH[@]}" --parts compile \
   --json-out "$DEST/bench_compile.json"
 
@@ -144,13 +153,14 @@ if log.is_file():
             row = json.loads(text) if text.startswith("{") else None
         except json.JSONDecodeError:
             row = None
-        if isinstance(row, dict) and "arch" in row:
-            trainers[row["arch"]] = row
+        if isinstance(row, dict) and "preset" in row:
+            trainers[row["preset"]] = row
 rcs = " ".join(f"{name} rc={p['rc']} ({p['seconds']} s)" for name, p in parts.items())
 line = (f"gpu_check ({mode}): {rcs}; cuda tests: {tests['collected']} collected, {tests['passed']} passed, "
         f"{tests['skipped']} skipped, {tests['failed']} failed (rc 124 = timed out) in {total} s")
 summary = {"mode": mode, "line": line, "total_s": total, "parts": parts, "cuda_tests": tests,
-           "trainer": trainers.get("sd35m"), "flux_trainer": trainers.get("flux1-dev")}
+           "trainer": trainers.get("sd35m-1gpu"), "flux_trainer": trainers.get("flux1-dev-1gpu"),
+           "flux_dev_trainer": trainers.get("flux1-dev")}
 (dest / "summary.json").write_text(json.dumps(summary) + "\n", encoding="utf-8")
 print(line)
 EOF

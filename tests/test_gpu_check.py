@@ -15,7 +15,7 @@ from helpers import HANG_GUARD_S
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "benchmarks" / "gpu_check.sh"
-PARTS = {"tests", "bench", "trainer", "flux", "compile"}
+PARTS = {"tests", "bench", "trainer", "flux", "flux_dev", "compile"}
 BENCH_KEYS = {
     "bench",
     "smoke",
@@ -83,14 +83,16 @@ def test_cpu_rehearsal_runs_every_part(tmp_path):
         trainer["peak_gib"] is None
         and trainer["memory_plan_gib"]["total"] > trainer["memory_plan_gib"]["transformer"] > 0
     )
-    # the same on FLUX.1-dev's fixture, both block kinds present; its plan, or the plan's reason
-    flux = summary["flux_trainer"]
-    assert flux["arch"] == "flux1-dev" and flux["preset"] == "flux1-dev-1gpu" and flux["device"] == "cpu"
-    assert flux["transformer_blocks"] == {"num_layers": 1, "num_single_layers": 2}
-    assert flux["peak_gib"] is None and flux["step_s"] > 0 and flux["phases_s"]["train"] > 0
-    plan = flux["memory_plan_gib"]
-    assert (plan is None) != (flux["memory_plan_error"] is None)
-    assert plan is None or plan["total"] > plan["transformer"] > 0
+    # the same on FLUX.1-dev's fixture for both FLUX presets, both block kinds present, with their plans
+    for key, preset in (("flux_trainer", "flux1-dev-1gpu"), ("flux_dev_trainer", "flux1-dev")):
+        flux = summary[key]
+        assert flux["arch"] == "flux1-dev" and flux["preset"] == preset and flux["device"] == "cpu"
+        assert flux["transformer_blocks"] == {"num_layers": 1, "num_single_layers": 2}
+        assert flux["peak_gib"] is None and flux["step_s"] > 0 and flux["phases_s"]["train"] > 0
+        plan = flux["memory_plan_gib"]
+        assert flux["memory_plan_error"] is None and plan["total"] > plan["transformer"] > 0
+    # flux1-dev's LoRA (r=64 on attention and feed-forward) is the 1-GPU preset's: the same plan rows
+    assert summary["flux_dev_trainer"]["memory_plan_gib"]["lora_weights"] == plan["lora_weights"]
     assert len(list(out.iterdir())) <= 8  # what the GPU machine's tool brings back
 
 

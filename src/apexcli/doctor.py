@@ -486,6 +486,20 @@ def _memory_fix(cfg: Config, plan, deqa_here: bool, capacity: int) -> str:
     return "a GPU with more memory, or model.resolution smaller"
 
 
+def _host_ram_row(found: str, need: int, host: int | None) -> Row | None:
+    """A warning when the host's RAM is smaller than what loading the weights passes through it."""
+    from apexcli.models.memory_plan import GB
+
+    if host is None or need <= host:
+        return None
+    return Row(
+        "memory",
+        WARN,
+        f"{found}; this host's RAM has {host / GB:.1f} GB",
+        f"a host with at least {need / GB:.0f} GB of RAM: the weights load through it",
+    )
+
+
 def memory_rows(cfg: Config) -> list[Row]:
     """The memory plan (``apexcli.models.memory_plan``, computed on the meta device in seconds, for
     SD3.5 and FLUX.1 alike) against the GPU ``model.device`` names and the host RAM the weights
@@ -516,16 +530,7 @@ def memory_rows(cfg: Config) -> list[Row]:
     )
     if wants_gpu and not on_gpu:  # the device row already fails; judge only what this host does
         found += "; no GPU here to hold it"
-        if host is not None and plan.host_peak() > host:
-            return [
-                Row(
-                    "memory",
-                    WARN,
-                    f"{found}; this host's RAM has {host / GB:.1f} GB",
-                    f"a host with at least {plan.host_peak() / GB:.0f} GB of RAM: the weights load through it",
-                )
-            ]
-        return [Row("memory", OK, found)]
+        return [_host_ram_row(found, plan.host_peak(), host) or Row("memory", OK, found)]
     if capacity is None:
         return [Row("memory", OK, found)]
     where = "this GPU" if on_gpu else "this host's RAM"
@@ -538,16 +543,8 @@ def memory_rows(cfg: Config) -> list[Row]:
                 _memory_fix(cfg, plan, deqa_here, capacity),
             )
         ]
-    if on_gpu and host is not None and plan.host_peak() > host:
-        return [
-            Row(
-                "memory",
-                WARN,
-                f"{found}; this host's RAM has {host / GB:.1f} GB",
-                f"a host with at least {plan.host_peak() / GB:.0f} GB of RAM: the weights load through it",
-            )
-        ]
-    return [Row("memory", OK, f"{found}; {where} has {capacity / GB:.1f} GB")]
+    short = _host_ram_row(found, plan.host_peak(), host) if on_gpu else None
+    return [short or Row("memory", OK, f"{found}; {where} has {capacity / GB:.1f} GB")]
 
 
 def gpu_memory_rows(cfg: Config) -> list[Row]:

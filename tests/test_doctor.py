@@ -259,13 +259,24 @@ def test_the_memory_row_compares_the_plan_with_the_machine(monkeypatch):
     assert doctor.gpu_memory_rows(cfg) == []
 
 
-def test_a_gpu_preset_on_a_host_without_a_gpu_is_judged_on_its_loading_only(monkeypatch):
+@pytest.fixture(scope="module")
+def flux_1gpu_plan():
+    """flux1-dev-1gpu's plan, computed once (building the 12 B transformer on meta takes seconds);
+    the rows below differ only in the machine and where DeQA runs, which the plan does not read."""
+    from apexcli.config import resolve_config
+    from apexcli.models.memory_plan import plan_memory
+
+    return plan_memory(resolve_config(preset="flux1-dev-1gpu"))
+
+
+def test_a_gpu_preset_on_a_host_without_a_gpu_is_judged_on_its_loading_only(monkeypatch, flux_1gpu_plan):
     """No GPU verdict without a GPU (the device row fails already); the host RAM the weights load
     through is still checked, and its fix names the RAM needed."""
     from apexcli import doctor
     from apexcli.config import resolve_config
 
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("apexcli.models.memory_plan.plan_memory", lambda *a, **k: flux_1gpu_plan)
     cfg = resolve_config(preset="flux1-dev-1gpu")
     monkeypatch.setattr(doctor, "_host_ram_bytes", lambda: 64 * 10**9)
     (row,) = doctor.memory_rows(cfg)
@@ -275,7 +286,7 @@ def test_a_gpu_preset_on_a_host_without_a_gpu_is_judged_on_its_loading_only(monk
     assert row.status == doctor.WARN and row.fix.startswith("a host with at least 34 GB of RAM")
 
 
-def test_the_memory_fix_moves_deqa_off_the_gpu_first(monkeypatch):
+def test_the_memory_fix_moves_deqa_off_the_gpu_first(monkeypatch, flux_1gpu_plan):
     """On a 56 GB GPU flux1-dev-1gpu fits only without DeQA beside it (51.8 GB training and 59.0 GB
     encoding with it, 35.4 and 42.6 without): the fix is DeQA behind its server, not a smaller batch."""
     from types import SimpleNamespace
@@ -288,6 +299,7 @@ def test_the_memory_fix_moves_deqa_off_the_gpu_first(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=56 * 10**9))
     monkeypatch.setattr(doctor, "_host_ram_bytes", lambda: 256 * 10**9)
+    monkeypatch.setattr("apexcli.models.memory_plan.plan_memory", lambda *a, **k: flux_1gpu_plan)
     cfg = resolve_config(preset="flux1-dev-1gpu", options={"objectives": ["pick", "deqa", "aes", "ocr"]})
     (row,) = doctor.memory_rows(cfg)
     assert row.status == doctor.FAIL and row.fix.startswith("run DeQA behind its own server")

@@ -214,3 +214,21 @@ def test_out_under_the_home_folder_is_expanded(tmp_path, monkeypatch):
     result = run_cli(["sample", *TINY_SAMPLE, "--out=~/imgs", "--prompt", "a"])
     assert result.code == 0, result.stderr
     assert (tmp_path / "home" / "imgs" / "metadata.jsonl").is_file() and not (tmp_path / "~").exists()
+
+
+def test_a_runs_lora_without_a_preset_samples_as_the_run_evaluates(tiny_run, tmp_path):
+    """No --preset or --config: the run's own config gives the model (the default would be the
+    SD3.5 release, not on this machine), its steps and guidance, whether --lora names the run,
+    one of its checkpoints or the LoRA file; an explicit option still wins."""
+    from apexcli.runs import LORA_FILE, run_config_of
+
+    ckpt = tiny_run / "checkpoints" / "step-000003"
+    for lora in (tiny_run, ckpt, ckpt / LORA_FILE):
+        assert run_config_of(lora) == tiny_run / "config.yaml"
+    assert run_config_of(tmp_path) is None
+    out = tmp_path / "samples"
+    result = run_cli(["sample", "--lora", str(ckpt), "--prompt", "a red apple", "--steps", "2", "--out", str(out)])
+    assert result.code == 0, result.stderr[-2000:]
+    (row,) = [json.loads(line) for line in (out / "metadata.jsonl").read_text().splitlines()]
+    assert row["steps"] == 2 and row["guidance"] == 1.0  # --steps wins; the tiny run's eval guidance
+    assert Image.open(out / row["file"]).size == (32, 32)  # the run's model.resolution (TINY_OVERRIDES)

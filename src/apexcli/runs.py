@@ -275,6 +275,18 @@ def _holder(text: str) -> str:
         return "holder unknown"
 
 
+def run_config_of(path: str | Path) -> Path | None:
+    """The ``config.yaml`` of the run a LoRA path lies in: the run dir itself, one of its
+    checkpoint dirs (``checkpoints/step-N``, its ``ema``), or a LoRA file in one; None elsewhere."""
+    p = Path(path).expanduser()
+    p = p.parent if p.is_file() else p
+    for candidate in (p, *list(p.parents)[:3]):
+        run = RunDir(candidate)
+        if run.is_run() and (candidate == p or p.is_relative_to(run.checkpoints_dir)):
+            return run.config_path
+    return None
+
+
 def find_runs(root: Path) -> list[RunDir]:
     """Every run directory at or under ``root`` (a dir with config.yaml and metrics.jsonl)."""
     root = Path(root)

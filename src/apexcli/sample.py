@@ -240,14 +240,18 @@ def sample_from_options(
     overwrite: bool = False,
 ) -> list[Path]:
     """Fill a SampleRequest from CLI options, ``key=value`` overrides and the preset/config
-    defaults, then sample. The explicit options win over the overrides: they name one thing.
+    defaults (with neither, the config of the run ``lora`` comes from, if it does), then sample. The explicit options win over the overrides: they name one thing.
     Paths may start with ~ (the shell leaves ``--out=~/x`` alone)."""
     from apexcli.config import resolve_config, validate
     from apexcli.prompts import load_prompts
+    from apexcli.runs import run_config_of
 
     out, prompts_file, config_file = (
         None if p is None else Path(p).expanduser() for p in (out, prompts_file, config_file)
     )
+    if preset is None and config_file is None and lora is not None:
+        # a run's LoRA samples as the run evaluates: its model, size, steps and guidance
+        config_file = run_config_of(lora)
     cfg = resolve_config(preset=preset, config_file=config_file, overrides=list(overrides))
     explicit = {key: value for key, value in (("pretrained", model), ("device", device)) if value is not None}
     if explicit:

@@ -167,3 +167,30 @@ def test_a_flux_model_given_the_sd3_defaults_is_warned_once_with_its_recipe(caps
     _warn_foreign_recipe(resolve_config(preset="tiny-flux"), flux, main_process=True)  # built in: no recipe
     _warn_foreign_recipe(defaults, flux, main_process=False)
     assert capsys.readouterr().err == ""
+
+
+def test_a_saved_flux_model_sampled_from_the_defaults_is_warned(tmp_path):
+    """``apex sample --model DIR`` with no preset, config or run: the SD3 defaults' steps and
+    guidance on a FLUX model are named with FLUX's own; an explicit --guidance 3.5 is quiet."""
+    from helpers import run_cli
+
+    build_tiny_flux_pipeline(seed=0).save_pretrained(tmp_path / "flux")
+    argv = [
+        "sample",
+        "--model",
+        str(tmp_path / "flux"),
+        "--prompt",
+        "a cat",
+        "--size",
+        "32",
+        "--device",
+        "cpu",
+        "model.dtype=float32",
+        "model.max_sequence_length=16",
+    ]
+    result = run_cli([*argv, "--steps", "2", "--out", str(tmp_path / "a")])
+    assert result.code == 0, result.stderr[-2000:]
+    (line,) = [x for x in result.stderr.splitlines() if x.startswith("warning:")]
+    assert "eval.guidance_scale=4.5 (flux1-dev: 3.5)" in line and "--preset flux1-dev" in line
+    result = run_cli([*argv, "--steps", "28", "--guidance", "3.5", "--out", str(tmp_path / "b")])
+    assert result.code == 0 and "warning:" not in result.stderr

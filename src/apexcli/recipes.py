@@ -35,15 +35,20 @@ def _recipe(family: str) -> Config:
     return resolve_config(preset=RECIPE_PRESETS[family])
 
 
-def foreign_recipe_settings(cfg: Config, family: Backbone) -> list[str]:
-    """``key=value (preset: value)`` for each recipe setting of ``cfg`` that equals another
+def foreign_recipe_values(values: dict[str, float], family: Backbone) -> list[str]:
+    """``key=value (preset: value)`` for each of ``values`` (recipe keys) that equals another
     family's recipe and differs from ``family``'s own: values a user most likely never chose."""
     own = _recipe(family.family)
     found = []
-    for key in RECIPE_KEYS:
-        value, wanted = _get(cfg, key), _get(own, key)
+    for key, value in values.items():
+        wanted = _get(own, key)
         if value == wanted:
             continue
         if any(_get(_recipe(b.family), key) == value for b in BACKBONES if b.family != family.family):
             found.append(f"{key}={value:g} ({RECIPE_PRESETS[family.family]}: {wanted:g})")
     return found
+
+
+def foreign_recipe_settings(cfg: Config, family: Backbone) -> list[str]:
+    """``foreign_recipe_values`` of every recipe setting of ``cfg``."""
+    return foreign_recipe_values({key: _get(cfg, key) for key in RECIPE_KEYS}, family)

@@ -11,6 +11,7 @@ import itertools
 import json
 import math
 import re
+import sys
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -146,6 +147,23 @@ def _save_png(image: Image.Image, path: Path) -> None:
     atomic_write(path, lambda tmp: image.save(tmp, format="PNG"))
 
 
+def _warn_foreign_recipe(req: SampleRequest, family) -> None:
+    """One line when a released model samples with another family's steps or guidance (a FLUX
+    model given the SD3 defaults: no preset, config or run said otherwise)."""
+    from apexcli.models.sources import BUILT_IN
+    from apexcli.recipes import RECIPE_PRESETS, foreign_recipe_values
+
+    if req.model.pretrained in BUILT_IN:
+        return
+    foreign = foreign_recipe_values({"eval.num_steps": req.steps, "eval.guidance_scale": req.guidance_scale}, family)
+    if foreign:
+        print(
+            f"warning: a {family.family} model sampled with another family's values: {'; '.join(foreign)}; "
+            f"--preset {RECIPE_PRESETS[family.family]}, --steps or --guidance set its own",
+            file=sys.stderr,
+        )
+
+
 @torch.no_grad()
 def sample_images(req: SampleRequest) -> list[Path]:
     """Write the images and ``metadata.jsonl`` (file, prompt, seed, steps, guidance, true_cfg, lora), each
@@ -155,7 +173,9 @@ def sample_images(req: SampleRequest) -> list[Path]:
     check_out(req.out, req.overwrite)
     device = resolve_device(req.model.device)
     pipe = load_pipeline(req.model)
-    backbone_of_pipeline(pipe).check_true_cfg(req.true_cfg_scale, "--true-cfg")
+    family = backbone_of_pipeline(pipe)
+    family.check_true_cfg(req.true_cfg_scale, "--true-cfg")
+    _warn_foreign_recipe(req, family)
     lora_dir = None
     if req.lora:
         lora_dir = resolve_lora_path(req.lora)

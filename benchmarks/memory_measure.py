@@ -52,8 +52,7 @@ from pathlib import Path
 
 import torch
 
-from apexcli.backbones.flux import ATTENTION_PROJECTIONS as FLUX_PROJECTIONS
-from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS
+from apexcli.backbones.base import JOINT_ATTENTION_PROJECTIONS
 from apexcli.models import memory_plan as mp
 from apexcli.models.architectures import FLUX1_DEV_TRANSFORMER, SD35M_TRANSFORMER
 from apexcli.models.memory_families import family_of_config
@@ -64,14 +63,14 @@ T5_TOKENS = 128
 FAMILIES = {
     "sd35m": dict(
         published=SD35M_TRANSFORMER,
-        lora=dict(rank=32, alpha=64, dropout=0.0, target_modules=SD3_JOINT_ATTENTION_PROJECTIONS, seed=0),
+        lora=dict(rank=32, alpha=64, dropout=0.0, target_modules=JOINT_ATTENTION_PROJECTIONS, seed=0),
         guidance=4.5,
         layers=SD35M_TRANSFORMER["num_layers"],
         host_cases=((2, "bfloat16"), (6, "bfloat16"), (2, "float16")),
     ),
     "flux1-dev": dict(
         published=FLUX1_DEV_TRANSFORMER,
-        lora=dict(rank=32, alpha=64, dropout=0.0, target_modules=FLUX_PROJECTIONS, seed=0),
+        lora=dict(rank=32, alpha=64, dropout=0.0, target_modules=JOINT_ATTENTION_PROJECTIONS, seed=0),
         guidance=3.5,
         layers=1,
         host_cases=((1, "bfloat16"), (2, "bfloat16")),

@@ -67,14 +67,14 @@ def _sd35m_step(model, inputs, lora_params, checkpointing: bool):
 def test_sd35m_architecture_forward_backward_with_lora_and_checkpointing():
     from diffusers import SD3Transformer2DModel
 
-    from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS
+    from apexcli.backbones.base import JOINT_ATTENTION_PROJECTIONS
     from apexcli.models.lora import attach_lora
     from bench_gpu import SD35M_TRANSFORMER
 
     torch.manual_seed(0)
     with torch.device("cuda"):
         model = SD3Transformer2DModel(**SD35M_TRANSFORMER).to(torch.bfloat16)
-    params = attach_lora(model, rank=32, alpha=64, dropout=0.0, target_modules=SD3_JOINT_ATTENTION_PROJECTIONS, seed=0)
+    params = attach_lora(model, rank=32, alpha=64, dropout=0.0, target_modules=JOINT_ATTENTION_PROJECTIONS, seed=0)
     # r * (in + out) = 32 * (1536 + 1536) per projection; 8 projections in each of the 24 blocks,
     # except the last block, which has no to_add_out (its text stream ends there)
     assert sum(p.numel() for p in params) == 32 * 3072 * (24 * 8 - 1)

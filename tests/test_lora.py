@@ -9,7 +9,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, ModelConfig
+from apexcli.backbones.base import JOINT_ATTENTION_PROJECTIONS
+from apexcli.config import ModelConfig
 from apexcli.errors import ApexError
 from apexcli.models.loading import load_pipeline
 from apexcli.models.lora import attach_lora, load_lora_into_adapter, lora_state_dict, resolve_lora_path, save_lora
@@ -33,7 +34,7 @@ def _velocity(transformer) -> torch.Tensor:
         )[0]
 
 
-def _attached(rank: int = 4, targets=SD3_JOINT_ATTENTION_PROJECTIONS, seed: int = 0):
+def _attached(rank: int = 4, targets=JOINT_ATTENTION_PROJECTIONS, seed: int = 0):
     transformer = build_tiny_pipeline().transformer
     params = attach_lora(transformer, rank=rank, alpha=2 * rank, dropout=0.0, target_modules=list(targets), seed=seed)
     return transformer, params
@@ -71,7 +72,7 @@ def test_attach_starts_at_the_base_model_and_trains_only_lora():
     # every default target got an adapter (the tiny model has 2 joint blocks; the last one has
     # no context output projection, as in SD3)
     targets = {n.split(".lora_")[0].split(".", 2)[2] for n in names}
-    assert targets == set(SD3_JOINT_ATTENTION_PROJECTIONS)
+    assert targets == set(JOINT_ATTENTION_PROJECTIONS)
 
 
 def test_attach_is_deterministic_from_the_seed():

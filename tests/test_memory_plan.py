@@ -8,8 +8,8 @@ import dataclasses
 import pytest
 import torch
 
-from apexcli.backbones.flux import ATTENTION_PROJECTIONS as FLUX_PROJECTIONS
-from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
+from apexcli.backbones.base import JOINT_ATTENTION_PROJECTIONS
+from apexcli.config import resolve_config
 from apexcli.errors import ApexError
 from apexcli.models import architectures as arch
 from apexcli.models import memory_families as mfam
@@ -32,9 +32,9 @@ SMALL = dict(
     dual_attention_layers=(0,),
 )
 """MMDiT-X at small widths: a dual-attention block, a plain one and a last one without text output."""
-SMALL_LORA = dict(rank=4, alpha=8, dropout=0.0, target_modules=SD3_JOINT_ATTENTION_PROJECTIONS, seed=0)
+SMALL_LORA = dict(rank=4, alpha=8, dropout=0.0, target_modules=JOINT_ATTENTION_PROJECTIONS, seed=0)
 SD35M_CUT = dict(SD35M_TRANSFORMER, num_layers=3, dual_attention_layers=(0,))
-SD35M_LORA = dict(rank=32, alpha=64, dropout=0.0, target_modules=SD3_JOINT_ATTENTION_PROJECTIONS, seed=0)
+SD35M_LORA = dict(rank=32, alpha=64, dropout=0.0, target_modules=JOINT_ATTENTION_PROJECTIONS, seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -150,7 +150,7 @@ FLUX_SMALL = dict(
     axes_dims_rope=(4, 6, 6),
 )
 """FLUX.1 at small widths: one double-stream block and two single-stream ones, guidance embedding."""
-FLUX_LORA = dict(rank=4, alpha=8, dropout=0.0, target_modules=FLUX_PROJECTIONS, seed=0)
+FLUX_LORA = dict(rank=4, alpha=8, dropout=0.0, target_modules=JOINT_ATTENTION_PROJECTIONS, seed=0)
 
 
 def flux_config(preset: str = "flux1-dev-1gpu", overrides: tuple[str, ...] = (), true_cfg: float | None = None):

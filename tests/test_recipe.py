@@ -14,8 +14,9 @@ import pytest
 import torch
 from diffusers import FlowMatchEulerDiscreteScheduler
 
+from apexcli.backbones.base import JOINT_ATTENTION_PROJECTIONS
 from apexcli.balance import build_balancer
-from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, Config, resolve_config
+from apexcli.config import Config, resolve_config
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import _scheduler_sigmas, first_sigma_below_one
 from apexcli.flow.sde import STEP_FUNCTIONS, sde_step_with_logprob
@@ -260,7 +261,7 @@ def test_lora_gaussian_init_has_std_one_over_rank():
             dropout=0.0,
             seed=0,
             init=init,
-            target_modules=list(SD3_JOINT_ATTENTION_PROJECTIONS),
+            target_modules=list(JOINT_ATTENTION_PROJECTIONS),
         )
         a = torch.cat([w.flatten() for n, w in transformer.named_parameters() if "lora_A" in n])
         b = torch.cat([w.flatten() for n, w in transformer.named_parameters() if "lora_B" in n])

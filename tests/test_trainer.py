@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from apexcli.config import SD3_JOINT_ATTENTION_PROJECTIONS, resolve_config
+from apexcli.backbones.base import JOINT_ATTENTION_PROJECTIONS
+from apexcli.config import resolve_config
 from apexcli.errors import ApexError
 from apexcli.flow.rollout import step_log_prob, unwrap_model
 from apexcli.flow.sde import gaussian_kl
@@ -135,9 +136,7 @@ def test_training_changes_the_lora_weights(tiny_run):
     trained = load_lora_file(tiny_run / "checkpoints" / "step-000003")
     # the initial adapter: same seed, rank and targets as the run (B = 0)
     transformer = build_tiny_pipeline().transformer
-    attach_lora(
-        transformer, rank=4, alpha=8, dropout=0.0, target_modules=list(SD3_JOINT_ATTENTION_PROJECTIONS), seed=42
-    )
+    attach_lora(transformer, rank=4, alpha=8, dropout=0.0, target_modules=list(JOINT_ATTENTION_PROJECTIONS), seed=42)
     initial = {
         f"transformer.{k.replace('.default', '')}": v for k, v in transformer.state_dict().items() if "lora_" in k
     }
@@ -168,7 +167,7 @@ def test_saved_lora_loads_into_the_diffusers_pipeline(tiny_run):
     assert (loaded - base).abs().max() > 1e-5
     # and it is the policy the trainer had: the adapter restored as resume does
     transformer = build_tiny_pipeline().transformer
-    attach_lora(transformer, rank=4, alpha=8, dropout=0.0, target_modules=list(SD3_JOINT_ATTENTION_PROJECTIONS), seed=0)
+    attach_lora(transformer, rank=4, alpha=8, dropout=0.0, target_modules=list(JOINT_ATTENTION_PROJECTIONS), seed=0)
     load_lora_into_adapter(transformer, ckpt)
     with torch.no_grad():
         policy = transformer(**inputs)[0]

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import yaml
 
+from apexcli.backbones.base import JOINT_ATTENTION_PROJECTIONS
 from apexcli.balance.config import BalanceConfig
 from apexcli.config_upgrade import reject_old_keys, upgrade_config
 from apexcli.errors import ApexError
@@ -28,17 +29,6 @@ LR_SCHEDULES = ("constant", "cosine", "linear")
 
 POLICY_LOSS_NAMES = ("grpo", "nft")
 """The values of ``train.loss``; ``apexcli.train.losses`` implements them."""
-
-SD3_JOINT_ATTENTION_PROJECTIONS = [
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-]
 
 
 @dataclass
@@ -84,7 +74,7 @@ class LoraSettings:
     dropout: float = setting(0.0, ge=0, lt=1)
     """LoRA dropout. Keep 0: dropout breaks the ratio == 1 invariant of on-policy PPO."""
     target_modules: list[str] = setting(
-        default_factory=lambda: list(SD3_JOINT_ATTENTION_PROJECTIONS), nonempty=True, resume="refuse"
+        default_factory=lambda: list(JOINT_ATTENTION_PROJECTIONS), nonempty=True, resume="refuse"
     )
     """Module name suffixes that get adapters (default: the joint-attention projections)."""
     init: str = setting("gaussian", choices=("kaiming", "gaussian"), resume="refuse")

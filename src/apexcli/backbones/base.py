@@ -16,6 +16,21 @@ import torch
 from apexcli.conditioning import PromptEmbeds
 from apexcli.errors import ApexError
 
+JOINT_ATTENTION_PROJECTIONS = (
+    "attn.to_q",
+    "attn.to_k",
+    "attn.to_v",
+    "attn.to_out.0",
+    "attn.add_q_proj",
+    "attn.add_k_proj",
+    "attn.add_v_proj",
+    "attn.to_add_out",
+)
+"""The joint-attention projections of an MMDiT block, as diffusers names them in SD3's blocks and
+FLUX's double-stream blocks alike (``lora.target_modules``' default). In FLUX the suffixes
+``attn.to_q/k/v`` also match the single-stream blocks' attention, which has no ``to_out``
+(``proj_out`` fuses it with the MLP)."""
+
 
 def unwrap_model(model: torch.nn.Module) -> torch.nn.Module:
     """The underlying diffusers model behind DDP/FSDP (``.module``) or torch.compile (``._orig_mod``)."""

@@ -28,23 +28,16 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from apexcli.backbones.base import Backbone, dynamic_shift_mu, model_dtype, unwrap_model
+from apexcli.backbones.base import (
+    JOINT_ATTENTION_PROJECTIONS,
+    Backbone,
+    dynamic_shift_mu,
+    model_dtype,
+    unwrap_model,
+)
 
 PATCH = 2
 """Latent pixels per token side: FLUX packs 2x2 latent pixels into one token."""
-
-ATTENTION_PROJECTIONS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
-"""Double-stream blocks' image and text projections; the suffixes ``attn.to_q/k/v`` also match
-the single-stream blocks' attention (which has no ``to_out``: ``proj_out`` fuses it with the MLP)."""
 
 
 def pack(x: torch.Tensor) -> torch.Tensor:
@@ -86,7 +79,7 @@ class FluxBackbone(Backbone):
     family = "flux"
     pipeline_class = "FluxPipeline"
     transformer_class = "FluxTransformer2DModel"
-    default_lora_targets = ATTENTION_PROJECTIONS
+    default_lora_targets = JOINT_ATTENTION_PROJECTIONS  # also the single-stream blocks' to_q/k/v
     takes_true_cfg = True  # dev and schnell alike
 
     def latent_channels(self, config) -> int:

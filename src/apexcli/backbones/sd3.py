@@ -12,22 +12,10 @@ from collections.abc import Sequence
 
 import torch
 
-from apexcli.backbones.base import Backbone, dynamic_shift_mu, model_dtype
+from apexcli.backbones.base import JOINT_ATTENTION_PROJECTIONS, Backbone, dynamic_shift_mu, model_dtype
 
 TIMESTEP_SCALE = 1000.0
 """SD3 transformers take ``timestep = 1000 * sigma``."""
-
-JOINT_ATTENTION_PROJECTIONS = (
-    "attn.to_q",
-    "attn.to_k",
-    "attn.to_v",
-    "attn.to_out.0",
-    "attn.add_q_proj",
-    "attn.add_k_proj",
-    "attn.add_v_proj",
-    "attn.to_add_out",
-)
-"""The joint-attention projections of every MMDiT block (``lora.target_modules``' default)."""
 
 
 def _timesteps(sigma: float | torch.Tensor, batch: int, device: torch.device) -> torch.Tensor:

@@ -13,6 +13,7 @@ import io
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from dataclasses import dataclass
@@ -179,3 +180,30 @@ def copy_run(run: Path, dest: Path) -> Path:
     """A copy of a shared read-only run to change in one test."""
     shutil.copytree(run, dest)
     return dest
+
+
+def torchrun(
+    script: Path, nproc: int, args: list[str], env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    """``script args`` on ``nproc`` local processes through ``torch.distributed.run`` (one node, a
+    free port, one intra-op thread each, offline), with ``env`` added to the environment."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nnodes",
+        "1",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port),
+        str(script),
+        *args,
+    ]
+    full_env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    return subprocess.run(cmd, capture_output=True, text=True, env={**full_env, **(env or {})}, timeout=HANG_GUARD_S)

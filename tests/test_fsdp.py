@@ -15,16 +15,12 @@ the same config file.
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from helpers import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, needs_cpp_compiler, read_metrics, train_tiny
+from helpers import TINY_OVERRIDES, load_lora_file, needs_cpp_compiler, read_metrics, torchrun, train_tiny
 
 # minutes of two-process training (and a compile) on a CPU: `make test-all` runs them
 pytestmark = pytest.mark.slow
@@ -106,41 +102,13 @@ COMPARED = (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _launch(tmp: Path, layout: str, out: Path, *extra: str, argv: list[str] = ARGV) -> None:
     launcher = tmp / "launch.py"
     launcher.write_text(LAUNCHER)
     report_dir = out.parent / f"{out.name}-{layout}-layout"
     report_dir.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    if layout == "fsdp":
-        env.update(_fsdp_launch_env())
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        "2",
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(launcher),
-        layout,
-        str(report_dir),
-        *argv,
-        "--out",
-        str(out),
-        *extra,
-    ]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+    env = _fsdp_launch_env() if layout == "fsdp" else None
+    proc = torchrun(launcher, 2, [layout, str(report_dir), *argv, "--out", str(out), *extra], env)
     assert proc.returncode == 0, proc.stderr[-4000:]
 
 

@@ -8,17 +8,14 @@ LoRA (a wrapper around ``Trainer.close`` in the test's own process; nothing in a
 
 from __future__ import annotations
 
-import os
-import socket
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from helpers import HANG_GUARD_S, TINY_OVERRIDES, load_lora_file, read_metrics
+from helpers import TINY_OVERRIDES, load_lora_file, read_metrics, torchrun
 
 # two-process training under torchrun takes minutes on two CPU cores: `make test-all` runs it
 pytestmark = pytest.mark.slow
@@ -47,33 +44,10 @@ main(sys.argv[2:])
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _torchrun(tmp_path: Path, nproc: int, argv: list[str]) -> subprocess.CompletedProcess:
     launcher = tmp_path / "launch_and_dump.py"
     launcher.write_text(LAUNCHER)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--nnodes",
-        "1",
-        "--nproc_per_node",
-        str(nproc),
-        "--master_addr",
-        "127.0.0.1",
-        "--master_port",
-        str(_free_port()),
-        str(launcher),
-        str(tmp_path),
-        *argv,
-    ]
-    return subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=HANG_GUARD_S)
+    return torchrun(launcher, nproc, [str(tmp_path), *argv])
 
 
 @pytest.fixture(scope="module")

@@ -161,6 +161,9 @@ def test_a_flux_model_given_the_sd3_defaults_is_warned_once_with_its_recipe(caps
     assert foreign_recipe_settings(resolve_config(preset="sd35m-1gpu"), sd3) == []
     chosen = resolve_config(preset="flux1-dev", overrides=["sampling.num_steps=8"])  # neither recipe's: the user's
     assert foreign_recipe_settings(chosen, flux) == []
+    # one value of the other recipe among its own is a choice (6 steps for SD3), not left-over defaults
+    assert foreign_recipe_settings(resolve_config(overrides=["sampling.num_steps=6"]), sd3) == []
+    assert foreign_recipe_settings(resolve_config(preset="flux1-dev", overrides=["sampling.num_steps=10"]), flux) == []
     _warn_foreign_recipe(defaults, flux, main_process=True)
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "sampling.noise_level=0.7 (flux1-dev: 0.9)" in err[0] and "--preset flux1-dev" in err[0]

@@ -37,7 +37,9 @@ def _recipe(family: str) -> Config:
 
 def foreign_recipe_values(values: dict[str, float], family: Backbone) -> list[str]:
     """``key=value (preset: value)`` for each of ``values`` (recipe keys) that equals another
-    family's recipe and differs from ``family``'s own: values a user most likely never chose."""
+    family's recipe and differs from ``family``'s own, when at least half of them do: then the
+    values are another recipe's defaults, which a user most likely never chose. One such value
+    alone (6 steps for SD3) is a choice, and says nothing."""
     own = _recipe(family.family)
     found = []
     for key, value in values.items():
@@ -46,7 +48,7 @@ def foreign_recipe_values(values: dict[str, float], family: Backbone) -> list[st
             continue
         if any(_get(_recipe(b.family), key) == value for b in BACKBONES if b.family != family.family):
             found.append(f"{key}={value:g} ({RECIPE_PRESETS[family.family]}: {wanted:g})")
-    return found
+    return found if 2 * len(found) >= len(values) else []
 
 
 def foreign_recipe_settings(cfg: Config, family: Backbone) -> list[str]:

@@ -146,3 +146,26 @@ def test_missing_tracker_package_is_an_error_not_silence(tracker, tmp_path):
         pytest.skip(f"{tracker} is installed")
     line = _one_line_error(["train", "--preset", "tiny", f"logging.tracker={tracker}", "--out", str(tmp_path / "run")])
     assert f"logging.tracker={tracker}" in line and "pip install" in line
+
+
+def test_an_interrupt_wrapped_by_python_is_still_an_interrupt():
+    """A Ctrl-C that lands in a ``__set_name__`` while a module imports (torch's dataclasses, on
+    the first use of diffusers) reaches the command as a RuntimeError caused by the
+    KeyboardInterrupt: it is reported as an interrupt, one line and exit 130, not a traceback;
+    any other error still propagates as it is."""
+    from apexcli.cli import Interrupted, _guarded
+
+    def wrapped():
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as exc:
+            raise RuntimeError("Error calling __set_name__ on 'Field' instance") from exc
+
+    with pytest.raises(Interrupted):
+        _guarded("train", wrapped)()
+
+    def other():
+        raise RuntimeError("a real error")
+
+    with pytest.raises(RuntimeError, match="a real error"):
+        _guarded("train", other)()

@@ -22,6 +22,7 @@ from apexcli.commands.soup import soup
 from apexcli.commands.sweep import sweep
 from apexcli.commands.train import train
 from apexcli.display import printable
+from apexcli.entry import caused_by_interrupt
 from apexcli.errors import ApexError
 from apexcli.quiet import quiet_libraries
 
@@ -64,6 +65,10 @@ def _guarded(name: str, fn):
             raise Interrupted(name) from None
         except EOFError as exc:  # not Typer's "Aborted!": an unexpected end of input is a bug to show
             raise RuntimeError(f"unexpected end of input: {exc}") from exc
+        except Exception as exc:
+            if caused_by_interrupt(exc):
+                raise Interrupted(name) from None
+            raise
 
     return call
 
